@@ -1,0 +1,225 @@
+"""The decrypted view of a container's data area.
+
+A :class:`Volume` maps byte ranges of the plaintext volume onto whole sectors
+of the container: it reads and decrypts them, or encrypts and writes them,
+with large ``pread``/``pwrite`` calls.  Partial sectors are read, modified and
+written back under a range lock, so concurrent requests that touch the same
+sector never lose an update.  Everything here is synchronous and thread-safe;
+the FUSE layer runs it in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import BusyError, DeviceError, OutOfRangeError, ReadOnlyError, UsageError
+from .sector import Buffer, SectorCipher
+
+
+def open_device(path: str, readonly: bool, *, lock: bool = True) -> int:
+    """Open a container or header file and return its descriptor.
+
+    With *lock*, take a ``flock`` that marks the container as in use: shared
+    for read-only users, exclusive for writers, so that two writable mounts
+    (or a mount and a metadata change) of one container cannot coexist.
+    """
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise DeviceError(f"Device {path} does not exist.") from None
+    except IsADirectoryError:
+        raise DeviceError(f"Device {path} is a directory, not a container.") from None
+    except PermissionError:
+        hint = "" if readonly else " (use --readonly to open it read-only)"
+        raise DeviceError(f"Cannot open {path}: permission denied{hint}.") from None
+    except OSError as exc:
+        raise DeviceError(f"Cannot open {path}: {exc.strerror}.") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise DeviceError(f"{path} is neither a regular file nor a block device.")
+        if lock:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BusyError(f"{path} is in use by another cryptfuse process.") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def device_size(fd: int) -> int:
+    """Size in bytes of an open regular file or block device."""
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+class _RangeLock:
+    """Excludes overlapping sector ranges; disjoint ranges proceed in parallel."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held: list[tuple[int, int]] = []
+
+    @contextmanager
+    def hold(self, start: int, end: int) -> Iterator[None]:
+        with self._cond:
+            while any(s < end and start < e for s, e in self._held):
+                self._cond.wait()
+            self._held.append((start, end))
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held.remove((start, end))
+                self._cond.notify_all()
+
+
+class Volume:
+    """The plaintext of a container's data area as a fixed-size byte array.
+
+    Owns *fd*. *data_offset* is the byte offset of the data area in the
+    container, *size* its length in bytes (whole sectors of the cipher).
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        cipher: SectorCipher,
+        data_offset: int,
+        size: int,
+        *,
+        readonly: bool = False,
+        description: str = "",
+    ) -> None:
+        sector_size = cipher.sector_size
+        if data_offset < 0 or size < 0:
+            raise UsageError("negative data offset or size")
+        if size % sector_size:
+            raise UsageError(f"volume size {size} is not a multiple of the {sector_size}-byte sector")
+        self.fd = fd
+        self.cipher = cipher
+        self.data_offset = data_offset
+        self.size = size
+        self.sector_size = sector_size
+        self.readonly = readonly
+        self.description = description
+        self._lock = _RangeLock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Volume {self.description or self.fd}: {self.size} bytes at {self.data_offset}, "
+            f"{self.cipher.spec}, {self.sector_size}-byte sectors{', ro' if self.readonly else ''}>"
+        )
+
+    # -- raw sector I/O -----------------------------------------------------------
+
+    def _read_sectors(self, first: int, count: int) -> bytearray:
+        length = count * self.sector_size
+        position = self.data_offset + first * self.sector_size
+        try:
+            raw = os.pread(self.fd, length, position)
+        except OSError as exc:
+            raise DeviceError(f"read of {length} bytes at {position} failed: {exc.strerror}") from exc
+        if len(raw) != length:
+            raise DeviceError(f"container ends early: short read of {length} bytes at {position}")
+        return self.cipher.decrypt(raw, first)
+
+    def _write_sectors(self, first: int, plain: Buffer) -> None:
+        encrypted = memoryview(self.cipher.encrypt(plain, first))
+        position = self.data_offset + first * self.sector_size
+        while encrypted:
+            try:
+                written = os.pwrite(self.fd, encrypted, position)
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise DeviceError(
+                    f"write of {len(encrypted)} bytes at {position} failed: {exc.strerror}"
+                ) from exc
+            if written == 0:
+                raise DeviceError(f"container refused a write at {position}")
+            encrypted = encrypted[written:]
+            position += written
+
+    # -- byte-granular API ------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read up to *length* bytes at *offset* (short at the end, empty past it)."""
+        if offset < 0 or length < 0:
+            raise UsageError(f"invalid read of {length} bytes at {offset}")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        ss = self.sector_size
+        first = offset // ss
+        last = -(-end // ss)
+        with self._lock.hold(first, last):
+            plain = self._read_sectors(first, last - first)
+        start = offset - first * ss
+        if start == 0 and len(plain) == end - offset:
+            return bytes(plain)
+        return bytes(memoryview(plain)[start : start + end - offset])
+
+    def write(self, offset: int, data: Buffer) -> int:
+        """Write *data* at *offset*; returns the count written (short at the end)."""
+        if self.readonly:
+            raise ReadOnlyError("volume is read-only")
+        view = memoryview(data).cast("B")
+        if offset < 0:
+            raise UsageError(f"invalid write at {offset}")
+        if not len(view):
+            return 0
+        if offset >= self.size:
+            raise OutOfRangeError(f"write of {len(view)} bytes at {offset} is beyond the end ({self.size})")
+        end = min(offset + len(view), self.size)
+        count = end - offset
+        ss = self.sector_size
+        first = offset // ss
+        last = -(-end // ss)
+        head = offset - first * ss
+        with self._lock.hold(first, last):
+            if head == 0 and end % ss == 0:
+                self._write_sectors(first, view[:count])
+                return count
+            # Read-modify-write: only the partial boundary sectors need their old contents.
+            buf = bytearray((last - first) * ss)
+            if head:
+                buf[:ss] = self._read_sectors(first, 1)
+            if end % ss and (last - 1 > first or not head):
+                buf[-ss:] = self._read_sectors(last - 1, 1)
+            buf[head : head + count] = view[:count]
+            self._write_sectors(first, buf)
+        return count
+
+    def sync(self) -> None:
+        """Flush everything written so far to the container's disk."""
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise DeviceError(f"fsync failed: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        """Flush (when writable) and close the container; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.readonly:
+                self.sync()
+        finally:
+            os.close(self.fd)
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
