@@ -76,8 +76,11 @@ def argon2(
     memory_kib: int,
     parallelism: int,
     length: int,
+    *,
+    secret: bytes | None = None,
+    ad: bytes | None = None,
 ) -> bytes:
-    """Argon2i or Argon2id (version 0x13) as LUKS2 uses it.
+    """Argon2i or Argon2id (version 0x13) as LUKS2 uses it (no *secret*, no *ad*).
 
     Raises :class:`InsufficientMemoryError` when *memory_kib* exceeds the memory
     available, before allocating anything.
@@ -101,6 +104,8 @@ def argon2(
         iterations=time_cost,
         lanes=parallelism,
         memory_cost=memory_kib,
+        secret=secret,
+        ad=ad,
     )
     try:
         return kdf.derive(password)
