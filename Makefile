@@ -1,0 +1,67 @@
+# cryptfuse developer entry points.  `make demo` and `make test` each do their own set-up:
+# Debian packages when missing, a virtualenv in .venv, and `pip install -e .[test]`.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# fuse3/libfuse3-dev/pkg-config/gcc/python3-dev build and run pyfuse3; the rest is what the
+# demo and the end-to-end tests drive (cryptsetup, qemu-img, mkfs.ext4, losetup, xz).
+DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv \
+	cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount
+
+.PHONY: setup debs test demo lint bench clean distclean
+
+setup: $(STAMP)
+
+# Installs only what is missing, so on a prepared machine this never touches apt.
+debs:
+	@if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then \
+		echo "setup: no dpkg/apt-get here; install by hand: $(DEB_PACKAGES)"; exit 0; \
+	fi; \
+	missing=""; \
+	for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q '^install ok installed$$' \
+			|| missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "setup: Debian packages present"; exit 0; fi; \
+	sudo=""; \
+	if [ "$$(id -u)" != 0 ]; then \
+		if command -v sudo >/dev/null; then sudo="sudo"; \
+		else echo "setup: not root and no sudo; install by hand:$$missing" >&2; exit 0; fi; \
+	fi; \
+	echo "setup: installing$$missing"; \
+	$$sudo apt-get update -q && \
+	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing
+
+# Rebuilt when the package metadata changes; the packages are checked every time (cheap).
+$(STAMP): setup.cfg pyproject.toml | debs
+	@test -x $(VPY) || { echo "setup: creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+demo: setup
+	examples/demo.sh
+
+lint: setup
+	$(VENV)/bin/ruff check cryptfuse tests examples cryptfuse.py
+	$(VENV)/bin/mypy
+
+bench: setup
+	@if [ -x bench/run.sh ]; then bench/run.sh; \
+	elif [ -f bench/run.sh ]; then bash bench/run.sh; \
+	else echo "bench: no bench/run.sh yet"; fi
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
+
+distclean: clean
+	rm -rf $(VENV)
