@@ -1,0 +1,2 @@
+from cryptfuse.cli import main
+raise SystemExit(main())

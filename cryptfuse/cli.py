@@ -1,0 +1,466 @@
+"""The command line: ``cryptfuse [options] CONTAINER MOUNTPOINT`` and subcommands.
+
+Option names follow ``cryptsetup open`` with one deliberate exception: ``-o``
+passes FUSE mount options (as with every FUSE daemon and ``mount -o``), so the
+data offset is ``--offset`` only.  ``-h`` is ``--hash`` as in cryptsetup; help
+is ``--help``.
+
+This module is the only place for argparse, getpass, logging configuration and
+exit codes.  Every :class:`~cryptfuse.errors.CryptfuseError` becomes one line
+``cryptfuse: <message>`` on stderr and the exception's ``exit_code``; no
+traceback unless ``--debug``.
+
+Subcommands: ``cryptfuse NAME ...`` where NAME is a key of :data:`SUBCOMMANDS`.
+Anything else is the mount command, so a container literally named like a
+subcommand must be given as ``./NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import shutil
+import stat
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, NoReturn
+
+from . import __version__
+from .errors import CryptfuseError, DeviceError, FormatError, KeyFileError, UsageError
+from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
+from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE
+from .fs import FSOptions
+from .mount import MountConfig, MountError, run
+from .spec import CipherSpec, parse_cipher_spec
+from .volume import open_device
+
+log = logging.getLogger("cryptfuse")
+
+PROG = "cryptfuse"
+
+#: cryptsetup's default limit for key files read whole (DEFAULT_KEYFILE_SIZE_MAXKB)
+KEYFILE_SIZE_MAX = 8192 * 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 1 (cryptsetup's)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the mount command."""
+    subcommands = ", ".join(sorted(SUBCOMMANDS))
+    p = _Parser(
+        prog=PROG,
+        usage=f"{PROG} [options] CONTAINER MOUNTPOINT\n       {PROG} COMMAND [options]",
+        description=(
+            "Open a LUKS1, LUKS2 or plain dm-crypt container and mount a directory holding "
+            "one file, the decrypted volume (like /dev/mapper/NAME), without device-mapper."
+        ),
+        epilog=(
+            f"commands: {subcommands} (see '{PROG} COMMAND --help'). "
+            "Option names are cryptsetup's, except that -o passes FUSE mount options "
+            "(e.g. -o allow_other) and the data offset is --offset only. "
+            "Sizes and offsets count 512-byte sectors. "
+            "Unmount with: fusermount3 -u MOUNTPOINT."
+        ),
+        add_help=False,
+        allow_abbrev=False,
+    )
+    p.add_argument("container", metavar="CONTAINER", help="container file or block device")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="empty directory to mount on")
+
+    g = p.add_argument_group("container")
+    g.add_argument("--type", "-M", choices=TYPES, help="container type (default: LUKS if the header says so; plain must be asked for)")
+    g.add_argument("--header", metavar="FILE", help="detached LUKS header")
+    g.add_argument("--key-slot", "-S", type=_nonneg_int, metavar="N", help="try only this LUKS keyslot")
+    g.add_argument("--key-file", "-d", metavar="FILE", help="read the passphrase (LUKS) or raw key (plain) from FILE; '-' reads stdin")
+    g.add_argument("--keyfile-offset", type=_nonneg_int, default=0, metavar="BYTES", help="skip BYTES at the start of the key file")
+    g.add_argument("--keyfile-size", "-l", type=_nonneg_int, metavar="BYTES", help="read at most BYTES of the key file")
+    g.add_argument("--readonly", "-r", action="store_true", help="open read-only (the volume file is read-only)")
+    g.add_argument("--allow-discards", action="store_true", help="accepted and recorded (discards are not passed down yet)")
+
+    g = p.add_argument_group("plain mode (cryptsetup 2.6 defaults: aes-cbc-essiv:sha256, 256 bits, ripemd160)")
+    g.add_argument("--cipher", "-c", metavar="SPEC", help="cipher spec, e.g. aes-xts-plain64")
+    g.add_argument("--key-size", "-s", type=_nonneg_int, metavar="BITS", help="key size in bits")
+    g.add_argument("--hash", "-h", metavar="HASH", help="passphrase hash (e.g. sha256, sha512:32, plain)")
+    g.add_argument("--offset", type=_nonneg_int, default=0, metavar="SECTORS", help="start of the data (no short form: -o is FUSE options)")
+    g.add_argument("--skip", "-p", type=_nonneg_int, default=0, metavar="SECTORS", help="IV offset")
+    g.add_argument("--size", "-b", type=_nonneg_int, metavar="SECTORS", help="volume size (default: the rest of the container)")
+    g.add_argument("--sector-size", type=_nonneg_int, metavar="BYTES", help="encryption sector size (512..4096)")
+    g.add_argument("--iv-large-sectors", action="store_true", help="IVs count --sector-size sectors, not 512-byte ones")
+
+    g = p.add_argument_group("mount")
+    g.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="FUSE mount options (allow_other, ro, fsname=..., uid=N, gid=N, umask=M)")
+    g.add_argument("--name", default="volume", help="name of the file in MOUNTPOINT (default: volume)")
+    g.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    g.add_argument("--log-file", metavar="FILE", help="daemon: append log messages to FILE")
+    g.add_argument("--verbose", "-v", action="store_true", help="log what happens")
+    g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")
+    g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    g.add_argument("--help", action="help", help="show this help and exit")
+    return p
+
+
+# -- secrets ------------------------------------------------------------------------
+
+
+def _read_limited(stream: BinaryIO, offset: int, size: int | None, limit: int, what: str) -> bytes:
+    """Read *size* bytes (or all, up to *limit*) after skipping *offset* bytes."""
+    remaining = offset
+    while remaining:
+        skipped = stream.read(min(remaining, 1 << 20))
+        if not skipped:
+            break
+        remaining -= len(skipped)
+    wanted = size if size is not None else limit + 1
+    chunks: list[bytes] = []
+    have = 0
+    while have < wanted:
+        chunk = stream.read(wanted - have)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        have += len(chunk)
+    data = b"".join(chunks)
+    if size is None and len(data) > limit:
+        raise KeyFileError(f"{what} exceeds the maximum key file size ({limit} bytes); use --keyfile-size")
+    return data
+
+
+def read_key_file(path: str, offset: int, size: int | None, *, stdin: BinaryIO | None = None) -> bytes:
+    """Key file bytes with cryptsetup's semantics: no newline stripping.
+
+    A regular file shorter than ``offset + size`` is an error; ``-`` (stdin)
+    gives what is there.
+    """
+    if path == "-":
+        return _read_limited(stdin or sys.stdin.buffer, offset, size, KEYFILE_SIZE_MAX, "standard input")
+    try:
+        with open(path, "rb") as f:
+            data = _read_limited(f, offset, size, KEYFILE_SIZE_MAX, f"key file {path}")  # type: ignore[arg-type]
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} does not exist") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"key file {path} is a directory") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    if size is not None and len(data) < size:
+        raise KeyFileError(
+            f"key file {path} is too short: --keyfile-offset {offset} + --keyfile-size {size} "
+            f"needs {offset + size} bytes"
+        )
+    if not data:
+        raise KeyFileError(f"key file {path} is empty after --keyfile-offset {offset}")
+    return data
+
+
+def read_passphrase_line(stream: BinaryIO, offset: int, size: int | None) -> bytes:
+    """A piped passphrase: one line, trailing newline stripped (cryptsetup)."""
+    line = stream.readline(KEYFILE_SIZE_MAX + 1)
+    if not line:
+        raise KeyFileError("no passphrase on standard input")
+    if line.endswith(b"\n"):
+        line = line[:-1]
+    line = line[offset:]
+    return line if size is None else line[:size]
+
+
+def get_secret(args: argparse.Namespace, plain_key_bytes: int | None) -> Secret:
+    """The passphrase or key file, from wherever the options say."""
+    if args.key_file is not None:
+        size = args.keyfile_size
+        if plain_key_bytes is not None and args.key_file != "-" and size is None:
+            # Plain mode uses a key file as the raw key: read just the key, so
+            # `-d /dev/urandom` (swap) works and a short file is reported as such.
+            data = _read_prefix(args.key_file, args.keyfile_offset, plain_key_bytes)
+        else:
+            data = read_key_file(args.key_file, args.keyfile_offset, size)
+        return Secret(data, from_keyfile=args.key_file != "-")
+    if sys.stdin.isatty():
+        prompt = f"Enter passphrase for {args.container}: "
+        try:
+            text = getpass.getpass(prompt)
+        except EOFError:
+            raise KeyFileError("no passphrase entered") from None
+        data = text.encode()
+        data = data[args.keyfile_offset :]
+        if args.keyfile_size is not None:
+            data = data[: args.keyfile_size]
+        return Secret(data, from_keyfile=False)
+    return Secret(read_passphrase_line(sys.stdin.buffer, args.keyfile_offset, args.keyfile_size), from_keyfile=False)
+
+
+def _read_prefix(path: str, offset: int, size: int) -> bytes:
+    """Up to *size* bytes after *offset* (plain.py reports a key that is too short)."""
+    try:
+        with open(path, "rb") as f:
+            return _read_limited(f, offset, size, size, f"key file {path}")  # type: ignore[arg-type]
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} does not exist") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+
+
+# -- checks before asking for a passphrase ---------------------------------------------
+
+
+def check_container(path: str, readonly: bool) -> None:
+    """The container exists, is a file or block device, can be opened and is not in use."""
+    os.close(open_device(path, readonly))  # raises DeviceError/BusyError with the reason
+
+
+def check_mountpoint(path: str) -> None:
+    """The mountpoint is an existing, empty directory."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot use mountpoint {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mountpoint {path} is not a directory")
+    try:
+        entries = os.listdir(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read mountpoint {path}: {exc.strerror}") from None
+    if entries:
+        raise UsageError(f"mountpoint {path} is not empty")
+
+
+def check_fuse() -> None:
+    """/dev/fuse can be opened (and fusermount3 exists for unprivileged users)."""
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError("FUSE is not available: /dev/fuse does not exist (modprobe fuse, or install fuse3)") from None
+    except OSError as exc:
+        raise MountError(f"FUSE is not available: cannot open /dev/fuse: {exc.strerror}") from None
+    os.close(fd)
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise MountError("FUSE is not available: fusermount3 is not installed (apt install fuse3)")
+
+
+def plain_spec_warnings(args: argparse.Namespace) -> list[str]:
+    """Warnings for plain mode relying on defaults that cryptsetup 2.7 changed."""
+    hashed = args.key_file is None or args.key_file == "-"
+    missing = [name for name, value, needed in (
+        ("--cipher", args.cipher, True),
+        ("--key-size", args.key_size, True),
+        ("--hash", args.hash, hashed),
+    ) if needed and value is None]
+    if not missing:
+        return []
+    return [
+        f"plain mode without {', '.join(missing)} uses cryptsetup 2.6 defaults "
+        f"({DEFAULT_CIPHER}, {DEFAULT_KEY_SIZE} bits, {DEFAULT_HASH}); cryptsetup 2.7 changed them "
+        "to aes-xts-plain64 and sha256: give the options explicitly"
+    ]
+
+
+def weak_spec_warning(spec: CipherSpec, readonly: bool) -> str | None:
+    """A security warning for ECB or the 32-bit ``plain`` IV on a writable mount."""
+    if readonly:
+        return None
+    if spec.chainmode == "ecb":
+        return f"WARNING: cipher {spec} uses ECB, which leaks patterns of the data; prefer aes-xts-plain64"
+    if spec.ivmode == "plain":
+        return (
+            f"WARNING: cipher {spec} uses the 32-bit 'plain' IV, which repeats every 2 TiB; "
+            "prefer plain64"
+        )
+    return None
+
+
+def _open_options(args: argparse.Namespace, kind: str | None) -> OpenOptions:
+    return OpenOptions(
+        type=kind,
+        readonly=args.readonly,
+        header=args.header,
+        key_slot=args.key_slot,
+        allow_discards=args.allow_discards,
+        cipher=args.cipher,
+        key_size=args.key_size,
+        hash=args.hash,
+        offset=args.offset,
+        skip=args.skip,
+        size=args.size,
+        sector_size=args.sector_size,
+        iv_large_sectors=args.iv_large_sectors,
+    )
+
+
+def _fs_options(args: argparse.Namespace) -> tuple[FSOptions, tuple[str, ...]]:
+    """Split -o into our file options (uid, gid, umask) and the ones for libfuse."""
+    fs = FSOptions(name=args.name)
+    if not args.name or "/" in args.name or args.name in (".", ".."):
+        raise UsageError(f"--name {args.name!r} is not a valid file name")
+    passed: list[str] = []
+    for opt in (o.strip() for group in args.fuse_options for o in group.split(",")):
+        key, _, value = opt.partition("=")
+        try:
+            if key == "uid":
+                fs.uid = int(value)
+            elif key == "gid":
+                fs.gid = int(value)
+            elif key == "umask":
+                mask = int(value, 8)
+                fs.file_mode, fs.dir_mode = 0o666 & ~mask, 0o777 & ~mask
+            elif key == "ro":
+                args.readonly = True
+            elif opt:
+                passed.append(opt)
+        except ValueError:
+            raise UsageError(f"-o {opt}: invalid number") from None
+    return fs, tuple(passed)
+
+
+def configure_logging(verbose: bool, debug: bool, log_file: str | None) -> None:
+    """Log to stderr (the daemon's stderr is the log file or /dev/null)."""
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s" if log_file or debug else f"{PROG}: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pyfuse3 logs every request at DEBUG; that is what --debug is for, but -v is not.
+    logging.getLogger("pyfuse3").setLevel(level if debug else max(level, logging.WARNING))
+
+
+def mount_command(argv: Sequence[str]) -> int:
+    """``cryptfuse [options] CONTAINER MOUNTPOINT``."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.debug, args.log_file)
+    fs_options, fuse_options = _fs_options(args)
+    kind: str | None = args.type
+
+    # Everything that can be checked without the secret is checked first, so a
+    # typo does not cost a passphrase prompt and a KDF run.
+    check_container(args.container, args.readonly)
+    if args.header is not None:
+        check_container(args.header, True)
+    check_mountpoint(args.mountpoint)
+    check_fuse()
+    plain_key_bytes: int | None = None
+    if kind == "plain":
+        spec = parse_cipher_spec(args.cipher or DEFAULT_CIPHER)
+        bits = args.key_size if args.key_size is not None else DEFAULT_KEY_SIZE
+        if bits % 8:
+            raise UsageError(f"key size {bits} bits is not a multiple of 8")
+        spec.check_key_size(bits // 8)
+        plain_key_bytes = bits // 8
+        for line in plain_spec_warnings(args):
+            print(f"{PROG}: {line}", file=sys.stderr)
+    else:
+        where = args.header or args.container
+        found = detect_type(where)
+        if found is None:
+            raise FormatError(f"{where} has no LUKS header; use --type plain to open a plain dm-crypt container")
+        if kind in ("luks1", "luks2") and found != kind:
+            raise FormatError(f"{where} is {found.upper()}, not {kind.upper()}")
+        ignored = [f"--{n.replace('_', '-')}" for n in ("cipher", "key_size", "hash", "skip", "size", "sector_size") if getattr(args, n) not in (None, 0, False)]
+        if args.offset or args.iv_large_sectors:
+            ignored += ["--offset"] * bool(args.offset) + ["--iv-large-sectors"] * args.iv_large_sectors
+        if ignored:
+            log.warning("%s ignored: the LUKS header defines the encryption", ", ".join(ignored))
+
+    secret = get_secret(args, plain_key_bytes)
+    progress = sys.stderr.isatty() and kind != "plain"
+    if progress:
+        print(f"Unlocking {args.container}…", end="", file=sys.stderr, flush=True)
+    try:
+        volume = open_volume(args.container, _open_options(args, kind), secret)
+    finally:
+        if progress:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+    del secret
+    try:
+        spec = getattr(getattr(volume, "cipher", None), "spec", None)
+        if isinstance(spec, CipherSpec):
+            warning = weak_spec_warning(spec, volume.readonly)
+            if warning:
+                print(f"{PROG}: {warning}", file=sys.stderr)
+        log.info("opened %r", volume)
+        config = MountConfig(
+            mountpoint=args.mountpoint,
+            fs=fs_options,
+            fuse_options=fuse_options,
+            foreground=args.foreground,
+            log_file=args.log_file,
+        )
+    except BaseException:
+        volume.close()
+        raise
+    return run(volume, config)  # owns the volume from here on
+
+
+# -- subcommands ------------------------------------------------------------------------
+
+
+def benchmark_command(argv: Sequence[str]) -> int:
+    """``cryptfuse benchmark``: cipher and KDF speeds, like ``cryptsetup benchmark``."""
+    from . import benchmark
+
+    p = _Parser(prog=f"{PROG} benchmark", add_help=False, description="Measure cipher and KDF speeds in memory.")
+    p.add_argument("--cipher", "-c", metavar="SPEC", help="only this cipher spec")
+    p.add_argument("--key-size", "-s", type=_nonneg_int, default=256, metavar="BITS")
+    p.add_argument("--sector-size", type=_nonneg_int, default=512, metavar="BYTES")
+    p.add_argument("--help", action="help", help="show this help and exit")
+    args = p.parse_args(argv)
+    ciphers = ((args.cipher, args.key_size),) if args.cipher else benchmark.DEFAULT_CIPHERS
+    for line in benchmark.run(ciphers=ciphers, sector_size=args.sector_size, kdf=args.cipher is None):
+        print(line, flush=True)
+    return 0
+
+
+#: ``cryptfuse NAME ...`` dispatches here; later issues add format, add-key, dump, ...
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "benchmark": benchmark_command,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (never raises, except SystemExit(0) for --help)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        return mount_command(argv)
+    except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        return 1
+    except CryptfuseError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: internal error: {type(exc).__name__}: {exc} (--debug shows a traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,279 @@
+"""The daemon's lifecycle: mount, serve with trio, unmount, close the container.
+
+:func:`run` takes an already unlocked :class:`~cryptfuse.volume.Volume` (the
+CLI runs the KDF first, so a wrong passphrase is reported before anything is
+mounted) and either serves it in the foreground or forks a daemon.  The
+daemon mounts, tells the waiting parent through a pipe that the mount is ready
+(or sends it the one-line error), detaches from the terminal and serves until
+``fusermount3 -u``/``umount`` or SIGTERM/SIGINT/SIGHUP.  Whatever ends the main
+loop, the same exit stack unmounts, syncs and closes the container.
+
+Nothing here forks after trio started: trio and pyfuse3's session do not
+survive a fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from .errors import CryptfuseError
+from .fs import FSOptions, VolumeFS
+
+log = logging.getLogger(__name__)
+
+#: Signals that end the daemon cleanly (SIGHUP: the terminal of a foreground run went away).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+#: Options every cryptfuse mount gets; the user's ``-o`` can override the ``key=`` ones.
+#: default_permissions: the kernel checks mode/owner like on any file, so mode 0600
+#: means what it says even with ``-o allow_other``.
+BASE_OPTIONS = ("default_permissions", "fsname=cryptfuse", "subtype=cryptfuse")
+
+#: Options libfuse handles itself or that would break the daemon's contract.
+FORBIDDEN_OPTIONS = frozenset({"auto_unmount", "clone_fd"})
+
+
+class MountError(CryptfuseError):
+    """Raised when FUSE cannot mount (module missing, option refused, permission)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class MountConfig:
+    """Everything :func:`run` needs besides the volume."""
+
+    mountpoint: str
+    fs: FSOptions = field(default_factory=FSOptions)
+    #: user ``-o`` options, already split on commas
+    fuse_options: tuple[str, ...] = ()
+    foreground: bool = False
+    #: daemon mode: where stderr (and so the log) goes; None -> /dev/null
+    log_file: str | None = None
+    #: pyfuse3 worker tasks; requests beyond the thread limiter just wait
+    max_tasks: int = 64
+
+
+def build_fuse_options(user: Iterable[str], readonly: bool) -> set[str]:
+    """The option set for :func:`pyfuse3.init`: ours, then the user's ``-o``.
+
+    A user ``key=value`` replaces our option with the same key (e.g.
+    ``-o fsname=/dev/mycontainer``); a read-only volume is mounted ``ro`` so
+    the kernel refuses writes before they reach us.
+    """
+    options: dict[str, str] = {}
+    for opt in (*BASE_OPTIONS, *(("ro",) if readonly else ()), *user):
+        opt = opt.strip()
+        if not opt:
+            continue
+        key = opt.split("=", 1)[0]
+        if key in FORBIDDEN_OPTIONS:
+            raise MountError(f"FUSE option {key!r} is not supported by cryptfuse")
+        if key == "rw" and readonly:
+            raise MountError("-o rw contradicts --readonly")
+        options[key] = opt
+    return set(options.values())
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[Callable[[], str]]:
+    """Collect what C code (libfuse, fusermount3) writes to fd 2 meanwhile.
+
+    libfuse reports mount failures only as text on stderr; capturing it lets us
+    give the user one line with the real reason instead of two.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        text: list[str] = []
+        try:
+            yield lambda: "".join(text)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text.append(tmp.read().decode(errors="replace"))
+
+
+def _mount(ops: VolumeFS, config: MountConfig, options: set[str]) -> None:
+    """pyfuse3.init with a one-line error instead of libfuse's stderr chatter."""
+    log.debug("mounting %s with options %s", config.mountpoint, ",".join(sorted(options)))
+    message = ""
+    with _captured_stderr() as captured:
+        try:
+            pyfuse3.init(ops, config.mountpoint, options)
+        except (RuntimeError, OSError) as exc:
+            message = str(exc)
+    chatter = " ".join(line.strip() for line in captured().splitlines() if line.strip())
+    if message:
+        reason = chatter or message
+        raise MountError(f"cannot mount {config.mountpoint}: {reason}")
+    if chatter:
+        log.warning("libfuse: %s", chatter)
+
+
+async def _main_loop(config: MountConfig, pending: list[int]) -> None:
+    """Run pyfuse3 until unmounted or a stop signal arrives."""
+
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            task_status.started()
+            # A signal that came before trio took over the handlers still counts.
+            if pending:
+                log.info("received signal %d, unmounting", pending[0])
+                pyfuse3.terminate()
+            async for signum in signals:
+                log.info("received signal %d, unmounting", signum)
+                pyfuse3.terminate()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_signals)
+        await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
+        nursery.cancel_scope.cancel()
+
+
+def _close_volume(volume: object) -> None:
+    close = getattr(volume, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except CryptfuseError as exc:
+        log.error("closing the container failed: %s", exc)
+        raise
+    log.info("container flushed and closed")
+
+
+def serve(volume: object, config: MountConfig, on_mounted: Callable[[], None] | None = None) -> None:
+    """Mount *volume*, serve it until unmounted or signalled, then clean up.
+
+    Takes ownership of *volume* (it is synced and closed on the way out, even
+    when mounting fails).  *on_mounted* runs once the kernel mount exists.
+    """
+    readonly = bool(getattr(volume, "readonly", False))
+    options = build_fuse_options(config.fuse_options, readonly)
+    ops = VolumeFS(volume, config.fs)  # type: ignore[arg-type]
+    pending: list[int] = []
+    with contextlib.ExitStack() as stack:
+        # Registered first, so it runs last: the container closes after the unmount.
+        stack.callback(_close_volume, volume)
+        # Until trio owns the signal handlers, remember stop signals instead of dying
+        # with the mount half set up (SIGTERM's default) or a KeyboardInterrupt.
+        for signum in STOP_SIGNALS:
+            stack.callback(signal.signal, signum, signal.signal(signum, lambda s, _f: pending.append(s)))
+        _mount(ops, config, options)
+        # pyfuse3.close(unmount=True) is a no-op unmount when fusermount3 -u already
+        # did it (libfuse sees the dead connection) and a lazy umount otherwise.
+        stack.callback(pyfuse3.close, unmount=True)
+        stack.callback(log.info, "unmounted %s", config.mountpoint)
+        log.info("mounted %s on %s", getattr(volume, "description", "volume"), config.mountpoint)
+        if on_mounted is not None:
+            on_mounted()
+        trio.run(_main_loop, config, pending)
+
+
+def _redirect_stdio(log_file: str | None) -> None:
+    """Detach stdin/stdout/stderr from the terminal (stderr -> log file if any)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_RDWR)
+    target = null
+    if log_file is not None:
+        target = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(target, 2)
+    for fd in {null, target}:
+        os.close(fd)
+
+
+def _daemon_child(volume: object, config: MountConfig, ready_fd: int) -> int:
+    """The forked daemon: mount, report readiness on *ready_fd*, serve. Returns the exit code."""
+    reported = False
+
+    def report(line: str) -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, line.encode() + b"\n")
+            os.close(ready_fd)
+
+    def on_mounted() -> None:
+        if config.log_file is not None:
+            # Open before answering, so an unwritable log file is the user's error.
+            os.close(os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        os.chdir("/")  # do not keep the caller's directory busy
+        _redirect_stdio(config.log_file)
+        report("ready")
+
+    try:
+        serve(volume, config, on_mounted)
+    except CryptfuseError as exc:
+        report(f"error {exc.exit_code} {exc}")
+        log.error("%s", exc)
+        return exc.exit_code
+    except OSError as exc:
+        report(f"error 1 {exc.strerror or exc}")
+        log.error("%s", exc)
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - the daemon must always answer its parent
+        report(f"error 1 unexpected {type(exc).__name__}: {exc}")
+        log.exception("daemon failed")
+        return 1
+    return 0
+
+
+def run(volume: object, config: MountConfig) -> int:
+    """Serve *volume* on ``config.mountpoint``; returns the exit code.
+
+    Foreground: blocks until unmounted.  Otherwise forks: the child becomes
+    the daemon, the parent returns 0 once the mount is ready, or raises
+    :class:`MountError` with the daemon's one-line error.  Takes ownership of
+    *volume* either way.
+    """
+    config.mountpoint = os.path.abspath(config.mountpoint)
+    if config.foreground:
+        serve(volume, config)
+        return 0
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setsid()  # no controlling terminal, no SIGHUP/SIGINT from it
+            code = _daemon_child(volume, config, write_fd)
+        finally:
+            # Never return into the caller's stack (it belongs to the parent's CLI).
+            logging.shutdown()
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    with os.fdopen(read_fd, "rb") as pipe:
+        chunks.append(pipe.read())
+    answer = b"".join(chunks).decode(errors="replace").strip()
+    if answer == "ready":
+        log.debug("daemon %d serves %s", pid, config.mountpoint)
+        return 0
+    if answer.startswith("error "):
+        _, code, message = (answer.split(" ", 2) + [""])[:3]
+        raise MountError(message or "mount failed", int(code) if code.isdigit() else 1)
+    # The child died before answering (killed, crashed in C code).
+    with contextlib.suppress(ChildProcessError):
+        _, status = os.waitpid(pid, 0)
+        raise MountError(f"the daemon died before the mount was ready (status {status:#x})")
+    raise MountError("the daemon died before the mount was ready")
