@@ -38,8 +38,9 @@ debs:
 	$$sudo apt-get update -q && \
 	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing
 
-# Rebuilt when the package metadata changes; the packages are checked every time (cheap).
-$(STAMP): setup.cfg pyproject.toml | debs
+# Reinstalled when the package metadata or the C accelerator changes; the Debian
+# packages are checked on every run (cheap).
+$(STAMP): setup.cfg pyproject.toml $(wildcard setup.py cryptfuse/*.c) | debs
 	@test -x $(VPY) || { echo "setup: creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	$(VPY) -m pip install -q -e '.[test]'
 	@touch $@
