@@ -23,6 +23,7 @@ test oracle.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import UsageError
 from .spec import CipherSpec, hashlib_name
+
+try:  # the C tweak chain (setup.py builds it when a compiler is there)
+    from . import _xts as _xts_accel
+except ImportError:  # pragma: no cover - depends on the build
+    _xts_accel = None
 
 Buffer = bytes | bytearray | memoryview
 U8 = npt.NDArray[np.uint8]
@@ -76,6 +82,27 @@ class _Ecb:
 # OpenSSL's update wants room for one more block than it writes; separate
 # source and destination buffers (never aliased) carry that slack.
 PAD = 16
+
+
+#: the engine works through a batch this many bytes at a time
+CHUNK = 1 << 20
+
+
+class _Scratch(threading.local):
+    """Per-thread scratch buffers, reused so the hot path neither allocates nor page-faults."""
+
+    def __init__(self) -> None:
+        self.buffers: list[U8] = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+
+    def get(self, index: int, size: int) -> U8:
+        """Scratch buffer *index* with at least *size* + ``PAD`` bytes."""
+        buf = self.buffers[index]
+        if buf.size < size + PAD:
+            buf = self.buffers[index] = np.empty(max(size, CHUNK) + PAD, dtype=np.uint8)
+        return buf
+
+
+_SCRATCH = _Scratch()
 
 
 def _padded(n: int, width: int) -> tuple[U8, U8]:
@@ -138,16 +165,40 @@ def _ecb_rows(transform: Callable[[U8, U8], None], rows: U8) -> U8:
 
 
 def _xts_tweak_stream(first: U64, blocks: int) -> U64:
-    """All tweaks of a batch: shape (sectors, blocks, 2), block j = first * x**j."""
+    """All tweaks of a batch: shape (sectors, blocks, 2), block j = first * x**j.
+
+    Within a group of 32 blocks every tweak is ``t * x**b`` (b < 32) of the
+    group's first one, computed for all b at once by broadcasting; groups (4 KiB
+    sectors have 8) are chained with one multiplication by x**32 each.
+    """
     n = first.shape[0]
-    stream = np.empty((n, blocks, 2), dtype=np.uint64)
-    stream[:, 0] = first
-    done = 1
-    while done < blocks:
-        step = min(done, blocks - done, 32)
-        stream[:, done : done + step] = _mul_alpha_pow(stream[:, done - step : done], step)
-        done += step
-    return stream
+    width = min(blocks, 32)
+    groups = blocks // width
+    base = np.empty((n, groups, 1, 2), dtype=np.uint64)
+    base[:, 0, 0] = first
+    for g in range(1, groups):
+        base[:, g, 0] = _mul_alpha_pow(base[:, g - 1, 0], 32)
+    lo = base[..., 0]
+    hi = base[..., 1]
+    shift = np.arange(width, dtype=np.uint64)
+    back = np.uint64(63) - shift  # (x >> 1) >> (63 - b) is x >> (64 - b), also for b = 0
+    one = np.uint64(1)
+    stream = np.empty((n, groups, width, 2), dtype=np.uint64)
+    out_lo = stream[..., 0]
+    out_hi = stream[..., 1]
+    np.left_shift(hi, shift, out=out_hi)
+    out_hi |= (lo >> one) >> back
+    over = (hi >> one) >> back  # the bits shifted out of the top ...
+    np.left_shift(lo, shift, out=out_lo)
+    # ... come back reduced by x^128 = x^7 + x^2 + x + 1.
+    out_lo ^= over
+    over <<= one
+    out_lo ^= over
+    over <<= one
+    out_lo ^= over
+    over <<= np.uint64(5)
+    out_lo ^= over
+    return stream.reshape(n, blocks, 2)
 
 
 class SectorCipher:
@@ -218,69 +269,93 @@ class SectorCipher:
 
     def encrypt(self, data: Buffer, first_sector: int) -> bytearray:
         """Encrypt whole sectors; *first_sector* counts ``sector_size`` units."""
-        return self._run(data, first_sector, encrypt=True)
+        out = bytearray(len(memoryview(data).cast("B")))
+        self.encrypt_into(data, first_sector, out)
+        return out
 
     def decrypt(self, data: Buffer, first_sector: int) -> bytearray:
         """Decrypt whole sectors; *first_sector* counts ``sector_size`` units."""
-        return self._run(data, first_sector, encrypt=False)
+        out = bytearray(len(memoryview(data).cast("B")))
+        self.decrypt_into(data, first_sector, out)
+        return out
 
-    def _run(self, data: Buffer, first_sector: int, *, encrypt: bool) -> bytearray:
+    def encrypt_into(self, data: Buffer, first_sector: int, out: Buffer) -> None:
+        """Encrypt *data* into the caller's writable buffer *out* (same length; may not overlap)."""
+        self._run(data, first_sector, out, encrypt=True)
+
+    def decrypt_into(self, data: Buffer, first_sector: int, out: Buffer) -> None:
+        """Decrypt *data* into the caller's writable buffer *out* (same length; may not overlap)."""
+        self._run(data, first_sector, out, encrypt=False)
+
+    def _run(self, data: Buffer, first_sector: int, out: Buffer, *, encrypt: bool) -> None:
         view = memoryview(data).cast("B")
         length = len(view)
         if length % self.sector_size:
             raise UsageError(f"{length} bytes are not whole {self.sector_size}-byte sectors")
         if first_sector < 0:
             raise UsageError(f"sector {first_sector} is negative")
-        out = bytearray(length + PAD)
-        if length:
-            self._run_into(view, out, first_sector, encrypt)
-        del out[length:]  # the numpy views are gone, so the slack can be dropped
-        return out
+        target = np.frombuffer(out, dtype=np.uint8)
+        if target.size != length:
+            raise UsageError(f"output buffer of {target.size} bytes for {length} bytes of input")
+        source = np.frombuffer(view, dtype=np.uint8)
+        ss = self.sector_size
+        # Chunks bound the scratch memory and keep it in cache.
+        for start in range(0, length, CHUNK):
+            stop = min(start + CHUNK, length)
+            n = (stop - start) // ss
+            src = source[start:stop].reshape(n, ss)
+            dst = target[start:stop].reshape(n, ss)
+            cc = self._cc_sectors(first_sector + start // ss, n)
+            if len(self._subkeys) == 1:
+                self._process(self._subkeys[0], src, dst, cc, encrypt)
+                continue
+            key_index = cc & np.uint64(len(self._subkeys) - 1)
+            for k, sub in enumerate(self._subkeys):
+                rows = np.nonzero(key_index == np.uint64(k))[0]
+                if rows.size:
+                    part = np.empty((rows.size, ss), dtype=np.uint8)
+                    self._process(sub, src[rows], part, cc[rows], encrypt)
+                    dst[rows] = part
 
-    def _run_into(self, view: memoryview, out: bytearray, first_sector: int, encrypt: bool) -> None:
-        n = len(view) // self.sector_size
-        src = np.frombuffer(view, dtype=np.uint8).reshape(n, self.sector_size)
-        dst_flat = np.frombuffer(out, dtype=np.uint8)
-        cc = self._cc_sectors(first_sector, n)
-        if len(self._subkeys) == 1:
-            self._process(self._subkeys[0], src, dst_flat, cc, encrypt)
-            return
-        dst = dst_flat[: len(view)].reshape(n, self.sector_size)
-        key_index = cc & np.uint64(len(self._subkeys) - 1)
-        for k, sub in enumerate(self._subkeys):
-            rows = np.nonzero(key_index == np.uint64(k))[0]
-            if rows.size:
-                part, part_flat = _padded(rows.size, self.sector_size)
-                self._process(sub, src[rows], part_flat, cc[rows], encrypt)
-                dst[rows] = part
-
-    def _process(self, sub: _SubKey, src: U8, dst_flat: U8, cc: U64, encrypt: bool) -> None:
-        """Transform the (n, sector_size) array *src* into padded buffer *dst_flat*."""
+    def _process(self, sub: _SubKey, src: U8, dst: U8, cc: U64, encrypt: bool) -> None:
+        """Transform the (n, sector_size) array *src* into *dst* (same shape, contiguous)."""
         mode = self.spec.chainmode
         n = src.shape[0]
-        dst = dst_flat[: src.size].reshape(n, self.sector_size)
+        size = src.size
+        transform = sub.data.encrypt_into if encrypt else sub.data.decrypt_into
         if mode == "ecb":
-            (sub.data.encrypt_into if encrypt else sub.data.decrypt_into)(src.reshape(-1), dst_flat)
+            result = _SCRATCH.get(1, size)
+            transform(src, result)
+            dst.reshape(-1)[:] = result[:size]
             return
         ivs = self._ivs(sub, cc)
         if mode == "xts":
             assert sub.tweak is not None
             tweaks = _ecb_rows(sub.tweak.encrypt_into, ivs)
+            whitened = _SCRATCH.get(0, size)[:size]
+            result = _SCRATCH.get(1, size)
+            if _xts_accel is not None:
+                _xts_accel.xor_tweaks(whitened, src, tweaks, self.sector_size)
+                transform(whitened, result)
+                _xts_accel.xor_tweaks(dst, result[:size], tweaks, self.sector_size)
+                return
             stream = _xts_tweak_stream(tweaks.view(np.uint64).reshape(-1, 2), self.sector_size // 16)
-            words_in = src.view(np.uint64).reshape(stream.shape)
-            whitened = np.bitwise_xor(words_in, stream)
-            (sub.data.encrypt_into if encrypt else sub.data.decrypt_into)(whitened.reshape(-1).view(np.uint8), dst_flat)
-            words_out = dst.view(np.uint64).reshape(stream.shape)
-            np.bitwise_xor(words_out, stream, out=words_out)
+            np.bitwise_xor(src.view(np.uint64).reshape(stream.shape), stream,
+                           out=whitened.view(np.uint64).reshape(stream.shape))
+            transform(whitened, result)
+            np.bitwise_xor(result[:size].view(np.uint64).reshape(stream.shape), stream,
+                           out=dst.view(np.uint64).reshape(stream.shape))
         elif encrypt:
             self._cbc_encrypt(sub, src, dst, ivs)
         else:
-            sub.data.decrypt_into(src.reshape(-1), dst_flat)
+            result = _SCRATCH.get(1, size)
+            transform(src, result)
             bs = self._bs
-            blocks_out = dst.reshape(n, -1, bs)
-            blocks_in = src.reshape(n, -1, bs)
-            np.bitwise_xor(blocks_out[:, 1:], blocks_in[:, :-1], out=blocks_out[:, 1:])
-            np.bitwise_xor(blocks_out[:, 0], ivs, out=blocks_out[:, 0])
+            plain = dst.reshape(n, -1, bs)
+            decrypted = result[:size].reshape(n, -1, bs)
+            cipher_blocks = src.reshape(n, -1, bs)
+            np.bitwise_xor(decrypted[:, 1:], cipher_blocks[:, :-1], out=plain[:, 1:])
+            np.bitwise_xor(decrypted[:, 0], ivs, out=plain[:, 0])
 
     def _cbc_encrypt(self, sub: _SubKey, src: U8, dst: U8, ivs: U8) -> None:
         """CBC is serial within a sector: run block position j of every sector at once."""
