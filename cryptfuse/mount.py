@@ -220,20 +220,26 @@ def _daemon_child(volume: object, config: MountConfig, ready_fd: int) -> int:
         _redirect_stdio(config.log_file)
         report("ready")
 
+    def fail(code: int, message: str) -> int:
+        # Before readiness the parent prints the error (our stderr is still the
+        # user's terminal: logging it too would print it twice); after, only the
+        # log can tell.
+        if reported:
+            log.error("%s", message)
+        else:
+            report(f"error {code} {message}")
+        return code
+
     try:
         serve(volume, config, on_mounted)
     except CryptfuseError as exc:
-        report(f"error {exc.exit_code} {exc}")
-        log.error("%s", exc)
-        return exc.exit_code
+        return fail(exc.exit_code, str(exc))
     except OSError as exc:
-        report(f"error 1 {exc.strerror or exc}")
-        log.error("%s", exc)
-        return 1
+        return fail(1, str(exc.strerror or exc))
     except BaseException as exc:  # noqa: BLE001 - the daemon must always answer its parent
-        report(f"error 1 unexpected {type(exc).__name__}: {exc}")
-        log.exception("daemon failed")
-        return 1
+        if reported:
+            log.exception("daemon failed")
+        return fail(1, f"unexpected {type(exc).__name__}: {exc}")
     return 0
 
 
