@@ -64,5 +64,6 @@ clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
 
+# Also the venv and the in-place build of the C accelerator (pip install -e makes it).
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) cryptfuse/*.so
