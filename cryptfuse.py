@@ -1,2 +1,3 @@
 from cryptfuse.cli import main
+
 raise SystemExit(main())

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO, NoReturn
 
 from . import __version__
-from .errors import CryptfuseError, DeviceError, FormatError, KeyFileError, UsageError
+from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
 from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE
 from .fs import FSOptions
@@ -86,29 +86,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="empty directory to mount on")
 
     g = p.add_argument_group("container")
-    g.add_argument("--type", "-M", choices=TYPES, help="container type (default: LUKS if the header says so; plain must be asked for)")
+    g.add_argument(
+        "--type",
+        "-M",
+        choices=TYPES,
+        help="container type (default: LUKS if the header says so; plain must be asked for)",
+    )
     g.add_argument("--header", metavar="FILE", help="detached LUKS header")
-    g.add_argument("--key-slot", "-S", type=_nonneg_int, metavar="N", help="try only this LUKS keyslot")
-    g.add_argument("--key-file", "-d", metavar="FILE", help="read the passphrase (LUKS) or raw key (plain) from FILE; '-' reads stdin")
-    g.add_argument("--keyfile-offset", type=_nonneg_int, default=0, metavar="BYTES", help="skip BYTES at the start of the key file")
-    g.add_argument("--keyfile-size", "-l", type=_nonneg_int, metavar="BYTES", help="read at most BYTES of the key file")
-    g.add_argument("--readonly", "-r", action="store_true", help="open read-only (the volume file is read-only)")
-    g.add_argument("--allow-discards", action="store_true", help="accepted and recorded (discards are not passed down yet)")
+    g.add_argument(
+        "--key-slot", "-S", type=_nonneg_int, metavar="N", help="try only this LUKS keyslot"
+    )
+    g.add_argument(
+        "--key-file",
+        "-d",
+        metavar="FILE",
+        help="read the passphrase (LUKS) or raw key (plain) from FILE; '-' reads stdin",
+    )
+    g.add_argument(
+        "--keyfile-offset",
+        type=_nonneg_int,
+        default=0,
+        metavar="BYTES",
+        help="skip BYTES at the start of the key file",
+    )
+    g.add_argument(
+        "--keyfile-size",
+        "-l",
+        type=_nonneg_int,
+        metavar="BYTES",
+        help="read at most BYTES of the key file",
+    )
+    g.add_argument(
+        "--readonly",
+        "-r",
+        action="store_true",
+        help="open read-only (the volume file is read-only)",
+    )
+    g.add_argument(
+        "--allow-discards",
+        action="store_true",
+        help="accepted and recorded (discards are not passed down yet)",
+    )
 
-    g = p.add_argument_group("plain mode (cryptsetup 2.6 defaults: aes-cbc-essiv:sha256, 256 bits, ripemd160)")
+    g = p.add_argument_group(
+        "plain mode (cryptsetup 2.6 defaults: aes-cbc-essiv:sha256, 256 bits, ripemd160)"
+    )
     g.add_argument("--cipher", "-c", metavar="SPEC", help="cipher spec, e.g. aes-xts-plain64")
     g.add_argument("--key-size", "-s", type=_nonneg_int, metavar="BITS", help="key size in bits")
-    g.add_argument("--hash", "-h", metavar="HASH", help="passphrase hash (e.g. sha256, sha512:32, plain)")
-    g.add_argument("--offset", type=_nonneg_int, default=0, metavar="SECTORS", help="start of the data (no short form: -o is FUSE options)")
+    g.add_argument(
+        "--hash", "-h", metavar="HASH", help="passphrase hash (e.g. sha256, sha512:32, plain)"
+    )
+    g.add_argument(
+        "--offset",
+        type=_nonneg_int,
+        default=0,
+        metavar="SECTORS",
+        help="start of the data (no short form: -o is FUSE options)",
+    )
     g.add_argument("--skip", "-p", type=_nonneg_int, default=0, metavar="SECTORS", help="IV offset")
-    g.add_argument("--size", "-b", type=_nonneg_int, metavar="SECTORS", help="volume size (default: the rest of the container)")
-    g.add_argument("--sector-size", type=_nonneg_int, metavar="BYTES", help="encryption sector size (512..4096)")
-    g.add_argument("--iv-large-sectors", action="store_true", help="IVs count --sector-size sectors, not 512-byte ones")
+    g.add_argument(
+        "--size",
+        "-b",
+        type=_nonneg_int,
+        metavar="SECTORS",
+        help="volume size (default: the rest of the container)",
+    )
+    g.add_argument(
+        "--sector-size",
+        type=_nonneg_int,
+        metavar="BYTES",
+        help="encryption sector size (512..4096)",
+    )
+    g.add_argument(
+        "--iv-large-sectors",
+        action="store_true",
+        help="IVs count --sector-size sectors, not 512-byte ones",
+    )
 
     g = p.add_argument_group("mount")
-    g.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="FUSE mount options (allow_other, ro, fsname=..., uid=N, gid=N, umask=M)")
-    g.add_argument("--name", default="volume", help="name of the file in MOUNTPOINT (default: volume)")
+    g.add_argument(
+        "-o",
+        dest="fuse_options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="FUSE mount options (allow_other, ro, fsname=..., uid=N, gid=N, umask=M)",
+    )
+    g.add_argument(
+        "--name", default="volume", help="name of the file in MOUNTPOINT (default: volume)"
+    )
     g.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     g.add_argument("--log-file", metavar="FILE", help="daemon: append log messages to FILE")
     g.add_argument("--verbose", "-v", action="store_true", help="log what happens")
@@ -140,21 +206,27 @@ def _read_limited(stream: BinaryIO, offset: int, size: int | None, limit: int, w
         have += len(chunk)
     data = b"".join(chunks)
     if size is None and len(data) > limit:
-        raise KeyFileError(f"{what} exceeds the maximum key file size ({limit} bytes); use --keyfile-size")
+        raise KeyFileError(
+            f"{what} exceeds the maximum key file size ({limit} bytes); use --keyfile-size"
+        )
     return data
 
 
-def read_key_file(path: str, offset: int, size: int | None, *, stdin: BinaryIO | None = None) -> bytes:
+def read_key_file(
+    path: str, offset: int, size: int | None, *, stdin: BinaryIO | None = None
+) -> bytes:
     """Key file bytes with cryptsetup's semantics: no newline stripping.
 
     A regular file shorter than ``offset + size`` is an error; ``-`` (stdin)
     gives what is there.
     """
     if path == "-":
-        return _read_limited(stdin or sys.stdin.buffer, offset, size, KEYFILE_SIZE_MAX, "standard input")
+        return _read_limited(
+            stdin or sys.stdin.buffer, offset, size, KEYFILE_SIZE_MAX, "standard input"
+        )
     try:
         with open(path, "rb") as f:
-            data = _read_limited(f, offset, size, KEYFILE_SIZE_MAX, f"key file {path}")  # type: ignore[arg-type]
+            data = _read_limited(f, offset, size, KEYFILE_SIZE_MAX, f"key file {path}")
     except FileNotFoundError:
         raise KeyFileError(f"key file {path} does not exist") from None
     except IsADirectoryError:
@@ -204,14 +276,17 @@ def get_secret(args: argparse.Namespace, plain_key_bytes: int | None) -> Secret:
         if args.keyfile_size is not None:
             data = data[: args.keyfile_size]
         return Secret(data, from_keyfile=False)
-    return Secret(read_passphrase_line(sys.stdin.buffer, args.keyfile_offset, args.keyfile_size), from_keyfile=False)
+    return Secret(
+        read_passphrase_line(sys.stdin.buffer, args.keyfile_offset, args.keyfile_size),
+        from_keyfile=False,
+    )
 
 
 def _read_prefix(path: str, offset: int, size: int) -> bytes:
     """Up to *size* bytes after *offset* (plain.py reports a key that is too short)."""
     try:
         with open(path, "rb") as f:
-            return _read_limited(f, offset, size, size, f"key file {path}")  # type: ignore[arg-type]
+            return _read_limited(f, offset, size, size, f"key file {path}")
     except FileNotFoundError:
         raise KeyFileError(f"key file {path} does not exist") from None
     except OSError as exc:
@@ -249,7 +324,9 @@ def check_fuse() -> None:
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise MountError("FUSE is not available: /dev/fuse does not exist (modprobe fuse, or install fuse3)") from None
+        raise MountError(
+            "FUSE is not available: /dev/fuse does not exist (modprobe fuse, or install fuse3)"
+        ) from None
     except OSError as exc:
         raise MountError(f"FUSE is not available: cannot open /dev/fuse: {exc.strerror}") from None
     os.close(fd)
@@ -260,11 +337,15 @@ def check_fuse() -> None:
 def plain_spec_warnings(args: argparse.Namespace) -> list[str]:
     """Warnings for plain mode relying on defaults that cryptsetup 2.7 changed."""
     hashed = args.key_file is None or args.key_file == "-"
-    missing = [name for name, value, needed in (
-        ("--cipher", args.cipher, True),
-        ("--key-size", args.key_size, True),
-        ("--hash", args.hash, hashed),
-    ) if needed and value is None]
+    missing = [
+        name
+        for name, value, needed in (
+            ("--cipher", args.cipher, True),
+            ("--key-size", args.key_size, True),
+            ("--hash", args.hash, hashed),
+        )
+        if needed and value is None
+    ]
     if not missing:
         return []
     return [
@@ -279,7 +360,10 @@ def weak_spec_warning(spec: CipherSpec, readonly: bool) -> str | None:
     if readonly:
         return None
     if spec.chainmode == "ecb":
-        return f"WARNING: cipher {spec} uses ECB, which leaks patterns of the data; prefer aes-xts-plain64"
+        return (
+            f"WARNING: cipher {spec} uses ECB, which leaks patterns of the data; "
+            "prefer aes-xts-plain64"
+        )
     if spec.ivmode == "plain":
         return (
             f"WARNING: cipher {spec} uses the 32-bit 'plain' IV, which repeats every 2 TiB; "
@@ -335,7 +419,11 @@ def configure_logging(verbose: bool, debug: bool, log_file: str | None) -> None:
     """Log to stderr (the daemon's stderr is the log file or /dev/null)."""
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s" if log_file or debug else f"{PROG}: %(message)s"
+    fmt = (
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+        if log_file or debug
+        else f"{PROG}: %(message)s"
+    )
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -372,12 +460,20 @@ def mount_command(argv: Sequence[str]) -> int:
         where = args.header or args.container
         found = detect_type(where)
         if found is None:
-            raise FormatError(f"{where} has no LUKS header; use --type plain to open a plain dm-crypt container")
+            raise FormatError(
+                f"{where} has no LUKS header; use --type plain to open a plain dm-crypt container"
+            )
         if kind in ("luks1", "luks2") and found != kind:
             raise FormatError(f"{where} is {found.upper()}, not {kind.upper()}")
-        ignored = [f"--{n.replace('_', '-')}" for n in ("cipher", "key_size", "hash", "skip", "size", "sector_size") if getattr(args, n) not in (None, 0, False)]
+        ignored = [
+            f"--{n.replace('_', '-')}"
+            for n in ("cipher", "key_size", "hash", "skip", "size", "sector_size")
+            if getattr(args, n) not in (None, 0, False)
+        ]
         if args.offset or args.iv_large_sectors:
-            ignored += ["--offset"] * bool(args.offset) + ["--iv-large-sectors"] * args.iv_large_sectors
+            ignored += ["--offset"] * bool(args.offset) + [
+                "--iv-large-sectors"
+            ] * args.iv_large_sectors
         if ignored:
             log.warning("%s ignored: the LUKS header defines the encryption", ", ".join(ignored))
 
@@ -392,9 +488,9 @@ def mount_command(argv: Sequence[str]) -> int:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
     del secret
     try:
-        spec = getattr(getattr(volume, "cipher", None), "spec", None)
-        if isinstance(spec, CipherSpec):
-            warning = weak_spec_warning(spec, volume.readonly)
+        volume_spec = getattr(getattr(volume, "cipher", None), "spec", None)
+        if isinstance(volume_spec, CipherSpec):
+            warning = weak_spec_warning(volume_spec, volume.readonly)
             if warning:
                 print(f"{PROG}: {warning}", file=sys.stderr)
         log.info("opened %r", volume)
@@ -418,14 +514,20 @@ def benchmark_command(argv: Sequence[str]) -> int:
     """``cryptfuse benchmark``: cipher and KDF speeds, like ``cryptsetup benchmark``."""
     from . import benchmark
 
-    p = _Parser(prog=f"{PROG} benchmark", add_help=False, description="Measure cipher and KDF speeds in memory.")
+    p = _Parser(
+        prog=f"{PROG} benchmark",
+        add_help=False,
+        description="Measure cipher and KDF speeds in memory.",
+    )
     p.add_argument("--cipher", "-c", metavar="SPEC", help="only this cipher spec")
     p.add_argument("--key-size", "-s", type=_nonneg_int, default=256, metavar="BITS")
     p.add_argument("--sector-size", type=_nonneg_int, default=512, metavar="BYTES")
     p.add_argument("--help", action="help", help="show this help and exit")
     args = p.parse_args(argv)
     ciphers = ((args.cipher, args.key_size),) if args.cipher else benchmark.DEFAULT_CIPHERS
-    for line in benchmark.run(ciphers=ciphers, sector_size=args.sector_size, kdf=args.cipher is None):
+    for line in benchmark.run(
+        ciphers=ciphers, sector_size=args.sector_size, kdf=args.cipher is None
+    ):
         print(line, flush=True)
     return 0
 
@@ -437,7 +539,10 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (never raises, except SystemExit(0) for --help)."""
+    """Run the command line and return the exit code.
+
+    Never raises, except ``SystemExit(0)`` from ``--help`` and ``--version``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -462,5 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, the traceback on request
         if debug:
             traceback.print_exc()
-        print(f"{PROG}: internal error: {type(exc).__name__}: {exc} (--debug shows a traceback)", file=sys.stderr)
+        print(
+            f"{PROG}: internal error: {type(exc).__name__}: {exc} (--debug shows a traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -144,11 +144,11 @@ class VolumeFS(pyfuse3.Operations):
         if inode not in self._mode:
             raise pyfuse3.FUSEError(errno.ENOENT)
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = inode  # type: ignore[assignment]
+        entry.st_ino = inode
         entry.generation = 0
         entry.entry_timeout = ENTRY_TIMEOUT
         entry.attr_timeout = ATTR_TIMEOUT
-        entry.st_mode = self._mode[inode]  # type: ignore[assignment]
+        entry.st_mode = self._mode[inode]
         entry.st_uid, entry.st_gid = self._owner[inode]
         entry.st_rdev = 0
         # st_blksize is the preferred I/O size; a whole page (at least one sector)
@@ -165,11 +165,13 @@ class VolumeFS(pyfuse3.Operations):
             entry.st_blocks = 0
         return entry
 
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         """Attributes of the directory or the volume file."""
         return self._attr(inode)
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         """Resolve *name* in the directory: only the volume file exists."""
         if parent_inode != ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -179,7 +181,7 @@ class VolumeFS(pyfuse3.Operations):
             return self._attr(ROOT_INODE)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
-    async def setattr(  # type: ignore[override]
+    async def setattr(
         self,
         inode: int,
         attr: pyfuse3.EntryAttributes,
@@ -203,7 +205,9 @@ class VolumeFS(pyfuse3.Operations):
             if self.volume.readonly:
                 raise pyfuse3.FUSEError(errno.EROFS)
             if attr.st_size != self.volume.size:
-                log.debug("refused truncate to %d (volume has %d bytes)", attr.st_size, self.volume.size)
+                log.debug(
+                    "refused truncate to %d (volume has %d bytes)", attr.st_size, self.volume.size
+                )
                 raise pyfuse3.FUSEError(errno.EPERM)
         owner = self._owner[inode]
         # The kernel checks these too (we always mount with default_permissions);
@@ -228,7 +232,7 @@ class VolumeFS(pyfuse3.Operations):
         times[2] = now
         return self._attr(inode)
 
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:  # type: ignore[override]
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         """A full file system of one file: size = the volume, nothing free."""
         st = pyfuse3.StatvfsData()
         block = self.volume.sector_size
@@ -245,13 +249,13 @@ class VolumeFS(pyfuse3.Operations):
 
     # -- the directory ---------------------------------------------------------------
 
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:  # type: ignore[override]
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         """Open the root directory (the only directory)."""
         if inode != ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return ROOT_INODE
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:  # type: ignore[override]
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """List ``.``, ``..`` and the volume file; *start_id* is the index to resume at."""
         # FUSE does not synthesize the dot entries; tools like `ls -a` and `find`
         # expect them. The kernel does not cache readdirplus attributes for them.
@@ -263,7 +267,7 @@ class VolumeFS(pyfuse3.Operations):
 
     # -- the file --------------------------------------------------------------------
 
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:  # type: ignore[override]
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         """Open the volume file; opening for writing fails on a read-only mount."""
         if inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -275,13 +279,13 @@ class VolumeFS(pyfuse3.Operations):
         self._next_fh += 1
         # keep_cache only matters without direct_io: the data never changes behind
         # the kernel's back, so a cached page stays valid across opens.
-        return pyfuse3.FileInfo(fh=fh, direct_io=self.options.direct_io, keep_cache=True)  # type: ignore[arg-type]
+        return pyfuse3.FileInfo(fh=fh, direct_io=self.options.direct_io, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         """Decrypt *size* bytes at *off* (short at the end, empty past it)."""
         return await self._volume_call("read", off, size, self.volume.read, off, size)
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:  # type: ignore[override]
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         """Encrypt *buf* to *off*; ENOSPC at/after the end, EROFS when read-only."""
         if self.volume.readonly:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -300,15 +304,15 @@ class VolumeFS(pyfuse3.Operations):
             self._dirty = True
             raise
 
-    async def flush(self, fh: int) -> None:  # type: ignore[override]
+    async def flush(self, fh: int) -> None:
         """On every close(): make what was written durable (close reports errors)."""
         await self._sync("flush")
 
-    async def fsync(self, fh: int, datasync: bool) -> None:  # type: ignore[override]
+    async def fsync(self, fh: int, datasync: bool) -> None:
         """fsync/fdatasync: flush the container to its disk."""
         await self._sync("fsync")
 
-    async def release(self, fh: int) -> None:  # type: ignore[override]
+    async def release(self, fh: int) -> None:
         """Nothing to do per handle: no per-open state beyond the number."""
 
     # -- everything that would change the directory: refused ------------------------
@@ -316,34 +320,52 @@ class VolumeFS(pyfuse3.Operations):
     def _refuse(self) -> pyfuse3.FUSEError:
         return pyfuse3.FUSEError(errno.EROFS if self.volume.readonly else errno.EPERM)
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:  # type: ignore[override]
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         """No new files: the directory holds exactly the volume."""
         raise self._refuse()
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         """No new files: the directory holds exactly the volume."""
         raise self._refuse()
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         """No new directories."""
         raise self._refuse()
 
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:  # type: ignore[override]
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """The volume cannot be removed (unmount instead)."""
         raise self._refuse()
 
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:  # type: ignore[override]
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """There are no subdirectories."""
         raise self._refuse()
 
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:  # type: ignore[override]
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         """The name is fixed by ``--name``."""
         raise self._refuse()
 
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         """No new entries."""
         raise self._refuse()
 
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         """No new entries."""
         raise self._refuse()

@@ -157,7 +157,9 @@ def _close_volume(volume: object) -> None:
     log.info("container flushed and closed")
 
 
-def serve(volume: object, config: MountConfig, on_mounted: Callable[[], None] | None = None) -> None:
+def serve(
+    volume: object, config: MountConfig, on_mounted: Callable[[], None] | None = None
+) -> None:
     """Mount *volume*, serve it until unmounted or signalled, then clean up.
 
     Takes ownership of *volume* (it is synced and closed on the way out, even
@@ -173,7 +175,9 @@ def serve(volume: object, config: MountConfig, on_mounted: Callable[[], None] | 
         # Until trio owns the signal handlers, remember stop signals instead of dying
         # with the mount half set up (SIGTERM's default) or a KeyboardInterrupt.
         for signum in STOP_SIGNALS:
-            stack.callback(signal.signal, signum, signal.signal(signum, lambda s, _f: pending.append(s)))
+            stack.callback(
+                signal.signal, signum, signal.signal(signum, lambda s, _f: pending.append(s))
+            )
         _mount(ops, config, options)
         # pyfuse3.close(unmount=True) is a no-op unmount when fusermount3 -u already
         # did it (libfuse sees the dead connection) and a lazy umount otherwise.
@@ -276,8 +280,9 @@ def run(volume: object, config: MountConfig) -> int:
         log.debug("daemon %d serves %s", pid, config.mountpoint)
         return 0
     if answer.startswith("error "):
-        _, code, message = (answer.split(" ", 2) + [""])[:3]
-        raise MountError(message or "mount failed", int(code) if code.isdigit() else 1)
+        _, code_text, message = (answer.split(" ", 2) + [""])[:3]
+        exit_code = int(code_text) if code_text.isdigit() else 1
+        raise MountError(message or "mount failed", exit_code)
     # The child died before answering (killed, crashed in C code).
     with contextlib.suppress(ChildProcessError):
         _, status = os.waitpid(pid, 0)

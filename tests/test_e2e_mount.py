@@ -35,8 +35,12 @@ def need(*tools: str) -> None:
             pytest.skip(f"{tool} not installed")
 
 
-def sh(*args: object, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([str(a) for a in args], input=input, capture_output=True, check=check, timeout=120)
+def sh(
+    *args: object, input: bytes | None = None, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(a) for a in args], input=input, capture_output=True, check=check, timeout=120
+    )
 
 
 def daemon_pids(mountpoint: Path) -> list[int]:
@@ -112,10 +116,16 @@ class Cryptfuse:
     def run(self, *args: object, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             [sys.executable, "-m", "cryptfuse", *map(str, args)],
-            input=input, capture_output=True, env=self.env, cwd=self.repo, timeout=120,
+            input=input,
+            capture_output=True,
+            env=self.env,
+            cwd=self.repo,
+            timeout=120,
         )
 
-    def mount(self, *args: object, mountpoint: Path, input: bytes = PASSPHRASE + b"\n") -> list[int]:
+    def mount(
+        self, *args: object, mountpoint: Path, input: bytes = PASSPHRASE + b"\n"
+    ) -> list[int]:
         """Mount in daemon mode; returns the daemon's pid(s)."""
         self.stack.push(f"fuse {mountpoint}", lambda: self._force_unmount(mountpoint))
         result = self.run(*args, mountpoint, input=input)
@@ -154,18 +164,30 @@ def cf(stack: Stack, cli_env: dict[str, str], repo: Path) -> Cryptfuse:
 
 def losetup(stack: Stack, path: Path, *options: str) -> str:
     loop = sh("losetup", "-f", "--show", *options, path).stdout.decode().strip()
-    stack.push(f"loop {loop}", lambda: sh("losetup", "-d", loop, check=False) and None)
+
+    def detach() -> None:
+        sh("losetup", "-d", loop, check=False)
+
+    stack.push(f"loop {loop}", detach)
     return loop
 
 
 def mount_fs(stack: Stack, source: str | Path, target: Path, *options: str) -> None:
     target.mkdir(exist_ok=True)
     sh("mount", *options, source, target)
-    stack.push(f"mount {target}", lambda: sh("umount", target, check=False) and None)
+
+    def umount() -> None:
+        sh("umount", target, check=False)
+
+    stack.push(f"mount {target}", umount)
 
 
 def write_files(root: Path) -> dict[str, str]:
-    files = {"hello.txt": b"hello, world\n", "marker.bin": MARKER, "random.bin": os.urandom(3 * MiB + 123)}
+    files = {
+        "hello.txt": b"hello, world\n",
+        "marker.bin": MARKER,
+        "random.bin": os.urandom(3 * MiB + 123),
+    }
     (root / "sub").mkdir()
     files["sub/odd.bin"] = os.urandom(4097)
     for name, data in files.items():
@@ -179,7 +201,9 @@ def check_files(root: Path, expected: dict[str, str]) -> None:
         assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
 
 
-def roundtrip(cf: Cryptfuse, stack: Stack, tmp_path: Path, container: Path, options: list[str], input: bytes) -> None:
+def roundtrip(
+    cf: Cryptfuse, stack: Stack, tmp_path: Path, container: Path, options: list[str], input: bytes
+) -> None:
     """mount, losetup, mkfs.ext4, write, tear down, remount, fsck, mount -o loop, check."""
     need("losetup", "mkfs.ext4", "fsck.ext4")
     mnt = tmp_path / "mnt"
@@ -231,8 +255,21 @@ def test_luks2_ext4_roundtrip(cf: Cryptfuse, stack: Stack, tmp_path: Path) -> No
     container = tmp_path / "luks2.img"
     with open(container, "wb") as f:
         f.truncate(64 * MiB)
-    sh("cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
-       "--pbkdf-force-iterations", "1000", "--key-file", "-", container, input=PASSPHRASE)
+    sh(
+        "cryptsetup",
+        "luksFormat",
+        "-q",
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        "-",
+        container,
+        input=PASSPHRASE,
+    )
     header_before = hashlib.sha256(container.read_bytes()[: 16 * MiB]).hexdigest()
     key = tmp_path / "key"
     key.write_bytes(PASSPHRASE)
@@ -267,7 +304,10 @@ def test_foreground_sigint(cli_env: dict[str, str], repo: Path, tmp_path: Path) 
     mnt.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cryptfuse", "-f", *PLAIN, str(container), str(mnt)],
-        stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env, cwd=repo,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env,
+        cwd=repo,
     )
     try:
         assert proc.stdin is not None

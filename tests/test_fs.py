@@ -9,6 +9,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pyfuse3
 import pytest
@@ -33,6 +34,10 @@ class Ctx:
     gid: int = os.getgid()
     pid: int = os.getpid()
     umask: int = 0o022
+
+
+def ctx(**kw: int) -> pyfuse3.RequestContext:
+    return cast(pyfuse3.RequestContext, Ctx(**kw))
 
 
 class CountingVolume(Volume):
@@ -79,7 +84,7 @@ def fuse_errno(excinfo: pytest.ExceptionInfo[pyfuse3.FUSEError]) -> int:
 
 @pytest.mark.trio
 async def test_file_attributes(ops: VolumeFS) -> None:
-    attr = await ops.getattr(FILE_INODE, Ctx())  # type: ignore[arg-type]
+    attr = await ops.getattr(FILE_INODE, ctx())
     assert stat.S_ISREG(attr.st_mode)
     assert stat.S_IMODE(attr.st_mode) == 0o600
     assert attr.st_size == SIZE
@@ -90,7 +95,7 @@ async def test_file_attributes(ops: VolumeFS) -> None:
 
 @pytest.mark.trio
 async def test_root_attributes(ops: VolumeFS) -> None:
-    attr = await ops.getattr(ROOT_INODE, Ctx())  # type: ignore[arg-type]
+    attr = await ops.getattr(ROOT_INODE, ctx())
     assert stat.S_ISDIR(attr.st_mode)
     assert stat.S_IMODE(attr.st_mode) == 0o700
 
@@ -98,11 +103,11 @@ async def test_root_attributes(ops: VolumeFS) -> None:
 @pytest.mark.trio
 async def test_options_change_name_owner_and_mode(volume: CountingVolume) -> None:
     ops = VolumeFS(volume, FSOptions(name="disk.img", uid=1234, gid=5678, file_mode=0o640))
-    attr = await ops.lookup(ROOT_INODE, b"disk.img", Ctx())  # type: ignore[arg-type]
+    attr = await ops.lookup(ROOT_INODE, b"disk.img", ctx())
     assert attr.st_ino == FILE_INODE
     assert (attr.st_uid, attr.st_gid, stat.S_IMODE(attr.st_mode)) == (1234, 5678, 0o640)
     with pytest.raises(pyfuse3.FUSEError) as exc:
-        await ops.lookup(ROOT_INODE, b"volume", Ctx())  # type: ignore[arg-type]
+        await ops.lookup(ROOT_INODE, b"volume", ctx())
     assert fuse_errno(exc) == errno.ENOENT
 
 
@@ -114,13 +119,13 @@ def test_invalid_names_are_refused(volume: CountingVolume, name: str) -> None:
 
 @pytest.mark.trio
 async def test_lookup(ops: VolumeFS) -> None:
-    assert (await ops.lookup(ROOT_INODE, b"volume", Ctx())).st_ino == FILE_INODE  # type: ignore[arg-type]
+    assert (await ops.lookup(ROOT_INODE, b"volume", ctx())).st_ino == FILE_INODE
     for name, code in ((b"other", errno.ENOENT),):
         with pytest.raises(pyfuse3.FUSEError) as exc:
-            await ops.lookup(ROOT_INODE, name, Ctx())  # type: ignore[arg-type]
+            await ops.lookup(ROOT_INODE, name, ctx())
         assert fuse_errno(exc) == code
     with pytest.raises(pyfuse3.FUSEError) as exc:
-        await ops.lookup(FILE_INODE, b"x", Ctx())  # type: ignore[arg-type]
+        await ops.lookup(FILE_INODE, b"x", ctx())
     assert fuse_errno(exc) == errno.ENOTDIR
 
 
@@ -133,23 +138,23 @@ async def test_readdir(ops: VolumeFS, monkeypatch: pytest.MonkeyPatch) -> None:
         return True
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
-    fh = await ops.opendir(ROOT_INODE, Ctx())  # type: ignore[arg-type]
-    await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+    fh = await ops.opendir(ROOT_INODE, ctx())
+    await ops.readdir(fh, 0, cast(pyfuse3.ReaddirToken, None))
     assert seen == [(b".", ROOT_INODE, 1), (b"..", ROOT_INODE, 2), (b"volume", FILE_INODE, 3)]
     seen.clear()
-    await ops.readdir(fh, 2, None)  # type: ignore[arg-type]
+    await ops.readdir(fh, 2, cast(pyfuse3.ReaddirToken, None))
     assert seen == [(b"volume", FILE_INODE, 3)]
     seen.clear()
-    await ops.readdir(fh, 3, None)  # type: ignore[arg-type]
+    await ops.readdir(fh, 3, cast(pyfuse3.ReaddirToken, None))
     assert seen == []
     with pytest.raises(pyfuse3.FUSEError) as exc:
-        await ops.opendir(FILE_INODE, Ctx())  # type: ignore[arg-type]
+        await ops.opendir(FILE_INODE, ctx())
     assert fuse_errno(exc) == errno.ENOTDIR
 
 
 @pytest.mark.trio
 async def test_statfs(ops: VolumeFS) -> None:
-    st = await ops.statfs(Ctx())  # type: ignore[arg-type]
+    st = await ops.statfs(ctx())
     assert st.f_frsize * st.f_blocks == SIZE
     assert st.f_bfree == st.f_bavail == 0
     assert st.f_namemax == 255
@@ -159,11 +164,21 @@ async def test_statfs(ops: VolumeFS) -> None:
 
 
 @pytest.mark.trio
-async def test_read_write_odd_offsets_match_a_bytearray(ops: VolumeFS, volume: CountingVolume, container: Path) -> None:
+async def test_read_write_odd_offsets_match_a_bytearray(
+    ops: VolumeFS, volume: CountingVolume, container: Path
+) -> None:
     model = bytearray(await ops.read(0, 0, SIZE))
     assert len(model) == SIZE
-    fi = await ops.open(FILE_INODE, os.O_RDWR, Ctx())  # type: ignore[arg-type]
-    for offset, length in ((0, 1), (1, 510), (511, 2), (1000, 5000), (SIZE - 3, 3), (4095, 4098), (7, 0)):
+    fi = await ops.open(FILE_INODE, os.O_RDWR, ctx())
+    for offset, length in (
+        (0, 1),
+        (1, 510),
+        (511, 2),
+        (1000, 5000),
+        (SIZE - 3, 3),
+        (4095, 4098),
+        (7, 0),
+    ):
         data = os.urandom(length)
         assert await ops.write(fi.fh, offset, data) == length
         model[offset : offset + length] = data
@@ -228,17 +243,17 @@ async def test_read_only_volume(container: Path) -> None:
     vol = make_volume(container, readonly=True)
     try:
         ops = VolumeFS(vol)
-        fi = await ops.open(FILE_INODE, os.O_RDONLY, Ctx())  # type: ignore[arg-type]
+        fi = await ops.open(FILE_INODE, os.O_RDONLY, ctx())
         assert len(await ops.read(fi.fh, 0, 4096)) == 4096
         for flags in (os.O_WRONLY, os.O_RDWR):
             with pytest.raises(pyfuse3.FUSEError) as exc:
-                await ops.open(FILE_INODE, flags, Ctx())  # type: ignore[arg-type]
+                await ops.open(FILE_INODE, flags, ctx())
             assert fuse_errno(exc) == errno.EROFS
         with pytest.raises(pyfuse3.FUSEError) as exc:
             await ops.write(fi.fh, 0, b"x")
         assert fuse_errno(exc) == errno.EROFS
         with pytest.raises(pyfuse3.FUSEError) as exc:
-            await ops.create(ROOT_INODE, b"new", 0o600, os.O_RDWR, Ctx())  # type: ignore[arg-type]
+            await ops.create(ROOT_INODE, b"new", 0o600, os.O_RDWR, ctx())
         assert fuse_errno(exc) == errno.EROFS
     finally:
         vol.close()
@@ -251,42 +266,54 @@ class Fields:
     """Duck-typed SetattrFields: only the flags setattr reads."""
 
     def __init__(self, **flags: bool) -> None:
-        for name in ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid", "update_gid", "update_size"):
+        for name in (
+            "update_atime",
+            "update_mtime",
+            "update_ctime",
+            "update_mode",
+            "update_uid",
+            "update_gid",
+            "update_size",
+        ):
             setattr(self, name, flags.get(name, False))
+
+
+def fields(**flags: bool) -> pyfuse3.SetattrFields:
+    return cast(pyfuse3.SetattrFields, Fields(**flags))
 
 
 @pytest.mark.trio
 async def test_truncate_only_to_the_same_size(ops: VolumeFS) -> None:
     attr = pyfuse3.EntryAttributes()
     attr.st_size = SIZE
-    result = await ops.setattr(FILE_INODE, attr, Fields(update_size=True), None, Ctx())  # type: ignore[arg-type]
+    result = await ops.setattr(FILE_INODE, attr, fields(update_size=True), None, ctx())
     assert result.st_size == SIZE
     for size in (0, SIZE - 512, SIZE + 512):
         attr.st_size = size
         with pytest.raises(pyfuse3.FUSEError) as exc:
-            await ops.setattr(FILE_INODE, attr, Fields(update_size=True), None, Ctx())  # type: ignore[arg-type]
+            await ops.setattr(FILE_INODE, attr, fields(update_size=True), None, ctx())
         assert fuse_errno(exc) == errno.EPERM
 
 
 @pytest.mark.trio
 async def test_chmod_by_owner_and_chown_by_root_only(ops: VolumeFS) -> None:
     attr = pyfuse3.EntryAttributes()
-    attr.st_mode = stat.S_IFREG | 0o644  # type: ignore[assignment]
-    result = await ops.setattr(FILE_INODE, attr, Fields(update_mode=True), None, Ctx())  # type: ignore[arg-type]
+    attr.st_mode = stat.S_IFREG | 0o644
+    result = await ops.setattr(FILE_INODE, attr, fields(update_mode=True), None, ctx())
     assert result.st_mode == stat.S_IFREG | 0o644
     # The file type never changes, whatever chmod sends.
-    attr.st_mode = stat.S_IFDIR | 0o600  # type: ignore[assignment]
-    result = await ops.setattr(FILE_INODE, attr, Fields(update_mode=True), None, Ctx())  # type: ignore[arg-type]
+    attr.st_mode = stat.S_IFDIR | 0o600
+    result = await ops.setattr(FILE_INODE, attr, fields(update_mode=True), None, ctx())
     assert result.st_mode == stat.S_IFREG | 0o600
-    stranger = Ctx(uid=os.getuid() + 4242)
+    stranger = ctx(uid=os.getuid() + 4242)
     with pytest.raises(pyfuse3.FUSEError) as exc:
-        await ops.setattr(FILE_INODE, attr, Fields(update_mode=True), None, stranger)  # type: ignore[arg-type]
+        await ops.setattr(FILE_INODE, attr, fields(update_mode=True), None, stranger)
     assert fuse_errno(exc) == errno.EPERM
     attr.st_uid = 4242
     with pytest.raises(pyfuse3.FUSEError) as exc:
-        await ops.setattr(FILE_INODE, attr, Fields(update_uid=True), None, Ctx(uid=1000))  # type: ignore[arg-type]
+        await ops.setattr(FILE_INODE, attr, fields(update_uid=True), None, ctx(uid=1000))
     assert fuse_errno(exc) == errno.EPERM
-    result = await ops.setattr(FILE_INODE, attr, Fields(update_uid=True), None, Ctx(uid=0))  # type: ignore[arg-type]
+    result = await ops.setattr(FILE_INODE, attr, fields(update_uid=True), None, ctx(uid=0))
     assert result.st_uid == 4242
 
 
@@ -295,17 +322,19 @@ async def test_utimens(ops: VolumeFS) -> None:
     attr = pyfuse3.EntryAttributes()
     attr.st_atime_ns = 1_000_000_000
     attr.st_mtime_ns = 2_000_000_000
-    result = await ops.setattr(FILE_INODE, attr, Fields(update_atime=True, update_mtime=True), None, Ctx())  # type: ignore[arg-type]
+    result = await ops.setattr(
+        FILE_INODE, attr, fields(update_atime=True, update_mtime=True), None, ctx()
+    )
     assert (result.st_atime_ns, result.st_mtime_ns) == (1_000_000_000, 2_000_000_000)
 
 
 @pytest.mark.trio
 async def test_directory_changes_are_refused(ops: VolumeFS) -> None:
     for call in (
-        ops.create(ROOT_INODE, b"x", 0o600, os.O_RDWR, Ctx()),  # type: ignore[arg-type]
-        ops.mkdir(ROOT_INODE, b"x", 0o700, Ctx()),  # type: ignore[arg-type]
-        ops.unlink(ROOT_INODE, b"volume", Ctx()),  # type: ignore[arg-type]
-        ops.rename(ROOT_INODE, b"volume", ROOT_INODE, b"y", 0, Ctx()),  # type: ignore[arg-type]
+        ops.create(ROOT_INODE, b"x", 0o600, os.O_RDWR, ctx()),
+        ops.mkdir(ROOT_INODE, b"x", 0o700, ctx()),
+        ops.unlink(ROOT_INODE, b"volume", ctx()),
+        ops.rename(ROOT_INODE, b"volume", ROOT_INODE, b"y", 0, ctx()),
     ):
         with pytest.raises(pyfuse3.FUSEError) as exc:
             await call
@@ -339,13 +368,17 @@ class BrokenVolume:
 @pytest.mark.parametrize(
     "exc",
     [
-        pytest.param(DeviceError("read of 4096 bytes at 8192 failed: Input/output error"), id="device-error"),
+        pytest.param(
+            DeviceError("read of 4096 bytes at 8192 failed: Input/output error"), id="device-error"
+        ),
         pytest.param(OSError(errno.EIO, "Input/output error"), id="oserror"),
         pytest.param(ValueError("a bug"), id="bug"),
     ],
 )
-async def test_failures_become_eio_and_are_logged_with_context(exc: BaseException, caplog: pytest.LogCaptureFixture) -> None:
-    ops = VolumeFS(BrokenVolume(exc))  # type: ignore[arg-type]
+async def test_failures_become_eio_and_are_logged_with_context(
+    exc: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    ops = VolumeFS(cast(Volume, BrokenVolume(exc)))
     caplog.set_level(logging.DEBUG, logger="cryptfuse.fs")
     with pytest.raises(pyfuse3.FUSEError) as info:
         await ops.read(0, 12345, 678)
