@@ -170,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="FUSE mount options (allow_other, ro, fsname=..., uid=N, gid=N, umask=M)",
+        help=(
+            "FUSE mount options (allow_other, ro, fsname=...) and cryptfuse's own: "
+            "uid=N, gid=N, umask=M, page_cache (see docs/daemon.md)"
+        ),
     )
     g.add_argument(
         "--name", default="volume", help="name of the file in MOUNTPOINT (default: volume)"
@@ -408,6 +411,9 @@ def _fs_options(args: argparse.Namespace) -> tuple[FSOptions, tuple[str, ...]]:
                 fs.file_mode, fs.dir_mode = 0o666 & ~mask, 0o777 & ~mask
             elif key == "ro":
                 args.readonly = True
+            elif key == "page_cache":
+                # Escape hatch for shared mmap, which FUSE refuses on direct_io files.
+                fs.direct_io = False
             elif opt:
                 passed.append(opt)
         except ValueError:

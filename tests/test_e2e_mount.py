@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import mmap
 import os
 import shutil
 import signal
@@ -393,3 +394,51 @@ def test_mount_failure_is_one_line(cf: Cryptfuse, tmp_path: Path) -> None:
     assert "no_such_fuse_option" in lines[0]
     assert not os.path.ismount(mnt)
     assert not daemon_pids(mnt)
+
+
+def test_mmap_needs_page_cache(cf: Cryptfuse, tmp_path: Path) -> None:
+    container = tmp_path / "plain.img"
+    with open(container, "wb") as f:
+        f.truncate(4 * MiB)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pids = cf.mount(*PLAIN, container, mountpoint=mnt)
+    with open(mnt / "volume", "r+b") as f:
+        # direct_io (the default) has no page cache to share.
+        with pytest.raises(OSError):
+            mmap.mmap(f.fileno(), 4096, flags=mmap.MAP_SHARED)
+    cf.unmount(mnt, pids)
+
+    pids = cf.mount(
+        *PLAIN, "-o", "page_cache,uid=1234,gid=4321,umask=027", container, mountpoint=mnt
+    )
+    st = (mnt / "volume").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1234, 4321, 0o640)
+    with open(mnt / "volume", "r+b") as f:
+        with mmap.mmap(f.fileno(), 8192, flags=mmap.MAP_SHARED) as m:
+            m[100:110] = b"0123456789"
+            m.flush()
+    cf.unmount(mnt, pids)
+    pids = cf.mount(*PLAIN, "-o", "ro", container, mountpoint=mnt)
+    with open(mnt / "volume", "rb") as f:
+        f.seek(100)
+        assert f.read(10) == b"0123456789"
+    with pytest.raises(OSError) as exc:
+        open(mnt / "volume", "r+b")
+    assert exc.value.errno == errno.EROFS
+    cf.unmount(mnt, pids)
+
+
+def test_second_writable_mount_is_busy(cf: Cryptfuse, tmp_path: Path) -> None:
+    container = tmp_path / "plain.img"
+    with open(container, "wb") as f:
+        f.truncate(4 * MiB)
+    mnt, other = tmp_path / "mnt", tmp_path / "other"
+    mnt.mkdir()
+    other.mkdir()
+    pids = cf.mount(*PLAIN, container, mountpoint=mnt)
+    result = cf.run(*PLAIN, container, other, input=PASSPHRASE + b"\n")
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 5 and len(lines) == 1 and "in use" in lines[0], lines
+    assert not os.path.ismount(other)
+    cf.unmount(mnt, pids)
