@@ -255,7 +255,10 @@ def run(volume: object, config: MountConfig) -> int:
     :class:`MountError` with the daemon's one-line error.  Takes ownership of
     *volume* either way.
     """
+    # The daemon changes to / before it opens the log file for good.
     config.mountpoint = os.path.abspath(config.mountpoint)
+    if config.log_file is not None:
+        config.log_file = os.path.abspath(config.log_file)
     if config.foreground:
         serve(volume, config)
         return 0

@@ -250,32 +250,69 @@ def test_plain_ext4_roundtrip(cf: Cryptfuse, stack: Stack, tmp_path: Path) -> No
     roundtrip(cf, stack, tmp_path, container, PLAIN, PASSPHRASE + b"\n")
 
 
-def test_luks2_ext4_roundtrip(cf: Cryptfuse, stack: Stack, tmp_path: Path) -> None:
-    pytest.importorskip("cryptfuse.formats.luks2")
+def luks_format(kind: str, container: Path, *extra: object) -> None:
+    """A LUKS container with a cheap KDF (the suite stays fast)."""
+    pytest.importorskip(f"cryptfuse.formats.{kind}")
     need("cryptsetup")
-    container = tmp_path / "luks2.img"
+    sh(
+        "cryptsetup", "luksFormat", "-q", "--type", kind, "--pbkdf", "pbkdf2",
+        "--pbkdf-force-iterations", "1000", "--key-file", "-", *extra, container,
+        input=PASSPHRASE,
+    )  # fmt: skip
+
+
+def data_offset(container: Path) -> int:
+    """Bytes before the data area (LUKS1 payloadOffset / LUKS2 segment 0 offset)."""
+    dump = sh("cryptsetup", "luksDump", container).stdout.decode()
+    for line in dump.splitlines():
+        words = line.split()
+        if line.startswith("Payload offset:"):
+            return int(words[-1]) * 512
+        if words[:1] == ["offset:"]:
+            return int(words[1])
+    raise AssertionError("no data offset in luksDump")
+
+
+@pytest.mark.parametrize("kind", ["luks1", "luks2"])
+def test_luks_ext4_roundtrip(cf: Cryptfuse, stack: Stack, tmp_path: Path, kind: str) -> None:
+    container = tmp_path / f"{kind}.img"
     with open(container, "wb") as f:
         f.truncate(64 * MiB)
-    sh(
-        "cryptsetup",
-        "luksFormat",
-        "-q",
-        "--type",
-        "luks2",
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-        "--key-file",
-        "-",
-        container,
-        input=PASSPHRASE,
-    )
-    header_before = hashlib.sha256(container.read_bytes()[: 16 * MiB]).hexdigest()
+    luks_format(kind, container)
+    header = data_offset(container)
+    header_before = hashlib.sha256(container.read_bytes()[:header]).hexdigest()
     key = tmp_path / "key"
     key.write_bytes(PASSPHRASE)
     roundtrip(cf, stack, tmp_path, container, ["--key-file", str(key)], b"")
-    assert hashlib.sha256(container.read_bytes()[: 16 * MiB]).hexdigest() == header_before
+    assert hashlib.sha256(container.read_bytes()[:header]).hexdigest() == header_before
+
+
+@pytest.mark.parametrize("kind", ["luks1", "luks2"])
+def test_luks_detached_header_and_key_slot(cf: Cryptfuse, tmp_path: Path, kind: str) -> None:
+    data, hdr = tmp_path / "data.img", tmp_path / "header.img"
+    with open(data, "wb") as f:
+        f.truncate(8 * MiB)
+    with open(hdr, "wb") as f:
+        f.truncate(4 * MiB if kind == "luks2" else 2 * MiB)
+    luks_format(kind, data, "--header", hdr, "--offset", "0")
+    header_before = hashlib.sha256(hdr.read_bytes()).hexdigest()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pids = cf.mount("--header", hdr, "-S", "0", data, mountpoint=mnt)
+    assert (mnt / "volume").stat().st_size == 8 * MiB
+    with open(mnt / "volume", "r+b") as f:
+        f.seek(5 * MiB + 3)
+        f.write(MARKER)
+    cf.unmount(mnt, pids)
+    assert MARKER[:64] not in data.read_bytes()
+    result = cf.run("--header", hdr, "-S", "1", data, mnt, input=PASSPHRASE + b"\n")
+    assert result.returncode != 0 and len(result.stderr.decode().splitlines()) == 1
+    pids = cf.mount("--header", hdr, "-r", data, mountpoint=mnt)
+    with open(mnt / "volume", "rb") as f:
+        f.seek(5 * MiB + 3)
+        assert f.read(len(MARKER)) == MARKER
+    cf.unmount(mnt, pids)
+    assert hashlib.sha256(hdr.read_bytes()).hexdigest() == header_before
 
 
 def test_sigterm_ends_the_daemon_cleanly(cf: Cryptfuse, tmp_path: Path) -> None:
@@ -284,13 +321,17 @@ def test_sigterm_ends_the_daemon_cleanly(cf: Cryptfuse, tmp_path: Path) -> None:
         f.truncate(4 * MiB)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    pids = cf.mount(*PLAIN, container, mountpoint=mnt)
+    log = tmp_path / "daemon.log"
+    pids = cf.mount(*PLAIN, "-v", "--log-file", log, container, mountpoint=mnt)
     with open(mnt / "volume", "r+b") as f:
         f.write(MARKER)
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     assert wait_gone(pids), "daemon still running after SIGTERM"
     assert not os.path.ismount(mnt)
+    text = log.read_text()
+    assert "received signal 15" in text and "container flushed and closed" in text, text
+    assert PASSPHRASE.decode() not in text
     pids = cf.mount(*PLAIN, container, mountpoint=mnt)
     with open(mnt / "volume", "rb") as f:
         assert f.read(len(MARKER)) == MARKER
