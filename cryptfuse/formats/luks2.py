@@ -1092,7 +1092,7 @@ class LUKS2Header:
             candidates += [s for s in usable if s.priority == PRIORITY_NORMAL]
             if not candidates:
                 raise CryptfuseError("No usable keyslot is available.")
-        skipped: list[str] = []
+        skipped: list[CryptfuseError] = []
         for slot in candidates:
             digest = digest_for(slot.index)
             assert digest is not None
@@ -1104,13 +1104,15 @@ class LUKS2Header:
                 # cryptsetup stops at such a keyslot; trying the others first is
                 # kinder, and the reason is reported if none opens.  Memory
                 # errors (InsufficientMemoryError) are not caught: never a wrong passphrase.
-                skipped.append(str(exc))
+                skipped.append(exc)
                 continue
             if key is not None:
                 return slot.index, key
         if skipped:
-            raise UnsupportedError(
-                "No key available with this passphrase; some keyslots could not be tried: " + " ".join(skipped)
+            kind = FormatError if all(isinstance(e, FormatError) for e in skipped) else UnsupportedError
+            raise kind(
+                "No key available with this passphrase; some keyslots could not be tried: "
+                + " ".join(str(e) for e in skipped)
             )
         tokens = {t for s in candidates for t in self._token_types(s.index)}
         if tokens and all(self._token_types(s.index) for s in candidates):
