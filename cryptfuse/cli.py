@@ -18,14 +18,17 @@ subcommand must be given as ``./NAME``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import os
 import shutil
 import stat
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, NoReturn
 
 from . import __version__
@@ -438,6 +441,36 @@ def configure_logging(verbose: bool, debug: bool, log_file: str | None) -> None:
     logging.getLogger("pyfuse3").setLevel(level if debug else max(level, logging.WARNING))
 
 
+@contextlib.contextmanager
+def unlock_progress(container: str, enabled: bool) -> Iterator[None]:
+    """Show "Unlocking C… Ns" on the terminal while a LUKS KDF runs, then erase it.
+
+    The KDFs have no progress callback; elapsed seconds at least show that a slow
+    Argon2 is working. The ticker thread is joined before returning: the daemon
+    forks later, and no thread may be running then.
+    """
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            elapsed = time.monotonic() - start
+            print(f"\rUnlocking {container}… {elapsed:.0f}s", end="", file=sys.stderr, flush=True)
+
+    print(f"Unlocking {container}…", end="", file=sys.stderr, flush=True)
+    ticker = threading.Thread(target=tick, name="unlock-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
 def mount_command(argv: Sequence[str]) -> int:
     """``cryptfuse [options] CONTAINER MOUNTPOINT``."""
     args = build_parser().parse_args(argv)
@@ -484,14 +517,8 @@ def mount_command(argv: Sequence[str]) -> int:
             log.warning("%s ignored: the LUKS header defines the encryption", ", ".join(ignored))
 
     secret = get_secret(args, plain_key_bytes)
-    progress = sys.stderr.isatty() and kind != "plain"
-    if progress:
-        print(f"Unlocking {args.container}…", end="", file=sys.stderr, flush=True)
-    try:
+    with unlock_progress(args.container, sys.stderr.isatty() and kind != "plain"):
         volume = open_volume(args.container, _open_options(args, kind), secret)
-    finally:
-        if progress:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
     del secret
     try:
         volume_spec = getattr(getattr(volume, "cipher", None), "spec", None)
