@@ -275,10 +275,17 @@ def run(volume: object, config: MountConfig) -> int:
             logging.shutdown()
             os._exit(code)
     os.close(write_fd)
-    chunks = []
     with os.fdopen(read_fd, "rb") as pipe:
-        chunks.append(pipe.read())
-    answer = b"".join(chunks).decode(errors="replace").strip()
+        try:
+            raw = pipe.read()
+        except KeyboardInterrupt:
+            # The daemon has its own session, so Ctrl-C reached only us: stop it too
+            # (it unmounts at once if it got that far) rather than leave a mount
+            # behind a command that reported failure.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            raise
+    answer = raw.decode(errors="replace").strip()
     if answer == "ready":
         log.debug("daemon %d serves %s", pid, config.mountpoint)
         return 0
