@@ -483,3 +483,89 @@ def test_second_writable_mount_is_busy(cf: Cryptfuse, tmp_path: Path) -> None:
     assert result.returncode == 5 and len(lines) == 1 and "in use" in lines[0], lines
     assert not os.path.ismount(other)
     cf.unmount(mnt, pids)
+
+
+def corpus_plaintext(n: int) -> bytes:
+    """P(n) of the corpus README: sha256(b"cs-corpus-0") || sha256(b"cs-corpus-1") || ..."""
+    blocks = -(-n // 32)
+    return b"".join(hashlib.sha256(b"cs-corpus-%d" % i).digest() for i in range(blocks))[:n]
+
+
+CORPUS_CASES = [
+    pytest.param(
+        "plain-aes-cbc-essiv-sha256-k256-ripemd160.img",
+        ["--type", "plain", "-c", "aes-cbc-essiv:sha256", "-s", "256", "-h", "ripemd160"],
+        b"corpus-plain-1\n",
+        1 * MiB,
+        id="plain-cbc-essiv-ripemd160",
+    ),
+    pytest.param(
+        "plain-aes-xts-plain64-k256-sha256-offset576.img",
+        [
+            "--type",
+            "plain",
+            "-c",
+            "aes-xts-plain64",
+            "-s",
+            "256",
+            "-h",
+            "sha256",
+            "--offset",
+            "576",
+        ],
+        b"corpus-plain-2\n",
+        1 * MiB,
+        id="plain-xts-offset576",
+    ),
+    pytest.param(
+        "plain-aes-xts-plain64-k512-keyfile-off10.img",
+        [
+            "--type",
+            "plain",
+            "-c",
+            "aes-xts-plain64",
+            "-s",
+            "512",
+            "--keyfile-offset",
+            "10",
+            "-d",
+            "{corpus}/generated/plain-keyfile-off10.key",
+        ],
+        b"",
+        1 * MiB,
+        id="plain-keyfile-offset",
+    ),  # fmt: skip
+    pytest.param(
+        "luks2-aes-xts512-4k-2slots.img", [], b"corpus-luks2-B\n", 2 * MiB, id="luks2-argon2id-slot"
+    ),
+    pytest.param(
+        "luks1-aes-xts256-sha1-converted.img",
+        ["-S", "3"],
+        b"corpus-luks1-E\n",
+        1 * MiB,
+        id="luks1-slot3",
+    ),
+]
+
+
+@pytest.mark.parametrize(("image", "options", "passphrase", "size"), CORPUS_CASES)
+def test_corpus_images_through_the_mount(
+    cf: Cryptfuse,
+    corpus: Path,
+    tmp_path: Path,
+    image: str,
+    options: list[str],
+    passphrase: bytes,
+    size: int,
+) -> None:
+    """Known-plaintext corpus images read back through the mounted file, read-only."""
+    container = tmp_path / image
+    shutil.copyfile(corpus / "generated" / image, container)
+    before = hashlib.sha256(container.read_bytes()).hexdigest()
+    options = [o.format(corpus=corpus) for o in options]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pids = cf.mount(*options, "-r", container, mountpoint=mnt, input=passphrase)
+    assert (mnt / "volume").read_bytes()[:size] == corpus_plaintext(size)
+    cf.unmount(mnt, pids)
+    assert hashlib.sha256(container.read_bytes()).hexdigest() == before
