@@ -99,7 +99,8 @@ can_loop() {
 }
 
 attach() { # attach FILE [losetup options]: sets LOOP
-    printf '+ losetup -f --show %s\n' "${*:2} $1"
+    local shown=("${@:2}" "$1")
+    printf '+ losetup -f --show %s\n' "${shown[*]}"
     LOOP=$(losetup -f --show "${@:2}" "$1")
     LOOPS+=("$LOOP")
     echo "$LOOP"
