@@ -22,12 +22,13 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pyfuse3
 import trio
 
 from .errors import CryptfuseError
-from .fs import FSOptions, VolumeFS
+from .fs import FSOptions, VolumeFS, VolumeLike
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,14 @@ BASE_OPTIONS = ("default_permissions", "fsname=cryptfuse", "subtype=cryptfuse")
 
 #: Options libfuse handles itself or that would break the daemon's contract.
 FORBIDDEN_OPTIONS = frozenset({"auto_unmount", "clone_fd"})
+
+
+class ServedVolume(VolumeLike, Protocol):
+    """What the daemon serves and finally closes: a :class:`~cryptfuse.volume.Volume`."""
+
+    description: str
+
+    def close(self) -> None: ...
 
 
 class MountError(CryptfuseError):
@@ -145,12 +154,9 @@ async def _main_loop(config: MountConfig, pending: list[int]) -> None:
         nursery.cancel_scope.cancel()
 
 
-def _close_volume(volume: object) -> None:
-    close = getattr(volume, "close", None)
-    if close is None:
-        return
+def _close_volume(volume: ServedVolume) -> None:
     try:
-        close()
+        volume.close()
     except CryptfuseError as exc:
         log.error("closing the container failed: %s", exc)
         raise
@@ -158,16 +164,16 @@ def _close_volume(volume: object) -> None:
 
 
 def serve(
-    volume: object, config: MountConfig, on_mounted: Callable[[], None] | None = None
+    volume: ServedVolume, config: MountConfig, on_mounted: Callable[[], None] | None = None
 ) -> None:
     """Mount *volume*, serve it until unmounted or signalled, then clean up.
 
     Takes ownership of *volume* (it is synced and closed on the way out, even
     when mounting fails).  *on_mounted* runs once the kernel mount exists.
     """
-    readonly = bool(getattr(volume, "readonly", False))
+    readonly = volume.readonly
     options = build_fuse_options(config.fuse_options, readonly)
-    ops = VolumeFS(volume, config.fs)  # type: ignore[arg-type]
+    ops = VolumeFS(volume, config.fs)
     pending: list[int] = []
     with contextlib.ExitStack() as stack:
         # Registered first, so it runs last: the container closes after the unmount.
@@ -183,7 +189,7 @@ def serve(
         # did it (libfuse sees the dead connection) and a lazy umount otherwise.
         stack.callback(pyfuse3.close, unmount=True)
         stack.callback(log.info, "unmounted %s", config.mountpoint)
-        log.info("mounted %s on %s", getattr(volume, "description", "volume"), config.mountpoint)
+        log.info("mounted %s on %s", volume.description or "volume", config.mountpoint)
         if on_mounted is not None:
             on_mounted()
         trio.run(_main_loop, config, pending)
@@ -204,7 +210,7 @@ def _redirect_stdio(log_file: str | None) -> None:
         os.close(fd)
 
 
-def _daemon_child(volume: object, config: MountConfig, ready_fd: int) -> int:
+def _daemon_child(volume: ServedVolume, config: MountConfig, ready_fd: int) -> int:
     """The forked daemon: mount, report readiness on *ready_fd*, serve. Returns the exit code."""
     reported = False
 
@@ -247,7 +253,7 @@ def _daemon_child(volume: object, config: MountConfig, ready_fd: int) -> int:
     return 0
 
 
-def run(volume: object, config: MountConfig) -> int:
+def run(volume: ServedVolume, config: MountConfig) -> int:
     """Serve *volume* on ``config.mountpoint``; returns the exit code.
 
     Foreground: blocks until unmounted.  Otherwise forks: the child becomes
