@@ -36,7 +36,7 @@ from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
 from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE
 from .fs import FSOptions
-from .mount import MountConfig, MountError, run
+from .mount import MountConfig, MountError, fsname_for, run
 from .spec import CipherSpec, parse_cipher_spec
 from .volume import open_device
 
@@ -533,6 +533,7 @@ def mount_command(argv: Sequence[str]) -> int:
             fuse_options=fuse_options,
             foreground=args.foreground,
             log_file=args.log_file,
+            fsname=fsname_for(args.container),
         )
     except BaseException:
         volume.close()

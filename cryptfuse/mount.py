@@ -38,7 +38,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Options every cryptfuse mount gets; the user's ``-o`` can override the ``key=`` ones.
 #: default_permissions: the kernel checks mode/owner like on any file, so mode 0600
 #: means what it says even with ``-o allow_other``.
-BASE_OPTIONS = ("default_permissions", "fsname=cryptfuse", "subtype=cryptfuse")
+BASE_OPTIONS = ("default_permissions", "subtype=cryptfuse")
 
 #: Options libfuse handles itself or that would break the daemon's contract.
 FORBIDDEN_OPTIONS = frozenset({"auto_unmount", "clone_fd"})
@@ -71,11 +71,24 @@ class MountConfig:
     foreground: bool = False
     #: daemon mode: where stderr (and so the log) goes; None -> /dev/null
     log_file: str | None = None
+    #: the mount's source (see :func:`fsname_for`); ``-o fsname=`` overrides it
+    fsname: str = "cryptfuse"
     #: pyfuse3 worker tasks; requests beyond the thread limiter just wait
     max_tasks: int = 64
 
 
-def build_fuse_options(user: Iterable[str], readonly: bool) -> set[str]:
+def fsname_for(container: str) -> str:
+    """The mount's source as ``mount``/``findmnt``/``df`` show it: ``cryptfuse:/abs/path``.
+
+    It says which container is mounted, and the prefix keeps util-linux from
+    taking it for a relative path. libfuse splits options on commas, so commas
+    (and the escaping backslash) in the path are escaped.
+    """
+    path = os.path.abspath(container)
+    return "cryptfuse:" + path.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def build_fuse_options(user: Iterable[str], readonly: bool, fsname: str = "cryptfuse") -> set[str]:
     """The option set for :func:`pyfuse3.init`: ours, then the user's ``-o``.
 
     A user ``key=value`` replaces our option with the same key (e.g.
@@ -83,7 +96,8 @@ def build_fuse_options(user: Iterable[str], readonly: bool) -> set[str]:
     the kernel refuses writes before they reach us.
     """
     options: dict[str, str] = {}
-    for opt in (*BASE_OPTIONS, *(("ro",) if readonly else ()), *user):
+    ours = (*BASE_OPTIONS, f"fsname={fsname}", *(("ro",) if readonly else ()))
+    for opt in (*ours, *user):
         opt = opt.strip()
         if not opt:
             continue
@@ -172,7 +186,7 @@ def serve(
     when mounting fails).  *on_mounted* runs once the kernel mount exists.
     """
     readonly = volume.readonly
-    options = build_fuse_options(config.fuse_options, readonly)
+    options = build_fuse_options(config.fuse_options, readonly, config.fsname)
     ops = VolumeFS(volume, config.fs)
     pending: list[int] = []
     with contextlib.ExitStack() as stack:

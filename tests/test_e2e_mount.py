@@ -211,6 +211,8 @@ def roundtrip(
     mnt.mkdir()
     ext = tmp_path / "ext"
     pids = cf.mount(*options, container, mountpoint=mnt, input=input)
+    source = sh("findmnt", "-n", "-o", "SOURCE", mnt).stdout.decode().strip()
+    assert source == f"cryptfuse:{container}"
     volume = mnt / "volume"
     entries = os.listdir(mnt)
     assert entries == ["volume"]
