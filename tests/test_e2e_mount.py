@@ -571,3 +571,16 @@ def test_corpus_images_through_the_mount(
     assert (mnt / "volume").read_bytes()[:size] == corpus_plaintext(size)
     cf.unmount(mnt, pids)
     assert hashlib.sha256(container.read_bytes()).hexdigest() == before
+
+
+def test_fuse_options_pass_through(cf: Cryptfuse, tmp_path: Path) -> None:
+    container = tmp_path / "plain.img"
+    with open(container, "wb") as f:
+        f.truncate(4 * MiB)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pids = cf.mount(*PLAIN, "-o", "allow_other", "--name", "disk.raw", container, mountpoint=mnt)
+    options = sh("findmnt", "-n", "-o", "OPTIONS", mnt).stdout.decode()
+    assert "allow_other" in options and "default_permissions" in options
+    assert os.listdir(mnt) == ["disk.raw"]
+    cf.unmount(mnt, pids)
