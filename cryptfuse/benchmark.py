@@ -56,7 +56,11 @@ def _rate(work: Callable[[], object], nbytes: int, seconds: float) -> float:
 
 
 def cipher_speed(
-    spec_text: str, key_bits: int, sector_size: int = 512, batch: int = 1 << 20, seconds: float = 0.5
+    spec_text: str,
+    key_bits: int,
+    sector_size: int = 512,
+    batch: int = 1 << 20,
+    seconds: float = 0.5,
 ) -> CipherResult:
     """Measure in-memory encryption and decryption of *batch*-byte runs of sectors."""
     spec = parse_cipher_spec(spec_text)
@@ -112,8 +116,11 @@ def run(
             yield f"PBKDF2-{name:<9} {rate:12,.0f} iterations per second for 256-bit key"
         for kind in ("argon2i", "argon2id"):
             seconds_taken = argon2_speed(kind)
-            yield f"{kind:<16} 4 iterations, 65536 memory, 1 parallel threads: {seconds_taken:.3f} s"
-    yield f"#     Algorithm |       Key |      Encryption |      Decryption   ({sector_size}-byte sectors, {batch // 1024} KiB batches)"
+            yield f"{kind:<16} 4 iterations, 65536 KiB, 1 thread: {seconds_taken:.3f} s"
+    yield (
+        "#     Algorithm |       Key |      Encryption |      Decryption   "
+        f"({sector_size}-byte sectors, {batch // 1024} KiB batches)"
+    )
     for spec_text, key_bits in ciphers:
         try:
             result = cipher_speed(spec_text, key_bits, sector_size, batch, seconds)

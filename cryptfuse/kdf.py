@@ -28,6 +28,7 @@ __all__ = [
     "plain_hash",
 ]
 
+
 def hash_size(name: str) -> int:
     """Digest size in bytes of cryptsetup hash *name*."""
     return hashlib.new(hashlib_name(name)).digest_size
@@ -85,7 +86,7 @@ def argon2(
     Raises :class:`InsufficientMemoryError` when *memory_kib* exceeds the memory
     available, before allocating anything.
     """
-    classes = {"argon2i": Argon2i, "argon2id": Argon2id}
+    classes: dict[str, type[Argon2i] | type[Argon2id]] = {"argon2i": Argon2i, "argon2id": Argon2id}
     if kind not in classes:
         raise UnsupportedError(f"KDF {kind!r} is not supported")
     if time_cost < 1 or parallelism < 1 or memory_kib < 8 * parallelism:

@@ -72,11 +72,12 @@ class _Ecb:
 
     def encrypt_into(self, src: Buffer | U8, dst: U8) -> None:
         """Encrypt *src* into the start of *dst*, which has ``PAD`` spare bytes."""
-        self.cipher.encryptor().update_into(src, dst)
+        # numpy arrays export the buffer protocol, which is all OpenSSL's binding needs.
+        self.cipher.encryptor().update_into(src, dst)  # type: ignore[arg-type]
 
     def decrypt_into(self, src: Buffer | U8, dst: U8) -> None:
         """Decrypt *src* into the start of *dst*, which has ``PAD`` spare bytes."""
-        self.cipher.decryptor().update_into(src, dst)
+        self.cipher.decryptor().update_into(src, dst)  # type: ignore[arg-type]
 
 
 # OpenSSL's update wants room for one more block than it writes; separate
@@ -152,7 +153,11 @@ def _mul_alpha_pow(t: U64, m: int) -> U64:
     out = np.empty_like(t)
     out[..., 1] = (hi << m64) | (lo >> back)
     out[..., 0] = (
-        (lo << m64) ^ over ^ (over << np.uint64(1)) ^ (over << np.uint64(2)) ^ (over << np.uint64(7))
+        (lo << m64)
+        ^ over
+        ^ (over << np.uint64(1))
+        ^ (over << np.uint64(2))
+        ^ (over << np.uint64(7))
     )
     return out
 
@@ -229,7 +234,9 @@ class SectorCipher:
         self._shift = self._spb.bit_length() - 1 if iv_large_sectors else 0
         self._bs = spec.block_size
         part = len(key) // spec.keycount
-        self._subkeys = [_SubKey(spec, bytes(key[i * part : (i + 1) * part])) for i in range(spec.keycount)]
+        self._subkeys = [
+            _SubKey(spec, bytes(key[i * part : (i + 1) * part])) for i in range(spec.keycount)
+        ]
 
     # -- sector numbers and IVs -------------------------------------------------
 
@@ -248,7 +255,9 @@ class SectorCipher:
         if mode == "null":
             return ivs
         if mode == "plain":
-            ivs[:, :4] = (iv_sector & np.uint64(0xFFFFFFFF)).astype("<u4").view(np.uint8).reshape(n, 4)
+            ivs[:, :4] = (
+                (iv_sector & np.uint64(0xFFFFFFFF)).astype("<u4").view(np.uint8).reshape(n, 4)
+            )
         elif mode in ("plain64", "essiv"):
             ivs[:, :8] = iv_sector.astype("<u8").view(np.uint8).reshape(n, 8)
             if mode == "essiv":
@@ -339,12 +348,20 @@ class SectorCipher:
                 transform(whitened, result)
                 _xts_accel.xor_tweaks(dst, result[:size], tweaks, self.sector_size)
                 return
-            stream = _xts_tweak_stream(tweaks.view(np.uint64).reshape(-1, 2), self.sector_size // 16)
-            np.bitwise_xor(src.view(np.uint64).reshape(stream.shape), stream,
-                           out=whitened.view(np.uint64).reshape(stream.shape))
+            stream = _xts_tweak_stream(
+                tweaks.view(np.uint64).reshape(-1, 2), self.sector_size // 16
+            )
+            np.bitwise_xor(
+                src.view(np.uint64).reshape(stream.shape),
+                stream,
+                out=whitened.view(np.uint64).reshape(stream.shape),
+            )
             transform(whitened, result)
-            np.bitwise_xor(result[:size].view(np.uint64).reshape(stream.shape), stream,
-                           out=dst.view(np.uint64).reshape(stream.shape))
+            np.bitwise_xor(
+                result[:size].view(np.uint64).reshape(stream.shape),
+                stream,
+                out=dst.view(np.uint64).reshape(stream.shape),
+            )
         elif encrypt:
             self._cbc_encrypt(sub, src, dst, ivs)
         else:
@@ -410,6 +427,7 @@ class SectorCipher:
             sub = self._subkeys[cc & (len(self._subkeys) - 1)]
             chunk = data[i * ss : (i + 1) * ss]
             mode = self.spec.chainmode
+            cipher: Cipher[Any]
             if mode == "ecb":
                 cipher = Cipher(_algorithm(self.spec.cipher, sub.key), modes.ECB())
             elif mode == "cbc":
@@ -417,7 +435,10 @@ class SectorCipher:
                 cipher = Cipher(_algorithm(self.spec.cipher, sub.key), modes.CBC(iv))
             else:
                 iv = self._reference_iv(sub, cc)
-                if self.spec.cipher == "aes" and sub.key[: len(sub.key) // 2] != sub.key[len(sub.key) // 2 :]:
+                if (
+                    self.spec.cipher == "aes"
+                    and sub.key[: len(sub.key) // 2] != sub.key[len(sub.key) // 2 :]
+                ):
                     cipher = Cipher(algorithms.AES(sub.key), modes.XTS(iv))
                 else:
                     out += _reference_xts(self.spec.cipher, sub.key, iv, chunk, encrypt)
@@ -436,10 +457,10 @@ def _reference_xts(cipher: str, key: bytes, iv: bytes, data: bytes, encrypt: boo
     out = bytearray()
     for j in range(0, len(data), 16):
         mask = t.to_bytes(16, "little")
-        x = bytes(a ^ b for a, b in zip(data[j : j + 16], mask))
+        x = bytes(a ^ b for a, b in zip(data[j : j + 16], mask, strict=True))
         ctx = block.encryptor() if encrypt else block.decryptor()
         y = ctx.update(x)
-        out += bytes(a ^ b for a, b in zip(y, mask))
+        out += bytes(a ^ b for a, b in zip(y, mask, strict=True))
         t <<= 1
         if t >> 128:
             t = (t & ((1 << 128) - 1)) ^ 0x87

@@ -90,14 +90,11 @@ class CipherSpec:
     def check_key_size(self, key_bytes: int) -> None:
         """Raise :class:`UsageError` unless the whole key has a size this spec accepts."""
         if key_bytes <= 0 or key_bytes % self.keycount:
-            raise UsageError(
-                f"key size {key_bytes * 8} bits is not valid for cipher {self}"
-            )
+            raise UsageError(f"key size {key_bytes * 8} bits is not valid for cipher {self}")
         if key_bytes // self.keycount not in self.subkey_sizes():
             allowed = ", ".join(str(s * 8 * self.keycount) for s in self.subkey_sizes())
             raise UsageError(
-                f"key size {key_bytes * 8} bits is not valid for cipher {self} "
-                f"(allowed: {allowed})"
+                f"key size {key_bytes * 8} bits is not valid for cipher {self} (allowed: {allowed})"
             )
 
 
@@ -190,5 +187,3 @@ def hashlib_name(name: str) -> str:
     if mapped is None or mapped not in hashlib.algorithms_available:
         raise UnsupportedError(f"hash {name!r} is not supported")
     return mapped
-
-

@@ -103,7 +103,9 @@ class Volume:
         if data_offset < 0 or size < 0:
             raise UsageError("negative data offset or size")
         if size % sector_size:
-            raise UsageError(f"volume size {size} is not a multiple of the {sector_size}-byte sector")
+            raise UsageError(
+                f"volume size {size} is not a multiple of the {sector_size}-byte sector"
+            )
         self.fd = fd
         self.cipher = cipher
         self.data_offset = data_offset
@@ -128,7 +130,9 @@ class Volume:
         try:
             raw = os.pread(self.fd, length, position)
         except OSError as exc:
-            raise DeviceError(f"read of {length} bytes at {position} failed: {exc.strerror}") from exc
+            raise DeviceError(
+                f"read of {length} bytes at {position} failed: {exc.strerror}"
+            ) from exc
         if len(raw) != length:
             raise DeviceError(f"container ends early: short read of {length} bytes at {position}")
         return self.cipher.decrypt(raw, first)
@@ -179,7 +183,9 @@ class Volume:
         if not len(view):
             return 0
         if offset >= self.size:
-            raise OutOfRangeError(f"write of {len(view)} bytes at {offset} is beyond the end ({self.size})")
+            raise OutOfRangeError(
+                f"write of {len(view)} bytes at {offset} is beyond the end ({self.size})"
+            )
         end = min(offset + len(view), self.size)
         count = end - offset
         ss = self.sector_size

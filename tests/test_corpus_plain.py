@@ -20,23 +20,49 @@ def corpus_plaintext(n: int) -> bytes:
 
 
 CASES = [
-    pytest.param("plain-aes-cbc-essiv-sha256-k256-ripemd160.img", {}, b"corpus-plain-1", False, 0,
-                 id="2.6-defaults"),
-    pytest.param("plain-aes-xts-plain64-k256-sha256-offset576.img",
-                 {"cipher": "aes-xts-plain64", "key_size": 256, "hash": "sha256", "offset": 576},
-                 b"corpus-plain-2", False, 576 * 512, id="offset576"),
-    pytest.param("plain-aes-xts-plain64-k512-sha512-ss4096.img",
-                 {"cipher": "aes-xts-plain64", "key_size": 512, "hash": "sha512", "sector_size": 4096},
-                 b"corpus-plain-3", False, 0, id="sector4096"),
-    pytest.param("plain-aes-xts-plain64-k512-keyfile-off10.img",
-                 {"cipher": "aes-xts-plain64", "key_size": 512}, None, True, 0, id="keyfile-offset10"),
+    pytest.param(
+        "plain-aes-cbc-essiv-sha256-k256-ripemd160.img",
+        {},
+        b"corpus-plain-1",
+        False,
+        0,
+        id="2.6-defaults",
+    ),
+    pytest.param(
+        "plain-aes-xts-plain64-k256-sha256-offset576.img",
+        {"cipher": "aes-xts-plain64", "key_size": 256, "hash": "sha256", "offset": 576},
+        b"corpus-plain-2",
+        False,
+        576 * 512,
+        id="offset576",
+    ),
+    pytest.param(
+        "plain-aes-xts-plain64-k512-sha512-ss4096.img",
+        {"cipher": "aes-xts-plain64", "key_size": 512, "hash": "sha512", "sector_size": 4096},
+        b"corpus-plain-3",
+        False,
+        0,
+        id="sector4096",
+    ),
+    pytest.param(
+        "plain-aes-xts-plain64-k512-keyfile-off10.img",
+        {"cipher": "aes-xts-plain64", "key_size": 512},
+        None,
+        True,
+        0,
+        id="keyfile-offset10",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "options", "passphrase", "keyfile", "offset"), CASES)
 def test_plain_corpus(
-    tmp_path: Path, name: str, options: dict[str, object], passphrase: bytes | None,
-    keyfile: bool, offset: int,
+    tmp_path: Path,
+    name: str,
+    options: dict[str, object],
+    passphrase: bytes | None,
+    keyfile: bool,
+    offset: int,
 ) -> None:
     source = GENERATED / name
     if not source.exists():
@@ -44,7 +70,9 @@ def test_plain_corpus(
     image = tmp_path / name
     shutil.copyfile(source, image)
     if keyfile:
-        secret = Secret((GENERATED / "plain-keyfile-off10.key").read_bytes()[10:], from_keyfile=True)
+        secret = Secret(
+            (GENERATED / "plain-keyfile-off10.key").read_bytes()[10:], from_keyfile=True
+        )
     else:
         assert passphrase is not None
         secret = Secret(passphrase)

@@ -19,9 +19,7 @@ def _plain_vectors() -> list[Any]:
     if not path.exists():
         return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} missing"))]
     cases = json.loads(path.read_text())["vectors"]
-    return [
-        pytest.param(c, id=f"{i}-{c['hash']}-{c['key_bits']}") for i, c in enumerate(cases)
-    ]
+    return [pytest.param(c, id=f"{i}-{c['hash']}-{c['key_bits']}") for i, c in enumerate(cases)]
 
 
 @pytest.mark.parametrize("case", _plain_vectors())

@@ -28,12 +28,21 @@ def _digest(path: Path) -> str:
 
 def test_keyfile_is_raw_key_and_passphrase_is_hashed() -> None:
     assert plain_key("aes-xts-plain64", 512, "sha256", b"k" * 80, True) == b"k" * 64
-    assert plain_key("aes-xts-plain64", 256, "sha256", b"pw", False) == plain_hash("sha256", 32, b"pw")
+    assert plain_key("aes-xts-plain64", 256, "sha256", b"pw", False) == plain_hash(
+        "sha256", 32, b"pw"
+    )
 
 
 def test_size_skip_and_offset(image: Path) -> None:
-    options = OpenOptions(type="plain", cipher="aes-xts-plain64", key_size=256, hash="sha256",
-                          offset=8, skip=3, size=16)
+    options = OpenOptions(
+        type="plain",
+        cipher="aes-xts-plain64",
+        key_size=256,
+        hash="sha256",
+        offset=8,
+        skip=3,
+        size=16,
+    )
     with open_volume(str(image), options, Secret(b"pw")) as vol:
         assert vol.size == 16 * 512 and vol.data_offset == 4096
         vol.write(0, b"hello" * 100)
@@ -47,18 +56,36 @@ def test_size_skip_and_offset(image: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "secret", "error", "text"),
     [
-        pytest.param(dict(cipher="aes-xts-plain64", key_size=128), Secret(b"p"), UsageError, "key size",
-                     id="key-size"),
+        pytest.param(
+            dict(cipher="aes-xts-plain64", key_size=128),
+            Secret(b"p"),
+            UsageError,
+            "key size",
+            id="key-size",
+        ),
         pytest.param(dict(key_size=250), Secret(b"p"), UsageError, "multiple of 8", id="odd-bits"),
         pytest.param(dict(cipher="aes-cbc-lmk"), Secret(b"p"), UnsupportedError, "lmk", id="lmk"),
         pytest.param(dict(cipher="nonsense-"), Secret(b"p"), UsageError, "cipher", id="bad-spec"),
-        pytest.param(dict(cipher="aes-xts-plain64", key_size=512), Secret(b"short", True), KeyFileError,
-                     "too short", id="short-keyfile"),
-        pytest.param(dict(offset=128), Secret(b"p"), DeviceError, "beyond the end", id="offset-past-end"),
+        pytest.param(
+            dict(cipher="aes-xts-plain64", key_size=512),
+            Secret(b"short", True),
+            KeyFileError,
+            "too short",
+            id="short-keyfile",
+        ),
+        pytest.param(
+            dict(offset=128), Secret(b"p"), DeviceError, "beyond the end", id="offset-past-end"
+        ),
         pytest.param(dict(size=1000), Secret(b"p"), DeviceError, "does not fit", id="size-too-big"),
-        pytest.param(dict(sector_size=4096, offset=1), Secret(b"p"), UsageError, "aligned", id="misaligned"),
-        pytest.param(dict(sector_size=3000), Secret(b"p"), UsageError, "sector size", id="sector-size"),
-        pytest.param(dict(hash="whirlpool"), Secret(b"p"), UnsupportedError, "whirlpool", id="hash"),
+        pytest.param(
+            dict(sector_size=4096, offset=1), Secret(b"p"), UsageError, "aligned", id="misaligned"
+        ),
+        pytest.param(
+            dict(sector_size=3000), Secret(b"p"), UsageError, "sector size", id="sector-size"
+        ),
+        pytest.param(
+            dict(hash="whirlpool"), Secret(b"p"), UnsupportedError, "whirlpool", id="hash"
+        ),
     ],
 )
 def test_refusals_leave_container_untouched(

@@ -12,13 +12,17 @@ from cryptfuse.spec import CipherSpec, hashlib_name, parse_cipher_spec
     ("text", "expected"),
     [
         pytest.param("aes-xts-plain64", CipherSpec("aes", 1, "xts", "plain64"), id="xts-plain64"),
-        pytest.param("aes-cbc-essiv:sha256", CipherSpec("aes", 1, "cbc", "essiv", "sha256"), id="essiv"),
+        pytest.param(
+            "aes-cbc-essiv:sha256", CipherSpec("aes", 1, "cbc", "essiv", "sha256"), id="essiv"
+        ),
         pytest.param("aes", CipherSpec("aes", 1, "cbc", "plain"), id="bare-cipher"),
         pytest.param("aes-plain", CipherSpec("aes", 1, "cbc", "plain"), id="legacy-plain"),
         pytest.param("aes-ecb", CipherSpec("aes", 1, "ecb", None), id="ecb"),
         pytest.param("aes:64-cbc-plain64", CipherSpec("aes", 64, "cbc", "plain64"), id="keycount"),
         pytest.param("AES-XTS-PLAIN64BE", CipherSpec("aes", 1, "xts", "plain64be"), id="case"),
-        pytest.param("camellia-xts-benbi", CipherSpec("camellia", 1, "xts", "benbi"), id="camellia"),
+        pytest.param(
+            "camellia-xts-benbi", CipherSpec("camellia", 1, "xts", "benbi"), id="camellia"
+        ),
         pytest.param("sm4-xts-null", CipherSpec("sm4", 1, "xts", "null"), id="sm4"),
         pytest.param("des3-cbc-plain", CipherSpec("des3_ede", 1, "cbc", "plain"), id="des3-alias"),
     ],
@@ -28,7 +32,8 @@ def test_parse(text: str, expected: CipherSpec) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["aes-xts-plain64", "aes-cbc-essiv:sha256", "aes:4-cbc-plain", "aes-ecb", "blowfish-cbc-benbi"]
+    "text",
+    ["aes-xts-plain64", "aes-cbc-essiv:sha256", "aes:4-cbc-plain", "aes-ecb", "blowfish-cbc-benbi"],
 )
 def test_canonical_text_round_trips(text: str) -> None:
     assert str(parse_cipher_spec(text)) == text
@@ -60,8 +65,20 @@ def test_unsupported_names_the_part(text: str, word: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "aes-", "aes-xts", "aes-cbc", "aes-ecb-plain", "aes:3-cbc-plain", "aes-cbc-essiv",
-     "aes-cbc-plain64:sha256", "blowfish-xts-plain64", "aes-foo-plain", "aes-cbc-bogus", "a b"],
+    [
+        "",
+        "aes-",
+        "aes-xts",
+        "aes-cbc",
+        "aes-ecb-plain",
+        "aes:3-cbc-plain",
+        "aes-cbc-essiv",
+        "aes-cbc-plain64:sha256",
+        "blowfish-xts-plain64",
+        "aes-foo-plain",
+        "aes-cbc-bogus",
+        "a b",
+    ],
 )
 def test_invalid(text: str) -> None:
     with pytest.raises(UsageError):

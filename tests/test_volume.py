@@ -17,36 +17,55 @@ from cryptfuse.spec import parse_cipher_spec
 from cryptfuse.volume import Volume, open_device
 
 SPECS = [
-    ("aes-xts-plain64", 64), ("aes-cbc-essiv:sha256", 32), ("aes-cbc-plain", 16),
-    ("aes:2-cbc-plain64", 64), ("camellia-xts-plain64", 32), ("aes-ecb", 16),
+    ("aes-xts-plain64", 64),
+    ("aes-cbc-essiv:sha256", 32),
+    ("aes-cbc-plain", 16),
+    ("aes:2-cbc-plain64", 64),
+    ("camellia-xts-plain64", 32),
+    ("aes-ecb", 16),
     ("blowfish-cbc-plain64", 16),
 ]
 
 
-def _make(path: Path, spec: str, key: bytes, sector_size: int, offset: int, sectors: int,
-          iv_offset: int = 0) -> Volume:
+def _make(
+    path: Path,
+    spec: str,
+    key: bytes,
+    sector_size: int,
+    offset: int,
+    sectors: int,
+    iv_offset: int = 0,
+) -> Volume:
     path.write_bytes(os.urandom(offset + sectors * sector_size + 1000))
     cipher = SectorCipher(parse_cipher_spec(spec), key, sector_size, iv_offset)
     return Volume(open_device(str(path), False, lock=False), cipher, offset, sectors * sector_size)
 
 
 ops = st.lists(
-    st.tuples(st.booleans(), st.integers(0, 9000), st.integers(0, 3000), st.binary(min_size=1, max_size=1)),
+    st.tuples(
+        st.booleans(), st.integers(0, 9000), st.integers(0, 3000), st.binary(min_size=1, max_size=1)
+    ),
     min_size=1,
     max_size=12,
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     case=st.sampled_from(SPECS),
     sector_size=st.sampled_from([512, 1024, 4096]),
-    offset=st.integers(0, 3) .map(lambda k: k * 512 + (7 if k == 3 else 0)),
+    offset=st.integers(0, 3).map(lambda k: k * 512 + (7 if k == 3 else 0)),
     iv_offset=st.integers(0, 100),
     operations=ops,
 )
 def test_volume_behaves_like_bytearray(
-    tmp_path: Path, case: tuple[str, int], sector_size: int, offset: int, iv_offset: int,
+    tmp_path: Path,
+    case: tuple[str, int],
+    sector_size: int,
+    offset: int,
+    iv_offset: int,
     operations: list[tuple[bool, int, int, bytes]],
 ) -> None:
     spec, key_len = case

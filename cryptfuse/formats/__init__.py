@@ -109,7 +109,9 @@ def open_volume(container: str, options: OpenOptions, secret: Secret) -> Volume:
     if found == "luks1":
         from .luks1 import open_luks1
 
-        return open_luks1(container, options.header, secret.data, options.key_slot, options.readonly)
+        return open_luks1(
+            container, options.header, secret.data, options.key_slot, options.readonly
+        )
     from .luks2 import open_luks2
 
     return open_luks2(container, options.header, secret.data, options.key_slot, options.readonly)

@@ -65,10 +65,18 @@ def open_plain(
         if value < 0:
             raise UsageError(f"--{name} {value} is negative")
         if value % units:
-            raise UsageError(f"--{name} {value} is not aligned to the {sector_size}-byte sector size")
-    key = plain_key(cipher, key_size or DEFAULT_KEY_SIZE, hash_spec or DEFAULT_HASH, secret, from_keyfile)
+            raise UsageError(
+                f"--{name} {value} is not aligned to the {sector_size}-byte sector size"
+            )
+    key = plain_key(
+        cipher, key_size or DEFAULT_KEY_SIZE, hash_spec or DEFAULT_HASH, secret, from_keyfile
+    )
     sector_cipher = SectorCipher(
-        parse_cipher_spec(cipher), key, sector_size, iv_offset=skip, iv_large_sectors=iv_large_sectors
+        parse_cipher_spec(cipher),
+        key,
+        sector_size,
+        iv_offset=skip,
+        iv_large_sectors=iv_large_sectors,
     )
     fd = open_device(container, readonly)
     try:
@@ -89,7 +97,9 @@ def open_plain(
                 )
             available = size * 512
         if available == 0:
-            raise DeviceError(f"{container} has no whole {sector_size}-byte sector after the offset")
+            raise DeviceError(
+                f"{container} has no whole {sector_size}-byte sector after the offset"
+            )
         return Volume(
             fd,
             sector_cipher,
