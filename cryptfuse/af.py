@@ -89,7 +89,9 @@ def af_sectors(key_len: int, stripes: int) -> int:
     return (key_len * stripes + 511) // 512
 
 
-def af_merge(material: bytes | bytearray | memoryview, key_len: int, stripes: int, hash_name: str) -> bytes:
+def af_merge(
+    material: bytes | bytearray | memoryview, key_len: int, stripes: int, hash_name: str
+) -> bytes:
     """Recover a *key_len*-byte key from its AF-split *material*.
 
     *material* must hold at least ``key_len * stripes`` bytes (the decrypted
@@ -135,6 +137,8 @@ def af_split(
         if len(block) != key_len:
             raise UsageError("random source returned a short block")
         out += block
-        d = int.from_bytes(_diffuse((d ^ int.from_bytes(block, "big")).to_bytes(key_len, "big"), new), "big")
+        d = int.from_bytes(
+            _diffuse((d ^ int.from_bytes(block, "big")).to_bytes(key_len, "big"), new), "big"
+        )
     out += (d ^ int.from_bytes(key, "big")).to_bytes(key_len, "big")
     return bytes(out)

@@ -18,7 +18,8 @@ def spec_diffuse(data: bytes, name: str) -> bytes:
     size = hashlib.new(name).digest_size
     blocks = [data[i : i + size] for i in range(0, len(data), size)]
     return b"".join(
-        hashlib.new(name, i.to_bytes(4, "big") + block).digest()[: len(block)] for i, block in enumerate(blocks)
+        hashlib.new(name, i.to_bytes(4, "big") + block).digest()[: len(block)]
+        for i, block in enumerate(blocks)
     )
 
 
@@ -27,9 +28,9 @@ def spec_merge(material: bytes, key_len: int, stripes: int, name: str) -> bytes:
     d = bytes(key_len)
     for k in range(stripes - 1):
         s = material[k * key_len : (k + 1) * key_len]
-        d = spec_diffuse(bytes(a ^ b for a, b in zip(d, s)), name)
+        d = spec_diffuse(bytes(a ^ b for a, b in zip(d, s, strict=True)), name)
     last = material[(stripes - 1) * key_len : stripes * key_len]
-    return bytes(a ^ b for a, b in zip(d, last))
+    return bytes(a ^ b for a, b in zip(d, last, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -70,15 +71,19 @@ def test_diffuse_accepts_cryptsetup_spellings() -> None:
     ],
 )
 def test_merge_matches_spec(hash_name: str, key_len: int, stripes: int) -> None:
-    material = hashlib.shake_256(f"{hash_name}{key_len}{stripes}".encode()).digest(key_len * stripes)
-    assert af_merge(material, key_len, stripes, hash_name) == spec_merge(material, key_len, stripes, hash_name)
+    material = hashlib.shake_256(f"{hash_name}{key_len}{stripes}".encode()).digest(
+        key_len * stripes
+    )
+    assert af_merge(material, key_len, stripes, hash_name) == spec_merge(
+        material, key_len, stripes, hash_name
+    )
 
 
 def test_known_answer_two_stripes() -> None:
     # stripes=2: key = H(s0) xor s1, with H over one 32-byte sha256 block.
     s0, s1 = bytes(range(32)), bytes(range(32, 64))
     h = hashlib.sha256(b"\0\0\0\0" + s0).digest()
-    assert af_merge(s0 + s1, 32, 2, "sha256") == bytes(a ^ b for a, b in zip(h, s1))
+    assert af_merge(s0 + s1, 32, 2, "sha256") == bytes(a ^ b for a, b in zip(h, s1, strict=True))
 
 
 def test_split_is_deterministic_with_given_randomness_and_merges_back() -> None:
@@ -95,7 +100,11 @@ def test_split_is_deterministic_with_given_randomness_and_merges_back() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(key=st.binary(min_size=1, max_size=80), stripes=st.integers(1, 50), name=st.sampled_from(["sha1", "sha256", "sha512"]))
+@given(
+    key=st.binary(min_size=1, max_size=80),
+    stripes=st.integers(1, 50),
+    name=st.sampled_from(["sha1", "sha256", "sha512"]),
+)
 def test_split_merge_round_trip(key: bytes, stripes: int, name: str) -> None:
     material = af_split(key, stripes, name)
     assert af_merge(material, len(key), stripes, name) == key
@@ -110,8 +119,12 @@ def test_full_size_merge_is_fast_enough() -> None:
 
 @pytest.mark.parametrize(
     ("key_len", "sectors"),
-    [pytest.param(16, 125, id="aes128"), pytest.param(32, 250, id="aes256"), pytest.param(64, 500, id="xts512"),
-     pytest.param(20, 157, id="rounds-up")],
+    [
+        pytest.param(16, 125, id="aes128"),
+        pytest.param(32, 250, id="aes256"),
+        pytest.param(64, 500, id="xts512"),
+        pytest.param(20, 157, id="rounds-up"),
+    ],
 )
 def test_af_sectors(key_len: int, sectors: int) -> None:
     assert af_sectors(key_len, 4000) == sectors

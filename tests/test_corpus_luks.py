@@ -44,12 +44,25 @@ def unpacked(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """All upstream archives and images, decompressed once per module."""
     out = tmp_path_factory.mktemp("corpus")
     up = corpus / "upstream"
-    for name in ("compatimage", "compatv10image", "compatimage2", "luks2_keyslot_unassigned",
-                 "luks2_invalid_cipher", "luks2_valid_hdr", "blkid-luks2-pv"):
+    for name in (
+        "compatimage",
+        "compatv10image",
+        "compatimage2",
+        "luks2_keyslot_unassigned",
+        "luks2_invalid_cipher",
+        "luks2_valid_hdr",
+        "blkid-luks2-pv",
+    ):
         with lzma.open(up / f"{name}.img.xz") as src, open(out / f"{name}.img", "wb") as dst:
             shutil.copyfileobj(src, dst)
-    for name in ("evil_hdr-keyslot_overlap", "evil_hdr-luks_hdr_damage", "evil_hdr-payload_overwrite",
-                 "evil_hdr-small_luks_device", "evil_hdr-stripes_payload_dmg", "valid_header_file"):
+    for name in (
+        "evil_hdr-keyslot_overlap",
+        "evil_hdr-luks_hdr_damage",
+        "evil_hdr-payload_overwrite",
+        "evil_hdr-small_luks_device",
+        "evil_hdr-stripes_payload_dmg",
+        "valid_header_file",
+    ):
         with lzma.open(up / f"{name}.xz") as src, open(out / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
     for name in ("luks1-images", "luks2_mda_images", "luks2_header_requirements"):
@@ -78,12 +91,23 @@ def unchanged(*paths: Path) -> Iterator[None]:
         assert [sha256_file(p) for p in paths] == before, "container bytes changed"
 
 
-def payload(path: Path, passphrase: bytes, *, header: Path | None = None, key_slot: int | None = None,
-            readonly: bool = True) -> bytes:
+def payload(
+    path: Path,
+    passphrase: bytes,
+    *,
+    header: Path | None = None,
+    key_slot: int | None = None,
+    readonly: bool = True,
+) -> bytes:
     files = [path] + ([header] if header else [])
     with unchanged(*files):
-        vol = open_volume(str(path), OpenOptions(readonly=readonly, header=str(header) if header else None,
-                                                 key_slot=key_slot), Secret(passphrase))
+        vol = open_volume(
+            str(path),
+            OpenOptions(
+                readonly=readonly, header=str(header) if header else None, key_slot=key_slot
+            ),
+            Secret(passphrase),
+        )
         with vol:
             return vol.read(0, vol.size)
 
@@ -91,26 +115,68 @@ def payload(path: Path, passphrase: bytes, *, header: Path | None = None, key_sl
 # -- known plaintext --------------------------------------------------------------------
 
 UPSTREAM = [
-    pytest.param("compatimage.img", b"compatkey", None, "sha256",
-                 "7428e8f2436882a07eb32765086f5c899474c08b5576f556b573d2aabdf923e8", id="compatimage-luks1"),
-    pytest.param("compatv10image.img", b"compatkey", None, "sha1",
-                 "51b48c2471a7593ceaf14dc5e66bca86ed05f6cc", id="compatv10image-unaligned"),
-    pytest.param("compatimage2.img", b"compatkey", 0, "sha256",
-                 "38ef2d1b8c387efb50680e1d3f234f170d2b7b6c6d9eb856b4f426543a6c4ef2", id="compatimage2-pbkdf2"),
-    pytest.param("compatimage2.img", b"0123456789abcdef", 1, "sha256",
-                 "38ef2d1b8c387efb50680e1d3f234f170d2b7b6c6d9eb856b4f426543a6c4ef2", id="compatimage2-argon2id"),
-    pytest.param("luks2_keyslot_unassigned.img", b"compatkey", None, "sha256",
-                 "c88849aa899d97a7a825879468622d8fe4c4e7a97807fec4b5eb9841a40f0e7d", id="keyslot-unassigned"),
+    pytest.param(
+        "compatimage.img",
+        b"compatkey",
+        None,
+        "sha256",
+        "7428e8f2436882a07eb32765086f5c899474c08b5576f556b573d2aabdf923e8",
+        id="compatimage-luks1",
+    ),
+    pytest.param(
+        "compatv10image.img",
+        b"compatkey",
+        None,
+        "sha1",
+        "51b48c2471a7593ceaf14dc5e66bca86ed05f6cc",
+        id="compatv10image-unaligned",
+    ),
+    pytest.param(
+        "compatimage2.img",
+        b"compatkey",
+        0,
+        "sha256",
+        "38ef2d1b8c387efb50680e1d3f234f170d2b7b6c6d9eb856b4f426543a6c4ef2",
+        id="compatimage2-pbkdf2",
+    ),
+    pytest.param(
+        "compatimage2.img",
+        b"0123456789abcdef",
+        1,
+        "sha256",
+        "38ef2d1b8c387efb50680e1d3f234f170d2b7b6c6d9eb856b4f426543a6c4ef2",
+        id="compatimage2-argon2id",
+    ),
+    pytest.param(
+        "luks2_keyslot_unassigned.img",
+        b"compatkey",
+        None,
+        "sha256",
+        "c88849aa899d97a7a825879468622d8fe4c4e7a97807fec4b5eb9841a40f0e7d",
+        id="keyslot-unassigned",
+    ),
 ] + [
-    pytest.param(f"test_image_{n}", b"Qx3qn46vq0v", None, "sha256",
-                 "e187fdce3c4309544505fe845b34166151b52be209572f4936ec590e67ab22f8", id=f"mda-{n}k")
+    pytest.param(
+        f"test_image_{n}",
+        b"Qx3qn46vq0v",
+        None,
+        "sha256",
+        "e187fdce3c4309544505fe845b34166151b52be209572f4936ec590e67ab22f8",
+        id=f"mda-{n}k",
+    )
     for n in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 ]
 
 
 @pytest.mark.parametrize(("name", "passphrase", "key_slot", "algorithm", "expected"), UPSTREAM)
-def test_upstream_known_plaintext(unpacked: Path, name: str, passphrase: bytes, key_slot: int | None,
-                                  algorithm: str, expected: str) -> None:
+def test_upstream_known_plaintext(
+    unpacked: Path,
+    name: str,
+    passphrase: bytes,
+    key_slot: int | None,
+    algorithm: str,
+    expected: str,
+) -> None:
     data = payload(unpacked / name, passphrase, key_slot=key_slot)
     assert hashlib.new(algorithm, data).hexdigest() == expected
 
@@ -134,8 +200,11 @@ def test_keyslot_unassigned_size_is_whole_sectors(unpacked: Path) -> None:
     fd = os.open(img, os.O_RDONLY)
     try:
         hdr = read_luks2_header(fd, str(img))
-        unbound = [i for i, s in hdr.metadata.keyslots.items() if i not in hdr.metadata.digests[0].keyslots
-                   or not hdr.metadata.digests[0].segments]
+        unbound = [
+            i
+            for i, s in hdr.metadata.keyslots.items()
+            if i not in hdr.metadata.digests[0].keyslots or not hdr.metadata.digests[0].segments
+        ]
         assert unbound, "the image has an unbound keyslot"
     finally:
         os.close(fd)
@@ -169,18 +238,40 @@ def test_luks1_images_keyfile(unpacked: Path, name: str, error: type | None) -> 
 
 
 GENERATED = [
-    pytest.param("luks2-aes-xts512-4k-2slots.img", b"corpus-luks2-A", None, 2 * MiB, id="luks2-4k-pbkdf2"),
-    pytest.param("luks2-aes-xts512-4k-2slots.img", b"corpus-luks2-B", None, 2 * MiB, id="luks2-4k-argon2id"),
-    pytest.param("luks2-detached-cbc-essiv-sha512.data", b"corpus-luks2-C", "luks2-detached-cbc-essiv-sha512.hdr",
-                 1 * MiB, id="luks2-detached-sha512-digest"),
-    pytest.param("luks1-aes-xts256-sha1-converted.img", b"corpus-luks1-D", None, 1 * MiB, id="luks1-converted-slot0"),
-    pytest.param("luks1-aes-xts256-sha1-converted.img", b"corpus-luks1-E", None, 1 * MiB, id="luks1-converted-slot3"),
+    pytest.param(
+        "luks2-aes-xts512-4k-2slots.img", b"corpus-luks2-A", None, 2 * MiB, id="luks2-4k-pbkdf2"
+    ),
+    pytest.param(
+        "luks2-aes-xts512-4k-2slots.img", b"corpus-luks2-B", None, 2 * MiB, id="luks2-4k-argon2id"
+    ),
+    pytest.param(
+        "luks2-detached-cbc-essiv-sha512.data",
+        b"corpus-luks2-C",
+        "luks2-detached-cbc-essiv-sha512.hdr",
+        1 * MiB,
+        id="luks2-detached-sha512-digest",
+    ),
+    pytest.param(
+        "luks1-aes-xts256-sha1-converted.img",
+        b"corpus-luks1-D",
+        None,
+        1 * MiB,
+        id="luks1-converted-slot0",
+    ),
+    pytest.param(
+        "luks1-aes-xts256-sha1-converted.img",
+        b"corpus-luks1-E",
+        None,
+        1 * MiB,
+        id="luks1-converted-slot3",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "passphrase", "header", "size"), GENERATED)
-def test_generated_known_plaintext(unpacked: Path, name: str, passphrase: bytes, header: str | None,
-                                   size: int) -> None:
+def test_generated_known_plaintext(
+    unpacked: Path, name: str, passphrase: bytes, header: str | None, size: int
+) -> None:
     hdr = unpacked / header if header else None
     data = payload(unpacked / name, passphrase, header=hdr)
     assert data == P(size)
@@ -206,10 +297,21 @@ def test_detached_filler_untouched_by_writes(unpacked: Path, tmp_path: Path) -> 
 # -- refusals ---------------------------------------------------------------------------
 
 EVIL = [
-    pytest.param("evil_hdr-keyslot_overlap", FormatError, "LUKS keyslot 1 is invalid", id="keyslot-overlap"),
-    pytest.param("evil_hdr-luks_hdr_damage", FormatError, "LUKS keyslot 2 is invalid", id="hdr-damage"),
-    pytest.param("evil_hdr-payload_overwrite", FormatError, "LUKS keyslot 3 is invalid", id="payload-overwrite"),
-    pytest.param("evil_hdr-stripes_payload_dmg", FormatError, "LUKS keyslot 5 is invalid", id="stripes"),
+    pytest.param(
+        "evil_hdr-keyslot_overlap", FormatError, "LUKS keyslot 1 is invalid", id="keyslot-overlap"
+    ),
+    pytest.param(
+        "evil_hdr-luks_hdr_damage", FormatError, "LUKS keyslot 2 is invalid", id="hdr-damage"
+    ),
+    pytest.param(
+        "evil_hdr-payload_overwrite",
+        FormatError,
+        "LUKS keyslot 3 is invalid",
+        id="payload-overwrite",
+    ),
+    pytest.param(
+        "evil_hdr-stripes_payload_dmg", FormatError, "LUKS keyslot 5 is invalid", id="stripes"
+    ),
     pytest.param("evil_hdr-small_luks_device", DeviceError, "too small", id="small-device"),
 ]
 
@@ -228,7 +330,11 @@ def test_valid_header_file_loads_but_has_no_keyslot(unpacked: Path) -> None:
         hdr = read_luks1_header(fd, str(img))
     finally:
         os.close(fd)
-    assert (hdr.cipher_name, hdr.cipher_mode, hdr.hash_spec) == ("aes", "cbc-essiv:sha256", "sha512")
+    assert (hdr.cipher_name, hdr.cipher_mode, hdr.hash_spec) == (
+        "aes",
+        "cbc-essiv:sha256",
+        "sha512",
+    )
     assert not any(s.enabled for s in hdr.keyslots)
     with unchanged(img), pytest.raises(CryptfuseError, match="No usable keyslot"):
         open_luks1(str(img), None, b"x", None, True)
@@ -348,7 +454,9 @@ def _expected() -> list[tuple[str, str]]:
     return [(line.split("|")[0], line.split("|")[1]) for line in lines if line.strip()]
 
 
-@pytest.mark.parametrize(("name", "verdict"), [pytest.param(n, v, id=f"{v}-{n}") for n, v in _expected()])
+@pytest.mark.parametrize(
+    ("name", "verdict"), [pytest.param(n, v, id=f"{v}-{n}") for n, v in _expected()]
+)
 def test_generated_luks2_headers(name: str, verdict: str) -> None:
     if name == "missing":
         pytest.skip("malformed corpus archive not present")

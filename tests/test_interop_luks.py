@@ -33,13 +33,21 @@ from cryptfuse.formats.luks2 import read_luks2_header
 MiB = 1 << 20
 PASSPHRASES = {0: b"first passphrase", 1: b"second", 5: b"slot five \xc3\xa9"}
 
-needs_cryptsetup = pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="cryptsetup not installed")
+needs_cryptsetup = pytest.mark.skipif(
+    shutil.which("cryptsetup") is None, reason="cryptsetup not installed"
+)
 needs_qemu = pytest.mark.skipif(
-    shutil.which("qemu-img") is None or shutil.which("qemu-io") is None, reason="qemu-img/qemu-io not installed"
+    shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
+    reason="qemu-img/qemu-io not installed",
 )
 pytestmark = needs_cryptsetup
 
-CIPHERS = [("aes-xts-plain64", 256), ("aes-xts-plain64", 512), ("aes-cbc-essiv:sha256", 256), ("aes-cbc-plain64", 256)]
+CIPHERS = [
+    ("aes-xts-plain64", 256),
+    ("aes-xts-plain64", 512),
+    ("aes-cbc-essiv:sha256", 256),
+    ("aes-cbc-plain64", 256),
+]
 KDFS = ["pbkdf2-sha1", "pbkdf2-sha256", "pbkdf2-sha512", "argon2i", "argon2id"]
 
 
@@ -69,11 +77,28 @@ def kdf_options(kind: str, kdf: str) -> list[str]:
     if kdf.startswith("pbkdf2"):
         opts = ["--hash", kdf.split("-")[1], "--pbkdf-force-iterations", "1000"]
         return opts if kind == "luks1" else ["--pbkdf", "pbkdf2", *opts]
-    return ["--pbkdf", kdf, "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32", "--pbkdf-parallel", "1"]
+    return [
+        "--pbkdf",
+        kdf,
+        "--pbkdf-force-iterations",
+        "4",
+        "--pbkdf-memory",
+        "32",
+        "--pbkdf-parallel",
+        "1",
+    ]
 
 
-def make(tmp: Path, kind: str, cipher: str, key_bits: int, kdf: str, sector_size: int = 512,
-         detached: bool = False, slots: tuple[int, ...] = (0, 1, 5)) -> Container:
+def make(
+    tmp: Path,
+    kind: str,
+    cipher: str,
+    key_bits: int,
+    kdf: str,
+    sector_size: int = 512,
+    detached: bool = False,
+    slots: tuple[int, ...] = (0, 1, 5),
+) -> Container:
     data = tmp / "data.img"
     header = tmp / "header.img" if detached else None
     with open(data, "wb") as f:
@@ -82,8 +107,22 @@ def make(tmp: Path, kind: str, cipher: str, key_bits: int, kdf: str, sector_size
     for slot in slots:
         keyfiles[slot] = tmp / f"key{slot}"
         keyfiles[slot].write_bytes(PASSPHRASES[slot])
-    cmd = ["cryptsetup", "luksFormat", "-q", "--type", kind, "--cipher", cipher, "--key-size", str(key_bits),
-           "--key-file", str(keyfiles[slots[0]]), "--key-slot", str(slots[0]), *kdf_options(kind, kdf)]
+    cmd = [
+        "cryptsetup",
+        "luksFormat",
+        "-q",
+        "--type",
+        kind,
+        "--cipher",
+        cipher,
+        "--key-size",
+        str(key_bits),
+        "--key-file",
+        str(keyfiles[slots[0]]),
+        "--key-slot",
+        str(slots[0]),
+        *kdf_options(kind, kdf),
+    ]
     if kind == "luks2":
         cmd += ["--sector-size", str(sector_size)]
     if header is not None:
@@ -98,8 +137,16 @@ def make(tmp: Path, kind: str, cipher: str, key_bits: int, kdf: str, sector_size
     for slot in slots[1:]:
         # the second keyslot of a LUKS2 container uses another KDF than the first
         other = "argon2id" if kind == "luks2" and kdf.startswith("pbkdf2") else "pbkdf2-sha256"
-        add = ["cryptsetup", "luksAddKey", "-q", "--key-file", str(keyfiles[slots[0]]), "--key-slot", str(slot),
-               *kdf_options(kind, other if slot == 1 else kdf)]
+        add = [
+            "cryptsetup",
+            "luksAddKey",
+            "-q",
+            "--key-file",
+            str(keyfiles[slots[0]]),
+            "--key-slot",
+            str(slot),
+            *kdf_options(kind, other if slot == 1 else kdf),
+        ]
         if header is not None:
             add += ["--header", str(header)]
         run(*add, str(data), str(keyfiles[slot]))
@@ -167,7 +214,11 @@ def header_digest(c: Container, data_offset: int) -> str:
     return hashlib.sha256(c.data.read_bytes()[:data_offset]).hexdigest()
 
 
-WRITES = [(0, b"\x11" * 512), (1000, b"unaligned write spanning sectors " * 40), (4096 * 3 + 7, b"\x7f" * 9000)]
+WRITES = [
+    (0, b"\x11" * 512),
+    (1000, b"unaligned write spanning sectors " * 40),
+    (4096 * 3 + 7, b"\x7f" * 9000),
+]
 
 
 def check_container(c: Container) -> None:
@@ -221,7 +272,9 @@ LUKS2_MATRIX = [
 
 
 @pytest.mark.parametrize(("cipher", "key_bits", "kdf", "sector_size"), LUKS2_MATRIX)
-def test_luks2_matrix(tmp_path: Path, cipher: str, key_bits: int, kdf: str, sector_size: int) -> None:
+def test_luks2_matrix(
+    tmp_path: Path, cipher: str, key_bits: int, kdf: str, sector_size: int
+) -> None:
     c = make(tmp_path, "luks2", cipher, key_bits, kdf, sector_size)
     check_container(c)
 
@@ -235,7 +288,9 @@ DETACHED = [
 
 
 @pytest.mark.parametrize(("kind", "cipher", "key_bits", "kdf", "sector_size"), DETACHED)
-def test_detached_header(tmp_path: Path, kind: str, cipher: str, key_bits: int, kdf: str, sector_size: int) -> None:
+def test_detached_header(
+    tmp_path: Path, kind: str, cipher: str, key_bits: int, kdf: str, sector_size: int
+) -> None:
     c = make(tmp_path, kind, cipher, key_bits, kdf, sector_size, detached=True)
     assert c.data.read_bytes()[:6] != b"LUKS\xba\xbe"
     check_container(c)
@@ -246,8 +301,12 @@ def test_detached_header(tmp_path: Path, kind: str, cipher: str, key_bits: int, 
 
 def qemu_image_opts(c: Container, slot: int) -> list[str]:
     secret = PASSPHRASES[slot].decode()
-    return ["--object", f"secret,id=sec0,data={secret}", "--image-opts",
-            f"driver=luks,key-secret=sec0,file.filename={c.data}"]
+    return [
+        "--object",
+        f"secret,id=sec0,data={secret}",
+        "--image-opts",
+        f"driver=luks,key-secret=sec0,file.filename={c.data}",
+    ]
 
 
 QEMU = [
@@ -260,9 +319,18 @@ QEMU = [
 
 @needs_qemu
 @pytest.mark.parametrize(("cipher", "key_bits", "hash_name"), QEMU)
-def test_qemu_writes_read_back_through_volume(tmp_path: Path, cipher: str, key_bits: int, hash_name: str) -> None:
+def test_qemu_writes_read_back_through_volume(
+    tmp_path: Path, cipher: str, key_bits: int, hash_name: str
+) -> None:
     c = make(tmp_path, "luks1", cipher, key_bits, f"pbkdf2-{hash_name}", slots=(0, 1))
-    run("qemu-io", *qemu_image_opts(c, 1), "-c", "write -P 0xa5 4096 65536", "-c", "write -P 0x3c 100352 1024")
+    run(
+        "qemu-io",
+        *qemu_image_opts(c, 1),
+        "-c",
+        "write -P 0xa5 4096 65536",
+        "-c",
+        "write -P 0x3c 100352 1024",
+    )
     with open_volume(str(c.data), OpenOptions(readonly=True), Secret(PASSPHRASES[0])) as vol:
         assert vol.read(4096, 65536) == b"\xa5" * 65536
         assert vol.read(100352, 1024) == b"\x3c" * 1024
@@ -270,7 +338,9 @@ def test_qemu_writes_read_back_through_volume(tmp_path: Path, cipher: str, key_b
 
 @needs_qemu
 @pytest.mark.parametrize(("cipher", "key_bits", "hash_name"), QEMU)
-def test_volume_writes_read_back_through_qemu(tmp_path: Path, cipher: str, key_bits: int, hash_name: str) -> None:
+def test_volume_writes_read_back_through_qemu(
+    tmp_path: Path, cipher: str, key_bits: int, hash_name: str
+) -> None:
     c = make(tmp_path, "luks1", cipher, key_bits, f"pbkdf2-{hash_name}", slots=(0, 5))
     payload = hashlib.shake_256(cipher.encode()).digest(300000)
     with open_volume(str(c.data), OpenOptions(), Secret(PASSPHRASES[5])) as vol:

@@ -11,8 +11,21 @@ from typing import Any
 import pytest
 
 from cryptfuse.af import af_sectors, af_split
-from cryptfuse.errors import CryptfuseError, DeviceError, FormatError, UnsupportedError, UsageError, WrongPassphraseError
-from cryptfuse.formats.luks1 import KEY_DISABLED, KEY_ENABLED, LUKS1Header, open_luks1, read_luks1_header
+from cryptfuse.errors import (
+    CryptfuseError,
+    DeviceError,
+    FormatError,
+    UnsupportedError,
+    UsageError,
+    WrongPassphraseError,
+)
+from cryptfuse.formats.luks1 import (
+    KEY_DISABLED,
+    KEY_ENABLED,
+    LUKS1Header,
+    open_luks1,
+    read_luks1_header,
+)
 from cryptfuse.kdf import pbkdf2
 from cryptfuse.sector import SectorCipher
 from cryptfuse.spec import parse_cipher_spec
@@ -45,21 +58,44 @@ def build(
         payload = 0 if detached else (end + align - 1) // align * align
     mk_salt = os.urandom(32)
     digest = pbkdf2(hash_spec, mk, mk_salt, 1000, 20)
-    head = struct.pack(">6sH32s32s32sII20s32sI40s", b"LUKS\xba\xbe", 1, name.encode(), mode.encode(),
-                       hash_spec.encode(), payload, key_bytes, digest, mk_salt, 1000,
-                       b"0f1e2d3c-0000-4000-8000-123456789abc")
+    head = struct.pack(
+        ">6sH32s32s32sII20s32sI40s",
+        b"LUKS\xba\xbe",
+        1,
+        name.encode(),
+        mode.encode(),
+        hash_spec.encode(),
+        payload,
+        key_bytes,
+        digest,
+        mk_salt,
+        1000,
+        b"0f1e2d3c-0000-4000-8000-123456789abc",
+    )
     slots = b""
     materials = {}
     for i in range(8):
         salt = os.urandom(32)
-        fields: dict[str, Any] = {"active": KEY_DISABLED, "iterations": 0, "offset": offsets[i], "stripes": 4000}
+        fields: dict[str, Any] = {
+            "active": KEY_DISABLED,
+            "iterations": 0,
+            "offset": offsets[i],
+            "stripes": 4000,
+        }
         if i in passphrases:
             fields.update(active=KEY_ENABLED, iterations=1000)
             derived = pbkdf2(hash_spec, passphrases[i], salt, 1000, key_bytes)
             material = af_split(mk, 4000, hash_spec).ljust(secs * 512, b"\0")
             materials[offsets[i]] = SectorCipher(spec, derived, 512).encrypt(material, 0)
         fields.update((slot_fields or {}).get(i, {}))
-        slots += struct.pack(">II32sII", fields["active"], fields["iterations"], salt, fields["offset"], fields["stripes"])
+        slots += struct.pack(
+            ">II32sII",
+            fields["active"],
+            fields["iterations"],
+            salt,
+            fields["offset"],
+            fields["stripes"],
+        )
     header_path = path.with_suffix(".hdr") if detached else None
     hdr_file = header_path or path
     with open(hdr_file, "wb") as f:
@@ -75,7 +111,9 @@ def build(
     return mk, payload, header_path
 
 
-def read_all(path: Path, pw: bytes, header: Path | None = None, key_slot: int | None = None) -> bytes:
+def read_all(
+    path: Path, pw: bytes, header: Path | None = None, key_slot: int | None = None
+) -> bytes:
     with open_luks1(str(path), str(header) if header else None, pw, key_slot, True) as vol:
         return vol.read(0, vol.size)
 
@@ -135,7 +173,9 @@ def test_no_active_keyslot(tmp_path: Path) -> None:
 def test_unaligned_v10_layout(tmp_path: Path) -> None:
     # cryptsetup 1.0 placed keyslots without 4 KiB alignment (first at sector 2).
     img = tmp_path / "c.img"
-    _, payload, _ = build(img, {0: b"pw"}, align=1, key_bytes=16, mode="cbc-plain", hash_spec="sha1")
+    _, payload, _ = build(
+        img, {0: b"pw"}, align=1, key_bytes=16, mode="cbc-plain", hash_spec="sha1"
+    )
     assert payload % 8 != 0
     assert read_all(img, b"pw") == PLAIN
 
@@ -205,7 +245,12 @@ def test_unsupported_or_bad_cipher(tmp_path: Path, kwargs: dict[str, Any], error
     img = tmp_path / "c.img"
     # build with a supported cipher, then rewrite the header fields
     key_bytes = kwargs.get("key_bytes", 64)
-    build(img, {0: b"pw"}, key_bytes=key_bytes, mode="cbc-plain64" if key_bytes == 24 else "xts-plain64")
+    build(
+        img,
+        {0: b"pw"},
+        key_bytes=key_bytes,
+        mode="cbc-plain64" if key_bytes == 24 else "xts-plain64",
+    )
     with open(img, "r+b") as f:
         f.seek(8)
         f.write(kwargs.get("name", "aes").encode().ljust(32, b"\0"))

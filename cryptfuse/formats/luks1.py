@@ -30,7 +30,14 @@ import struct
 from dataclasses import dataclass
 
 from ..af import af_sectors
-from ..errors import CryptfuseError, DeviceError, FormatError, UnsupportedError, UsageError, WrongPassphraseError
+from ..errors import (
+    CryptfuseError,
+    DeviceError,
+    FormatError,
+    UnsupportedError,
+    UsageError,
+    WrongPassphraseError,
+)
 from ..kdf import digest_equal, hash_size, pbkdf2
 from ..sector import SectorCipher
 from ..spec import CipherSpec
@@ -122,8 +129,19 @@ class LUKS1Header:
         """
         if len(data) < HEADER_SIZE:
             raise FormatError(f"LUKS1 header needs {HEADER_SIZE} bytes, got {len(data)}")
-        (magic, version, name, mode, hash_spec, payload, key_bytes, digest, digest_salt,
-         digest_iter, uuid) = _PHDR.unpack_from(data, 0)
+        (
+            magic,
+            version,
+            name,
+            mode,
+            hash_spec,
+            payload,
+            key_bytes,
+            digest,
+            digest_salt,
+            digest_iter,
+            uuid,
+        ) = _PHDR.unpack_from(data, 0)
         if magic != MAGIC:
             raise FormatError("Device is not a valid LUKS device (bad magic).")
         if version != 1:
@@ -164,7 +182,8 @@ class LUKS1Header:
         for slot in self.keyslots:
             if slot.stripes != STRIPES:
                 raise FormatError(
-                    f"LUKS keyslot {slot.index} is invalid (stripes {slot.stripes}, must be {STRIPES})."
+                    f"LUKS keyslot {slot.index} is invalid "
+                    f"(stripes {slot.stripes}, must be {STRIPES})."
                 )
             if slot.key_material_offset * 512 < HEADER_SIZE:
                 raise FormatError(
@@ -177,15 +196,17 @@ class LUKS1Header:
             if self.payload_offset < slot.key_material_offset + secs:
                 raise FormatError(
                     f"LUKS keyslot {slot.index} is invalid (key material at sector "
-                    f"{slot.key_material_offset} runs into the payload at sector {self.payload_offset})."
+                    f"{slot.key_material_offset} runs into the payload at sector "
+                    f"{self.payload_offset})."
                 )
         # Neighbours in on-disk order must not overlap; Python's stable sort
         # names the same slot as cryptsetup's for equal offsets.
         ordered = sorted(self.keyslots, key=lambda s: s.key_material_offset)
-        for prev, nxt in zip(ordered, ordered[1:]):
+        for prev, nxt in zip(ordered, ordered[1:], strict=False):
             if nxt.key_material_offset < prev.key_material_offset + secs:
                 raise FormatError(
-                    f"LUKS keyslot {prev.index} is invalid (its key material overlaps keyslot {nxt.index})."
+                    f"LUKS keyslot {prev.index} is invalid "
+                    f"(its key material overlaps keyslot {nxt.index})."
                 )
 
     @property
@@ -209,7 +230,9 @@ class LUKS1Header:
         try:
             digest_bytes = hash_size(self.hash_spec)
         except UnsupportedError:
-            raise UnsupportedError(f"Requested LUKS hash {self.hash_spec} is not supported.") from None
+            raise UnsupportedError(
+                f"Requested LUKS hash {self.hash_spec} is not supported."
+            ) from None
         if digest_bytes < DIGEST_SIZE:
             # cryptsetup: the master-key digest is 20 bytes of PBKDF2 with this hash.
             raise UnsupportedError(f"Requested LUKS hash {self.hash_spec} is not supported.")
@@ -219,7 +242,9 @@ class LUKS1Header:
         """True when *key* matches the stored master-key digest (constant time)."""
         if self.mk_digest_iterations < 1:
             raise FormatError("LUKS header has a master-key digest iteration count of 0.")
-        candidate = pbkdf2(self.hash_spec, key, self.mk_digest_salt, self.mk_digest_iterations, DIGEST_SIZE)
+        candidate = pbkdf2(
+            self.hash_spec, key, self.mk_digest_salt, self.mk_digest_iterations, DIGEST_SIZE
+        )
         return digest_equal(candidate, self.mk_digest)
 
     def try_keyslot(self, fd: int, index: int, passphrase: bytes) -> bytes | None:
@@ -250,7 +275,9 @@ class LUKS1Header:
         self.check_supported()  # an unsupported cipher is not a wrong passphrase
         if key_slot is not None:
             if not 0 <= key_slot < NUM_KEYSLOTS:
-                raise UsageError(f"Key slot {key_slot} is invalid (LUKS1 has slots 0-{NUM_KEYSLOTS - 1}).")
+                raise UsageError(
+                    f"Key slot {key_slot} is invalid (LUKS1 has slots 0-{NUM_KEYSLOTS - 1})."
+                )
             if not self.keyslots[key_slot].enabled:
                 raise CryptfuseError(f"Keyslot {key_slot} is not active.")
             candidates = [key_slot]
@@ -276,7 +303,8 @@ def read_luks1_header(fd: int, path: str) -> LUKS1Header:
     header.validate()
     if device_size(fd) < header.required_header_bytes:
         raise DeviceError(
-            f"Device {path} is too small. (LUKS1 requires at least {header.required_header_bytes} bytes.)"
+            f"Device {path} is too small. "
+            f"(LUKS1 requires at least {header.required_header_bytes} bytes.)"
         )
     return header
 

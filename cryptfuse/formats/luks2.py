@@ -57,7 +57,14 @@ from ..kdf import argon2, digest_equal, hashlib_name, pbkdf2
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import CipherSpec
 from ..volume import Volume, device_size
-from .luks_common import check_key_size, data_area_size, luks_cipher_spec, open_devices, pread_exact, recover_af_key
+from .luks_common import (
+    check_key_size,
+    data_area_size,
+    luks_cipher_spec,
+    open_devices,
+    pread_exact,
+    recover_af_key,
+)
 
 __all__ = [
     "HDR2_OFFSETS",
@@ -129,10 +136,22 @@ class BinaryHeader:
     @classmethod
     def parse(cls, data: bytes) -> BinaryHeader:
         """Decode the first 512 bytes of a binary header (no checks)."""
-        (magic, version, hdr_size, seqid, label, alg, salt, uuid, subsystem, offset, _pad,
-         csum) = _BIN.unpack_from(data, 0)
-        return cls(magic, version, hdr_size, seqid, _cstr(label), _cstr(alg), salt, _cstr(uuid),
-                   _cstr(subsystem), offset, csum)
+        (magic, version, hdr_size, seqid, label, alg, salt, uuid, subsystem, offset, _pad, csum) = (
+            _BIN.unpack_from(data, 0)
+        )
+        return cls(
+            magic,
+            version,
+            hdr_size,
+            seqid,
+            _cstr(label),
+            _cstr(alg),
+            salt,
+            _cstr(uuid),
+            _cstr(subsystem),
+            offset,
+            csum,
+        )
 
     @property
     def is_secondary(self) -> bool:
@@ -301,7 +320,9 @@ def _check_refs(array: list[Any], section: Any, what: str) -> None:
 
 def _is_backup(segment: Any) -> bool:
     flags = segment.get("flags") if isinstance(segment, dict) else None
-    return isinstance(flags, list) and any(isinstance(f, str) and f.startswith("backup-") for f in flags)
+    return isinstance(flags, list) and any(
+        isinstance(f, str) and f.startswith("backup-") for f in flags
+    )
 
 
 def _segment_has_flag(segment: Any, flag: str) -> bool:
@@ -389,7 +410,9 @@ def _segment_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a.get("type") != b.get("type") or not isinstance(a.get("type"), str):
         return False
     if a["type"] == "crypt":
-        return a.get("sector_size") == b.get("sector_size") and a.get("encryption") == b.get("encryption")
+        return a.get("sector_size") == b.get("sector_size") and a.get("encryption") == b.get(
+            "encryption"
+        )
     return True
 
 
@@ -434,7 +457,9 @@ def _validate_segments(obj: dict[str, Any]) -> None:
                 raise FormatError(f"{where}: {seg_type} does not support dynamic size")
             _contains(seg, "opal_segment_number", "int", where)
             _contains(seg, "opal_key_size", "int", where)
-            opal_size = _uint64(_contains_string(seg, "opal_segment_size", where), f"{where} opal_segment_size")
+            opal_size = _uint64(
+                _contains_string(seg, "opal_segment_size", where), f"{where} opal_segment_size"
+            )
             if opal_size == 0 or size > opal_size:
                 raise FormatError(f"{where}: illegal OPAL segment size")
             if seg_type == "hw-opal-crypt":
@@ -470,7 +495,12 @@ def _validate_segments(obj: dict[str, Any]) -> None:
         backups = [segments[str(i)] for i in range(first_backup, count)]
         final = next((s for s in backups if _segment_has_flag(s, "backup-final")), None)
         previous = next(
-            (s for s in backups if not _segment_has_flag(s, "backup-final") and _segment_has_flag(s, "backup-previous")),
+            (
+                s
+                for s in backups
+                if not _segment_has_flag(s, "backup-final")
+                and _segment_has_flag(s, "backup-previous")
+            ),
             None,
         )
         if final is None or previous is None:
@@ -479,7 +509,9 @@ def _validate_segments(obj: dict[str, Any]) -> None:
             seg = segments[str(i)]
             if _segment_has_flag(seg, "in-reencryption"):
                 if not _segment_equal(seg, final):
-                    raise FormatError("segment in reencryption does not match the backup-final segment")
+                    raise FormatError(
+                        "segment in reencryption does not match the backup-final segment"
+                    )
             elif not _segment_equal(seg, final) and not _segment_equal(seg, previous):
                 raise FormatError("segment matches neither backup segment")
 
@@ -503,7 +535,9 @@ def _hdr_and_areas_size(obj: dict[str, Any]) -> int:
 def _validate_config(obj: dict[str, Any]) -> None:
     config = _contains(obj, "config", "object", "JSON area")
     json_size = _uint64(_contains_string(config, "json_size", "config"), "config json_size")
-    keyslots_size = _uint64(_contains_string(config, "keyslots_size", "config"), "config keyslots_size")
+    keyslots_size = _uint64(
+        _contains_string(config, "keyslots_size", "config"), "config keyslots_size"
+    )
     metadata_size = json_size + BIN_HEADER_SIZE
     if metadata_size not in HDR2_OFFSETS:
         raise FormatError(f"unsupported LUKS2 header size {metadata_size}")
@@ -544,7 +578,10 @@ def _validate_areas(obj: dict[str, Any]) -> None:
         if offset > UINT64_MAX - length:
             raise FormatError(f"keyslot {key} area offset + size overflows")
         if offset + length > end:
-            raise FormatError(f"keyslot {key} area [{offset}, {offset + length}) overflows the keyslots area (ends at {end})")
+            raise FormatError(
+                f"keyslot {key} area [{offset}, {offset + length}) overflows the keyslots area "
+                f"(ends at {end})"
+            )
         for other, o_off, o_len in intervals:
             if other == key:
                 continue
@@ -562,7 +599,9 @@ def _compact_length(obj: Any) -> int:
 def _validate_json_size(obj: dict[str, Any], area_size: int) -> None:
     json_size = int(obj["config"]["json_size"])
     if json_size != area_size:
-        raise FormatError(f"config json_size {json_size} does not match the binary header's {area_size}")
+        raise FormatError(
+            f"config json_size {json_size} does not match the binary header's {area_size}"
+        )
     if _compact_length(obj) > json_size:
         raise FormatError("JSON does not fit in the designated area")
 
@@ -603,7 +642,9 @@ def _validate_keyslot_implementations(obj: dict[str, Any]) -> None:
         if kind == "luks2":
             _validate_luks2_keyslot(key, slot)
             owners = sum(
-                1 for d in obj["digests"].values() if isinstance(d.get("keyslots"), list) and key in d["keyslots"]
+                1
+                for d in obj["digests"].values()
+                if isinstance(d.get("keyslots"), list) and key in d["keyslots"]
             )
             if owners != 1:
                 raise FormatError(f"keyslot {key} is assigned to {owners} digests, not exactly 1")
@@ -718,8 +759,13 @@ class KeyslotArea:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KeyslotArea:
         """Build from a validated ``area`` object (offset and size are decimal strings)."""
-        return cls(str(d["type"]), int(d["offset"]), int(d["size"]), _opt_str(d.get("encryption")),
-                   _opt_int(d.get("key_size")))
+        return cls(
+            str(d["type"]),
+            int(d["offset"]),
+            int(d["size"]),
+            _opt_str(d.get("encryption")),
+            _opt_int(d.get("key_size")),
+        )
 
 
 @dataclass(frozen=True)
@@ -957,19 +1003,27 @@ class LUKS2Header:
         segments = self.metadata.segments
         if len(segments) != 1 or 0 not in segments:
             raise UnsupportedError(
-                f"LUKS2 header has {len(segments)} segments; cryptfuse opens only a single crypt segment."
+                f"LUKS2 header has {len(segments)} segments; "
+                "cryptfuse opens only a single crypt segment."
             )
         seg = segments[0]
         if seg.type != "crypt":
             raise UnsupportedError(f"LUKS2 segment type {seg.type!r} is not supported.")
         if seg.integrity:
-            raise UnsupportedError("LUKS2 segments with integrity protection (dm-integrity) are not supported.")
+            raise UnsupportedError(
+                "LUKS2 segments with integrity protection (dm-integrity) are not supported."
+            )
         if "in-reencryption" in seg.flags:
             raise UnsupportedError("LUKS2 segment is flagged in-reencryption; refusing to open it.")
-        assert seg.encryption is not None and seg.sector_size is not None and seg.iv_tweak is not None
+        assert (
+            seg.encryption is not None and seg.sector_size is not None and seg.iv_tweak is not None
+        )
         spec = luks_cipher_spec(seg.encryption, "LUKS2 segment cipher")
         if seg.sector_size not in SECTOR_SIZES:
-            raise UnsupportedError(f"LUKS2 segment sector size {seg.sector_size} is not supported (512..4096, power of 2).")
+            raise UnsupportedError(
+                f"LUKS2 segment sector size {seg.sector_size} is not supported "
+                "(512..4096, power of 2)."
+            )
         bound = [d for _, d in sorted(self.metadata.digests.items()) if 0 in d.segments]
         if not bound:  # pragma: no cover - validation requires it
             raise FormatError("LUKS2 data segment has no digest")
@@ -1008,7 +1062,12 @@ class LUKS2Header:
         return area_spec
 
     def try_keyslot(
-        self, fd: int, slot: Keyslot, passphrase: bytes, digest: Digest, volume_spec: CipherSpec | None = None
+        self,
+        fd: int,
+        slot: Keyslot,
+        passphrase: bytes,
+        digest: Digest,
+        volume_spec: CipherSpec | None = None,
     ) -> bytes | None:
         """Return the volume key if *passphrase* opens *slot* (checked against *digest*)."""
         area_spec = self._check_keyslot(slot, volume_spec)
@@ -1020,7 +1079,15 @@ class LUKS2Header:
         else:
             assert kdf.time is not None and kdf.memory is not None and kdf.cpus is not None
             try:
-                derived = argon2(kdf.type, passphrase, kdf.salt, kdf.time, kdf.memory, kdf.cpus, slot.area.key_size)
+                derived = argon2(
+                    kdf.type,
+                    passphrase,
+                    kdf.salt,
+                    kdf.time,
+                    kdf.memory,
+                    kdf.cpus,
+                    slot.area.key_size,
+                )
             except UsageError as exc:
                 raise FormatError(f"LUKS2 keyslot {slot.index}: {exc}") from None
         assert slot.af.stripes is not None and slot.af.hash is not None
@@ -1041,13 +1108,20 @@ class LUKS2Header:
         """True when *key* matches *digest* (PBKDF2 of any length, constant-time compare)."""
         if digest.type != "pbkdf2":
             raise UnsupportedError(f"LUKS2 digest type {digest.type!r} is not supported.")
-        if digest.hash is None or digest.iterations is None or digest.iterations < 1 or not digest.digest:
+        if (
+            digest.hash is None
+            or digest.iterations is None
+            or digest.iterations < 1
+            or not digest.digest
+        ):
             raise FormatError(f"LUKS2 digest {digest.index} has invalid parameters.")
         candidate = pbkdf2(digest.hash, key, digest.salt, digest.iterations, len(digest.digest))
         return digest_equal(candidate, digest.digest)
 
     def _digest_of(self, slot: int) -> Digest | None:
-        return next((d for _, d in sorted(self.metadata.digests.items()) if slot in d.keyslots), None)
+        return next(
+            (d for _, d in sorted(self.metadata.digests.items()) if slot in d.keyslots), None
+        )
 
     def unlock(
         self, fd: int, passphrase: bytes, key_slot: int | None = None, *, any_segment: bool = False
@@ -1064,6 +1138,7 @@ class LUKS2Header:
         """
         volume_spec: CipherSpec | None = None
         if any_segment:
+
             def digest_for(index: int) -> Digest | None:
                 return self._digest_of(index)
         else:
@@ -1071,15 +1146,20 @@ class LUKS2Header:
 
             def digest_for(index: int) -> Digest | None:
                 return bound if index in bound.keyslots else None
+
         slots = self.metadata.keyslots
         if key_slot is not None:
             if not 0 <= key_slot < NUM_KEYSLOTS:
-                raise UsageError(f"Key slot {key_slot} is invalid (LUKS2 has slots 0-{NUM_KEYSLOTS - 1}).")
+                raise UsageError(
+                    f"Key slot {key_slot} is invalid (LUKS2 has slots 0-{NUM_KEYSLOTS - 1})."
+                )
             slot = slots.get(key_slot)
             if slot is None:
                 raise CryptfuseError(f"Keyslot {key_slot} is not active.")
             if slot.type != "luks2":
-                raise UnsupportedError(f"Keyslot {key_slot} has type {slot.type!r}; it cannot unlock the volume.")
+                raise UnsupportedError(
+                    f"Keyslot {key_slot} has type {slot.type!r}; it cannot unlock the volume."
+                )
             if digest_for(key_slot) is None:
                 raise CryptfuseError(
                     f"Keyslot {key_slot} is not assigned to the data segment (unbound keyslot); "
@@ -1087,7 +1167,11 @@ class LUKS2Header:
                 )
             candidates = [slot]
         else:
-            usable = [s for i, s in sorted(slots.items()) if s.type == "luks2" and digest_for(i) is not None]
+            usable = [
+                s
+                for i, s in sorted(slots.items())
+                if s.type == "luks2" and digest_for(i) is not None
+            ]
             candidates = [s for s in usable if s.priority == PRIORITY_HIGH]
             candidates += [s for s in usable if s.priority == PRIORITY_NORMAL]
             if not candidates:
@@ -1109,7 +1193,11 @@ class LUKS2Header:
             if key is not None:
                 return slot.index, key
         if skipped:
-            kind = FormatError if all(isinstance(e, FormatError) for e in skipped) else UnsupportedError
+            kind = (
+                FormatError
+                if all(isinstance(e, FormatError) for e in skipped)
+                else UnsupportedError
+            )
             raise kind(
                 "No key available with this passphrase; some keyslots could not be tried: "
                 + " ".join(str(e) for e in skipped)
@@ -1166,7 +1254,9 @@ def read_luks2_header(fd: int, path: str) -> LUKS2Header:
     elif second.state == "ok":
         chosen, source, other = second, "secondary", first
     else:
-        detail = f"primary: {first.reason or first.state}; secondary: {second.reason or second.state}"
+        detail = (
+            f"primary: {first.reason or first.state}; secondary: {second.reason or second.state}"
+        )
         if first.state == "io" and second.state == "io":
             raise DeviceError(f"Cannot read a LUKS2 header from {path} ({detail}).")
         raise FormatError(f"Device {path} is not a valid LUKS2 device ({detail}).")
@@ -1183,12 +1273,15 @@ def read_luks2_header(fd: int, path: str) -> LUKS2Header:
         if foreign is not None:
             raise FormatError(
                 f"Device {path} contains ambiguous signatures ({foreign} and a damaged LUKS2 "
-                "header), cannot auto-recover LUKS2. Please run \"cryptsetup repair\" for recovery."
+                'header), cannot auto-recover LUKS2. Please run "cryptsetup repair" for recovery.'
             )
         log.warning(
             "%s: the %s LUKS2 header is damaged or outdated (%s); using the %s copy. "
             "cryptfuse never repairs headers: run 'cryptsetup repair' to fix it.",
-            path, damaged, other.reason or other.state, source,
+            path,
+            damaged,
+            other.reason or other.state,
+            source,
         )
     metadata = LUKS2Metadata.from_dict(chosen.metadata)
     return LUKS2Header(chosen.binary, metadata, chosen.metadata, source, damaged)
@@ -1212,7 +1305,9 @@ def open_luks2(
         segment, spec, _ = header.data_segment()
         _, key = header.unlock(dev.header_fd, passphrase, key_slot)
         assert segment.sector_size is not None and segment.iv_tweak is not None
-        size = data_area_size(dev.data_size, segment.offset, segment.sector_size, segment.size, data_path)
+        size = data_area_size(
+            dev.data_size, segment.offset, segment.sector_size, segment.size, data_path
+        )
         # LUKS2 never sets iv_large_sectors: a 4 KiB sector's IV is its first
         # 512-byte sector number, and iv_tweak counts 512-byte sectors too.
         cipher = SectorCipher(spec, key, segment.sector_size, iv_offset=segment.iv_tweak)

@@ -114,7 +114,9 @@ def data_area_size(total: int, offset: int, sector_size: int, fixed: int | None,
         return fixed
     size = (total - offset) // sector_size * sector_size
     if size == 0:
-        raise DeviceError(f"Device {path} has no whole {sector_size}-byte sector after the data offset.")
+        raise DeviceError(
+            f"Device {path} has no whole {sector_size}-byte sector after the data offset."
+        )
     return size
 
 
@@ -163,7 +165,8 @@ def open_devices(data_path: str, header_path: str | None, readonly: bool) -> Ite
         if detached:
             assert header_path is not None
             header_fd = open_device(header_path, True, lock=False)
-        yield Devices(data_fd, header_fd, data_path, header_path if detached else data_path, detached)
+        header_name = header_path if detached and header_path is not None else data_path
+        yield Devices(data_fd, header_fd, data_path, header_name, detached)
     except BaseException:
         if header_fd != data_fd:
             os.close(header_fd)
