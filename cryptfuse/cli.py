@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, NoReturn
 
 from . import __version__
+from .cli_luks import LUKS_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
 from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE
@@ -569,6 +570,7 @@ def benchmark_command(argv: Sequence[str]) -> int:
 #: ``cryptfuse NAME ...`` dispatches here; later issues add format, add-key, dump, ...
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "benchmark": benchmark_command,
+    **LUKS_SUBCOMMANDS,
 }
 
 

@@ -1,0 +1,966 @@
+"""LUKS container management: format, keyslots, dump, header backup, UUID.
+
+The operations behind ``cryptfuse format``, ``add-key``, ``remove-key``,
+``change-key``, ``kill-slot``, ``dump``, ``header-backup``, ``header-restore``,
+``uuid`` and ``is-luks`` (cryptsetup's ``luksFormat``, ``luksAddKey``, ...).
+
+Every change runs with the container locked exclusively (``flock``, the lock
+a writable mount holds, so a mounted container is refused with
+:class:`BusyError`), and every input is checked -- passphrase, keyslot
+number, free space, cipher -- before the first byte is written.  Questions for
+the user (confirmations) are callbacks, so this module stays free of terminal
+I/O; the command line lives in :mod:`cryptfuse.cli_luks`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..errors import (
+    CryptfuseError,
+    DeviceError,
+    FormatError,
+    KeyFileError,
+    UnsupportedError,
+    UsageError,
+    WrongPassphraseError,
+)
+from ..kdf import hash_size
+from ..sector import SECTOR_SIZES, SectorCipher
+from ..spec import CipherSpec, parse_cipher_spec
+from ..volume import Volume, device_size, open_device
+from . import detect_type
+from .luks1 import NUM_KEYSLOTS as LUKS1_SLOTS
+from .luks1 import LUKS1Header, read_luks1_header
+from .luks1_write import clear_keyslot, format_luks1, luks1_layout, set_keyslot, write_uuid
+from .luks2 import NUM_KEYSLOTS as LUKS2_SLOTS
+from .luks2 import PRIORITY_HIGH, PRIORITY_IGNORE, LUKS2Header, read_luks2_header
+from .luks2_write import Luks2Writer, build_metadata, luks2_layout
+from .luks_common import pread_exact
+from .luks_write import (
+    ARGON2_MAX_MEMORY_KIB,
+    ARGON2_MAX_PARALLEL,
+    DIGEST_ITERATION_MS,
+    PBKDF2_MIN_ITERATIONS,
+    KdfParams,
+    Progress,
+    benchmark_kdf,
+    pbkdf2_per_second,
+    pwrite_all,
+    sync,
+    wipe_area,
+)
+
+__all__ = [
+    "Confirm",
+    "FormatOptions",
+    "KdfOptions",
+    "add_key",
+    "change_key",
+    "dump",
+    "dump_volume_key",
+    "format_container",
+    "get_uuid",
+    "header_backup",
+    "header_restore",
+    "is_luks",
+    "kill_slot",
+    "remove_key",
+    "resolve_kdf",
+    "set_uuid",
+]
+
+#: ``confirm(message) -> bool``: ask the user (or decide for them in batch mode)
+Confirm = Callable[[str], bool]
+
+DEFAULT_CIPHER = "aes-xts-plain64"
+DEFAULT_KEY_BITS = 512
+DEFAULT_HASH = "sha256"
+DEFAULT_ITER_TIME_MS = 2000
+
+
+@dataclass(frozen=True)
+class KdfOptions:
+    """cryptsetup's PBKDF options; None means "the default for this LUKS version"."""
+
+    pbkdf: str | None = None
+    hash: str | None = None
+    iter_time: int | None = None
+    memory_kib: int | None = None
+    parallel: int | None = None
+    force_iterations: int | None = None
+
+
+def resolve_kdf(
+    opts: KdfOptions,
+    luks_type: str,
+    key_bytes: int,
+    hash_name: str,
+    progress: Progress | None = None,
+) -> KdfParams:
+    """The keyslot KDF costs: forced ones as given, otherwise benchmarked."""
+    kind = opts.pbkdf or ("pbkdf2" if luks_type == "luks1" else "argon2id")
+    if kind not in ("pbkdf2", "argon2i", "argon2id"):
+        raise UsageError(f"Unknown PBKDF type {kind}.")
+    if luks_type == "luks1" and kind != "pbkdf2":
+        raise UsageError(f"PBKDF {kind} cannot be used with LUKS1 (pbkdf2 only).")
+    hash_size(hash_name)  # an unknown hash is refused before anything else
+    if opts.memory_kib is not None and kind == "pbkdf2":
+        raise UsageError("--pbkdf-memory applies to argon2i/argon2id only.")
+    if opts.parallel is not None and not 1 <= opts.parallel <= 4:
+        raise UsageError("--pbkdf-parallel must be between 1 and 4.")
+    if opts.force_iterations is not None:
+        if kind == "pbkdf2":
+            if opts.force_iterations < PBKDF2_MIN_ITERATIONS:
+                raise UsageError(
+                    "Forced iteration count is too low for pbkdf2 "
+                    f"(minimum is {PBKDF2_MIN_ITERATIONS})."
+                )
+            return KdfParams("pbkdf2", hash_name, opts.force_iterations)
+        if opts.force_iterations < 4:
+            raise UsageError(f"Forced iteration count is too low for {kind} (minimum is 4).")
+        parallel = opts.parallel or min(ARGON2_MAX_PARALLEL, os.cpu_count() or 1)
+        memory = opts.memory_kib if opts.memory_kib is not None else ARGON2_MAX_MEMORY_KIB
+        if memory < 8 * parallel:
+            raise UsageError(
+                f"--pbkdf-memory must be at least {8 * parallel} KiB for {parallel} threads."
+            )
+        return KdfParams(kind, hash_name, opts.force_iterations, memory, parallel)
+    iter_time = opts.iter_time if opts.iter_time is not None else DEFAULT_ITER_TIME_MS
+    return benchmark_kdf(
+        kind,
+        hash_name,
+        iter_time,
+        key_bytes,
+        max_memory_kib=opts.memory_kib,
+        parallel=opts.parallel,
+        progress=progress,
+    )
+
+
+def _digest_iterations(hash_name: str, forced: bool) -> int:
+    """Iterations of the volume-key digest: ~125 ms, at least 1000 (1000 when
+    the keyslot KDF cost is forced, as cryptsetup skips the benchmark then)."""
+    if forced:
+        return PBKDF2_MIN_ITERATIONS
+    return max(PBKDF2_MIN_ITERATIONS, pbkdf2_per_second(hash_name) * DIGEST_ITERATION_MS // 1000)
+
+
+# -- opening for a change ------------------------------------------------------------------
+
+
+@dataclass
+class _Handle:
+    """Locked descriptors: the data container and the header (the same unless detached)."""
+
+    data_fd: int
+    header_fd: int
+    data_path: str
+    header_path: str
+
+
+@contextmanager
+def _locked(path: str, header: str | None, *, write: bool) -> Iterator[_Handle]:
+    """Open the container (and a detached header) for a metadata change, locked
+    exclusively; or, for reading, unlocked (``luksDump`` works on a mounted device)."""
+    detached = header is not None and not (
+        os.path.exists(header) and os.path.exists(path) and os.path.samefile(header, path)
+    )
+    fds: list[int] = []
+    try:
+        data_fd = open_device(path, not write, lock=write)
+        fds.append(data_fd)
+        header_fd = data_fd
+        if detached:
+            assert header is not None
+            header_fd = open_device(header, not write, lock=write)
+            fds.append(header_fd)
+        yield _Handle(data_fd, header_fd, path, header if detached and header else path)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _luks_type(fd: int, path: str) -> str:
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8 or head[:6] != b"LUKS\xba\xbe":
+        raise FormatError(f"Device {path} is not a valid LUKS device.")
+    version = int.from_bytes(head[6:8], "big")
+    if version not in (1, 2):
+        raise FormatError(f"Device {path} has an unsupported LUKS version {version}.")
+    return f"luks{version}"
+
+
+def _read(h: _Handle) -> LUKS1Header | LUKS2Header:
+    kind = _luks_type(h.header_fd, h.header_path)
+    if kind == "luks1":
+        return read_luks1_header(h.header_fd, h.header_path)
+    return read_luks2_header(h.header_fd, h.header_path)
+
+
+def _unlock(
+    h: _Handle, hdr: LUKS1Header | LUKS2Header, passphrase: bytes, key_slot: int | None = None
+) -> tuple[int, bytes]:
+    if isinstance(hdr, LUKS1Header):
+        return hdr.unlock(h.header_fd, passphrase, key_slot)
+    return hdr.unlock(h.header_fd, passphrase, key_slot)
+
+
+def _active_slots(hdr: LUKS1Header | LUKS2Header) -> list[int]:
+    if isinstance(hdr, LUKS1Header):
+        return [s.index for s in hdr.keyslots if s.enabled]
+    return sorted(hdr.metadata.keyslots)
+
+
+def _check_slot_number(hdr: LUKS1Header | LUKS2Header, slot: int) -> None:
+    limit = LUKS1_SLOTS if isinstance(hdr, LUKS1Header) else LUKS2_SLOTS
+    if not 0 <= slot < limit:
+        raise UsageError(f"Key slot {slot} is invalid (slots are 0-{limit - 1}).")
+
+
+# -- format ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FormatOptions:
+    """``cryptfuse format`` options (cryptsetup 2.6 defaults); sizes as documented per field."""
+
+    type: str = "luks2"
+    cipher: str = DEFAULT_CIPHER
+    key_size: int = DEFAULT_KEY_BITS  # bits
+    hash: str = DEFAULT_HASH
+    sector_size: int | None = None  # bytes; None: 4096 when aligned (LUKS2), 512 (LUKS1)
+    kdf: KdfOptions = KdfOptions()
+    label: str = ""
+    subsystem: str = ""
+    uuid: str | None = None
+    header: str | None = None  # detached header file
+    offset: int | None = None  # data offset, 512-byte sectors
+    metadata_size: int | None = None  # LUKS2, bytes
+    keyslots_size: int | None = None  # LUKS2, bytes
+    key_slot: int | None = None
+    size: int | None = None  # bytes: create the container with this size if it is missing
+    wipe: bool = False
+
+
+def _check_uuid(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        return str(uuidlib.UUID(text))
+    except ValueError:
+        raise UsageError(f"Wrong LUKS UUID format provided: {text!r}.") from None
+
+
+def _prepare_file(path: str, size: int | None, what: str) -> None:
+    """Create *path* with *size* bytes when it is missing (and *size* is given)."""
+    if os.path.exists(path):
+        if (
+            size is not None
+            and not stat.S_ISBLK(os.stat(path).st_mode)
+            and os.path.getsize(path) != size
+        ):
+            raise UsageError(f"--size is for creating a new container; {path} exists already.")
+        return
+    if size is None:
+        raise DeviceError(f"Device {path} does not exist (use --size BYTES to create it).")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DeviceError(f"Cannot create {what} {path}: {exc.strerror}.") from None
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _has_luks(fd: int) -> bool:
+    try:
+        return pread_exact(fd, 6, 0, "magic") in (b"LUKS\xba\xbe", b"SKUL\xba\xbe")
+    except DeviceError:
+        return False
+
+
+def format_container(
+    path: str,
+    passphrase: bytes,
+    opts: FormatOptions,
+    *,
+    confirm: Confirm,
+    confirm_format: Confirm | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Format *path* as LUKS1/LUKS2 with one keyslot for *passphrase*; return the UUID.
+
+    *confirm* is asked before an existing LUKS header is overwritten,
+    *confirm_format* before anything else is (cryptsetup asks both unless in
+    batch mode); refusing raises :class:`CryptfuseError`.
+    """
+    if opts.type not in ("luks1", "luks2", "luks"):
+        raise UsageError(f"Unknown LUKS type {opts.type!r} (luks1 or luks2).")
+    luks_type = "luks1" if opts.type == "luks1" else "luks2"
+    spec = parse_cipher_spec(opts.cipher)
+    if opts.key_size % 8:
+        raise UsageError("Key size must be a multiple of 8 bits.")
+    key_bytes = opts.key_size // 8
+    spec.check_key_size(key_bytes)
+    SectorCipher(
+        spec, bytes(key_bytes)
+    )  # an unimplemented cipher is refused now, not after writing
+    hash_size(opts.hash)
+    new_uuid = _check_uuid(opts.uuid)
+    if opts.label and luks_type == "luks1" or opts.subsystem and luks_type == "luks1":
+        raise UsageError("Label and subsystem are only supported for LUKS2.")
+    if opts.sector_size is not None:
+        if opts.sector_size not in SECTOR_SIZES:
+            raise UsageError(f"Unsupported encryption sector size {opts.sector_size}.")
+        if luks_type == "luks1" and opts.sector_size != 512:
+            raise UsageError("Unsupported encryption sector size (LUKS1 supports 512 only).")
+    if opts.key_slot is not None and not 0 <= opts.key_slot < (
+        LUKS1_SLOTS if luks_type == "luks1" else LUKS2_SLOTS
+    ):
+        raise UsageError(f"Key slot {opts.key_slot} is invalid.")
+    detached = opts.header is not None
+
+    _prepare_file(path, opts.size, "container")
+    if detached:
+        assert opts.header is not None
+        if not os.path.exists(opts.header):
+            _prepare_file(opts.header, 0, "header file")
+
+    with _locked(path, opts.header, write=True) as h:
+        if _has_luks(h.header_fd):
+            if not confirm(
+                f"WARNING: Device {h.header_path} already contains a 'crypto_LUKS' "
+                "superblock signature."
+            ):
+                raise CryptfuseError(
+                    f"Device {h.header_path} already contains a LUKS header; not overwritten "
+                    "(use --force or -q, or answer YES)."
+                )
+        elif confirm_format is not None and not confirm_format(
+            f"This will overwrite data on {h.header_path} irrevocably."
+        ):
+            raise CryptfuseError("Operation aborted.")
+        kdf = resolve_kdf(opts.kdf, luks_type, key_bytes, opts.hash, progress)
+        data_size = device_size(h.data_fd)
+        volume_key = os.urandom(key_bytes)
+        if luks_type == "luks1":
+            layout1 = luks1_layout(key_bytes, offset=opts.offset, detached=detached)
+            data_offset = layout1.payload_offset * 512
+            if not detached and data_size <= data_offset:
+                raise DeviceError(
+                    f"Device {path} is too small. "
+                    f"(LUKS1 requires at least {data_offset + 512} bytes.)"
+                )
+            if detached and device_size(h.header_fd) < layout1.end_of_keyslots * 512:
+                os.ftruncate(h.header_fd, layout1.end_of_keyslots * 512)
+            # LUKS1 stores "aes" and "xts-plain64" apart.
+            name, _, mode = str(spec).partition("-")
+            header1 = format_luks1(
+                h.header_fd,
+                cipher_name=name,
+                cipher_mode=mode,
+                hash_spec=opts.hash,
+                volume_key=volume_key,
+                layout=layout1,
+                mk_iterations=_digest_iterations(opts.hash, opts.kdf.force_iterations is not None),
+                uuid=new_uuid,
+            )
+            slot = opts.key_slot if opts.key_slot is not None else 0
+            header1 = set_keyslot(h.header_fd, header1, slot, volume_key, passphrase, kdf)
+            sector_size = 512
+            result_uuid = header1.uuid
+        else:
+            offset_bytes = opts.offset * 512 if opts.offset is not None else None
+            layout2 = luks2_layout(
+                metadata_size=opts.metadata_size,
+                keyslots_size=opts.keyslots_size,
+                offset=offset_bytes,
+                detached=detached,
+            )
+            data_offset = layout2.data_offset
+            if not detached and data_size <= data_offset:
+                raise DeviceError(
+                    f"Device {path} is too small. "
+                    f"(LUKS2 requires at least {data_offset + 4096} bytes.)"
+                )
+            if data_size < data_offset:
+                raise DeviceError(f"Device {path} is smaller than the data offset {data_offset}.")
+            if opts.sector_size is not None:
+                sector_size = opts.sector_size
+            else:
+                aligned = data_offset % 4096 == 0 and (data_size - data_offset) % 4096 == 0
+                sector_size = 4096 if aligned and data_size > data_offset else 512
+            if data_offset % sector_size or (data_size - data_offset) % sector_size:
+                raise UsageError(
+                    "Device size and data offset must be aligned to the "
+                    f"{sector_size}-byte sector size."
+                )
+            metadata_end = 2 * layout2.metadata_size + layout2.keyslots_size
+            obj = build_metadata(
+                layout=layout2,
+                encryption=str(spec),
+                sector_size=sector_size,
+                volume_key=volume_key,
+                digest_hash=opts.hash,
+                digest_iterations=_digest_iterations(
+                    opts.hash, opts.kdf.force_iterations is not None
+                ),
+            )
+            writer = Luks2Writer.new(
+                h.header_fd, obj, layout2, label=opts.label, subsystem=opts.subsystem, uuid=new_uuid
+            )
+            if detached and device_size(h.header_fd) < metadata_end:
+                os.ftruncate(h.header_fd, metadata_end)
+            # Zero the whole metadata area first: no stale header copy or keyslot survives.
+            pwrite_all(h.header_fd, bytes(metadata_end), 0, "LUKS2 metadata area")
+            sync(h.header_fd)
+            slot = opts.key_slot if opts.key_slot is not None else 0
+            writer.write_keyslot(slot, volume_key, passphrase, kdf, spec, af_hash=opts.hash)
+            writer.commit()
+            result_uuid = writer.uuid
+        if opts.wipe:
+            _wipe_data(h.data_fd, spec, volume_key, sector_size, data_offset, progress)
+    return result_uuid
+
+
+def _wipe_data(
+    fd: int, spec: CipherSpec, key: bytes, sector_size: int, offset: int, progress: Progress | None
+) -> None:
+    """Write encrypted zeros over the whole data area (``--wipe``)."""
+    size = (device_size(fd) - offset) // sector_size * sector_size
+    volume = Volume(os.dup(fd), SectorCipher(spec, key, sector_size), offset, size)
+    chunk = 4 * 1024 * 1024
+    zeros = bytes(chunk)
+    try:
+        done = 0
+        while done < size:
+            n = min(chunk, size - done)
+            volume.write(done, zeros[:n])
+            done += n
+            if progress:
+                progress("Wiping data area", done / size)
+    finally:
+        volume.close()
+
+
+# -- keyslots --------------------------------------------------------------------------------
+
+
+def _luks2_area_spec(hdr: LUKS2Header) -> CipherSpec:
+    _, spec, _ = hdr.data_segment()
+    return spec
+
+
+def add_key(
+    path: str,
+    existing: bytes,
+    new: bytes,
+    *,
+    header: str | None = None,
+    key_slot: int | None = None,
+    kdf: KdfOptions = KdfOptions(),
+    existing_slot: int | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Add a keyslot for *new*, unlocking with *existing*; return its number."""
+    with _locked(path, header, write=True) as h:
+        hdr = _read(h)
+        if key_slot is not None:
+            _check_slot_number(hdr, key_slot)
+            if key_slot in _active_slots(hdr):
+                raise CryptfuseError(f"Key slot {key_slot} is full, please select another one.")
+        slot = key_slot if key_slot is not None else _free_slot(hdr)
+        if isinstance(hdr, LUKS2Header):
+            writer = Luks2Writer.from_header(h.header_fd, hdr)
+            spec = _luks2_area_spec(hdr)
+            _, volume_key = hdr.unlock(h.header_fd, existing, existing_slot)
+            if writer.find_area(_area_len(len(volume_key))) is None:
+                raise CryptfuseError("No space for new keyslot.")
+            params = resolve_kdf(kdf, "luks2", len(volume_key), kdf.hash or DEFAULT_HASH, progress)
+            writer.write_keyslot(
+                slot, volume_key, new, params, spec, af_hash=kdf.hash or DEFAULT_HASH
+            )
+            writer.commit()
+        else:
+            _, volume_key = hdr.unlock(h.header_fd, existing, existing_slot)
+            params = resolve_kdf(kdf, "luks1", len(volume_key), hdr.hash_spec, progress)
+            set_keyslot(h.header_fd, hdr, slot, volume_key, new, params)
+    return slot
+
+
+def _area_len(key_bytes: int) -> int:
+    from .luks2_write import area_size
+
+    return area_size(key_bytes)
+
+
+def _free_slot(hdr: LUKS1Header | LUKS2Header) -> int:
+    active = set(_active_slots(hdr))
+    limit = LUKS1_SLOTS if isinstance(hdr, LUKS1Header) else LUKS2_SLOTS
+    for i in range(limit):
+        if i not in active:
+            return i
+    raise CryptfuseError("All key slots full.")
+
+
+def _destroy(h: _Handle, hdr: LUKS1Header | LUKS2Header, slot: int) -> None:
+    if isinstance(hdr, LUKS1Header):
+        clear_keyslot(h.header_fd, hdr, slot)
+        return
+    writer = Luks2Writer.from_header(h.header_fd, hdr)
+    writer.wipe_keyslot(slot)
+    writer.commit()
+
+
+LAST_SLOT_WARNING = "This is the last keyslot. Device will become unusable after purging this key."
+ABORT_LAST = (
+    "Operation aborted, the keyslot was NOT wiped (removing the last keyslot needs --force or -q)."
+)
+
+
+def _usable_slots(hdr: LUKS1Header | LUKS2Header) -> list[int]:
+    """Keyslots that can open the data segment (LUKS2: bound to it, not priority 0)."""
+    if isinstance(hdr, LUKS1Header):
+        return _active_slots(hdr)
+    try:
+        _, _, digest = hdr.data_segment()
+    except (UnsupportedError, FormatError):
+        return sorted(hdr.metadata.keyslots)
+    return [
+        i
+        for i, s in sorted(hdr.metadata.keyslots.items())
+        if s.type == "luks2" and i in digest.keyslots and s.priority != PRIORITY_IGNORE
+    ]
+
+
+def remove_key(
+    path: str, passphrase: bytes, *, header: str | None = None, confirm_last: Confirm
+) -> int:
+    """Remove the keyslot *passphrase* opens (``luksRemoveKey``); return its number.
+
+    Removing the last usable keyslot needs ``confirm_last(LAST_SLOT_WARNING)``.
+    """
+    with _locked(path, header, write=True) as h:
+        hdr = _read(h)
+        if isinstance(hdr, LUKS2Header):
+            Luks2Writer.from_header(h.header_fd, hdr)  # refuses unknown requirements before the KDF
+        slot, _ = _unlock(h, hdr, passphrase)
+        if _usable_slots(hdr) == [slot] and not confirm_last(LAST_SLOT_WARNING):
+            raise CryptfuseError(ABORT_LAST)
+        _destroy(h, hdr, slot)
+    return slot
+
+
+def kill_slot(
+    path: str,
+    slot: int,
+    *,
+    header: str | None = None,
+    passphrase: bytes | None,
+    confirm_last: Confirm,
+) -> None:
+    """Wipe keyslot *slot* (``luksKillSlot``).
+
+    With *passphrase* (cryptsetup asks unless in batch mode), it must open
+    another keyslot, or this one when it is the last: proof that access
+    remains (or that the user knows what is being destroyed).
+    """
+    with _locked(path, header, write=True) as h:
+        hdr = _read(h)
+        _check_slot_number(hdr, slot)
+        if isinstance(hdr, LUKS2Header):
+            Luks2Writer.from_header(h.header_fd, hdr)
+        active = _active_slots(hdr)
+        if slot not in active:
+            raise CryptfuseError(f"Keyslot {slot} is not active.")
+        last = _usable_slots(hdr) == [slot] or active == [slot]
+        if last and not confirm_last(LAST_SLOT_WARNING):
+            raise CryptfuseError(ABORT_LAST)
+        if passphrase is not None:
+            if last:
+                _unlock(h, hdr, passphrase, slot)
+            else:
+                others = [i for i in _usable_slots(hdr) if i != slot]
+                if not _opens_any(h, hdr, passphrase, others):
+                    raise WrongPassphraseError()
+        _destroy(h, hdr, slot)
+
+
+def _opens_any(
+    h: _Handle, hdr: LUKS1Header | LUKS2Header, passphrase: bytes, slots: list[int]
+) -> bool:
+    for i in slots:
+        try:
+            _unlock(h, hdr, passphrase, i)
+        except WrongPassphraseError:
+            continue
+        return True
+    return False
+
+
+def change_key(
+    path: str,
+    old: bytes,
+    new: bytes,
+    *,
+    header: str | None = None,
+    key_slot: int | None = None,
+    kdf: KdfOptions = KdfOptions(),
+    progress: Progress | None = None,
+) -> int:
+    """Replace the passphrase of the keyslot *old* opens (``luksChangeKey``); return the new slot.
+
+    The new keyslot goes to a free slot number when there is one (then the
+    old slot is wiped); LUKS2 otherwise keeps the number and moves the slot to
+    a free area.  Either way the new material is durable and committed before
+    the old one is destroyed.
+    """
+    with _locked(path, header, write=True) as h:
+        hdr = _read(h)
+        if key_slot is not None:
+            _check_slot_number(hdr, key_slot)
+        if isinstance(hdr, LUKS2Header):
+            writer = Luks2Writer.from_header(h.header_fd, hdr)
+            spec = _luks2_area_spec(hdr)
+            old_slot, volume_key = hdr.unlock(h.header_fd, old, key_slot)
+            params = resolve_kdf(kdf, "luks2", len(volume_key), kdf.hash or DEFAULT_HASH, progress)
+            free = writer.free_keyslot()
+            area = _area_len(len(volume_key))
+            if writer.find_area(area) is None:
+                raise CryptfuseError("No space for new keyslot (the keyslots area is full).")
+            if free is not None:
+                writer.write_keyslot(
+                    free, volume_key, new, params, spec, af_hash=kdf.hash or DEFAULT_HASH
+                )
+                _copy_priority(writer, old_slot, free)
+                writer.commit()
+                writer.wipe_keyslot(old_slot)
+                writer.commit()
+                return free
+            old_area = writer.write_keyslot(
+                old_slot,
+                volume_key,
+                new,
+                params,
+                spec,
+                af_hash=kdf.hash or DEFAULT_HASH,
+                replace_area=True,
+            )
+            writer.commit()
+            assert old_area is not None
+            wipe_area(h.header_fd, old_area[0], old_area[1], f"old area of keyslot {old_slot}")
+            return old_slot
+        old_slot, volume_key = hdr.unlock(h.header_fd, old, key_slot)
+        params = resolve_kdf(kdf, "luks1", len(volume_key), hdr.hash_spec, progress)
+        free_slots = [i for i in range(LUKS1_SLOTS) if i not in _active_slots(hdr)]
+        if not free_slots:
+            # cryptsetup would overwrite the slot in place; a crash then loses
+            # both passphrases, so cryptfuse refuses instead.
+            raise CryptfuseError(
+                "All key slots full: LUKS1 cannot change a key in place safely; "
+                "remove another keyslot first."
+            )
+        hdr = set_keyslot(h.header_fd, hdr, free_slots[0], volume_key, new, params)
+        clear_keyslot(h.header_fd, hdr, old_slot)
+        return free_slots[0]
+
+
+def _copy_priority(writer: Luks2Writer, src: int, dst: int) -> None:
+    priority = writer.obj["keyslots"][str(src)].get("priority")
+    if priority is not None:
+        writer.obj["keyslots"][str(dst)]["priority"] = priority
+
+
+# -- UUID, is-luks -------------------------------------------------------------------------------
+
+
+def get_uuid(path: str, header: str | None = None) -> str:
+    """The container's UUID (``luksUUID``)."""
+    with _locked(path, header, write=False) as h:
+        return _read(h).uuid
+
+
+def set_uuid(path: str, new_uuid: str | None, header: str | None = None) -> str:
+    """Set the UUID (a random one when *new_uuid* is None); return it."""
+    text = _check_uuid(new_uuid) or str(uuidlib.uuid4())
+    with _locked(path, header, write=True) as h:
+        hdr = _read(h)
+        if isinstance(hdr, LUKS1Header):
+            write_uuid(h.header_fd, hdr, text)
+        else:
+            writer = Luks2Writer.from_header(h.header_fd, hdr)
+            writer.uuid = text
+            writer.commit()
+    return text
+
+
+def is_luks(path: str, luks_type: str | None = None) -> bool:
+    """True when *path* holds a LUKS header (of *luks_type*, if given)."""
+    try:
+        found = detect_type(path)
+    except CryptfuseError:
+        return False
+    if found is None:
+        return False
+    return luks_type in (None, "luks") or found == luks_type
+
+
+# -- dump ----------------------------------------------------------------------------------------
+
+
+def _hex_lines(data: bytes, indent: str, first: str, per_line: int = 16) -> list[str]:
+    chunks = [
+        " ".join(f"{b:02x}" for b in data[i : i + per_line]) + " "
+        for i in range(0, len(data), per_line)
+    ]
+    return [first + chunks[0]] + [indent + c for c in chunks[1:]] if chunks else [first]
+
+
+def _dump_luks1(hdr: LUKS1Header, path: str) -> str:
+    lines = [
+        f"LUKS header information for {path}",
+        "",
+        "Version:       \t1",
+        f"Cipher name:   \t{hdr.cipher_name}",
+        f"Cipher mode:   \t{hdr.cipher_mode}",
+        f"Hash spec:     \t{hdr.hash_spec}",
+        f"Payload offset:\t{hdr.payload_offset}",
+        f"MK bits:       \t{hdr.key_bytes * 8}",
+    ]
+    lines += _hex_lines(hdr.mk_digest, "               \t", "MK digest:     \t", 20)
+    lines += _hex_lines(hdr.mk_digest_salt, "               \t", "MK salt:       \t")
+    lines += [f"MK iterations: \t{hdr.mk_digest_iterations}", f"UUID:          \t{hdr.uuid}", ""]
+    for slot in hdr.keyslots:
+        if not slot.enabled:
+            lines.append(f"Key Slot {slot.index}: DISABLED")
+            continue
+        lines += [f"Key Slot {slot.index}: ENABLED", f"\tIterations:         \t{slot.iterations}"]
+        lines += _hex_lines(slot.salt, "\t                      \t", "\tSalt:               \t")
+        lines += [
+            f"\tKey material offset:\t{slot.key_material_offset}",
+            f"\tAF stripes:            \t{slot.stripes}",
+        ]
+    return "\n".join(lines)
+
+
+def _dump_luks2(hdr: LUKS2Header, path: str) -> str:
+    b = hdr.binary
+    cfg = hdr.metadata.config
+    lines = [
+        "LUKS header information",
+        "Version:       \t2",
+        f"Epoch:         \t{b.seqid}",
+        f"Metadata area: \t{cfg.json_size + 4096} [bytes]",
+        f"Keyslots area: \t{cfg.keyslots_size} [bytes]",
+        f"UUID:          \t{b.uuid}",
+        f"Label:         \t{b.label or '(no label)'}",
+        f"Subsystem:     \t{b.subsystem or '(no subsystem)'}",
+        f"Flags:       \t{' '.join(cfg.flags) or '(no flags)'}",
+    ]
+    if cfg.requirements:
+        lines.append(f"Requirements:\t{' '.join(cfg.requirements)}")
+    lines += ["", "Data segments:"]
+    for i, seg in sorted(hdr.metadata.segments.items()):
+        lines.append(f"  {i}: {seg.type}")
+        lines.append(f"\toffset: {seg.offset} [bytes]")
+        lines.append(f"\tlength: {'(whole device)' if seg.size is None else f'{seg.size} [bytes]'}")
+        if seg.type == "crypt":
+            lines.append(f"\tcipher: {seg.encryption}")
+            lines.append(f"\tsector: {seg.sector_size} [bytes]")
+        if seg.flags:
+            lines.append(f"\tflags : {' '.join(seg.flags)}")
+    lines += ["", "Keyslots:"]
+    for i, slot in sorted(hdr.metadata.keyslots.items()):
+        lines.append(f"  {i}: {slot.type}")
+        lines.append(f"\tKey:        {slot.key_size * 8} bits")
+        prio = {PRIORITY_IGNORE: "ignored", PRIORITY_HIGH: "high"}.get(slot.priority, "normal")
+        lines.append(f"\tPriority:   {prio}")
+        if slot.kdf is not None and slot.af is not None:
+            lines.append(f"\tCipher:     {slot.area.encryption}")
+            lines.append(f"\tCipher key: {(slot.area.key_size or 0) * 8} bits")
+            lines.append(f"\tPBKDF:      {slot.kdf.type}")
+            if slot.kdf.type == "pbkdf2":
+                lines.append(f"\tHash:       {slot.kdf.hash}")
+                lines.append(f"\tIterations: {slot.kdf.iterations}")
+            else:
+                lines.append(f"\tTime cost:  {slot.kdf.time}")
+                lines.append(f"\tMemory:     {slot.kdf.memory}")
+                lines.append(f"\tThreads:    {slot.kdf.cpus}")
+            lines += _hex_lines(slot.kdf.salt, "\t            ", "\tSalt:       ")
+            lines.append(f"\tAF stripes: {slot.af.stripes}")
+            lines.append(f"\tAF hash:    {slot.af.hash}")
+        lines.append(f"\tArea offset:{slot.area.offset} [bytes]")
+        lines.append(f"\tArea length:{slot.area.size} [bytes]")
+        digest = next((d for _, d in sorted(hdr.metadata.digests.items()) if i in d.keyslots), None)
+        if digest is not None:
+            lines.append(f"\tDigest ID:  {digest.index}")
+    lines.append("Tokens:")
+    for i, token in sorted(hdr.metadata.tokens.items()):
+        lines.append(f"  {i}: {token.type}")
+        lines.append(f"\tKeyslot:    {' '.join(str(k) for k in token.keyslots)}")
+    lines.append("Digests:")
+    for i, d in sorted(hdr.metadata.digests.items()):
+        lines.append(f"  {i}: {d.type}")
+        if d.type == "pbkdf2":
+            lines.append(f"\tHash:       {d.hash}")
+            lines.append(f"\tIterations: {d.iterations}")
+            lines += _hex_lines(d.salt, "\t            ", "\tSalt:       ")
+            lines += _hex_lines(d.digest, "\t            ", "\tDigest:     ")
+    return "\n".join(lines)
+
+
+def dump(path: str, *, header: str | None = None, as_json: bool = False) -> str:
+    """``luksDump`` text (or, with *as_json*, the LUKS2 JSON metadata)."""
+    with _locked(path, header, write=False) as h:
+        hdr = _read(h)
+        if as_json:
+            if not isinstance(hdr, LUKS2Header):
+                raise UsageError("--json is only available for LUKS2 containers.")
+            return json.dumps(hdr.json, indent=2)
+        if isinstance(hdr, LUKS1Header):
+            return _dump_luks1(hdr, h.header_path)
+        return _dump_luks2(hdr, h.header_path)
+
+
+def dump_volume_key(
+    path: str, passphrase: bytes, *, header: str | None = None, key_slot: int | None = None
+) -> str:
+    """``luksDump --dump-volume-key``: header summary and volume key, as cryptsetup prints them."""
+    with _locked(path, header, write=False) as h:
+        hdr = _read(h)
+        if isinstance(hdr, LUKS1Header):
+            _, key = hdr.unlock(h.header_fd, passphrase, key_slot)
+            name, mode, offset = hdr.cipher_name, hdr.cipher_mode, hdr.payload_offset
+        else:
+            _, key = hdr.unlock(h.header_fd, passphrase, key_slot)
+            seg, spec, _ = hdr.data_segment()
+            name, _, mode = str(spec).partition("-")
+            offset = seg.offset // 512
+        lines = [
+            f"LUKS header information for {h.header_path}",
+            f"Cipher name:   \t{name}",
+            f"Cipher mode:   \t{mode}",
+            f"Payload offset:\t{offset}",
+            f"UUID:          \t{hdr.uuid}",
+            f"MK bits:       \t{len(key) * 8}",
+        ]
+        lines += _hex_lines(key, "\t\t", "MK dump:\t")
+        return "\n".join(lines)
+
+
+# -- header backup / restore ----------------------------------------------------------------
+
+
+def _backup_size(hdr: LUKS1Header | LUKS2Header) -> int:
+    if isinstance(hdr, LUKS1Header):
+        return hdr.required_header_bytes
+    return hdr.hdr_and_areas_size
+
+
+def header_backup(path: str, backup_file: str, *, header: str | None = None) -> None:
+    """Copy the header and keyslot areas to a new file (mode 0400, like cryptsetup)."""
+    with _locked(path, header, write=False) as h:
+        hdr = _read(h)
+        size = _backup_size(hdr)
+        data = pread_exact(h.header_fd, size, 0, "LUKS header and keyslots")
+    try:
+        fd = os.open(backup_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+    except FileExistsError:
+        raise UsageError(f"Requested header backup file {backup_file} already exists.") from None
+    except OSError as exc:
+        raise DeviceError(
+            f"Cannot create header backup file {backup_file}: {exc.strerror}."
+        ) from None
+    try:
+        pwrite_all(fd, data, 0, f"header backup {backup_file}")
+        sync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(backup_file)
+        raise
+    os.close(fd)
+
+
+def _read_backup(backup_file: str) -> tuple[bytes, LUKS1Header | LUKS2Header]:
+    try:
+        fd = os.open(backup_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KeyFileError(
+            f"Cannot read header backup file {backup_file}: {exc.strerror}."
+        ) from None
+    try:
+        kind = _luks_type(fd, backup_file)
+        hdr: LUKS1Header | LUKS2Header
+        hdr = (
+            read_luks1_header(fd, backup_file)
+            if kind == "luks1"
+            else read_luks2_header(fd, backup_file)
+        )
+        data = pread_exact(fd, _backup_size(hdr), 0, "header backup")
+    finally:
+        os.close(fd)
+    return data, hdr
+
+
+def _data_offset(hdr: LUKS1Header | LUKS2Header) -> int:
+    if isinstance(hdr, LUKS1Header):
+        return hdr.payload_offset * 512
+    return min((s.offset for s in hdr.metadata.segments.values()), default=0)
+
+
+def _key_size(hdr: LUKS1Header | LUKS2Header) -> int:
+    if isinstance(hdr, LUKS1Header):
+        return hdr.key_bytes
+    return next((s.key_size for s in hdr.metadata.keyslots.values()), 0)
+
+
+def header_restore(
+    path: str, backup_file: str, *, header: str | None = None, confirm: Confirm
+) -> None:
+    """Write a header backup back (``luksHeaderRestore``).
+
+    The backup must fit: same data offset and key size as the header on the
+    device, same UUID unless *confirm* agrees to replace a different header.
+    Not atomic (neither is cryptsetup's): after a crash, run it again -- the
+    backup file is the source of truth.
+    """
+    data, backup = _read_backup(backup_file)
+    with _locked(path, header, write=True) as h:
+        if _has_luks(h.header_fd):
+            try:
+                current: LUKS1Header | LUKS2Header | None = _read(h)
+            except CryptfuseError:
+                current = None
+            if current is not None:
+                if _data_offset(current) != _data_offset(backup) or (
+                    _key_size(current)
+                    and _key_size(backup)
+                    and _key_size(current) != _key_size(backup)
+                ):
+                    raise CryptfuseError(
+                        "Data offset or key size differs on device and backup, restore failed."
+                    )
+                if current.uuid != backup.uuid and not confirm(
+                    f"Device {h.header_path} already contains LUKS header with a different UUID. "
+                    "Replacing header will destroy existing keyslots."
+                ):
+                    raise CryptfuseError("Operation aborted (the UUIDs differ; use --force).")
+        elif not confirm(
+            f"Device {h.header_path} does not contain LUKS header. "
+            "Replacing header can destroy data on that device."
+        ):
+            raise CryptfuseError("Operation aborted.")
+        if device_size(h.header_fd) < len(data) and h.header_fd == h.data_fd:
+            raise DeviceError(
+                f"Device {path} is too small for the header backup ({len(data)} bytes)."
+            )
+        pwrite_all(h.header_fd, data, 0, "LUKS header")
+        sync(h.header_fd)
