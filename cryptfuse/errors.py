@@ -42,6 +42,10 @@ class WrongPassphraseError(CryptfuseError):
         super().__init__(message)
 
 
+class KeyslotError(CryptfuseError):
+    """Raised when the requested keyslot is not active, full, or none is usable."""
+
+
 class KeyFileError(CryptfuseError):
     """Raised when a key file cannot be read or is shorter than required."""
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from ..errors import DeviceError, FormatError, UsageError
 from ..volume import Volume
+from .luks1 import open_luks1
+from .luks2 import has_luks2_header, open_luks2
 from .plain import open_plain
 
 __all__ = ["OpenOptions", "Secret", "detect_type", "open_volume", "TYPES"]
@@ -54,16 +56,20 @@ class Secret:
 
 
 def detect_type(path: str) -> str | None:
-    """Return ``"luks1"`` or ``"luks2"`` from the header magic and version, else None."""
+    """Return ``"luks1"`` or ``"luks2"`` from the header magic and version, else None.
+
+    A LUKS2 container whose primary header was wiped is still LUKS2 when a valid
+    secondary copy sits at one of the allowed offsets (cryptsetup finds it too).
+    """
     try:
         with open(path, "rb") as f:
             head = f.read(8)
+            if len(head) < 8 or head[:6] != LUKS_MAGIC:
+                return "luks2" if has_luks2_header(f.fileno()) else None
     except FileNotFoundError:
         raise DeviceError(f"Device {path} does not exist.") from None
     except OSError as exc:
         raise DeviceError(f"Cannot read {path}: {exc.strerror}.") from None
-    if len(head) < 8 or head[:6] != LUKS_MAGIC:
-        return None
     version = int.from_bytes(head[6:8], "big")
     if version == 1:
         return "luks1"
@@ -107,11 +113,7 @@ def open_volume(container: str, options: OpenOptions, secret: Secret) -> Volume:
     if kind in ("luks1", "luks2") and found != kind:
         raise FormatError(f"{header} is {found.upper()}, not {kind.upper()}")
     if found == "luks1":
-        from .luks1 import open_luks1
-
         return open_luks1(
             container, options.header, secret.data, options.key_slot, options.readonly
         )
-    from .luks2 import open_luks2
-
     return open_luks2(container, options.header, secret.data, options.key_slot, options.readonly)

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 from ..af import af_sectors
 from ..errors import (
-    CryptfuseError,
     DeviceError,
     FormatError,
+    KeyslotError,
     UnsupportedError,
     UsageError,
     WrongPassphraseError,
@@ -279,12 +279,12 @@ class LUKS1Header:
                     f"Key slot {key_slot} is invalid (LUKS1 has slots 0-{NUM_KEYSLOTS - 1})."
                 )
             if not self.keyslots[key_slot].enabled:
-                raise CryptfuseError(f"Keyslot {key_slot} is not active.")
+                raise KeyslotError(f"Keyslot {key_slot} is not active.")
             candidates = [key_slot]
         else:
             candidates = [s.index for s in self.keyslots if s.enabled]
             if not candidates:
-                raise CryptfuseError("No usable keyslot is available (no LUKS keyslot is active).")
+                raise KeyslotError("No usable keyslot is available (no LUKS keyslot is active).")
         for index in candidates:
             key = self.try_keyslot(fd, index, passphrase)
             if key is not None:

@@ -49,6 +49,7 @@ from ..errors import (
     CryptfuseError,
     DeviceError,
     FormatError,
+    KeyslotError,
     UnsupportedError,
     UsageError,
     WrongPassphraseError,
@@ -1155,13 +1156,13 @@ class LUKS2Header:
                 )
             slot = slots.get(key_slot)
             if slot is None:
-                raise CryptfuseError(f"Keyslot {key_slot} is not active.")
+                raise KeyslotError(f"Keyslot {key_slot} is not active.")
             if slot.type != "luks2":
                 raise UnsupportedError(
                     f"Keyslot {key_slot} has type {slot.type!r}; it cannot unlock the volume."
                 )
             if digest_for(key_slot) is None:
-                raise CryptfuseError(
+                raise KeyslotError(
                     f"Keyslot {key_slot} is not assigned to the data segment (unbound keyslot); "
                     "it cannot unlock the volume."
                 )
@@ -1175,7 +1176,7 @@ class LUKS2Header:
             candidates = [s for s in usable if s.priority == PRIORITY_HIGH]
             candidates += [s for s in usable if s.priority == PRIORITY_NORMAL]
             if not candidates:
-                raise CryptfuseError("No usable keyslot is available.")
+                raise KeyslotError("No usable keyslot is available.")
         skipped: list[CryptfuseError] = []
         for slot in candidates:
             digest = digest_for(slot.index)
