@@ -1,0 +1,298 @@
+"""LUKS management against the real cryptsetup and qemu-img, in both directions.
+
+What ``cryptfuse format/add-key/change-key/remove-key/kill-slot`` writes must
+pass ``cryptsetup luksDump``, open with exactly the passphrases that should
+work (``cryptsetup open --test-passphrase``), and give the volume key our
+reader unlocks (``luksDump --dump-volume-key``); what cryptsetup writes must
+open here.  KDF costs are forced to the minimum so the suite stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cryptfuse.cli import main
+from cryptfuse.formats import OpenOptions, Secret, open_volume
+from cryptfuse.formats.luks1 import read_luks1_header
+from cryptfuse.formats.luks2 import read_luks2_header
+
+CRYPTSETUP = shutil.which("cryptsetup")
+QEMU_IMG = shutil.which("qemu-img")
+needs_cryptsetup = pytest.mark.skipif(CRYPTSETUP is None, reason="cryptsetup is not installed")
+
+#: (luks type, pbkdf): cheap forced costs for each
+KDFS = [
+    pytest.param(
+        "luks1", ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"], id="luks1-pbkdf2"
+    ),
+    pytest.param(
+        "luks2", ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"], id="luks2-pbkdf2"
+    ),
+    pytest.param(
+        "luks2",
+        ["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "64"],
+        id="luks2-argon2id",
+    ),
+    pytest.param(
+        "luks2",
+        ["--pbkdf", "argon2i", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32"],
+        id="luks2-argon2i",
+    ),
+]
+
+
+def keyfile(tmp: Path, name: str, data: bytes) -> str:
+    path = tmp / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def cf(*argv: str) -> int:
+    """Run the cryptfuse command line in-process."""
+    return main(list(argv))
+
+
+def test_passphrase(img: Path, key: str) -> bool:
+    assert CRYPTSETUP is not None
+    r = subprocess.run(
+        [CRYPTSETUP, "open", "--test-passphrase", str(img), "-d", key],
+        capture_output=True,
+        check=False,
+    )
+    return r.returncode == 0
+
+
+test_passphrase.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+def cryptsetup_key(img: Path, key: str) -> bytes:
+    assert CRYPTSETUP is not None
+    out = subprocess.run(
+        [CRYPTSETUP, "luksDump", "--dump-volume-key", "-q", str(img), "-d", key],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    hexpart = out.split("MK dump:", 1)[1]
+    return bytes.fromhex("".join(re.findall(r"[0-9a-f]{2}", hexpart)))
+
+
+def our_key(img: Path, passphrase: bytes) -> bytes:
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        if os.pread(fd, 8, 0)[6:8] == b"\0\1":
+            return read_luks1_header(fd, str(img)).unlock(fd, passphrase)[1]
+        return read_luks2_header(fd, str(img)).unlock(fd, passphrase)[1]
+    finally:
+        os.close(fd)
+
+
+def luks_dump_ok(img: Path) -> str:
+    assert CRYPTSETUP is not None
+    r = subprocess.run(
+        [CRYPTSETUP, "luksDump", str(img)], capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def write_pattern(img: Path, passphrase: bytes, length: int = 1 << 20) -> bytes:
+    data = bytes(range(256)) * (length // 256)
+    with open_volume(str(img), OpenOptions(), Secret(passphrase)) as vol:
+        vol.write(0, data)
+    return data
+
+
+def read_back(img: Path, passphrase: bytes, length: int) -> bytes:
+    with open_volume(str(img), OpenOptions(readonly=True), Secret(passphrase)) as vol:
+        return vol.read(0, length)
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize(("luks", "kdf"), KDFS)
+def test_cryptfuse_writes_cryptsetup_reads(tmp_path: Path, luks: str, kdf: list[str]) -> None:
+    img = tmp_path / "c.img"
+    k1, k2, k3 = (keyfile(tmp_path, f"k{i}", f"pass-{i}\n".encode()) for i in (1, 2, 3))
+    assert cf("format", "--type", luks, *kdf, "--size", "20M", "-q", "-d", k1, str(img)) == 0
+    dump = luks_dump_ok(img)
+    assert ("Version:       \t1" in dump) == (luks == "luks1")
+    assert test_passphrase(img, k1) and not test_passphrase(img, k2)
+    assert cryptsetup_key(img, k1) == our_key(img, b"pass-1\n")
+    data = write_pattern(img, b"pass-1\n")
+
+    assert cf("add-key", *kdf, str(img), k2, "-d", k1) == 0
+    luks_dump_ok(img)
+    assert test_passphrase(img, k1) and test_passphrase(img, k2)
+    assert cryptsetup_key(img, k2) == our_key(img, b"pass-1\n")
+
+    assert cf("change-key", *kdf, str(img), k3, "-d", k2) == 0
+    luks_dump_ok(img)
+    assert test_passphrase(img, k1) and test_passphrase(img, k3) and not test_passphrase(img, k2)
+
+    assert cf("remove-key", str(img), "-d", k1) == 0
+    assert not test_passphrase(img, k1) and test_passphrase(img, k3)
+
+    assert cf("add-key", *kdf, "--key-slot", "5", str(img), k1, "-d", k3) == 0
+    assert test_passphrase(img, k1)
+    verbose = subprocess.run(
+        [CRYPTSETUP or "", "open", "--test-passphrase", "-v", str(img), "-d", k3],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    unlocked = re.search(r"Key slot (\d+) unlocked", verbose)
+    assert unlocked is not None, verbose
+    slot_of_k3 = int(unlocked.group(1))
+    assert cf("kill-slot", "-q", str(img), str(slot_of_k3)) == 0
+    assert test_passphrase(img, k1) and not test_passphrase(img, k3)
+    luks_dump_ok(img)
+    assert cryptsetup_key(img, k1) == our_key(img, b"pass-1\n")
+    assert read_back(img, b"pass-1\n", len(data)) == data
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize(
+    ("luks", "pbkdf"),
+    [
+        pytest.param("luks1", ["--pbkdf-force-iterations", "1000"], id="luks1"),
+        pytest.param(
+            "luks2", ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"], id="luks2-pbkdf2"
+        ),
+        pytest.param(
+            "luks2",
+            ["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32"],
+            id="luks2-argon2id",
+        ),
+    ],
+)
+def test_cryptsetup_writes_cryptfuse_reads(tmp_path: Path, luks: str, pbkdf: list[str]) -> None:
+    assert CRYPTSETUP is not None
+    img = tmp_path / "c.img"
+    with open(img, "wb") as f:
+        f.truncate(20 << 20)
+    k1, k2, k3 = (keyfile(tmp_path, f"k{i}", f"cs-{i}".encode()) for i in (1, 2, 3))
+
+    def cs(*argv: str) -> None:
+        subprocess.run([CRYPTSETUP, *argv], check=True, capture_output=True)
+
+    cs("luksFormat", "-q", "--type", luks, *pbkdf, str(img), k1)
+    cs("luksAddKey", "-q", *pbkdf, str(img), k2, "-d", k1)
+    data = write_pattern(img, b"cs-2")
+    cs("luksRemoveKey", "-q", str(img), k1)
+    assert read_back(img, b"cs-2", len(data)) == data
+    with pytest.raises(Exception, match="No key available"):
+        read_back(img, b"cs-1", 512)
+    # and our keyslot management on their container
+    assert cf("add-key", *pbkdf, str(img), k3, "-d", k2) == 0
+    assert test_passphrase(img, k3)
+    assert cf("dump", str(img)) == 0
+    assert cryptsetup_key(img, k3) == our_key(img, b"cs-2")
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize("luks", ["luks1", "luks2"])
+def test_dump_matches_cryptsetup(
+    tmp_path: Path, luks: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = tmp_path / "c.img"
+    k1 = keyfile(tmp_path, "k1", b"x")
+    fmt = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--size", "20M"]
+    cf("format", "--type", luks, *fmt, "-d", k1, str(img))
+    capsys.readouterr()
+    assert cf("dump", str(img)) == 0
+    assert capsys.readouterr().out.rstrip("\n") == luks_dump_ok(img).rstrip("\n")
+    assert cf("dump", "--dump-volume-key", "-q", str(img), "-d", k1) == 0
+    ours = capsys.readouterr().out
+    assert CRYPTSETUP is not None
+    theirs = subprocess.run(
+        [CRYPTSETUP, "luksDump", "--dump-volume-key", "-q", str(img), "-d", k1],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert ours.rstrip("\n") == theirs.rstrip("\n")
+
+
+@needs_cryptsetup
+def test_header_backup_restore_interchange(tmp_path: Path) -> None:
+    assert CRYPTSETUP is not None
+    img = tmp_path / "c.img"
+    k1, k2 = keyfile(tmp_path, "k1", b"one"), keyfile(tmp_path, "k2", b"two")
+    cf(
+        "format",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--size",
+        "20M",
+        "-d",
+        k1,
+        str(img),
+    )
+    ours, theirs = tmp_path / "ours.bak", tmp_path / "theirs.bak"
+    assert cf("header-backup", str(img), "--header-backup-file", str(ours)) == 0
+    subprocess.run(
+        [CRYPTSETUP, "luksHeaderBackup", str(img), "--header-backup-file", str(theirs)], check=True
+    )
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert (
+        cf(
+            "add-key",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--pbkdf",
+            "pbkdf2",
+            str(img),
+            k2,
+            "-d",
+            k1,
+        )
+        == 0
+    )
+    assert test_passphrase(img, k2)
+    assert cf("header-restore", "-q", str(img), "--header-backup-file", str(theirs)) == 0
+    assert test_passphrase(img, k1) and not test_passphrase(img, k2)
+    # a backup of another container (other UUID) is refused without --force
+    other = tmp_path / "o.img"
+    cf(
+        "format",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--size",
+        "20M",
+        "-d",
+        k2,
+        str(other),
+    )
+    before = img.read_bytes()
+    assert (
+        cf("header-restore", str(img), "--header-backup-file", str(theirs.parent / "ours.bak")) == 0
+    )
+    backup_other = tmp_path / "other.bak"
+    cf("header-backup", str(other), "--header-backup-file", str(backup_other))
+    assert cf("header-restore", str(img), "--header-backup-file", str(backup_other)) == 1
+    assert img.read_bytes() == before
+
+
+@pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img is not installed")
+def test_qemu_img_reads_luks1_we_formatted(tmp_path: Path) -> None:
+    assert QEMU_IMG is not None
+    img = tmp_path / "q.img"
+    key = keyfile(tmp_path, "k", b"qemu-secret")
+    assert cf("format", "--type", "luks1", "--pbkdf-force-iterations", "1000", "--size", "4M",
+              "-d", key, str(img)) == 0  # fmt: skip
+    data = write_pattern(img, b"qemu-secret", 1 << 20)
+    out = tmp_path / "out.raw"
+    subprocess.run(
+        [QEMU_IMG, "convert", "--object", f"secret,id=s0,file={key}", "--image-opts",
+         f"driver=luks,key-secret=s0,file.filename={img}", "-O", "raw", str(out)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    plain = out.read_bytes()
+    assert plain[: len(data)] == data
+    assert len(plain) == 4 * 1024 * 1024 - 2 * 1024 * 1024
