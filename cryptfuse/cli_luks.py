@@ -20,21 +20,13 @@ import getpass
 import re
 import sys
 from collections.abc import Callable, Sequence
-from types import ModuleType
 
+from .cli_input import PROG, _nonneg_int, _Parser, read_key_file, read_passphrase_line
 from .errors import KeyFileError, UsageError
 from .formats import manage
 from .formats.manage import FormatOptions, KdfOptions
 
 __all__ = ["LUKS_SUBCOMMANDS"]
-
-PROG = "cryptfuse"
-
-
-def _cli() -> ModuleType:
-    from . import cli
-
-    return cli
 
 
 def _size(text: str) -> int:
@@ -47,7 +39,7 @@ def _size(text: str) -> int:
 
 
 def _parser(name: str, usage: str, description: str) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = _cli()._Parser(
+    p: argparse.ArgumentParser = _Parser(
         prog=f"{PROG} {name}",
         usage=f"{PROG} {name} {usage}",
         description=description,
@@ -65,7 +57,7 @@ def _parser(name: str, usage: str, description: str) -> argparse.ArgumentParser:
 
 
 def _key_options(p: argparse.ArgumentParser, slot: bool = True) -> None:
-    nonneg = _cli()._nonneg_int
+    nonneg = _nonneg_int
     p.add_argument(
         "--key-file",
         "-d",
@@ -79,7 +71,7 @@ def _key_options(p: argparse.ArgumentParser, slot: bool = True) -> None:
 
 
 def _kdf_options(p: argparse.ArgumentParser) -> None:
-    nonneg = _cli()._nonneg_int
+    nonneg = _nonneg_int
     g = p.add_argument_group("key derivation (cryptsetup 2.6 defaults)")
     g.add_argument(
         "--pbkdf", choices=("pbkdf2", "argon2i", "argon2id"), help="LUKS2: argon2id; LUKS1: pbkdf2"
@@ -126,22 +118,20 @@ def _prompt(text: str) -> bytes:
 
 def _existing_secret(args: argparse.Namespace, prompt: str) -> bytes:
     """The passphrase of an existing keyslot: --key-file, terminal, or a piped line."""
-    cli = _cli()
     if args.key_file is not None:
-        data: bytes = cli.read_key_file(args.key_file, args.keyfile_offset, args.keyfile_size)
+        data: bytes = read_key_file(args.key_file, args.keyfile_offset, args.keyfile_size)
         return data
     if sys.stdin.isatty():
         text = _prompt(prompt)[args.keyfile_offset :]
         return text if args.keyfile_size is None else text[: args.keyfile_size]
-    line: bytes = cli.read_passphrase_line(sys.stdin.buffer, args.keyfile_offset, args.keyfile_size)
+    line: bytes = read_passphrase_line(sys.stdin.buffer, args.keyfile_offset, args.keyfile_size)
     return line
 
 
 def _new_secret(key_file: str | None, offset: int, size: int | None, prompt: str) -> bytes:
     """A new passphrase: a key file, twice on a terminal, or a piped line."""
-    cli = _cli()
     if key_file is not None:
-        data: bytes = cli.read_key_file(key_file, offset, size)
+        data: bytes = read_key_file(key_file, offset, size)
         return data
     if sys.stdin.isatty():
         first = _prompt(prompt)
@@ -149,7 +139,7 @@ def _new_secret(key_file: str | None, offset: int, size: int | None, prompt: str
             raise UsageError("Passphrases do not match.")
         first = first[offset:]
         return first if size is None else first[:size]
-    line: bytes = cli.read_passphrase_line(sys.stdin.buffer, offset, size)
+    line: bytes = read_passphrase_line(sys.stdin.buffer, offset, size)
     return line
 
 
@@ -193,7 +183,7 @@ def _progress() -> Callable[[str, float], None] | None:
 
 def format_command(argv: Sequence[str]) -> int:
     """``cryptfuse format CONTAINER [KEY_FILE]`` (``cryptsetup luksFormat``)."""
-    nonneg = _cli()._nonneg_int
+    nonneg = _nonneg_int
     p = _parser("format", "[options] CONTAINER [KEY_FILE]", "Create a LUKS1 or LUKS2 container.")
     p.add_argument("container", metavar="CONTAINER")
     p.add_argument(
@@ -342,7 +332,7 @@ def kill_slot_command(argv: Sequence[str]) -> int:
     """``cryptfuse kill-slot CONTAINER SLOT`` (``cryptsetup luksKillSlot``)."""
     p = _parser("kill-slot", "[options] CONTAINER SLOT", "Wipe a keyslot.")
     p.add_argument("container", metavar="CONTAINER")
-    p.add_argument("slot", type=_cli()._nonneg_int, metavar="SLOT")
+    p.add_argument("slot", type=_nonneg_int, metavar="SLOT")
     _key_options(p, slot=False)
     p.add_argument("--force", action="store_true", help="allow removing the last keyslot")
     args = p.parse_args(argv)

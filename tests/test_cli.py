@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptfuse import cli
+from cryptfuse import cli, cli_input
 from cryptfuse.errors import KeyFileError
 
 MiB = 1 << 20
@@ -334,31 +334,31 @@ def test_luks_type_mismatch(
 
 
 def test_piped_passphrase_is_one_line_without_newline() -> None:
-    assert cli.read_passphrase_line(io.BytesIO(b"secret\nmore\n"), 0, None) == b"secret"
-    assert cli.read_passphrase_line(io.BytesIO(b"secret"), 0, None) == b"secret"
-    assert cli.read_passphrase_line(io.BytesIO(b"\n"), 0, None) == b""
-    assert cli.read_passphrase_line(io.BytesIO(b"secret\n"), 0, 3) == b"sec"
+    assert cli_input.read_passphrase_line(io.BytesIO(b"secret\nmore\n"), 0, None) == b"secret"
+    assert cli_input.read_passphrase_line(io.BytesIO(b"secret"), 0, None) == b"secret"
+    assert cli_input.read_passphrase_line(io.BytesIO(b"\n"), 0, None) == b""
+    assert cli_input.read_passphrase_line(io.BytesIO(b"secret\n"), 0, 3) == b"sec"
     with pytest.raises(KeyFileError):
-        cli.read_passphrase_line(io.BytesIO(b""), 0, None)
+        cli_input.read_passphrase_line(io.BytesIO(b""), 0, None)
 
 
 def test_key_file_keeps_newlines(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_bytes(b"0123456789\n")
-    assert cli.read_key_file(str(key), 0, None) == b"0123456789\n"
-    assert cli.read_key_file(str(key), 2, 3) == b"234"
+    assert cli_input.read_key_file(str(key), 0, None) == b"0123456789\n"
+    assert cli_input.read_key_file(str(key), 2, 3) == b"234"
     with pytest.raises(KeyFileError, match="too short"):
-        cli.read_key_file(str(key), 5, 10)
-    assert cli.read_key_file("-", 1, None, stdin=io.BytesIO(b"ab\n")) == b"b\n"
+        cli_input.read_key_file(str(key), 5, 10)
+    assert cli_input.read_key_file("-", 1, None, stdin=io.BytesIO(b"ab\n")) == b"b\n"
 
 
 def test_oversized_key_file(tmp_path: Path) -> None:
     key = tmp_path / "key"
     with open(key, "wb") as f:
-        f.truncate(cli.KEYFILE_SIZE_MAX + 1)
+        f.truncate(cli_input.KEYFILE_SIZE_MAX + 1)
     with pytest.raises(KeyFileError, match="maximum"):
-        cli.read_key_file(str(key), 0, None)
-    assert len(cli.read_key_file(str(key), 0, 64)) == 64
+        cli_input.read_key_file(str(key), 0, None)
+    assert len(cli_input.read_key_file(str(key), 0, 64)) == 64
 
 
 def test_fuse_unavailable(

@@ -43,6 +43,7 @@ LAYERS: dict[str, float] = {
     "fs": 5,
     "mount": 5.5,
     "": 5.9,  # the facade re-exports everything: only cli and __main__ may import it
+    "cli_input": 5.92,  # passphrase/key-file input and option types shared by subcommands
     "cli_luks": 5.95,  # the LUKS management subcommands; cli dispatches to them
     "cli": 6,
     "__main__": 7,
@@ -57,7 +58,7 @@ THIRD_PARTY: dict[str, set[str]] = {
 }
 
 # The command line: the modules that may read passphrases and parse options.
-CLI_MODULES = {"cli", "cli_luks"}
+CLI_MODULES = {"cli", "cli_input", "cli_luks"}
 
 # Standard library modules that belong to the command line only.
 CLI_ONLY_STDLIB = {"argparse", "getpass", "logging.config"}
