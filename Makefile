@@ -55,10 +55,9 @@ lint: setup
 	$(VENV)/bin/ruff check cryptfuse tests examples cryptfuse.py
 	$(VENV)/bin/mypy
 
+# Needs root (loop devices, drop_caches); BENCH_ARGS=--quick for a short run.
 bench: setup
-	@if [ -x bench/run.sh ]; then bench/run.sh; \
-	elif [ -f bench/run.sh ]; then bash bench/run.sh; \
-	else echo "bench: no bench/run.sh yet"; fi
+	$(VPY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
