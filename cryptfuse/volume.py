@@ -10,7 +10,6 @@ the FUSE layer runs it in worker threads.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import stat
@@ -54,6 +53,22 @@ def open_device(path: str, readonly: bool, *, lock: bool = True) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def pwrite_all(fd: int, data: Buffer, offset: int, what: str) -> None:
+    """Write all of *data* at *offset*, looping over short writes; *what* names it in errors."""
+    view = memoryview(data).cast("B")
+    while view:
+        try:
+            written = os.pwrite(fd, view, offset)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise DeviceError(f"cannot write {what}: {exc.strerror}") from exc
+        if written <= 0:
+            raise DeviceError(f"cannot write {what}: the device refused the write")
+        view = view[written:]
+        offset += written
 
 
 def device_size(fd: int) -> int:
@@ -168,19 +183,7 @@ class Volume:
         encrypted = _SCRATCH.get(1, len(plain))
         self.cipher.encrypt_into(plain, first, encrypted)
         position = self.data_offset + first * self.sector_size
-        while encrypted:
-            try:
-                written = os.pwrite(self.fd, encrypted, position)
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise DeviceError(
-                    f"write of {len(encrypted)} bytes at {position} failed: {exc.strerror}"
-                ) from exc
-            if written == 0:
-                raise DeviceError(f"container refused a write at {position}")
-            encrypted = encrypted[written:]
-            position += written
+        pwrite_all(self.fd, encrypted, position, f"{len(encrypted)} bytes at {position}")
 
     # -- byte-granular API ------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from ..errors import DeviceError, UsageError
 from ..kdf import argon2, available_memory_kib, pbkdf2
 from ..sector import SectorCipher
 from ..spec import CipherSpec
+from ..volume import pwrite_all
 
 __all__ = [
     "KdfParams",
@@ -43,22 +44,6 @@ ARGON2_MIN_TIME = 4
 ARGON2_MAX_PARALLEL = 4
 #: the volume-key digest costs about this much (cryptsetup's LUKS_MKD_ITERATIONS_MS)
 DIGEST_ITERATION_MS = 125
-
-
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, what: str) -> None:
-    """Write all of *data* at *offset* (looping over short writes)."""
-    view = memoryview(data).cast("B")
-    while view:
-        try:
-            written = os.pwrite(fd, view, offset)
-        except InterruptedError:
-            continue
-        except OSError as exc:
-            raise DeviceError(f"cannot write {what}: {exc.strerror}") from None
-        if written <= 0:
-            raise DeviceError(f"cannot write {what}: the device refused the write")
-        view = view[written:]
-        offset += written
 
 
 def sync(fd: int) -> None:
