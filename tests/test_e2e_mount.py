@@ -245,6 +245,16 @@ def roundtrip(
     cf.unmount(mnt, pids)
 
 
+def _plain_container_and_mountpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """An empty 4 MiB container (plain mode needs no header) and an empty mountpoint."""
+    container = tmp_path / "plain.img"
+    with open(container, "wb") as f:
+        f.truncate(4 * MiB)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    return container, mnt
+
+
 def test_plain_ext4_roundtrip(cf: Cryptfuse, stack: Stack, tmp_path: Path) -> None:
     container = tmp_path / "plain.img"
     with open(container, "wb") as f:
@@ -318,11 +328,7 @@ def test_luks_detached_header_and_key_slot(cf: Cryptfuse, tmp_path: Path, kind: 
 
 
 def test_sigterm_ends_the_daemon_cleanly(cf: Cryptfuse, tmp_path: Path) -> None:
-    container = tmp_path / "plain.img"
-    with open(container, "wb") as f:
-        f.truncate(4 * MiB)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    container, mnt = _plain_container_and_mountpoint(tmp_path)
     log = tmp_path / "daemon.log"
     pids = cf.mount(*PLAIN, "-v", "--log-file", log, container, mountpoint=mnt)
     with open(mnt / "volume", "r+b") as f:
@@ -341,11 +347,7 @@ def test_sigterm_ends_the_daemon_cleanly(cf: Cryptfuse, tmp_path: Path) -> None:
 
 
 def test_foreground_sigint(cli_env: dict[str, str], repo: Path, tmp_path: Path) -> None:
-    container = tmp_path / "plain.img"
-    with open(container, "wb") as f:
-        f.truncate(4 * MiB)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    container, mnt = _plain_container_and_mountpoint(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cryptfuse", "-f", *PLAIN, str(container), str(mnt)],
         stdin=subprocess.PIPE,
@@ -393,11 +395,7 @@ def test_read_only_mount_refuses_writes(cf: Cryptfuse, tmp_path: Path) -> None:
 
 
 def test_io_errors_and_limits_through_the_kernel(cf: Cryptfuse, tmp_path: Path) -> None:
-    container = tmp_path / "plain.img"
-    with open(container, "wb") as f:
-        f.truncate(4 * MiB)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    container, mnt = _plain_container_and_mountpoint(tmp_path)
     pids = cf.mount(*PLAIN, container, mountpoint=mnt)
     volume = mnt / "volume"
     assert volume.stat().st_size == 4 * MiB
@@ -425,11 +423,7 @@ def test_io_errors_and_limits_through_the_kernel(cf: Cryptfuse, tmp_path: Path) 
 
 
 def test_mount_failure_is_one_line(cf: Cryptfuse, tmp_path: Path) -> None:
-    container = tmp_path / "plain.img"
-    with open(container, "wb") as f:
-        f.truncate(4 * MiB)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    container, mnt = _plain_container_and_mountpoint(tmp_path)
     result = cf.run(*PLAIN, "-o", "no_such_fuse_option", container, mnt, input=PASSPHRASE + b"\n")
     lines = result.stderr.decode().splitlines()
     assert result.returncode == 1, lines
@@ -440,11 +434,7 @@ def test_mount_failure_is_one_line(cf: Cryptfuse, tmp_path: Path) -> None:
 
 
 def test_mmap_needs_page_cache(cf: Cryptfuse, tmp_path: Path) -> None:
-    container = tmp_path / "plain.img"
-    with open(container, "wb") as f:
-        f.truncate(4 * MiB)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    container, mnt = _plain_container_and_mountpoint(tmp_path)
     pids = cf.mount(*PLAIN, container, mountpoint=mnt)
     with open(mnt / "volume", "r+b") as f:
         # direct_io (the default) has no page cache to share.
@@ -574,11 +564,7 @@ def test_corpus_images_through_the_mount(
 
 
 def test_fuse_options_pass_through(cf: Cryptfuse, tmp_path: Path) -> None:
-    container = tmp_path / "plain.img"
-    with open(container, "wb") as f:
-        f.truncate(4 * MiB)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    container, mnt = _plain_container_and_mountpoint(tmp_path)
     pids = cf.mount(*PLAIN, "-o", "allow_other", "--name", "disk.raw", container, mountpoint=mnt)
     options = sh("findmnt", "-n", "-o", "OPTIONS", mnt).stdout.decode()
     assert "allow_other" in options and "default_permissions" in options
