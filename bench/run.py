@@ -555,30 +555,20 @@ class Bench:
         if size < self.seq_size:
             self.notes.append(f"{c.short}: sequential tests used {size // MiB} MiB (volume size)")
         mib = f"{size // MiB} MiB" if size < GiB else f"{size / GiB:g} GiB"
-        self.record(
-            c,
-            f"seq write {mib}, O_DIRECT, +fsync (MB/s)",
-            t,
-            lambda: seq_write(t.path, t.offset, size, direct=True),
-        )
-        self.record(
-            c,
-            f"seq read {mib}, O_DIRECT, cold (MB/s)",
-            t,
-            lambda: seq_read(t.path, t.offset, size, direct=True),
-        )
-        self.record(
-            c,
-            f"seq write {mib}, buffered, +fsync (MB/s)",
-            t,
-            lambda: seq_write(t.path, t.offset, size, direct=False),
-        )
-        self.record(
-            c,
-            f"seq read {mib}, buffered, cold (MB/s)",
-            t,
-            lambda: seq_read(t.path, t.offset, size, direct=False),
-        )
+        for direct in (True, False):
+            kind = "O_DIRECT" if direct else "buffered"
+            self.record(
+                c,
+                f"seq write {mib}, {kind}, +fsync (MB/s)",
+                t,
+                lambda direct=direct: seq_write(t.path, t.offset, size, direct=direct),
+            )
+            self.record(
+                c,
+                f"seq read {mib}, {kind}, cold (MB/s)",
+                t,
+                lambda direct=direct: seq_read(t.path, t.offset, size, direct=direct),
+            )
         if not self.have_fio:
             return
         for jobs in (1, 4):
