@@ -68,6 +68,9 @@ static void xor_run(uint8_t *dst, const uint8_t *src, const uint8_t *tweaks,
     }
 }
 
+/* Buffers from this size on are processed without the GIL. */
+#define RELEASE_GIL_FROM (64 * 1024)
+
 static PyObject *xor_tweaks(PyObject *self, PyObject *args)
 {
     Py_buffer dst, src, tweaks;
@@ -81,9 +84,14 @@ static PyObject *xor_tweaks(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "xor_tweaks: inconsistent buffer sizes");
         goto out;
     }
-    Py_BEGIN_ALLOW_THREADS
-    xor_run(dst.buf, src.buf, tweaks.buf, src.len / sector_size, sector_size / 16);
-    Py_END_ALLOW_THREADS
+    if (src.len >= RELEASE_GIL_FROM) {
+        Py_BEGIN_ALLOW_THREADS
+        xor_run(dst.buf, src.buf, tweaks.buf, src.len / sector_size, sector_size / 16);
+        Py_END_ALLOW_THREADS
+    } else {
+        /* a few sectors take less time than handing the GIL over and back */
+        xor_run(dst.buf, src.buf, tweaks.buf, src.len / sector_size, sector_size / 16);
+    }
     result = Py_NewRef(Py_None);
 out:
     PyBuffer_Release(&dst);

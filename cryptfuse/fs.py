@@ -16,12 +16,13 @@ unmount, like the attributes of a device node that udev recreates.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -29,6 +30,7 @@ import pyfuse3
 import trio
 
 from .errors import CryptfuseError, OutOfRangeError, ReadOnlyError
+from .sector import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class VolumeLike(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
 
-    def write(self, offset: int, data: bytes) -> int: ...
+    def write(self, offset: int, data: Buffer) -> int: ...
 
     def sync(self) -> None: ...
 
@@ -72,7 +74,7 @@ class FSOptions:
     dir_mode: int = 0o700
     #: True: every request bypasses the kernel page cache (see docs/daemon.md)
     direct_io: bool = True
-    #: worker threads doing volume I/O at once
+    #: threads serving FUSE requests at once (cryptfuse.channel)
     threads: int = 4
 
 
@@ -120,20 +122,11 @@ class VolumeFS(pyfuse3.Operations):
 
     # -- the one place where volume errors become errno values -----------------
 
-    async def _volume_call(
-        self, what: str, offset: int, length: int, func: Callable[..., T], *args: object
-    ) -> T:
-        """Run a blocking volume call; map its errors to errno.
-
-        Requests up to :data:`INLINE_MAX` bytes run on the event loop itself: the
-        hand-off to a worker thread was measured at ~230 us here, more than
-        decrypting 4 KiB, while large requests still go to threads so the loop
-        keeps serving others.
-        """
+    @contextlib.contextmanager
+    def _errno_mapping(self, what: str, offset: int, length: int) -> Iterator[None]:
+        """Turn a failed volume call into :class:`pyfuse3.FUSEError`, logged with context."""
         try:
-            if length <= INLINE_MAX:
-                return func(*args)
-            return await trio.to_thread.run_sync(func, *args, limiter=self.limiter)
+            yield
         except pyfuse3.FUSEError:
             raise
         except (OutOfRangeError, ReadOnlyError) as exc:
@@ -144,10 +137,53 @@ class VolumeFS(pyfuse3.Operations):
             log.error("%s of %d bytes at %d failed: %s", what, length, offset, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
-            # A bug: keep the daemon serving (pyfuse3 would end the main loop), but
-            # leave the traceback in the log. Messages never contain key material.
+            # A bug: keep the daemon serving, but leave the traceback in the log.
+            # Messages never contain key material.
             log.exception("%s of %d bytes at %d failed unexpectedly", what, length, offset)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _volume_call(
+        self, what: str, offset: int, length: int, func: Callable[..., T], *args: object
+    ) -> T:
+        """Run a blocking volume call from the trio loop; map its errors to errno.
+
+        Requests up to :data:`INLINE_MAX` bytes run on the event loop itself: the
+        hand-off to a worker thread was measured at ~230 us here, more than
+        decrypting 4 KiB, while large requests still go to threads so the loop
+        keeps serving others.
+        """
+        with self._errno_mapping(what, offset, length):
+            if length <= INLINE_MAX:
+                return func(*args)
+            return await trio.to_thread.run_sync(func, *args, limiter=self.limiter)
+        raise AssertionError("unreachable")  # pragma: no cover - for mypy
+
+    # -- the data path, callable from any thread ------------------------------------
+
+    def read_now(self, off: int, size: int) -> bytes:
+        """Decrypt *size* bytes at *off* in the calling thread (errors as FUSEError)."""
+        with self._errno_mapping("read", off, size):
+            return self.volume.read(off, size)
+        raise AssertionError("unreachable")  # pragma: no cover - for mypy
+
+    def write_now(self, off: int, buf: Buffer) -> int:
+        """Encrypt *buf* to *off* in the calling thread (errors as FUSEError)."""
+        length = len(memoryview(buf))
+        if self.volume.readonly:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        try:
+            with self._errno_mapping("write", off, length):
+                return self.volume.write(off, buf)
+        finally:
+            self._wrote()
+        raise AssertionError("unreachable")  # pragma: no cover - for mypy
+
+    def _wrote(self) -> None:
+        # Set once the write is over (also when it failed part-way: some of it may
+        # have reached the container), never before: a sync that clears the flag
+        # while a write is in flight must not make a later fsync skip that write.
+        self._dirty = True
+        self._times[FILE_INODE][1] = self._times[FILE_INODE][2] = time.time_ns()
 
     # -- attributes ---------------------------------------------------------------
 
@@ -268,13 +304,17 @@ class VolumeFS(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """List ``.``, ``..`` and the volume file; *start_id* is the index to resume at."""
-        # FUSE does not synthesize the dot entries; tools like `ls -a` and `find`
-        # expect them. The kernel does not cache readdirplus attributes for them.
-        entries = ((b".", ROOT_INODE), (b"..", ROOT_INODE), (self.name, FILE_INODE))
+        entries = self.dir_entries()
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
             if not pyfuse3.readdir_reply(token, name, self._attr(inode), index + 1):
                 break
+
+    def dir_entries(self) -> tuple[tuple[bytes, int], ...]:
+        """The directory's (name, inode) entries, in readdir order."""
+        # FUSE does not synthesize the dot entries; tools like `ls -a` and `find`
+        # expect them.
+        return ((b".", ROOT_INODE), (b"..", ROOT_INODE), (self.name, FILE_INODE))
 
     # -- the file --------------------------------------------------------------------
 
@@ -300,10 +340,10 @@ class VolumeFS(pyfuse3.Operations):
         """Encrypt *buf* to *off*; ENOSPC at/after the end, EROFS when read-only."""
         if self.volume.readonly:
             raise pyfuse3.FUSEError(errno.EROFS)
-        self._dirty = True
-        written = await self._volume_call("write", off, len(buf), self.volume.write, off, buf)
-        self._times[FILE_INODE][1] = self._times[FILE_INODE][2] = time.time_ns()
-        return written
+        try:
+            return await self._volume_call("write", off, len(buf), self.volume.write, off, buf)
+        finally:
+            self._wrote()
 
     async def _sync(self, what: str) -> None:
         if not self._dirty:
@@ -328,8 +368,12 @@ class VolumeFS(pyfuse3.Operations):
 
     # -- everything that would change the directory: refused ------------------------
 
+    def refusal_errno(self) -> int:
+        """The errno of every request that would change the directory."""
+        return errno.EROFS if self.volume.readonly else errno.EPERM
+
     def _refuse(self) -> pyfuse3.FUSEError:
-        return pyfuse3.FUSEError(errno.EROFS if self.volume.readonly else errno.EPERM)
+        return pyfuse3.FUSEError(self.refusal_errno())
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext

@@ -15,9 +15,11 @@ survive a fork.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +29,7 @@ from typing import Protocol
 import pyfuse3
 import trio
 
+from .channel import Channel, find_fuse_fds
 from .errors import CryptfuseError
 from .fs import FSOptions, VolumeFS, VolumeLike
 
@@ -39,6 +42,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: default_permissions: the kernel checks mode/owner like on any file, so mode 0600
 #: means what it says even with ``-o allow_other``.
 BASE_OPTIONS = ("default_permissions", "subtype=cryptfuse")
+
+#: umount2(2) flag: detach now, finish when the file system is no longer busy
+MNT_DETACH = 2
 
 #: Options libfuse handles itself or that would break the daemon's contract.
 FORBIDDEN_OPTIONS = frozenset({"auto_unmount", "clone_fd"})
@@ -73,8 +79,6 @@ class MountConfig:
     log_file: str | None = None
     #: the mount's source (see :func:`fsname_for`); ``-o fsname=`` overrides it
     fsname: str = "cryptfuse"
-    #: pyfuse3 worker tasks; requests beyond the thread limiter just wait
-    max_tasks: int = 64
 
 
 def fsname_for(container: str) -> str:
@@ -131,10 +135,14 @@ def _captured_stderr() -> Iterator[Callable[[], str]]:
             text.append(tmp.read().decode(errors="replace"))
 
 
-def _mount(ops: VolumeFS, config: MountConfig, options: set[str]) -> None:
-    """pyfuse3.init with a one-line error instead of libfuse's stderr chatter."""
+def _mount(ops: VolumeFS, config: MountConfig, options: set[str]) -> int:
+    """pyfuse3.init with a one-line error instead of libfuse's stderr chatter.
+
+    Returns the session's ``/dev/fuse`` descriptor (libfuse's: do not close it).
+    """
     log.debug("mounting %s with options %s", config.mountpoint, ",".join(sorted(options)))
     message = ""
+    before = find_fuse_fds()
     with _captured_stderr() as captured:
         try:
             pyfuse3.init(ops, config.mountpoint, options)
@@ -146,26 +154,68 @@ def _mount(ops: VolumeFS, config: MountConfig, options: set[str]) -> None:
         raise MountError(f"cannot mount {config.mountpoint}: {reason}")
     if chatter:
         log.warning("libfuse: %s", chatter)
+    new = find_fuse_fds() - before
+    if len(new) != 1:
+        raise MountError(f"cannot find the FUSE session of {config.mountpoint}")
+    return new.pop()
 
 
-async def _main_loop(config: MountConfig, pending: list[int]) -> None:
-    """Run pyfuse3 until unmounted or a stop signal arrives."""
+def _lazy_unmount(mountpoint: str) -> None:
+    """Detach the mount like ``umount -l``: the kernel ends the FUSE connection once
+    nothing uses the file system any more (at once when nothing does)."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(os.fsencode(mountpoint), MNT_DETACH) == 0:
+            return
+        log.debug("umount2(%s): %s", mountpoint, os.strerror(ctypes.get_errno()))
+    result = subprocess.run(
+        ["fusermount3", "-u", "-z", "--", mountpoint],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        log.error("cannot unmount %s: %s", mountpoint, result.stderr.strip())
+
+
+async def _main_loop(config: MountConfig, pending: list[int], channel: Channel) -> None:
+    """Serve until the kernel ends the connection (unmount); signals unmount lazily."""
+    token = trio.lowlevel.current_trio_token()
+    finished = trio.Event()
+
+    def on_finished() -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(finished.set)
+
+    async def stop(signum: int) -> None:
+        log.info("received signal %d, unmounting", signum)
+        await trio.to_thread.run_sync(_lazy_unmount, config.mountpoint)
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             task_status.started()
             # A signal that came before trio took over the handlers still counts.
             if pending:
-                log.info("received signal %d, unmounting", pending[0])
-                pyfuse3.terminate()
+                await stop(pending[0])
             async for signum in signals:
-                log.info("received signal %d, unmounting", signum)
-                pyfuse3.terminate()
+                await stop(signum)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals)
-        await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
+        channel.start(token, on_finished)
+        await finished.wait()
         nursery.cancel_scope.cancel()
+
+
+def _finish_channel(channel: Channel, mountpoint: str) -> None:
+    """Close the channel once its workers ended (after an error: unmount first)."""
+    if not channel.wait(0):
+        _lazy_unmount(mountpoint)
+        if not channel.wait(10):
+            log.error("FUSE workers still busy; leaving their descriptor open")
+            return
+    channel.close()
 
 
 def _close_volume(volume: ServedVolume) -> None:
@@ -198,15 +248,19 @@ def serve(
             stack.callback(
                 signal.signal, signum, signal.signal(signum, lambda s, _f: pending.append(s))
             )
-        _mount(ops, config, options)
+        session_fd = _mount(ops, config, options)
         # pyfuse3.close(unmount=True) is a no-op unmount when fusermount3 -u already
         # did it (libfuse sees the dead connection) and a lazy umount otherwise.
         stack.callback(pyfuse3.close, unmount=True)
         stack.callback(log.info, "unmounted %s", config.mountpoint)
+        # The channel reads its own descriptor of the session: pyfuse3.close closes
+        # libfuse's, and a worker must never read a number that was closed and reused.
+        channel = Channel(os.dup(session_fd), ops, workers=config.fs.threads)
+        stack.callback(_finish_channel, channel, config.mountpoint)
         log.info("mounted %s on %s", volume.description or "volume", config.mountpoint)
         if on_mounted is not None:
             on_mounted()
-        trio.run(_main_loop, config, pending)
+        trio.run(_main_loop, config, pending, channel)
 
 
 def _redirect_stdio(log_file: str | None) -> None:
