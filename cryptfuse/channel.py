@@ -95,10 +95,12 @@ IN_HEADER = struct.Struct("=IIQQIIIHH")  # len opcode unique nodeid uid gid pid 
 OUT_HEADER = struct.Struct("=IiQ")  # len error unique
 INIT_IN = struct.Struct("=IIII")  # major minor max_readahead flags
 INIT_OUT = struct.Struct("=IIIIHHIIHHII6I")
-ATTR = struct.Struct("=QQQQQQIIIIIIIIII")
+# Times are u64 in fuse.h but carry a signed time_t (libfuse converts them so): "q"
+# keeps times before 1970 in both directions.
+ATTR = struct.Struct("=QQQqqqIIIIIIIIII")
 ENTRY_OUT = struct.Struct("=QQQQII")  # + ATTR
 ATTR_OUT = struct.Struct("=QII")  # + ATTR
-SETATTR_IN = struct.Struct("=IIQQQQQQIIIIIIII")
+SETATTR_IN = struct.Struct("=IIQQQqqqIIIIIIII")
 OPEN_IN = struct.Struct("=II")  # flags open_flags
 OPEN_OUT = struct.Struct("=QII")  # fh open_flags padding
 READ_IN = struct.Struct("=QQIIQII")  # fh offset size read_flags lock_owner flags padding
