@@ -477,4 +477,6 @@ def test_generated_luks2_headers(name: str, verdict: str) -> None:
 
 
 def test_expected_list_has_85_verdicts() -> None:
+    if generated_headers() is None:
+        pytest.skip("malformed corpus archive not present")
     assert len(_expected()) == 85
