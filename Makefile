@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # fuse3/libfuse3-dev/pkg-config/gcc/python3-dev build and run pyfuse3; the rest is what the
 # demo and the end-to-end tests drive (cryptsetup, qemu-img, mkfs.ext4, losetup, xz).
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv \
-	cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount
+	libssl-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount
 
 .PHONY: setup debs test demo lint bench clean distclean
 

@@ -9,9 +9,14 @@ module reads requests from the session's ``/dev/fuse`` descriptor itself:
 
 * :class:`Channel` runs *workers* threads, each blocking in ``read(2)`` on the
   descriptor (the kernel hands every request to exactly one reader).
-* READ and WRITE are answered in the worker that read them, through
-  :meth:`VolumeFS.read_now`/:meth:`VolumeFS.write_now`: container I/O and the
-  cipher release the GIL, so requests overlap on the disk and on both cores.
+* READ and WRITE are answered in the worker that read them.  Where the volume
+  has a C data path (``Volume.fast``: AES-XTS with a sector-number IV, i.e.
+  cryptsetup's default), the worker reads ``/dev/fuse`` through it and READs
+  and whole-sector WRITEs never reach Python: no interpreter time and no GIL per
+  request, so the workers really run in parallel.  Requests it declines (partial
+  sectors, the end of the volume, failures to retry here with logging) come back
+  and go, like everything on volumes without it, through
+  :meth:`VolumeFS.read_now`/:meth:`VolumeFS.write_now`.
 * Every other request runs the :class:`~cryptfuse.fs.VolumeFS` operation (the
   one place of the file system's rules and of the errno mapping) on the trio
   loop, and its result is encoded here.
@@ -315,9 +320,11 @@ class Channel:
     end when the kernel ends the connection (unmount); :meth:`wait` returns then.
     """
 
-    def __init__(self, fd: int, ops: VolumeFS, *, workers: int = 8) -> None:
+    def __init__(self, fd: int, ops: VolumeFS, *, workers: int = 8, fast: bool = True) -> None:
         self.fd = fd
         self.ops = ops
+        #: serve READ/WRITE in C (cryptfuse._fastpath) where the volume allows it
+        self.fast = ops.fast if fast else None
         self.token: trio.lowlevel.TrioToken | None = None
         self.workers = max(1, workers)
         self._threads: list[threading.Thread] = []
@@ -390,9 +397,12 @@ class Channel:
         buf = bytearray(REQUEST_BUFFER)
         view = memoryview(buf)
         fd = self.fd
+        # The C worker answers READ and WRITE itself and returns with any other
+        # request (or one it declines) in buf, as readv() would have.
+        fast = self.fast.worker() if self.fast is not None else None
         while True:
             try:
-                length = os.readv(fd, [buf])
+                length = fast.serve(fd, buf) if fast is not None else os.readv(fd, [buf])
             except OSError as exc:
                 if exc.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue  # interrupted, or a request the kernel took back

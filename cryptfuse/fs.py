@@ -118,6 +118,11 @@ class VolumeFS(pyfuse3.Operations):
         # Set by every write, cleared just before a sync starts: a write that lands
         # during the sync sets it again, so flush/fsync never skip unsynced data.
         self._dirty = False
+        #: the C data path (cryptfuse._fastpath.FastVolume) when the volume has one: its
+        #: writes never pass through here, so its write count and time are polled
+        self.fast = getattr(volume, "fast", None)
+        self._synced_fast_writes = 0
+        self._seen_fast_write_ns = 0
         self._next_fh = 1
 
     # -- the one place where volume errors become errno values -----------------
@@ -201,6 +206,13 @@ class VolumeFS(pyfuse3.Operations):
         # st_blksize is the preferred I/O size; a whole page (at least one sector)
         # keeps tools from issuing sub-sector writes that need read-modify-write.
         entry.st_blksize = max(4096, self.volume.sector_size)
+        if inode == FILE_INODE and self.fast is not None:
+            written_ns = self.fast.last_write_ns
+            if written_ns > self._seen_fast_write_ns:
+                # Writes served in C change mtime/ctime as the Python ones do (_wrote);
+                # a later utimens still wins until the next write.
+                self._seen_fast_write_ns = written_ns
+                self._times[FILE_INODE][1] = self._times[FILE_INODE][2] = written_ns
         entry.st_atime_ns, entry.st_mtime_ns, entry.st_ctime_ns = self._times[inode]
         if inode == FILE_INODE:
             entry.st_nlink = 1
@@ -346,9 +358,13 @@ class VolumeFS(pyfuse3.Operations):
             self._wrote()
 
     async def _sync(self, what: str) -> None:
-        if not self._dirty:
+        # A fast write counts once it has reached the container, before its reply:
+        # one still in flight now is counted later and makes the next sync happen.
+        fast_writes = self.fast.writes if self.fast is not None else 0
+        if not self._dirty and fast_writes == self._synced_fast_writes:
             return
         self._dirty = False
+        self._synced_fast_writes = fast_writes
         try:
             await self._volume_call(what, 0, self.volume.size, self.volume.sync)
         except pyfuse3.FUSEError:

@@ -280,6 +280,29 @@ class SectorCipher:
             _SubKey(spec, bytes(key[i * part : (i + 1) * part])) for i in range(spec.keycount)
         ]
 
+    def xts_parameters(self) -> tuple[bytes, str] | None:
+        """``(key, ivmode)`` when the sectors are AES-XTS with a plain sector-number IV.
+
+        That is what :mod:`cryptfuse._fastpath` serves in C with OpenSSL's XTS
+        (``aes-xts-plain64`` and its ``plain``/``plain64be``/``null`` IV variants,
+        one key); None for everything else, which only this engine serves.
+        """
+        spec = self.spec
+        if (
+            spec.cipher != "aes"
+            or spec.chainmode != "xts"
+            or spec.keycount != 1
+            or spec.ivmode not in _IV_PACK
+        ):
+            return None
+        assert spec.ivmode is not None
+        return self._subkeys[0].key, spec.ivmode
+
+    @property
+    def iv_shift(self) -> int:
+        """How far a 512-byte sector number is shifted right to give the IV sector."""
+        return self._shift
+
     # -- sector numbers and IVs -------------------------------------------------
 
     def _cc_sectors(self, first_sector: int, count: int) -> U64:

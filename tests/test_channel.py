@@ -550,11 +550,13 @@ class Client:
         return int(size)
 
 
-def serve(volume: Volume, client: Callable[[Client], None]) -> None:
-    """Run *client* in a thread against a 2-worker Channel serving *volume*."""
+def serve(
+    volume: Volume, client: Callable[[Client], None], *, workers: int = 2, fast: bool = True
+) -> None:
+    """Run *client* in a thread against a Channel serving *volume* (C data path: *fast*)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.settimeout(REPLY_TIMEOUT)
-    channel = Channel(theirs.detach(), VolumeFS(volume), workers=2)
+    channel = Channel(theirs.detach(), VolumeFS(volume), workers=workers, fast=fast)
 
     async def main() -> None:
         token = trio.lowlevel.current_trio_token()

@@ -1,0 +1,701 @@
+/*
+ * cryptfuse._fastpath: FUSE READ and WRITE of aes-xts volumes served without the GIL.
+ *
+ * The Python request loop (cryptfuse.channel) costs tens of microseconds of
+ * interpreter time per request and serialises every thread on the GIL; for
+ * 4 KiB random I/O that, not the cipher, was the daemon's limit.  This module
+ * serves the common requests in C from start to end:
+ *
+ *   Worker.serve(fuse_fd, buffer) reads requests from the FUSE descriptor with
+ *   the GIL released.  A READ, or a WRITE of whole sectors inside the volume,
+ *   is decrypted/encrypted with OpenSSL's AES-XTS (one sector per IV, exactly
+ *   dm-crypt's xts-plain64 / plain / plain64be / null) and answered here.  Any
+ *   other request, and any request whose container I/O fails, is handed back:
+ *   serve() returns its length with the request still in *buffer*, and the
+ *   Python channel handles it with the full rules, errno mapping and logging
+ *   (a failed fast request is retried there; reads and whole-sector writes are
+ *   idempotent).
+ *
+ * RangeLock is the range lock of cryptfuse.volume.Volume: the Python
+ * read-modify-write of partial sectors and the fast whole-sector writes here
+ * exclude each other on the sectors they share.
+ *
+ * Layout of the kernel's structures: include/uapi/linux/fuse.h (7.31, native
+ * byte order), the same ones channel.py encodes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define FUSE_READ 15
+#define FUSE_WRITE 16
+#define IN_HEADER 40
+#define RW_IN 40
+#define OUT_HEADER 16
+/* the largest READ/WRITE payload the channel negotiates (max_pages 256) */
+#define MAX_IO (1 << 20)
+#define MAX_SECTOR 4096
+
+enum { IV_PLAIN64 = 0, IV_PLAIN = 1, IV_PLAIN64BE = 2, IV_NULL = 3 };
+
+/* -- the range lock ------------------------------------------------------------------------ */
+
+typedef struct {
+    uint64_t start, end;
+} range_t;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    range_t *held;
+    size_t count, cap;
+} RangeLockObject;
+
+static int overlaps(const RangeLockObject *lock, uint64_t start, uint64_t end)
+{
+    for (size_t i = 0; i < lock->count; i++)
+        if (lock->held[i].start < end && start < lock->held[i].end)
+            return 1;
+    return 0;
+}
+
+/* Called without the GIL.  Returns 0, or -1 when out of memory. */
+static int range_acquire(RangeLockObject *lock, uint64_t start, uint64_t end)
+{
+    int rc = 0;
+    pthread_mutex_lock(&lock->mu);
+    while (overlaps(lock, start, end))
+        pthread_cond_wait(&lock->cv, &lock->mu);
+    if (lock->count == lock->cap) {
+        size_t cap = lock->cap ? lock->cap * 2 : 16;
+        range_t *grown = realloc(lock->held, cap * sizeof(range_t));
+        if (grown == NULL) {
+            rc = -1;
+            goto out;
+        }
+        lock->held = grown;
+        lock->cap = cap;
+    }
+    lock->held[lock->count].start = start;
+    lock->held[lock->count].end = end;
+    lock->count++;
+out:
+    pthread_mutex_unlock(&lock->mu);
+    return rc;
+}
+
+/* Called without the GIL.  Returns 0, or -1 when the range was not held. */
+static int range_release(RangeLockObject *lock, uint64_t start, uint64_t end)
+{
+    int rc = -1;
+    pthread_mutex_lock(&lock->mu);
+    for (size_t i = 0; i < lock->count; i++) {
+        if (lock->held[i].start == start && lock->held[i].end == end) {
+            lock->held[i] = lock->held[lock->count - 1];
+            lock->count--;
+            rc = 0;
+            break;
+        }
+    }
+    pthread_cond_broadcast(&lock->cv);
+    pthread_mutex_unlock(&lock->mu);
+    return rc;
+}
+
+static int RangeLock_init(RangeLockObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, ":RangeLock", kwlist))
+        return -1;
+    return 0;
+}
+
+static PyObject *RangeLock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    RangeLockObject *self = (RangeLockObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    pthread_mutex_init(&self->mu, NULL);
+    pthread_cond_init(&self->cv, NULL);
+    self->held = NULL;
+    self->count = self->cap = 0;
+    return (PyObject *)self;
+}
+
+static void RangeLock_dealloc(RangeLockObject *self)
+{
+    pthread_mutex_destroy(&self->mu);
+    pthread_cond_destroy(&self->cv);
+    free(self->held);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int parse_range(PyObject *args, uint64_t *start, uint64_t *end)
+{
+    unsigned long long s, e;
+    if (!PyArg_ParseTuple(args, "KK", &s, &e))
+        return -1;
+    if (s >= e) {
+        PyErr_SetString(PyExc_ValueError, "empty or inverted range");
+        return -1;
+    }
+    *start = s;
+    *end = e;
+    return 0;
+}
+
+static PyObject *RangeLock_acquire(RangeLockObject *self, PyObject *args)
+{
+    uint64_t start, end;
+    int rc;
+    if (parse_range(args, &start, &end) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = range_acquire(self, start, end);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *RangeLock_release(RangeLockObject *self, PyObject *args)
+{
+    uint64_t start, end;
+    int rc;
+    if (parse_range(args, &start, &end) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = range_release(self, start, end);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "release of a range that is not held");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *RangeLock_held(RangeLockObject *self, void *closure)
+{
+    size_t count;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->mu);
+    count = self->count;
+    pthread_mutex_unlock(&self->mu);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromSize_t(count);
+}
+
+static PyMethodDef RangeLock_methods[] = {
+    {"acquire", (PyCFunction)RangeLock_acquire, METH_VARARGS,
+     "acquire(start, end): wait until no held range overlaps [start, end), then hold it."},
+    {"release", (PyCFunction)RangeLock_release, METH_VARARGS,
+     "release(start, end): give back a range taken with acquire()."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef RangeLock_getset[] = {
+    {"held", (getter)RangeLock_held, NULL, "number of ranges held now", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RangeLockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cryptfuse._fastpath.RangeLock",
+    .tp_basicsize = sizeof(RangeLockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Excludes overlapping sector ranges; disjoint ranges proceed in parallel.",
+    .tp_new = RangeLock_new,
+    .tp_init = (initproc)RangeLock_init,
+    .tp_dealloc = (destructor)RangeLock_dealloc,
+    .tp_methods = RangeLock_methods,
+    .tp_getset = RangeLock_getset,
+};
+
+/* -- the volume ------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    uint64_t data_offset;
+    uint64_t size;
+    uint32_t sector_size;
+    uint32_t spb; /* 512-byte units per sector */
+    uint32_t iv_shift;
+    int ivmode;
+    int readonly;
+    uint64_t iv_offset;
+    const EVP_CIPHER *cipher;
+    unsigned char key[64];
+    int key_len;
+    RangeLockObject *lock;
+    _Atomic uint64_t writes;        /* whole-sector writes completed here */
+    _Atomic int64_t last_write_ns;  /* CLOCK_REALTIME of the last one */
+    _Atomic uint64_t reads;         /* reads answered here */
+    _Atomic uint64_t declined;      /* READ/WRITE requests handed back to Python */
+    _Atomic uint64_t reply_errors;  /* replies the kernel refused (other than ENOENT/ENODEV) */
+} FastVolumeObject;
+
+static PyTypeObject FastVolumeType;
+
+static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "data_offset", "size", "sector_size", "readonly", "key",
+                             "iv_offset", "iv_shift", "ivmode", "lock", NULL};
+    int fd, readonly, ivmode;
+    unsigned long long data_offset, size, iv_offset;
+    unsigned int sector_size, iv_shift;
+    Py_buffer key;
+    PyObject *lock;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKKIpy*KIiO!:FastVolume", kwlist, &fd,
+                                     &data_offset, &size, &sector_size, &readonly, &key,
+                                     &iv_offset, &iv_shift, &ivmode, &RangeLockType, &lock))
+        return NULL;
+    FastVolumeObject *self = NULL;
+    const EVP_CIPHER *cipher = NULL;
+    if (key.len == 32)
+        cipher = EVP_aes_128_xts();
+    else if (key.len == 64)
+        cipher = EVP_aes_256_xts();
+    if (cipher == NULL) {
+        PyErr_SetString(PyExc_ValueError, "FastVolume: aes-xts needs a 256- or 512-bit key");
+        goto out;
+    }
+    if ((sector_size != 512 && sector_size != 1024 && sector_size != 2048 && sector_size != 4096)
+        || ivmode < IV_PLAIN64 || ivmode > IV_NULL || iv_shift > 3 || fd < 0
+        || size % sector_size) {
+        PyErr_SetString(PyExc_ValueError, "FastVolume: invalid geometry or IV mode");
+        goto out;
+    }
+    if (CRYPTO_memcmp(key.buf, (const char *)key.buf + key.len / 2, key.len / 2) == 0) {
+        /* OpenSSL refuses XTS keys with two equal halves; the Python engine serves them. */
+        PyErr_SetString(PyExc_ValueError, "FastVolume: XTS key halves are equal");
+        goto out;
+    }
+    self = (FastVolumeObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        goto out;
+    self->fd = fd;
+    self->data_offset = data_offset;
+    self->size = size;
+    self->sector_size = sector_size;
+    self->spb = sector_size / 512;
+    self->iv_shift = iv_shift;
+    self->ivmode = ivmode;
+    self->readonly = readonly;
+    self->iv_offset = iv_offset;
+    self->cipher = cipher;
+    memcpy(self->key, key.buf, key.len);
+    self->key_len = (int)key.len;
+    self->lock = (RangeLockObject *)Py_NewRef(lock);
+    atomic_init(&self->writes, 0);
+    atomic_init(&self->last_write_ns, 0);
+    atomic_init(&self->reads, 0);
+    atomic_init(&self->declined, 0);
+    atomic_init(&self->reply_errors, 0);
+out:
+    PyBuffer_Release(&key);
+    return (PyObject *)self;
+}
+
+static void FastVolume_dealloc(FastVolumeObject *self)
+{
+    OPENSSL_cleanse(self->key, sizeof(self->key));
+    Py_XDECREF(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+#define COUNTER_GETTER(name)                                                  \
+    static PyObject *FastVolume_get_##name(FastVolumeObject *self, void *c)  \
+    {                                                                         \
+        (void)c;                                                              \
+        return PyLong_FromUnsignedLongLong(atomic_load(&self->name));         \
+    }
+COUNTER_GETTER(writes)
+COUNTER_GETTER(reads)
+COUNTER_GETTER(declined)
+COUNTER_GETTER(reply_errors)
+
+static PyObject *FastVolume_get_last_write_ns(FastVolumeObject *self, void *c)
+{
+    (void)c;
+    return PyLong_FromLongLong(atomic_load(&self->last_write_ns));
+}
+
+static PyGetSetDef FastVolume_getset[] = {
+    {"writes", (getter)FastVolume_get_writes, NULL, "whole-sector writes completed here", NULL},
+    {"reads", (getter)FastVolume_get_reads, NULL, "reads answered here", NULL},
+    {"declined", (getter)FastVolume_get_declined, NULL,
+     "READ/WRITE requests handed back to Python", NULL},
+    {"reply_errors", (getter)FastVolume_get_reply_errors, NULL,
+     "replies the kernel refused", NULL},
+    {"last_write_ns", (getter)FastVolume_get_last_write_ns, NULL,
+     "wall-clock time (ns) of the last write completed here, 0 before any", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+/* -- a worker: one thread's cipher contexts and buffer ---------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    FastVolumeObject *volume;
+    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+    unsigned char *buf; /* MAX_IO plus two sectors: a read's covering sectors */
+    size_t buf_len;
+} WorkerObject;
+
+static void Worker_dealloc(WorkerObject *self)
+{
+    EVP_CIPHER_CTX_free(self->enc);
+    EVP_CIPHER_CTX_free(self->dec);
+    if (self->buf != NULL) {
+        OPENSSL_cleanse(self->buf, self->buf_len);
+        free(self->buf);
+    }
+    Py_XDECREF(self->volume);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject WorkerType;
+
+static PyObject *FastVolume_worker(FastVolumeObject *self, PyObject *unused)
+{
+    (void)unused;
+    WorkerObject *w = (WorkerObject *)WorkerType.tp_alloc(&WorkerType, 0);
+    if (w == NULL)
+        return NULL;
+    w->volume = (FastVolumeObject *)Py_NewRef(self);
+    w->buf_len = MAX_IO + 2 * MAX_SECTOR;
+    if (posix_memalign((void **)&w->buf, 4096, w->buf_len) != 0) {
+        w->buf = NULL;
+        Py_DECREF(w);
+        return PyErr_NoMemory();
+    }
+    w->enc = EVP_CIPHER_CTX_new();
+    w->dec = EVP_CIPHER_CTX_new();
+    if (w->enc == NULL || w->dec == NULL
+        || EVP_EncryptInit_ex(w->enc, self->cipher, NULL, self->key, NULL) != 1
+        || EVP_DecryptInit_ex(w->dec, self->cipher, NULL, self->key, NULL) != 1) {
+        Py_DECREF(w);
+        PyErr_SetString(PyExc_ValueError, "FastVolume: OpenSSL refused the XTS key");
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
+static void make_iv(const FastVolumeObject *v, uint64_t sector, unsigned char iv[16])
+{
+    uint64_t cc = sector * v->spb + v->iv_offset; /* wraps modulo 2^64 like the kernel's u64 */
+    uint64_t n = cc >> v->iv_shift;
+    memset(iv, 0, 16);
+    switch (v->ivmode) {
+    case IV_PLAIN64:
+        for (int i = 0; i < 8; i++)
+            iv[i] = (unsigned char)(n >> (8 * i));
+        break;
+    case IV_PLAIN:
+        for (int i = 0; i < 4; i++)
+            iv[i] = (unsigned char)(n >> (8 * i));
+        break;
+    case IV_PLAIN64BE:
+        for (int i = 0; i < 8; i++)
+            iv[15 - i] = (unsigned char)(n >> (8 * i));
+        break;
+    default: /* IV_NULL */
+        break;
+    }
+}
+
+/* En/decrypt *count* sectors from *src* to *dst* (may be equal); 0, or -1 on an OpenSSL failure. */
+static int crypt_sectors(WorkerObject *w, const unsigned char *src, unsigned char *dst,
+                         uint64_t first, size_t count, int encrypt)
+{
+    const FastVolumeObject *v = w->volume;
+    EVP_CIPHER_CTX *ctx = encrypt ? w->enc : w->dec;
+    unsigned char iv[16];
+    int ss = (int)v->sector_size;
+    for (size_t i = 0; i < count; i++) {
+        int outl;
+        make_iv(v, first + i, iv);
+        if (EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1) != 1
+            || EVP_CipherUpdate(ctx, dst + i * ss, &outl, src + i * ss, ss) != 1 || outl != ss)
+            return -1;
+    }
+    return 0;
+}
+
+static int pread_full(int fd, unsigned char *buf, size_t len, uint64_t pos)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = pread(fd, buf + got, len - got, (off_t)(pos + got));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        got += (size_t)n;
+    }
+    return 0;
+}
+
+static int pwrite_full(int fd, const unsigned char *buf, size_t len, uint64_t pos)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(fd, buf + done, len - done, (off_t)(pos + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+static void reply(FastVolumeObject *v, int fuse_fd, uint64_t unique, const void *payload,
+                  size_t len)
+{
+    struct {
+        uint32_t len;
+        int32_t error;
+        uint64_t unique;
+    } header = {(uint32_t)(OUT_HEADER + len), 0, unique};
+    struct iovec iov[2] = {{&header, OUT_HEADER}, {(void *)payload, len}};
+    ssize_t n;
+    do {
+        n = writev(fuse_fd, iov, len ? 2 : 1);
+    } while (n < 0 && errno == EINTR);
+    /* ENOENT: the request was interrupted and answered already; ENODEV: unmounted. */
+    if (n < 0 && errno != ENOENT && errno != ENODEV)
+        atomic_fetch_add(&v->reply_errors, 1);
+}
+
+/* 1 when answered, 0 when the request goes back to Python. */
+static int fast_read(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t offset, uint32_t size)
+{
+    FastVolumeObject *v = w->volume;
+    if (size > MAX_IO)
+        return 0;
+    if (offset >= v->size || size == 0) {
+        reply(v, fuse_fd, unique, NULL, 0);
+        atomic_fetch_add(&v->reads, 1);
+        return 1;
+    }
+    uint64_t end = offset + size < v->size ? offset + size : v->size;
+    uint64_t ss = v->sector_size;
+    uint64_t first = offset / ss, last = (end + ss - 1) / ss;
+    size_t len = (size_t)((last - first) * ss);
+    uint64_t pos = v->data_offset + first * ss;
+    if (range_acquire(v->lock, first, last) < 0)
+        return 0;
+    int failed = pread_full(v->fd, w->buf, len, pos);
+    range_release(v->lock, first, last);
+    if (failed || crypt_sectors(w, w->buf, w->buf, first, last - first, 0) < 0)
+        return 0;
+    reply(v, fuse_fd, unique, w->buf + (offset - first * ss), (size_t)(end - offset));
+    atomic_fetch_add(&v->reads, 1);
+    return 1;
+}
+
+static int fast_write(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t offset,
+                      uint32_t size, const unsigned char *data)
+{
+    FastVolumeObject *v = w->volume;
+    uint64_t ss = v->sector_size;
+    /* Partial sectors (read-modify-write), short writes at the end, ENOSPC and EROFS
+       are Python's. */
+    if (v->readonly || size == 0 || size > MAX_IO || offset % ss || size % ss
+        || offset >= v->size || size > v->size - offset)
+        return 0;
+    uint64_t first = offset / ss, last = first + size / ss;
+    if (crypt_sectors(w, data, w->buf, first, size / ss, 1) < 0)
+        return 0;
+    if (range_acquire(v->lock, first, last) < 0)
+        return 0;
+    int failed = pwrite_full(v->fd, w->buf, size, v->data_offset + offset);
+    range_release(v->lock, first, last);
+    if (failed)
+        return 0;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    atomic_store(&v->last_write_ns, (int64_t)now.tv_sec * 1000000000 + now.tv_nsec);
+    atomic_fetch_add(&v->writes, 1);
+    struct {
+        uint32_t size, padding;
+    } out = {size, 0};
+    reply(v, fuse_fd, unique, &out, sizeof(out));
+    return 1;
+}
+
+static uint32_t get_u32(const unsigned char *p)
+{
+    uint32_t x;
+    memcpy(&x, p, 4);
+    return x;
+}
+
+static uint64_t get_u64(const unsigned char *p)
+{
+    uint64_t x;
+    memcpy(&x, p, 8);
+    return x;
+}
+
+static PyObject *Worker_serve(WorkerObject *self, PyObject *args)
+{
+    int fuse_fd;
+    Py_buffer request;
+    if (!PyArg_ParseTuple(args, "iw*:serve", &fuse_fd, &request))
+        return NULL;
+    unsigned char *req = request.buf;
+    size_t cap = (size_t)request.len;
+    ssize_t length = 0;
+    int err = 0;
+    FastVolumeObject *v = self->volume;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        length = read(fuse_fd, req, cap);
+        if (length < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
+                continue; /* interrupted, or a request the kernel took back */
+            err = errno;
+            break;
+        }
+        if ((size_t)length < IN_HEADER + RW_IN)
+            break; /* end of file, or too short for a READ/WRITE: Python's */
+        uint32_t opcode = get_u32(req + 4);
+        uint64_t unique = get_u64(req + 8);
+        const unsigned char *body = req + IN_HEADER;
+        uint64_t offset = get_u64(body + 8);
+        uint32_t size = get_u32(body + 16);
+        int handled;
+        if (opcode == FUSE_READ)
+            handled = fast_read(self, fuse_fd, unique, offset, size);
+        else if (opcode == FUSE_WRITE)
+            handled = (size_t)length >= IN_HEADER + RW_IN + (size_t)size
+                      && fast_write(self, fuse_fd, unique, offset, size, body + RW_IN);
+        else
+            break;
+        if (!handled) {
+            atomic_fetch_add(&v->declined, 1);
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&request);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(length);
+}
+
+static PyObject *Worker_crypt(WorkerObject *self, PyObject *args, int encrypt)
+{
+    Py_buffer data;
+    unsigned long long first;
+    if (!PyArg_ParseTuple(args, "y*K", &data, &first))
+        return NULL;
+    PyObject *result = NULL;
+    size_t ss = self->volume->sector_size;
+    if ((size_t)data.len % ss || (size_t)data.len > MAX_IO) {
+        PyErr_SetString(PyExc_ValueError, "whole sectors, at most 1 MiB");
+        goto out;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = crypt_sectors(self, data.buf, self->buf, first, (size_t)data.len / ss, encrypt);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed");
+        goto out;
+    }
+    result = PyBytes_FromStringAndSize((const char *)self->buf, data.len);
+out:
+    PyBuffer_Release(&data);
+    return result;
+}
+
+static PyObject *Worker_encrypt(WorkerObject *self, PyObject *args)
+{
+    return Worker_crypt(self, args, 1);
+}
+
+static PyObject *Worker_decrypt(WorkerObject *self, PyObject *args)
+{
+    return Worker_crypt(self, args, 0);
+}
+
+static PyMethodDef Worker_methods[] = {
+    {"serve", (PyCFunction)Worker_serve, METH_VARARGS,
+     "serve(fuse_fd, buffer) -> length: answer READ/WRITE requests until one that Python must "
+     "handle arrives; it is left in buffer and its length returned (0 at end of file)."},
+    {"encrypt", (PyCFunction)Worker_encrypt, METH_VARARGS,
+     "encrypt(data, first_sector) -> bytes: the sectors as the fast path writes them."},
+    {"decrypt", (PyCFunction)Worker_decrypt, METH_VARARGS,
+     "decrypt(data, first_sector) -> bytes: the sectors as the fast path reads them."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WorkerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cryptfuse._fastpath.Worker",
+    .tp_basicsize = sizeof(WorkerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One serving thread's cipher contexts and I/O buffer (FastVolume.worker()).",
+    .tp_dealloc = (destructor)Worker_dealloc,
+    .tp_methods = Worker_methods,
+};
+
+static PyMethodDef FastVolume_methods[] = {
+    {"worker", (PyCFunction)FastVolume_worker, METH_NOARGS,
+     "worker() -> Worker: contexts and buffers for one thread (never share one)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FastVolumeType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cryptfuse._fastpath.FastVolume",
+    .tp_basicsize = sizeof(FastVolumeObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An aes-xts volume's geometry and key for the GIL-free READ/WRITE path.",
+    .tp_new = FastVolume_new,
+    .tp_dealloc = (destructor)FastVolume_dealloc,
+    .tp_methods = FastVolume_methods,
+    .tp_getset = FastVolume_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "cryptfuse._fastpath",
+    "FUSE READ/WRITE of aes-xts volumes served in C without the GIL.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    if (PyType_Ready(&RangeLockType) < 0 || PyType_Ready(&FastVolumeType) < 0
+        || PyType_Ready(&WorkerType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "RangeLock", (PyObject *)&RangeLockType) < 0
+        || PyModule_AddObjectRef(m, "FastVolume", (PyObject *)&FastVolumeType) < 0
+        || PyModule_AddObjectRef(m, "Worker", (PyObject *)&WorkerType) < 0
+        || PyModule_AddIntConstant(m, "MAX_IO", MAX_IO) < 0
+        || PyModule_AddIntConstant(m, "IV_PLAIN64", IV_PLAIN64) < 0
+        || PyModule_AddIntConstant(m, "IV_PLAIN", IV_PLAIN) < 0
+        || PyModule_AddIntConstant(m, "IV_PLAIN64BE", IV_PLAIN64BE) < 0
+        || PyModule_AddIntConstant(m, "IV_NULL", IV_NULL) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,47 @@
+"""Types of the C data path (cryptfuse/_fastpath.c)."""
+
+from typing_extensions import Buffer
+
+MAX_IO: int
+IV_PLAIN64: int
+IV_PLAIN: int
+IV_PLAIN64BE: int
+IV_NULL: int
+
+class RangeLock:
+    """Excludes overlapping sector ranges; disjoint ranges proceed in parallel."""
+
+    held: int
+    def acquire(self, start: int, end: int, /) -> None: ...
+    def release(self, start: int, end: int, /) -> None: ...
+
+class Worker:
+    """One serving thread's cipher contexts and I/O buffer."""
+
+    def serve(self, fuse_fd: int, buffer: bytearray, /) -> int: ...
+    def encrypt(self, data: Buffer, first_sector: int, /) -> bytes: ...
+    def decrypt(self, data: Buffer, first_sector: int, /) -> bytes: ...
+
+class FastVolume:
+    """An aes-xts volume's geometry and key for the GIL-free READ/WRITE path."""
+
+    writes: int
+    reads: int
+    declined: int
+    reply_errors: int
+    last_write_ns: int
+    def __init__(
+        self,
+        *,
+        fd: int,
+        data_offset: int,
+        size: int,
+        sector_size: int,
+        readonly: bool,
+        key: bytes,
+        iv_offset: int,
+        iv_shift: int,
+        ivmode: int,
+        lock: RangeLock,
+    ) -> None: ...
+    def worker(self) -> Worker: ...

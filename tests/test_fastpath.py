@@ -1,0 +1,352 @@
+"""The C data path (cryptfuse._fastpath): its cipher, its eligibility, and the channel with it.
+
+The cipher is checked against the engine's per-sector reference (itself checked
+against IEEE 1619 and cryptsetup's vectors in ``test_sector.py``; the corpus tests
+decrypt cryptsetup's images with it too) for every IV variant, sector size, IV offset (including the
+64-bit wrap and ``plain``'s 32-bit truncation) and ``iv_large_sectors``.  The
+channel tests run over a ``SOCK_SEQPACKET`` pair as in ``test_channel.py`` and
+read the fast path's counters, so each one knows which path served it: the
+whole-sector writes and the reads in C, everything else handed back to Python.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_channel import (
+    FSYNC_IN,
+    GETATTR,
+    GETATTR_IN,
+    READ,
+    SIZE,
+    WRITE,
+    Client,
+    serve,
+)
+
+from cryptfuse.channel import ATTR, ATTR_OUT, FSYNC, READ_IN, WRITE_IN, WRITE_OUT
+from cryptfuse.sector import SectorCipher
+from cryptfuse.spec import parse_cipher_spec
+from cryptfuse.volume import Volume, open_device
+
+_fastpath = pytest.importorskip("cryptfuse._fastpath", reason="C data path not built")
+
+KEY512 = hashlib.sha512(b"fastpath key").digest()
+KiB = 1 << 10
+
+
+def make_volume(
+    path: Path,
+    spec: str = "aes-xts-plain64",
+    key: bytes = KEY512,
+    sector_size: int = 512,
+    iv_offset: int = 0,
+    large: bool = False,
+    size: int = SIZE,
+    readonly: bool = False,
+) -> Volume:
+    if not path.exists():
+        path.write_bytes(os.urandom(size))
+    cipher = SectorCipher(parse_cipher_spec(spec), key, sector_size, iv_offset, large)
+    return Volume(open_device(str(path), readonly), cipher, 0, size, readonly=readonly)
+
+
+# -- the cipher -------------------------------------------------------------------------------
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ivmode=st.sampled_from(["plain64", "plain", "plain64be", "null"]),
+    key_bytes=st.sampled_from([32, 64]),
+    sector_size=st.sampled_from([512, 1024, 2048, 4096]),
+    iv_offset=st.one_of(st.integers(0, 1 << 40), st.integers((1 << 64) - 64, (1 << 64) - 1)),
+    large=st.booleans(),
+    first=st.one_of(st.integers(0, 1 << 20), st.integers((1 << 32) - 8, (1 << 32) + 8)),
+    sectors=st.integers(1, 9),
+    seed=st.binary(min_size=8, max_size=8),
+)
+def test_c_cipher_equals_reference(
+    tmp_path: Path,
+    ivmode: str,
+    key_bytes: int,
+    sector_size: int,
+    iv_offset: int,
+    large: bool,
+    first: int,
+    sectors: int,
+    seed: bytes,
+) -> None:
+    key = hashlib.shake_256(seed + b"key").digest(key_bytes)
+    data = hashlib.shake_256(seed).digest(sectors * sector_size)
+    path = tmp_path / f"c-{sector_size}.img"
+    with make_volume(
+        path, f"aes-xts-{ivmode}", key, sector_size, iv_offset, large, 64 * KiB
+    ) as vol:
+        worker = vol.fast.worker()
+        expected = vol.cipher.reference_encrypt(data, first)
+        assert worker.encrypt(data, first) == expected
+        assert worker.decrypt(expected, first) == data
+
+
+@pytest.mark.parametrize(
+    ("spec", "key"),
+    [
+        pytest.param("aes-cbc-essiv:sha256", KEY512[:32], id="cbc-essiv"),
+        pytest.param("aes-xts-essiv:sha256", KEY512, id="xts-essiv"),
+        pytest.param("aes-xts-benbi", KEY512, id="xts-benbi"),
+        pytest.param("aes:2-xts-plain64", KEY512 * 2, id="keycount-2"),
+        pytest.param("camellia-xts-plain64", KEY512, id="camellia"),
+        pytest.param("aes-xts-plain64", bytes(32) * 2, id="equal-key-halves"),
+    ],
+)
+def test_what_the_c_path_leaves_to_python(tmp_path: Path, spec: str, key: bytes) -> None:
+    with make_volume(tmp_path / "c.img", spec, key) as vol:
+        assert vol.fast is None
+        data = os.urandom(4096)
+        vol.write(8192, data)
+        assert vol.read(8192, 4096) == data
+
+
+def test_serve_hands_back_what_it_does_not_serve(tmp_path: Path) -> None:
+    with make_volume(tmp_path / "c.img", size=64 * KiB) as vol:
+        worker = vol.fast.worker()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, theirs:
+            buf = bytearray(2 * 1024 * 1024)
+            request = bytes(range(40)) + b"\x07" * 16  # GETATTR-sized: not a READ/WRITE
+            ours.send(request)
+            assert worker.serve(theirs.fileno(), buf) == len(request)
+            assert bytes(buf[: len(request)]) == request
+            ours.shutdown(socket.SHUT_WR)
+            assert worker.serve(theirs.fileno(), buf) == 0  # end of file
+        with pytest.raises(OSError) as info:
+            worker.serve(theirs.fileno(), buf)  # closed descriptor
+        assert info.value.errno == errno.EBADF
+
+
+# -- through the channel ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[Volume]:
+    vol = make_volume(tmp_path / "container.img")
+    yield vol
+    vol.close()
+
+
+def check_container(vol: Volume, model: bytes | bytearray) -> None:
+    """The container holds the reference encryption of *model* (a fresh descriptor)."""
+    with open(os.readlink(f"/proc/self/fd/{vol.fd}"), "rb") as f:
+        raw = f.read()
+    assert raw == vol.cipher.reference_encrypt(bytes(model), 0)
+
+
+def read_plain(vol: Volume) -> bytes:
+    with open(os.readlink(f"/proc/self/fd/{vol.fd}"), "rb") as f:
+        return vol.cipher.reference_decrypt(f.read(), 0)
+
+
+def test_whole_sector_writes_and_reads_are_served_in_c(volume: Volume) -> None:
+    fast = volume.fast
+    model = bytearray(read_plain(volume))
+
+    def client(c: Client) -> None:
+        assert c.init().error == 0
+        _reply, fh, _flags = c.open()
+        for offset, length in [(0, 512), (4096, 64 * KiB), (SIZE - 128 * KiB, 128 * KiB)]:
+            data = os.urandom(length)
+            assert c.written(c.write(fh, offset, data)) == length
+            model[offset : offset + length] = data
+        for offset, length in [(0, 700), (100, 64 * KiB), (SIZE - 1000, 4096), (SIZE, 10)]:
+            assert c.read(fh, offset, length).payload == model[offset : offset + length]
+
+    serve(volume, client)
+    assert (fast.writes, fast.reads, fast.declined) == (3, 4, 0)
+    check_container(volume, model)
+
+
+def test_partial_and_boundary_requests_go_to_python(volume: Volume) -> None:
+    fast = volume.fast
+    model = bytearray(read_plain(volume))
+
+    def client(c: Client) -> None:
+        assert c.init().error == 0
+        _reply, fh, _flags = c.open()
+        assert c.written(c.write(fh, 1000, b"x" * 3000)) == 3000  # partial sectors
+        model[1000:4000] = b"x" * 3000
+        assert c.written(c.write(fh, SIZE - 512, bytes(1024))) == 512  # short at the end
+        model[SIZE - 512 :] = bytes(512)
+        assert c.write(fh, SIZE, bytes(512)).error == -errno.ENOSPC
+        # a read of partial sectors at both ends is still C's
+        assert c.read(fh, 333, 128 * KiB).payload == model[333 : 333 + 128 * KiB]
+
+    serve(volume, client)
+    assert (fast.writes, fast.declined, fast.reads) == (0, 3, 1)
+    check_container(volume, model)
+
+
+def test_read_only_writes_are_refused_by_python(tmp_path: Path) -> None:
+    path = tmp_path / "ro.img"
+    make_volume(path).close()
+    before = path.read_bytes()
+    with make_volume(path, readonly=True) as vol:
+
+        def client(c: Client) -> None:
+            assert c.init().error == 0
+            reply, fh, _flags = c.open(os.O_RDONLY)
+            assert c.write(fh, 0, bytes(4096)).error == -errno.EROFS
+            assert len(c.read(fh, 0, 4096).payload) == 4096
+
+        serve(vol, client)
+        assert (vol.fast.writes, vol.fast.declined, vol.fast.reads) == (0, 1, 1)
+    assert path.read_bytes() == before
+
+
+def test_fsync_after_c_writes_syncs_once(volume: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs = []
+    monkeypatch.setattr(volume, "sync", lambda: syncs.append(1))
+
+    def client(c: Client) -> None:
+        assert c.init().error == 0
+        _reply, fh, _flags = c.open()
+        assert c.call(FSYNC, 2, FSYNC_IN.pack(fh, 0, 0)).error == 0
+        assert syncs == []  # nothing written yet
+        assert c.written(c.write(fh, 8192, bytes(4096))) == 4096
+        assert c.call(FSYNC, 2, FSYNC_IN.pack(fh, 0, 0)).error == 0
+        assert syncs == [1]
+        assert c.call(FSYNC, 2, FSYNC_IN.pack(fh, 1, 0)).error == 0
+        assert syncs == [1]  # nothing written since
+        assert c.written(c.write(fh, 0, bytes(512))) == 512
+        assert c.call(FSYNC, 2, FSYNC_IN.pack(fh, 1, 0)).error == 0
+        assert syncs == [1, 1]
+
+    serve(volume, client)
+    assert volume.fast.writes == 2
+
+
+def test_c_writes_change_mtime(volume: Volume) -> None:
+    def mtime_ns(c: Client) -> int:
+        reply = c.call(GETATTR, 2, GETATTR_IN.pack(0, 0, 0))
+        assert reply.error == 0
+        fields = ATTR.unpack_from(reply.payload, ATTR_OUT.size)
+        return int(fields[4]) * 1_000_000_000 + int(fields[7])
+
+    def client(c: Client) -> None:
+        assert c.init().error == 0
+        _reply, fh, _flags = c.open()
+        before = mtime_ns(c)
+        assert c.written(c.write(fh, 0, bytes(4096))) == 4096
+        assert mtime_ns(c) > before
+
+    serve(volume, client)
+    assert volume.fast.writes == 1
+
+
+def test_a_failing_container_read_is_retried_and_logged_by_python(
+    volume: Volume, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.ftruncate(volume.fd, SIZE // 2)  # the second half of the volume is gone
+
+    def client(c: Client) -> None:
+        assert c.init().error == 0
+        _reply, fh, _flags = c.open()
+        assert len(c.read(fh, 0, 4096).payload) == 4096
+        assert c.read(fh, SIZE - 4096, 4096).error == -errno.EIO
+
+    serve(volume, client)
+    assert (volume.fast.reads, volume.fast.declined) == (1, 1)
+    assert "short read" in caplog.text
+
+
+def test_c_and_python_range_locks_are_one(volume: Volume) -> None:
+    """Whole-sector writes (C) racing read-modify-writes (Python) of the same sectors.
+
+    Each round sends, without waiting, a C write of 8 sectors and a partial
+    write inside its 4th sector.  Either order is a valid outcome; what must not
+    happen is the RMW writing back the sector as it was before the C write.
+    """
+    rng = random.Random(4)
+
+    def client(c: Client) -> None:
+        assert c.init().error == 0
+        _reply, fh, _flags = c.open()
+        for _ in range(200):
+            first = rng.randrange(0, SIZE // 512 - 8)
+            whole = os.urandom(4096)
+            patch = os.urandom(50)
+            at = (first + 3) * 512 + 100
+            c.send(WRITE, 2, WRITE_IN.pack(fh, first * 512, 4096, 0, 0, 0, 0) + whole)
+            c.send(WRITE, 2, WRITE_IN.pack(fh, at, 50, 0, 0, 0, 0) + patch)
+            for _ in range(2):
+                _unique, reply = c.receive()
+                assert reply.error == 0
+                assert WRITE_OUT.unpack(reply.payload)[0] in (4096, 50)
+            got = c.read(fh, first * 512, 4096).payload
+            patched = bytearray(whole)
+            patched[1636:1686] = patch
+            assert got in (whole, bytes(patched))
+
+    serve(volume, client, workers=4)
+    assert volume.fast.writes == 200
+    assert volume._lock.native.held == 0
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["write", "aligned", "read"]),
+            st.integers(0, SIZE + 1024),
+            st.integers(0, 100 * KiB),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    sector_size=st.sampled_from([512, 4096]),
+)
+def test_channel_equals_a_bytearray_model(
+    tmp_path: Path, ops: list[tuple[str, int, int]], sector_size: int
+) -> None:
+    """Random reads and writes, C and Python paths mixed, against a model."""
+    path = tmp_path / f"model-{sector_size}.img"
+    path.unlink(missing_ok=True)
+    with make_volume(path, sector_size=sector_size) as vol:
+        model = bytearray(read_plain(vol))
+
+        def client(c: Client) -> None:
+            assert c.init().error == 0
+            _reply, fh, _flags = c.open()
+            for kind, offset, length in ops:
+                if kind == "aligned":
+                    offset -= offset % sector_size
+                    length -= length % sector_size
+                if kind == "read":
+                    reply = c.call(READ, 2, READ_IN.pack(fh, offset, length, 0, 0, 0, 0))
+                    assert reply.payload == model[offset : offset + length]
+                    continue
+                data = os.urandom(length)
+                reply = c.write(fh, offset, data)
+                if not data:
+                    assert c.written(reply) == 0
+                elif offset >= SIZE:
+                    assert reply.error == -errno.ENOSPC
+                else:
+                    count = min(length, SIZE - offset)
+                    assert c.written(reply) == count
+                    model[offset : offset + count] = data[:count]
+
+        serve(vol, client)
+        check_container(vol, model)
