@@ -271,7 +271,7 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
         goto out;
     }
     if ((sector_size != 512 && sector_size != 1024 && sector_size != 2048 && sector_size != 4096)
-        || ivmode < IV_PLAIN64 || ivmode > IV_NULL || iv_shift > 3 || fd < 0
+        || ivmode < IV_PLAIN64 || ivmode > IV_NULL || iv_shift > 3 || fd < -1
         || size % sector_size) {
         PyErr_SetString(PyExc_ValueError, "FastVolume: invalid geometry or IV mode");
         goto out;

@@ -23,7 +23,10 @@ class Worker:
     def decrypt(self, data: Buffer, first_sector: int, /) -> bytes: ...
 
 class FastVolume:
-    """An aes-xts volume's geometry and key for the GIL-free READ/WRITE path."""
+    """An aes-xts volume's geometry and key for the GIL-free READ/WRITE path.
+
+    *fd* -1 makes one for in-memory use only (``Worker.encrypt``/``decrypt``).
+    """
 
     writes: int
     reads: int

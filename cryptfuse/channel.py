@@ -389,9 +389,23 @@ class Channel:
                 self._alive -= 1
                 last = self._alive == 0
             if last:
+                self._log_fast_path()
                 self._finished.set()
                 if self._on_finished is not None:
                     self._on_finished()
+
+    def _log_fast_path(self) -> None:
+        fast = self.fast
+        if fast is None:
+            return
+        log.info(
+            "C data path: %d reads and %d writes served, %d requests handed to Python",
+            fast.reads,
+            fast.writes,
+            fast.declined,
+        )
+        if fast.reply_errors:
+            log.warning("the kernel refused %d replies of the C data path", fast.reply_errors)
 
     def _serve(self) -> None:
         buf = bytearray(REQUEST_BUFFER)

@@ -139,6 +139,48 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
+def fast_path_for(
+    cipher: SectorCipher,
+    *,
+    fd: int,
+    data_offset: int,
+    size: int,
+    readonly: bool,
+    lock: _fastpath.RangeLock | None = None,
+) -> _fastpath.FastVolume | None:
+    """The ``_fastpath.FastVolume`` serving READ/WRITE of this geometry in C, or None.
+
+    Only for what it implements bit for bit (AES-XTS with a sector-number IV); a key
+    OpenSSL's XTS refuses (two equal halves) stays with the Python engine.  *fd* -1
+    gives one for in-memory use (``cryptfuse benchmark``).
+    """
+    params = cipher.xts_parameters()
+    if params is None or _fastpath is None:
+        return None
+    key, ivmode = params
+    modes = {
+        "plain64": _fastpath.IV_PLAIN64,
+        "plain": _fastpath.IV_PLAIN,
+        "plain64be": _fastpath.IV_PLAIN64BE,
+        "null": _fastpath.IV_NULL,
+    }
+    try:
+        return _fastpath.FastVolume(
+            fd=fd,
+            data_offset=data_offset,
+            size=size,
+            sector_size=cipher.sector_size,
+            readonly=readonly,
+            key=key,
+            iv_offset=cipher.iv_offset,
+            iv_shift=cipher.iv_shift,
+            ivmode=modes[ivmode],
+            lock=lock if lock is not None else _fastpath.RangeLock(),
+        )
+    except (ValueError, OverflowError):
+        return None
+
+
 class Volume:
     """The plaintext of a container's data area as a fixed-size byte array.
 
@@ -175,36 +217,14 @@ class Volume:
         self.fast = self._fast_path()
 
     def _fast_path(self) -> _fastpath.FastVolume | None:
-        """The ``_fastpath.FastVolume`` serving this volume's READ/WRITE in C, or None.
-
-        Only for what it implements bit for bit (AES-XTS with a sector-number IV);
-        a key OpenSSL's XTS refuses (two equal halves) stays with the Python engine.
-        """
-        params = self.cipher.xts_parameters()
-        if params is None or self._lock.native is None:
-            return None
-        key, ivmode = params
-        modes = {
-            "plain64": _fastpath.IV_PLAIN64,
-            "plain": _fastpath.IV_PLAIN,
-            "plain64be": _fastpath.IV_PLAIN64BE,
-            "null": _fastpath.IV_NULL,
-        }
-        try:
-            return _fastpath.FastVolume(
-                fd=self.fd,
-                data_offset=self.data_offset,
-                size=self.size,
-                sector_size=self.sector_size,
-                readonly=self.readonly,
-                key=key,
-                iv_offset=self.cipher.iv_offset,
-                iv_shift=self.cipher.iv_shift,
-                ivmode=modes[ivmode],
-                lock=self._lock.native,
-            )
-        except (ValueError, OverflowError):
-            return None
+        return fast_path_for(
+            self.cipher,
+            fd=self.fd,
+            data_offset=self.data_offset,
+            size=self.size,
+            readonly=self.readonly,
+            lock=self._lock.native,
+        )
 
     def __repr__(self) -> str:
         return (

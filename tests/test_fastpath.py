@@ -350,3 +350,20 @@ def test_channel_equals_a_bytearray_model(
 
         serve(vol, client)
         check_container(vol, model)
+
+
+def test_benchmark_reports_the_c_data_path() -> None:
+    from cryptfuse import benchmark
+
+    lines = list(
+        benchmark.run(
+            (("aes-xts-plain64", 512), ("aes-cbc-essiv:sha256", 256)),
+            batch=64 * KiB,
+            seconds=0.01,
+            kdf=False,
+        )
+    )
+    fast = [line for line in lines if "(C data path)" in line]
+    assert len(fast) == 1  # only the XTS spec has one
+    assert " 512b " in fast[0] and fast[0].count("MB/s") == 2
+    assert benchmark.fast_path_speed("aes-cbc-essiv:sha256", 256) is None

@@ -17,12 +17,11 @@ LUKS2 one made by cryptsetup with 4096-byte sectors and a cheap PBKDF2.  A run
 takes a few seconds; the seed is in every failure message (``STRESS_SEED=N``
 replays the layout and the operations' choices, not the interleaving).
 
-Today the kernel serializes writes to one FUSE file (``i_rwsem``; libfuse 3.14
-cannot ask for ``FOPEN_PARALLEL_DIRECT_WRITES``), so concurrent *writes* reach
-the daemon one at a time and :class:`cryptfuse.volume.Volume`'s range lock is
-covered by ``test_volume.py``; here concurrent reads race writes, and partial
-sector writes must keep the neighbours' bytes.  Should parallel writes be
-enabled, this test is what shows lost read-modify-write updates.
+The channel's open replies carry ``FOPEN_PARALLEL_DIRECT_WRITES``, so concurrent
+writes reach the daemon in parallel: whole-sector writes served by the C data
+path (cryptfuse._fastpath) and partial-sector read-modify-writes in Python meet
+in the same sectors, and only the shared range lock of
+:class:`cryptfuse.volume.Volume` keeps their updates; a lost one shows up here.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ WORKERS = 4
 DURATION = 2.0  # seconds of random I/O per worker
 MAX_IO = 200 * KiB
 VOLUME = 2 * MiB  # small, so that the workers keep meeting in the same sectors
+ALIGN = 4 * KiB  # whole sectors for both containers' sector sizes
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,15 @@ def _worker(
             r = rng.random()
             if r < 0.5:
                 s, e = regions[rng.randrange(len(regions))]
-                length = rng.randint(1, min(MAX_IO, e - s))
-                off = rng.randint(s, e - length)
+                lo, hi = -(-s // ALIGN), e // ALIGN  # the whole 4 KiB blocks of the region
+                if hi > lo and rng.random() < 0.4:
+                    # whole sectors (of either container): the C data path's writes
+                    count = rng.randint(1, min(MAX_IO // ALIGN, hi - lo))
+                    off = rng.randint(lo, hi - count) * ALIGN
+                    length = count * ALIGN
+                else:
+                    length = rng.randint(1, min(MAX_IO, e - s))
+                    off = rng.randint(s, e - length)
                 data = rng.randbytes(length)
                 written = os.pwrite(fd, data, off)
                 if written != length:
