@@ -45,6 +45,8 @@
 /* the largest READ/WRITE payload the channel negotiates (max_pages 256) */
 #define MAX_IO (1 << 20)
 #define MAX_SECTOR 4096
+/* requests from this size on are en/decrypted half here, half by the helper thread */
+#define SPLIT_MIN (256 * 1024)
 
 enum { IV_PLAIN64 = 0, IV_PLAIN = 1, IV_PLAIN64BE = 2, IV_NULL = 3 };
 
@@ -116,6 +118,7 @@ static int range_release(RangeLockObject *lock, uint64_t start, uint64_t end)
 static int RangeLock_init(RangeLockObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {NULL};
+    (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, ":RangeLock", kwlist))
         return -1;
     return 0;
@@ -123,6 +126,8 @@ static int RangeLock_init(RangeLockObject *self, PyObject *args, PyObject *kwds)
 
 static PyObject *RangeLock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
+    (void)args;
+    (void)kwds;
     RangeLockObject *self = (RangeLockObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
@@ -188,6 +193,7 @@ static PyObject *RangeLock_release(RangeLockObject *self, PyObject *args)
 static PyObject *RangeLock_held(RangeLockObject *self, void *closure)
 {
     size_t count;
+    (void)closure;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->mu);
     count = self->count;
@@ -221,6 +227,35 @@ static PyTypeObject RangeLockType = {
     .tp_getset = RangeLock_getset,
 };
 
+/* -- the helper thread ----------------------------------------------------------------------- */
+
+/*
+ * One large sequential request at a time leaves the second core idle while the
+ * worker runs the cipher, so a request of SPLIT_MIN or more hands its second half
+ * to this thread.  At most one job is outstanding; a worker that finds the helper
+ * busy does all the work itself.  Started on first use (so never before the
+ * daemon forks) and only used by the process that started it.
+ */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake, finished_cv;
+    pthread_t thread;
+    pid_t pid; /* 0: not started */
+    int failed_start;
+    int busy;     /* a submitter owns the helper until it has collected the result */
+    int pending;  /* a job waits for the helper */
+    int finished; /* the job is done; rc holds its result */
+    int stop;
+    int rc;
+    EVP_CIPHER_CTX *enc, *dec;
+    /* the job */
+    const unsigned char *src;
+    unsigned char *dst;
+    uint64_t first;
+    size_t count;
+    int encrypt;
+} helper_t;
+
 /* -- the volume ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -243,6 +278,8 @@ typedef struct {
     _Atomic uint64_t reads;         /* reads answered here */
     _Atomic uint64_t declined;      /* READ/WRITE requests handed back to Python */
     _Atomic uint64_t reply_errors;  /* replies the kernel refused (other than ENOENT/ENODEV) */
+    _Atomic uint64_t split;         /* requests whose cipher work the helper shared */
+    helper_t helper;
 } FastVolumeObject;
 
 static PyTypeObject FastVolumeType;
@@ -302,13 +339,39 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     atomic_init(&self->reads, 0);
     atomic_init(&self->declined, 0);
     atomic_init(&self->reply_errors, 0);
+    atomic_init(&self->split, 0);
+    memset(&self->helper, 0, sizeof(self->helper));
+    pthread_mutex_init(&self->helper.mu, NULL);
+    pthread_cond_init(&self->helper.wake, NULL);
+    pthread_cond_init(&self->helper.finished_cv, NULL);
 out:
     PyBuffer_Release(&key);
     return (PyObject *)self;
 }
 
+static void helper_stop(FastVolumeObject *self)
+{
+    helper_t *h = &self->helper;
+    int joinable;
+    pthread_mutex_lock(&h->mu);
+    joinable = h->pid == getpid();
+    h->stop = 1;
+    pthread_cond_broadcast(&h->wake);
+    pthread_mutex_unlock(&h->mu);
+    if (joinable)
+        pthread_join(h->thread, NULL);
+    EVP_CIPHER_CTX_free(h->enc);
+    EVP_CIPHER_CTX_free(h->dec);
+    pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->wake);
+    pthread_cond_destroy(&h->finished_cv);
+}
+
 static void FastVolume_dealloc(FastVolumeObject *self)
 {
+    Py_BEGIN_ALLOW_THREADS
+    helper_stop(self);
+    Py_END_ALLOW_THREADS
     OPENSSL_cleanse(self->key, sizeof(self->key));
     Py_XDECREF(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -324,6 +387,7 @@ COUNTER_GETTER(writes)
 COUNTER_GETTER(reads)
 COUNTER_GETTER(declined)
 COUNTER_GETTER(reply_errors)
+COUNTER_GETTER(split)
 
 static PyObject *FastVolume_get_last_write_ns(FastVolumeObject *self, void *c)
 {
@@ -338,6 +402,8 @@ static PyGetSetDef FastVolume_getset[] = {
      "READ/WRITE requests handed back to Python", NULL},
     {"reply_errors", (getter)FastVolume_get_reply_errors, NULL,
      "replies the kernel refused", NULL},
+    {"split", (getter)FastVolume_get_split, NULL,
+     "large requests whose cipher work the helper thread shared", NULL},
     {"last_write_ns", (getter)FastVolume_get_last_write_ns, NULL,
      "wall-clock time (ns) of the last write completed here, 0 before any", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -416,12 +482,11 @@ static void make_iv(const FastVolumeObject *v, uint64_t sector, unsigned char iv
     }
 }
 
-/* En/decrypt *count* sectors from *src* to *dst* (may be equal); 0, or -1 on an OpenSSL failure. */
-static int crypt_sectors(WorkerObject *w, const unsigned char *src, unsigned char *dst,
-                         uint64_t first, size_t count, int encrypt)
+/* En/decrypt *count* sectors from *src* to *dst* (may be equal) with *ctx*; 0, or -1 when
+   OpenSSL fails. */
+static int crypt_with(const FastVolumeObject *v, EVP_CIPHER_CTX *ctx, const unsigned char *src,
+                      unsigned char *dst, uint64_t first, size_t count)
 {
-    const FastVolumeObject *v = w->volume;
-    EVP_CIPHER_CTX *ctx = encrypt ? w->enc : w->dec;
     unsigned char iv[16];
     int ss = (int)v->sector_size;
     for (size_t i = 0; i < count; i++) {
@@ -432,6 +497,90 @@ static int crypt_sectors(WorkerObject *w, const unsigned char *src, unsigned cha
             return -1;
     }
     return 0;
+}
+
+static void *helper_main(void *arg)
+{
+    FastVolumeObject *v = arg;
+    helper_t *h = &v->helper;
+    pthread_mutex_lock(&h->mu);
+    for (;;) {
+        while (!h->pending && !h->stop)
+            pthread_cond_wait(&h->wake, &h->mu);
+        if (h->stop)
+            break;
+        h->pending = 0;
+        pthread_mutex_unlock(&h->mu);
+        int rc = crypt_with(v, h->encrypt ? h->enc : h->dec, h->src, h->dst, h->first, h->count);
+        pthread_mutex_lock(&h->mu);
+        h->rc = rc;
+        h->finished = 1;
+        pthread_cond_signal(&h->finished_cv);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
+}
+
+/* Hand a job to the helper: 1 when it took it (collect with helper_collect), else 0. */
+static int helper_submit(FastVolumeObject *v, const unsigned char *src, unsigned char *dst,
+                         uint64_t first, size_t count, int encrypt)
+{
+    helper_t *h = &v->helper;
+    int taken = 0;
+    pthread_mutex_lock(&h->mu);
+    if (h->pid == 0 && !h->failed_start && !h->stop) {
+        h->enc = EVP_CIPHER_CTX_new();
+        h->dec = EVP_CIPHER_CTX_new();
+        if (h->enc != NULL && h->dec != NULL
+            && EVP_EncryptInit_ex(h->enc, v->cipher, NULL, v->key, NULL) == 1
+            && EVP_DecryptInit_ex(h->dec, v->cipher, NULL, v->key, NULL) == 1
+            && pthread_create(&h->thread, NULL, helper_main, v) == 0)
+            h->pid = getpid();
+        else
+            h->failed_start = 1;
+    }
+    if (h->pid == getpid() && !h->busy && !h->stop) {
+        h->busy = h->pending = 1;
+        h->finished = 0;
+        h->src = src;
+        h->dst = dst;
+        h->first = first;
+        h->count = count;
+        h->encrypt = encrypt;
+        pthread_cond_signal(&h->wake);
+        taken = 1;
+    }
+    pthread_mutex_unlock(&h->mu);
+    return taken;
+}
+
+static int helper_collect(FastVolumeObject *v)
+{
+    helper_t *h = &v->helper;
+    pthread_mutex_lock(&h->mu);
+    while (!h->finished)
+        pthread_cond_wait(&h->finished_cv, &h->mu);
+    int rc = h->rc;
+    h->busy = 0;
+    pthread_mutex_unlock(&h->mu);
+    return rc;
+}
+
+/* The sectors of one request: large ones shared with the helper thread. */
+static int crypt_sectors(WorkerObject *w, const unsigned char *src, unsigned char *dst,
+                         uint64_t first, size_t count, int encrypt)
+{
+    FastVolumeObject *v = w->volume;
+    EVP_CIPHER_CTX *ctx = encrypt ? w->enc : w->dec;
+    size_t ss = v->sector_size;
+    size_t half = count / 2;
+    if (count * ss < SPLIT_MIN
+        || !helper_submit(v, src + half * ss, dst + half * ss, first + half, count - half, encrypt))
+        return crypt_with(v, ctx, src, dst, first, count);
+    int rc = crypt_with(v, ctx, src, dst, first, half);
+    int helper_rc = helper_collect(v);
+    atomic_fetch_add(&v->split, 1);
+    return rc < 0 || helper_rc < 0 ? -1 : 0;
 }
 
 static int pread_full(int fd, unsigned char *buf, size_t len, uint64_t pos)
@@ -604,7 +753,8 @@ static PyObject *Worker_crypt(WorkerObject *self, PyObject *args, int encrypt)
 {
     Py_buffer data;
     unsigned long long first;
-    if (!PyArg_ParseTuple(args, "y*K", &data, &first))
+    int parallel = 0;
+    if (!PyArg_ParseTuple(args, "y*K|p", &data, &first, &parallel))
         return NULL;
     PyObject *result = NULL;
     size_t ss = self->volume->sector_size;
@@ -614,7 +764,11 @@ static PyObject *Worker_crypt(WorkerObject *self, PyObject *args, int encrypt)
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = crypt_sectors(self, data.buf, self->buf, first, (size_t)data.len / ss, encrypt);
+    if (parallel)
+        rc = crypt_sectors(self, data.buf, self->buf, first, (size_t)data.len / ss, encrypt);
+    else
+        rc = crypt_with(self->volume, encrypt ? self->enc : self->dec, data.buf, self->buf, first,
+                        (size_t)data.len / ss);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed");
@@ -641,9 +795,11 @@ static PyMethodDef Worker_methods[] = {
      "serve(fuse_fd, buffer) -> length: answer READ/WRITE requests until one that Python must "
      "handle arrives; it is left in buffer and its length returned (0 at end of file)."},
     {"encrypt", (PyCFunction)Worker_encrypt, METH_VARARGS,
-     "encrypt(data, first_sector) -> bytes: the sectors as the fast path writes them."},
+     "encrypt(data, first_sector, parallel=False) -> bytes: the sectors as the fast path "
+     "writes them; parallel: shared with the helper thread as large requests are."},
     {"decrypt", (PyCFunction)Worker_decrypt, METH_VARARGS,
-     "decrypt(data, first_sector) -> bytes: the sectors as the fast path reads them."},
+     "decrypt(data, first_sector, parallel=False) -> bytes: the sectors as the fast path "
+     "reads them."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,8 +19,8 @@ class Worker:
     """One serving thread's cipher contexts and I/O buffer."""
 
     def serve(self, fuse_fd: int, buffer: bytearray, /) -> int: ...
-    def encrypt(self, data: Buffer, first_sector: int, /) -> bytes: ...
-    def decrypt(self, data: Buffer, first_sector: int, /) -> bytes: ...
+    def encrypt(self, data: Buffer, first_sector: int, parallel: bool = False, /) -> bytes: ...
+    def decrypt(self, data: Buffer, first_sector: int, parallel: bool = False, /) -> bytes: ...
 
 class FastVolume:
     """An aes-xts volume's geometry and key for the GIL-free READ/WRITE path.
@@ -32,6 +32,7 @@ class FastVolume:
     reads: int
     declined: int
     reply_errors: int
+    split: int
     last_write_ns: int
     def __init__(
         self,

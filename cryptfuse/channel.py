@@ -399,9 +399,11 @@ class Channel:
         if fast is None:
             return
         log.info(
-            "C data path: %d reads and %d writes served, %d requests handed to Python",
+            "C data path: %d reads and %d writes served (%d shared with the helper), "
+            "%d requests handed to Python",
             fast.reads,
             fast.writes,
+            fast.split,
             fast.declined,
         )
         if fast.reply_errors:

@@ -42,6 +42,7 @@ _fastpath = pytest.importorskip("cryptfuse._fastpath", reason="C data path not b
 
 KEY512 = hashlib.sha512(b"fastpath key").digest()
 KiB = 1 << 10
+MiB = 1 << 20
 
 
 def make_volume(
@@ -97,6 +98,24 @@ def test_c_cipher_equals_reference(
         expected = vol.cipher.reference_encrypt(data, first)
         assert worker.encrypt(data, first) == expected
         assert worker.decrypt(expected, first) == data
+
+
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_large_requests_shared_with_the_helper_thread(tmp_path: Path, sector_size: int) -> None:
+    """Requests of 256 KiB and more are split between the worker and the helper thread."""
+    with make_volume(tmp_path / "c.img", sector_size=sector_size) as vol:
+        worker = vol.fast.worker()
+        for length in (256 * KiB, 256 * KiB + sector_size, MiB):
+            data = os.urandom(length)
+            first = 12345
+            expected = vol.cipher.reference_encrypt(data, first)
+            assert worker.encrypt(data, first, True) == expected
+            assert worker.decrypt(expected, first, True) == data
+        assert vol.fast.split == 6
+        # below the threshold, and without parallel=True, the worker works alone
+        worker.encrypt(os.urandom(128 * KiB), 0, True)
+        worker.encrypt(os.urandom(MiB), 0)
+        assert vol.fast.split == 6
 
 
 @pytest.mark.parametrize(
