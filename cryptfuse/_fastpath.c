@@ -583,25 +583,13 @@ static int crypt_sectors(WorkerObject *w, const unsigned char *src, unsigned cha
     return rc < 0 || helper_rc < 0 ? -1 : 0;
 }
 
-static int pread_full(int fd, unsigned char *buf, size_t len, uint64_t pos)
-{
-    size_t got = 0;
-    while (got < len) {
-        ssize_t n = pread(fd, buf + got, len - got, (off_t)(pos + got));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return -1;
-        got += (size_t)n;
-    }
-    return 0;
-}
-
-static int pwrite_full(int fd, const unsigned char *buf, size_t len, uint64_t pos)
+/* pread/pwrite all of *len* bytes at *pos*: 0, or -1 on an error or end of file. */
+static int io_full(int fd, unsigned char *buf, size_t len, uint64_t pos, int write)
 {
     size_t done = 0;
     while (done < len) {
-        ssize_t n = pwrite(fd, buf + done, len - done, (off_t)(pos + done));
+        ssize_t n = write ? pwrite(fd, buf + done, len - done, (off_t)(pos + done))
+                          : pread(fd, buf + done, len - done, (off_t)(pos + done));
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -647,7 +635,7 @@ static int fast_read(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t off
     uint64_t pos = v->data_offset + first * ss;
     if (range_acquire(v->lock, first, last) < 0)
         return 0;
-    int failed = pread_full(v->fd, w->buf, len, pos);
+    int failed = io_full(v->fd, w->buf, len, pos, 0);
     range_release(v->lock, first, last);
     if (failed || crypt_sectors(w, w->buf, w->buf, first, last - first, 0) < 0)
         return 0;
@@ -671,7 +659,7 @@ static int fast_write(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t of
         return 0;
     if (range_acquire(v->lock, first, last) < 0)
         return 0;
-    int failed = pwrite_full(v->fd, w->buf, size, v->data_offset + offset);
+    int failed = io_full(v->fd, w->buf, size, v->data_offset + offset, 1);
     range_release(v->lock, first, last);
     if (failed)
         return 0;

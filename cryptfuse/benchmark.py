@@ -60,6 +60,27 @@ def _rate(work: Callable[[], object], nbytes: int, seconds: float) -> float:
     return nbytes / best
 
 
+def _measure(
+    spec_text: str,
+    key_bits: int,
+    sector_size: int,
+    batch: int,
+    seconds: float,
+    encrypt: Callable[[bytes, int], object],
+    decrypt: Callable[[bytes, int], object],
+) -> CipherResult:
+    data = os.urandom(batch)
+    sector = 1 << 20
+    return CipherResult(
+        spec_text,
+        key_bits,
+        sector_size,
+        batch,
+        _rate(lambda: encrypt(data, sector), batch, seconds),
+        _rate(lambda: decrypt(data, sector), batch, seconds),
+    )
+
+
 def cipher_speed(
     spec_text: str,
     key_bits: int,
@@ -68,18 +89,9 @@ def cipher_speed(
     seconds: float = 0.5,
 ) -> CipherResult:
     """Measure in-memory encryption and decryption of *batch*-byte runs of sectors."""
-    spec = parse_cipher_spec(spec_text)
-    key = os.urandom(key_bits // 8)
-    cipher = SectorCipher(spec, key, sector_size)
-    data = os.urandom(batch)
-    sector = 1 << 20
-    return CipherResult(
-        spec_text,
-        key_bits,
-        sector_size,
-        batch,
-        _rate(lambda: cipher.encrypt(data, sector), batch, seconds),
-        _rate(lambda: cipher.decrypt(data, sector), batch, seconds),
+    cipher = SectorCipher(parse_cipher_spec(spec_text), os.urandom(key_bits // 8), sector_size)
+    return _measure(
+        spec_text, key_bits, sector_size, batch, seconds, cipher.encrypt, cipher.decrypt
     )
 
 
@@ -90,22 +102,14 @@ def fast_path_speed(
     batch: int = 1 << 20,
     seconds: float = 0.5,
 ) -> CipherResult | None:
-    """The same measurement for the C data path; None where it does not serve the spec."""
-    spec = parse_cipher_spec(spec_text)
-    cipher = SectorCipher(spec, os.urandom(key_bits // 8), sector_size)
+    """The same for the C data path, on one core; None where it does not serve the spec."""
+    cipher = SectorCipher(parse_cipher_spec(spec_text), os.urandom(key_bits // 8), sector_size)
     fast = fast_path_for(cipher, fd=-1, data_offset=0, size=batch, readonly=True)
     if fast is None:
         return None
     worker = fast.worker()
-    data = os.urandom(batch)
-    sector = 1 << 20
-    return CipherResult(
-        spec_text,
-        key_bits,
-        sector_size,
-        batch,
-        _rate(lambda: worker.encrypt(data, sector), batch, seconds),
-        _rate(lambda: worker.decrypt(data, sector), batch, seconds),
+    return _measure(
+        spec_text, key_bits, sector_size, batch, seconds, worker.encrypt, worker.decrypt
     )
 
 
