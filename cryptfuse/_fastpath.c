@@ -1,5 +1,5 @@
 /*
- * cryptfuse._fastpath: FUSE READ and WRITE of aes-xts volumes served without the GIL.
+ * cryptfuse._fastpath: FUSE READ and WRITE of AES-XTS/CBC volumes served without the GIL.
  *
  * The Python request loop (cryptfuse.channel) costs tens of microseconds of
  * interpreter time per request and serialises every thread on the GIL; for
@@ -8,8 +8,9 @@
  *
  *   Worker.serve(fuse_fd, buffer) reads requests from the FUSE descriptor with
  *   the GIL released.  A READ, or a WRITE of whole sectors inside the volume,
- *   is decrypted/encrypted with OpenSSL's AES-XTS (one sector per IV, exactly
- *   dm-crypt's xts-plain64 / plain / plain64be / null) and answered here.  Any
+ *   is decrypted/encrypted with OpenSSL's AES-XTS or AES-CBC, one sector per IV,
+ *   exactly as dm-crypt's aes-{xts,cbc}-{plain64,plain,plain64be,null,essiv:H}
+ *   (keycount 1) do, and answered here.  Any
  *   other request, and any request whose container I/O fails, is handed back:
  *   serve() returns its length with the request still in *buffer*, and the
  *   Python channel handles it with the full rules, errno mapping and logging
@@ -48,7 +49,13 @@
 /* requests from this size on are en/decrypted half here, half by the helper thread */
 #define SPLIT_MIN (256 * 1024)
 
-enum { IV_PLAIN64 = 0, IV_PLAIN = 1, IV_PLAIN64BE = 2, IV_NULL = 3 };
+enum { IV_PLAIN64 = 0, IV_PLAIN = 1, IV_PLAIN64BE = 2, IV_NULL = 3, IV_ESSIV = 4 };
+enum { MODE_XTS = 0, MODE_CBC = 1 };
+
+/* One thread's OpenSSL contexts: the sector cipher both ways, and ESSIV's IV cipher. */
+typedef struct {
+    EVP_CIPHER_CTX *enc, *dec, *essiv;
+} contexts_t;
 
 /* -- the range lock ------------------------------------------------------------------------ */
 
@@ -247,7 +254,7 @@ typedef struct {
     int finished; /* the job is done; rc holds its result */
     int stop;
     int rc;
-    EVP_CIPHER_CTX *enc, *dec;
+    contexts_t ctx;
     /* the job */
     const unsigned char *src;
     unsigned char *dst;
@@ -269,9 +276,12 @@ typedef struct {
     int ivmode;
     int readonly;
     uint64_t iv_offset;
+    int mode;
     const EVP_CIPHER *cipher;
     unsigned char key[64];
     int key_len;
+    const EVP_CIPHER *essiv_cipher; /* ECB with hash(key), for IV_ESSIV */
+    unsigned char essiv_key[32];
     RangeLockObject *lock;
     _Atomic uint64_t writes;        /* whole-sector writes completed here */
     _Atomic int64_t last_write_ns;  /* CLOCK_REALTIME of the last one */
@@ -286,34 +296,55 @@ static PyTypeObject FastVolumeType;
 
 static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "data_offset", "size", "sector_size", "readonly", "key",
-                             "iv_offset", "iv_shift", "ivmode", "lock", NULL};
-    int fd, readonly, ivmode;
+    static char *kwlist[] = {"fd",      "data_offset", "size",  "sector_size", "readonly",
+                             "mode",    "key",         "iv_offset", "iv_shift", "ivmode",
+                             "lock",    "essiv_key",   NULL};
+    int fd, readonly, mode, ivmode;
     unsigned long long data_offset, size, iv_offset;
     unsigned int sector_size, iv_shift;
-    Py_buffer key;
+    Py_buffer key, essiv_key = {0};
     PyObject *lock;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKKIpy*KIiO!:FastVolume", kwlist, &fd,
-                                     &data_offset, &size, &sector_size, &readonly, &key,
-                                     &iv_offset, &iv_shift, &ivmode, &RangeLockType, &lock))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKKIpiy*KIiO!|y*:FastVolume", kwlist, &fd,
+                                     &data_offset, &size, &sector_size, &readonly, &mode, &key,
+                                     &iv_offset, &iv_shift, &ivmode, &RangeLockType, &lock,
+                                     &essiv_key))
         return NULL;
     FastVolumeObject *self = NULL;
-    const EVP_CIPHER *cipher = NULL;
-    if (key.len == 32)
+    const EVP_CIPHER *cipher = NULL, *essiv_cipher = NULL;
+    if (mode == MODE_XTS && key.len == 32)
         cipher = EVP_aes_128_xts();
-    else if (key.len == 64)
+    else if (mode == MODE_XTS && key.len == 64)
         cipher = EVP_aes_256_xts();
+    else if (mode == MODE_CBC && key.len == 16)
+        cipher = EVP_aes_128_cbc();
+    else if (mode == MODE_CBC && key.len == 24)
+        cipher = EVP_aes_192_cbc();
+    else if (mode == MODE_CBC && key.len == 32)
+        cipher = EVP_aes_256_cbc();
     if (cipher == NULL) {
-        PyErr_SetString(PyExc_ValueError, "FastVolume: aes-xts needs a 256- or 512-bit key");
+        PyErr_SetString(PyExc_ValueError, "FastVolume: no AES-XTS/AES-CBC for this key size");
         goto out;
     }
+    if (ivmode == IV_ESSIV) {
+        if (essiv_key.len == 16)
+            essiv_cipher = EVP_aes_128_ecb();
+        else if (essiv_key.len == 24)
+            essiv_cipher = EVP_aes_192_ecb();
+        else if (essiv_key.len == 32)
+            essiv_cipher = EVP_aes_256_ecb();
+        if (essiv_cipher == NULL) {
+            PyErr_SetString(PyExc_ValueError, "FastVolume: ESSIV needs a 128-256-bit AES key");
+            goto out;
+        }
+    }
     if ((sector_size != 512 && sector_size != 1024 && sector_size != 2048 && sector_size != 4096)
-        || ivmode < IV_PLAIN64 || ivmode > IV_NULL || iv_shift > 3 || fd < -1
+        || ivmode < IV_PLAIN64 || ivmode > IV_ESSIV || iv_shift > 3 || fd < -1
         || size % sector_size) {
         PyErr_SetString(PyExc_ValueError, "FastVolume: invalid geometry or IV mode");
         goto out;
     }
-    if (CRYPTO_memcmp(key.buf, (const char *)key.buf + key.len / 2, key.len / 2) == 0) {
+    if (mode == MODE_XTS
+        && CRYPTO_memcmp(key.buf, (const char *)key.buf + key.len / 2, key.len / 2) == 0) {
         /* OpenSSL refuses XTS keys with two equal halves; the Python engine serves them. */
         PyErr_SetString(PyExc_ValueError, "FastVolume: XTS key halves are equal");
         goto out;
@@ -330,9 +361,13 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     self->ivmode = ivmode;
     self->readonly = readonly;
     self->iv_offset = iv_offset;
+    self->mode = mode;
     self->cipher = cipher;
     memcpy(self->key, key.buf, key.len);
     self->key_len = (int)key.len;
+    self->essiv_cipher = essiv_cipher;
+    if (essiv_cipher != NULL)
+        memcpy(self->essiv_key, essiv_key.buf, essiv_key.len);
     self->lock = (RangeLockObject *)Py_NewRef(lock);
     atomic_init(&self->writes, 0);
     atomic_init(&self->last_write_ns, 0);
@@ -346,7 +381,38 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     pthread_cond_init(&self->helper.finished_cv, NULL);
 out:
     PyBuffer_Release(&key);
+    if (essiv_key.obj != NULL)
+        PyBuffer_Release(&essiv_key);
     return (PyObject *)self;
+}
+
+static void contexts_free(contexts_t *c)
+{
+    EVP_CIPHER_CTX_free(c->enc);
+    EVP_CIPHER_CTX_free(c->dec);
+    EVP_CIPHER_CTX_free(c->essiv);
+    c->enc = c->dec = c->essiv = NULL;
+}
+
+/* Keyed contexts for one thread: 0, or -1 (then *c holds nothing). */
+static int contexts_init(const FastVolumeObject *v, contexts_t *c)
+{
+    c->enc = EVP_CIPHER_CTX_new();
+    c->dec = EVP_CIPHER_CTX_new();
+    c->essiv = v->essiv_cipher != NULL ? EVP_CIPHER_CTX_new() : NULL;
+    if (c->enc == NULL || c->dec == NULL || (v->essiv_cipher != NULL && c->essiv == NULL)
+        || EVP_EncryptInit_ex(c->enc, v->cipher, NULL, v->key, NULL) != 1
+        || EVP_DecryptInit_ex(c->dec, v->cipher, NULL, v->key, NULL) != 1
+        /* whole sectors only: without this, CBC decryption would hold back a block */
+        || EVP_CIPHER_CTX_set_padding(c->enc, 0) != 1
+        || EVP_CIPHER_CTX_set_padding(c->dec, 0) != 1
+        || (c->essiv != NULL
+            && (EVP_EncryptInit_ex(c->essiv, v->essiv_cipher, NULL, v->essiv_key, NULL) != 1
+                || EVP_CIPHER_CTX_set_padding(c->essiv, 0) != 1))) {
+        contexts_free(c);
+        return -1;
+    }
+    return 0;
 }
 
 static void helper_stop(FastVolumeObject *self)
@@ -360,8 +426,7 @@ static void helper_stop(FastVolumeObject *self)
     pthread_mutex_unlock(&h->mu);
     if (joinable)
         pthread_join(h->thread, NULL);
-    EVP_CIPHER_CTX_free(h->enc);
-    EVP_CIPHER_CTX_free(h->dec);
+    contexts_free(&h->ctx);
     pthread_mutex_destroy(&h->mu);
     pthread_cond_destroy(&h->wake);
     pthread_cond_destroy(&h->finished_cv);
@@ -373,6 +438,7 @@ static void FastVolume_dealloc(FastVolumeObject *self)
     helper_stop(self);
     Py_END_ALLOW_THREADS
     OPENSSL_cleanse(self->key, sizeof(self->key));
+    OPENSSL_cleanse(self->essiv_key, sizeof(self->essiv_key));
     Py_XDECREF(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -414,16 +480,14 @@ static PyGetSetDef FastVolume_getset[] = {
 typedef struct {
     PyObject_HEAD
     FastVolumeObject *volume;
-    EVP_CIPHER_CTX *enc;
-    EVP_CIPHER_CTX *dec;
+    contexts_t ctx;
     unsigned char *buf; /* MAX_IO plus two sectors: a read's covering sectors */
     size_t buf_len;
 } WorkerObject;
 
 static void Worker_dealloc(WorkerObject *self)
 {
-    EVP_CIPHER_CTX_free(self->enc);
-    EVP_CIPHER_CTX_free(self->dec);
+    contexts_free(&self->ctx);
     if (self->buf != NULL) {
         OPENSSL_cleanse(self->buf, self->buf_len);
         free(self->buf);
@@ -447,25 +511,24 @@ static PyObject *FastVolume_worker(FastVolumeObject *self, PyObject *unused)
         Py_DECREF(w);
         return PyErr_NoMemory();
     }
-    w->enc = EVP_CIPHER_CTX_new();
-    w->dec = EVP_CIPHER_CTX_new();
-    if (w->enc == NULL || w->dec == NULL
-        || EVP_EncryptInit_ex(w->enc, self->cipher, NULL, self->key, NULL) != 1
-        || EVP_DecryptInit_ex(w->dec, self->cipher, NULL, self->key, NULL) != 1) {
+    if (contexts_init(self, &w->ctx) < 0) {
         Py_DECREF(w);
-        PyErr_SetString(PyExc_ValueError, "FastVolume: OpenSSL refused the XTS key");
+        PyErr_SetString(PyExc_ValueError, "FastVolume: OpenSSL refused the key");
         return NULL;
     }
     return (PyObject *)w;
 }
 
-static void make_iv(const FastVolumeObject *v, uint64_t sector, unsigned char iv[16])
+/* The IV of *sector*: 0, or -1 when the ESSIV encryption fails. */
+static int make_iv(const FastVolumeObject *v, EVP_CIPHER_CTX *essiv, uint64_t sector,
+                   unsigned char iv[16])
 {
     uint64_t cc = sector * v->spb + v->iv_offset; /* wraps modulo 2^64 like the kernel's u64 */
     uint64_t n = cc >> v->iv_shift;
     memset(iv, 0, 16);
     switch (v->ivmode) {
     case IV_PLAIN64:
+    case IV_ESSIV:
         for (int i = 0; i < 8; i++)
             iv[i] = (unsigned char)(n >> (8 * i));
         break;
@@ -480,19 +543,27 @@ static void make_iv(const FastVolumeObject *v, uint64_t sector, unsigned char iv
     default: /* IV_NULL */
         break;
     }
+    if (v->ivmode == IV_ESSIV) {
+        /* ESSIV: the plain64 block encrypted with hash(key) */
+        int outl;
+        if (EVP_EncryptUpdate(essiv, iv, &outl, iv, 16) != 1 || outl != 16)
+            return -1;
+    }
+    return 0;
 }
 
-/* En/decrypt *count* sectors from *src* to *dst* (may be equal) with *ctx*; 0, or -1 when
-   OpenSSL fails. */
-static int crypt_with(const FastVolumeObject *v, EVP_CIPHER_CTX *ctx, const unsigned char *src,
-                      unsigned char *dst, uint64_t first, size_t count)
+/* En/decrypt *count* sectors from *src* to *dst* (may be equal) with the contexts *c*; 0, or
+   -1 when OpenSSL fails. */
+static int crypt_with(const FastVolumeObject *v, contexts_t *c, const unsigned char *src,
+                      unsigned char *dst, uint64_t first, size_t count, int encrypt)
 {
+    EVP_CIPHER_CTX *ctx = encrypt ? c->enc : c->dec;
     unsigned char iv[16];
     int ss = (int)v->sector_size;
     for (size_t i = 0; i < count; i++) {
         int outl;
-        make_iv(v, first + i, iv);
-        if (EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1) != 1
+        if (make_iv(v, c->essiv, first + i, iv) < 0
+            || EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1) != 1
             || EVP_CipherUpdate(ctx, dst + i * ss, &outl, src + i * ss, ss) != 1 || outl != ss)
             return -1;
     }
@@ -511,7 +582,7 @@ static void *helper_main(void *arg)
             break;
         h->pending = 0;
         pthread_mutex_unlock(&h->mu);
-        int rc = crypt_with(v, h->encrypt ? h->enc : h->dec, h->src, h->dst, h->first, h->count);
+        int rc = crypt_with(v, &h->ctx, h->src, h->dst, h->first, h->count, h->encrypt);
         pthread_mutex_lock(&h->mu);
         h->rc = rc;
         h->finished = 1;
@@ -529,12 +600,7 @@ static int helper_submit(FastVolumeObject *v, const unsigned char *src, unsigned
     int taken = 0;
     pthread_mutex_lock(&h->mu);
     if (h->pid == 0 && !h->failed_start && !h->stop) {
-        h->enc = EVP_CIPHER_CTX_new();
-        h->dec = EVP_CIPHER_CTX_new();
-        if (h->enc != NULL && h->dec != NULL
-            && EVP_EncryptInit_ex(h->enc, v->cipher, NULL, v->key, NULL) == 1
-            && EVP_DecryptInit_ex(h->dec, v->cipher, NULL, v->key, NULL) == 1
-            && pthread_create(&h->thread, NULL, helper_main, v) == 0)
+        if (contexts_init(v, &h->ctx) == 0 && pthread_create(&h->thread, NULL, helper_main, v) == 0)
             h->pid = getpid();
         else
             h->failed_start = 1;
@@ -571,13 +637,12 @@ static int crypt_sectors(WorkerObject *w, const unsigned char *src, unsigned cha
                          uint64_t first, size_t count, int encrypt)
 {
     FastVolumeObject *v = w->volume;
-    EVP_CIPHER_CTX *ctx = encrypt ? w->enc : w->dec;
     size_t ss = v->sector_size;
     size_t half = count / 2;
     if (count * ss < SPLIT_MIN
         || !helper_submit(v, src + half * ss, dst + half * ss, first + half, count - half, encrypt))
-        return crypt_with(v, ctx, src, dst, first, count);
-    int rc = crypt_with(v, ctx, src, dst, first, half);
+        return crypt_with(v, &w->ctx, src, dst, first, count, encrypt);
+    int rc = crypt_with(v, &w->ctx, src, dst, first, half, encrypt);
     int helper_rc = helper_collect(v);
     atomic_fetch_add(&v->split, 1);
     return rc < 0 || helper_rc < 0 ? -1 : 0;
@@ -755,8 +820,8 @@ static PyObject *Worker_crypt(WorkerObject *self, PyObject *args, int encrypt)
     if (parallel)
         rc = crypt_sectors(self, data.buf, self->buf, first, (size_t)data.len / ss, encrypt);
     else
-        rc = crypt_with(self->volume, encrypt ? self->enc : self->dec, data.buf, self->buf, first,
-                        (size_t)data.len / ss);
+        rc = crypt_with(self->volume, &self->ctx, data.buf, self->buf, first,
+                        (size_t)data.len / ss, encrypt);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed");
@@ -810,7 +875,7 @@ static PyTypeObject FastVolumeType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cryptfuse._fastpath.FastVolume",
     .tp_basicsize = sizeof(FastVolumeObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "An aes-xts volume's geometry and key for the GIL-free READ/WRITE path.",
+    .tp_doc = "An AES-XTS/CBC volume's geometry and keys for the GIL-free READ/WRITE path.",
     .tp_new = FastVolume_new,
     .tp_dealloc = (destructor)FastVolume_dealloc,
     .tp_methods = FastVolume_methods,
@@ -819,7 +884,7 @@ static PyTypeObject FastVolumeType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "cryptfuse._fastpath",
-    "FUSE READ/WRITE of aes-xts volumes served in C without the GIL.", -1, NULL,
+    "FUSE READ/WRITE of AES-XTS and AES-CBC volumes served in C without the GIL.", -1, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void)
@@ -837,7 +902,10 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         || PyModule_AddIntConstant(m, "IV_PLAIN64", IV_PLAIN64) < 0
         || PyModule_AddIntConstant(m, "IV_PLAIN", IV_PLAIN) < 0
         || PyModule_AddIntConstant(m, "IV_PLAIN64BE", IV_PLAIN64BE) < 0
-        || PyModule_AddIntConstant(m, "IV_NULL", IV_NULL) < 0) {
+        || PyModule_AddIntConstant(m, "IV_NULL", IV_NULL) < 0
+        || PyModule_AddIntConstant(m, "IV_ESSIV", IV_ESSIV) < 0
+        || PyModule_AddIntConstant(m, "MODE_XTS", MODE_XTS) < 0
+        || PyModule_AddIntConstant(m, "MODE_CBC", MODE_CBC) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -7,6 +7,9 @@ IV_PLAIN64: int
 IV_PLAIN: int
 IV_PLAIN64BE: int
 IV_NULL: int
+IV_ESSIV: int
+MODE_XTS: int
+MODE_CBC: int
 
 class RangeLock:
     """Excludes overlapping sector ranges; disjoint ranges proceed in parallel."""
@@ -23,7 +26,7 @@ class Worker:
     def decrypt(self, data: Buffer, first_sector: int, parallel: bool = False, /) -> bytes: ...
 
 class FastVolume:
-    """An aes-xts volume's geometry and key for the GIL-free READ/WRITE path.
+    """An AES-XTS/CBC volume's geometry and key for the GIL-free READ/WRITE path.
 
     *fd* -1 makes one for in-memory use only (``Worker.encrypt``/``decrypt``).
     """
@@ -42,10 +45,12 @@ class FastVolume:
         size: int,
         sector_size: int,
         readonly: bool,
+        mode: int,
         key: bytes,
         iv_offset: int,
         iv_shift: int,
         ivmode: int,
         lock: RangeLock,
+        essiv_key: bytes = b"",
     ) -> None: ...
     def worker(self) -> Worker: ...

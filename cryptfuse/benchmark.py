@@ -2,7 +2,7 @@
 
 Everything runs in memory with cryptfuse's own engine (:class:`SectorCipher`)
 and KDFs, on one core, so the figures are what the daemon can reach at most.
-Ciphers that the C data path serves (AES-XTS with a sector-number IV) get a
+Ciphers that the C data path serves (AES-XTS/CBC, sector-number or ESSIV IV) get a
 second line with its speed: that is what the daemon uses for them.
 """
 

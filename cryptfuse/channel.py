@@ -10,10 +10,10 @@ module reads requests from the session's ``/dev/fuse`` descriptor itself:
 * :class:`Channel` runs *workers* threads, each blocking in ``read(2)`` on the
   descriptor (the kernel hands every request to exactly one reader).
 * READ and WRITE are answered in the worker that read them.  Where the volume
-  has a C data path (``Volume.fast``: AES-XTS with a sector-number IV, i.e.
-  cryptsetup's default), the worker reads ``/dev/fuse`` through it and READs
-  and whole-sector WRITEs never reach Python: no interpreter time and no GIL per
-  request, so the workers really run in parallel.  Requests it declines (partial
+  has a C data path (``Volume.fast``: AES-XTS or AES-CBC with a sector-number or
+  ESSIV IV, i.e. cryptsetup's defaults), the worker reads ``/dev/fuse`` through
+  it and READs and whole-sector WRITEs never reach Python: no interpreter time
+  and no GIL per request, so the workers really run in parallel.  Requests it declines (partial
   sectors, the end of the volume, failures to retry here with logging) come back
   and go, like everything on volumes without it, through
   :meth:`VolumeFS.read_now`/:meth:`VolumeFS.write_now`.

@@ -26,6 +26,7 @@ import hashlib
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -240,6 +241,19 @@ def _xts_tweak_stream(first: U64, blocks: int) -> U64:
     return stream.reshape(n, blocks, 2)
 
 
+@dataclass(frozen=True, repr=False)
+class FastParameters:
+    """The keys and modes of a :class:`SectorCipher` that the C data path can serve."""
+
+    chainmode: str  # "xts" or "cbc"
+    key: bytes
+    ivmode: str  # "plain64", "plain", "plain64be", "null" or "essiv"
+    essiv_key: bytes = b""  # hash(key) for "essiv"
+
+    def __repr__(self) -> str:  # never the keys
+        return f"FastParameters({self.chainmode!r}, ivmode={self.ivmode!r})"
+
+
 class SectorCipher:
     """Encrypts and decrypts whole sectors with dm-crypt semantics.
 
@@ -280,23 +294,24 @@ class SectorCipher:
             _SubKey(spec, bytes(key[i * part : (i + 1) * part])) for i in range(spec.keycount)
         ]
 
-    def xts_parameters(self) -> tuple[bytes, str] | None:
-        """``(key, ivmode)`` when the sectors are AES-XTS with a plain sector-number IV.
+    def fast_parameters(self) -> FastParameters | None:
+        """What :mod:`cryptfuse._fastpath` needs to serve these sectors in C, or None.
 
-        That is what :mod:`cryptfuse._fastpath` serves in C with OpenSSL's XTS
-        (``aes-xts-plain64`` and its ``plain``/``plain64be``/``null`` IV variants,
-        one key); None for everything else, which only this engine serves.
+        It serves AES in XTS or CBC mode, one key (keycount 1), with a sector-number
+        IV (``plain64``, ``plain``, ``plain64be``, ``null``) or ESSIV, one OpenSSL call
+        per sector; everything else only this engine serves.
         """
         spec = self.spec
-        if (
-            spec.cipher != "aes"
-            or spec.chainmode != "xts"
-            or spec.keycount != 1
-            or spec.ivmode not in _IV_PACK
-        ):
+        if spec.cipher != "aes" or spec.chainmode not in ("xts", "cbc") or spec.keycount != 1:
             return None
-        assert spec.ivmode is not None
-        return self._subkeys[0].key, spec.ivmode
+        sub = self._subkeys[0]
+        if spec.ivmode in _IV_PACK:
+            assert spec.ivmode is not None
+            return FastParameters(spec.chainmode, sub.key, spec.ivmode)
+        if spec.ivmode == "essiv" and spec.ivopts is not None:
+            salt = hashlib.new(hashlib_name(spec.ivopts), sub.key).digest()
+            return FastParameters(spec.chainmode, sub.key, "essiv", salt)
+        return None
 
     @property
     def iv_shift(self) -> int:

@@ -150,20 +150,22 @@ def fast_path_for(
 ) -> _fastpath.FastVolume | None:
     """The ``_fastpath.FastVolume`` serving READ/WRITE of this geometry in C, or None.
 
-    Only for what it implements bit for bit (AES-XTS with a sector-number IV); a key
-    OpenSSL's XTS refuses (two equal halves) stays with the Python engine.  *fd* -1
-    gives one for in-memory use (``cryptfuse benchmark``).
+    Only for what it implements bit for bit (AES-XTS and AES-CBC with a sector-number
+    or ESSIV IV, see :meth:`SectorCipher.fast_parameters`); an XTS key that OpenSSL
+    refuses (two equal halves) stays with the Python engine.  *fd* -1 gives one for
+    in-memory use (``cryptfuse benchmark``).
     """
-    params = cipher.xts_parameters()
+    params = cipher.fast_parameters()
     if params is None or _fastpath is None:
         return None
-    key, ivmode = params
-    modes = {
+    ivmodes = {
         "plain64": _fastpath.IV_PLAIN64,
         "plain": _fastpath.IV_PLAIN,
         "plain64be": _fastpath.IV_PLAIN64BE,
         "null": _fastpath.IV_NULL,
+        "essiv": _fastpath.IV_ESSIV,
     }
+    modes = {"xts": _fastpath.MODE_XTS, "cbc": _fastpath.MODE_CBC}
     try:
         return _fastpath.FastVolume(
             fd=fd,
@@ -171,11 +173,13 @@ def fast_path_for(
             size=size,
             sector_size=cipher.sector_size,
             readonly=readonly,
-            key=key,
+            mode=modes[params.chainmode],
+            key=params.key,
             iv_offset=cipher.iv_offset,
             iv_shift=cipher.iv_shift,
-            ivmode=modes[ivmode],
+            ivmode=ivmodes[params.ivmode],
             lock=lock if lock is not None else _fastpath.RangeLock(),
+            essiv_key=params.essiv_key,
         )
     except (ValueError, OverflowError):
         return None

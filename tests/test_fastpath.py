@@ -1,8 +1,9 @@
 """The C data path (cryptfuse._fastpath): its cipher, its eligibility, and the channel with it.
 
-The cipher is checked against the engine's per-sector reference (itself checked
-against IEEE 1619 and cryptsetup's vectors in ``test_sector.py``; the corpus tests
-decrypt cryptsetup's images with it too) for every IV variant, sector size, IV offset (including the
+The cipher is checked against cryptsetup's IV vectors (AES-CBC) and against the
+engine's per-sector reference (itself checked against IEEE 1619 and cryptsetup's
+vectors in ``test_sector.py``; the corpus tests decrypt cryptsetup's images with it
+too) for every IV variant, sector size, IV offset (including the
 64-bit wrap and ``plain``'s 32-bit truncation) and ``iv_large_sectors``.  The
 channel tests run over a ``SOCK_SEQPACKET`` pair as in ``test_channel.py`` and
 read the fast path's counters, so each one knows which path served it: the
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,6 +44,7 @@ from cryptfuse.volume import Volume, open_device
 _fastpath = pytest.importorskip("cryptfuse._fastpath", reason="C data path not built")
 
 KEY512 = hashlib.sha512(b"fastpath key").digest()
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "vectors"
 KiB = 1 << 10
 MiB = 1 << 20
 
@@ -64,12 +68,33 @@ def make_volume(
 # -- the cipher -------------------------------------------------------------------------------
 
 
+#: what the C path serves, with the key sizes (bytes) to try
+FAST_SPECS = [
+    ("aes-xts-plain64", (32, 64)),
+    ("aes-xts-plain", (32, 64)),
+    ("aes-xts-plain64be", (32, 64)),
+    ("aes-xts-null", (32, 64)),
+    ("aes-xts-essiv:sha256", (32, 64)),
+    ("aes-cbc-essiv:sha256", (16, 24, 32)),
+    ("aes-cbc-essiv:md5", (16, 32)),  # a 128-bit ESSIV key
+    ("aes-cbc-plain64", (16, 24, 32)),
+    ("aes-cbc-plain", (16, 32)),
+    ("aes-cbc-plain64be", (16, 32)),
+    ("aes-cbc-null", (16, 32)),
+]
+
+
+@st.composite
+def spec_and_key_size(draw: st.DrawFn) -> tuple[str, int]:
+    spec, sizes = draw(st.sampled_from(FAST_SPECS))
+    return spec, draw(st.sampled_from(sizes))
+
+
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    ivmode=st.sampled_from(["plain64", "plain", "plain64be", "null"]),
-    key_bytes=st.sampled_from([32, 64]),
+    spec_key=spec_and_key_size(),
     sector_size=st.sampled_from([512, 1024, 2048, 4096]),
     iv_offset=st.one_of(st.integers(0, 1 << 40), st.integers((1 << 64) - 64, (1 << 64) - 1)),
     large=st.booleans(),
@@ -79,8 +104,7 @@ def make_volume(
 )
 def test_c_cipher_equals_reference(
     tmp_path: Path,
-    ivmode: str,
-    key_bytes: int,
+    spec_key: tuple[str, int],
     sector_size: int,
     iv_offset: int,
     large: bool,
@@ -88,16 +112,47 @@ def test_c_cipher_equals_reference(
     sectors: int,
     seed: bytes,
 ) -> None:
+    spec, key_bytes = spec_key
     key = hashlib.shake_256(seed + b"key").digest(key_bytes)
     data = hashlib.shake_256(seed).digest(sectors * sector_size)
     path = tmp_path / f"c-{sector_size}.img"
-    with make_volume(
-        path, f"aes-xts-{ivmode}", key, sector_size, iv_offset, large, 64 * KiB
-    ) as vol:
+    with make_volume(path, spec, key, sector_size, iv_offset, large, 64 * KiB) as vol:
+        assert vol.fast is not None
         worker = vol.fast.worker()
         expected = vol.cipher.reference_encrypt(data, first)
         assert worker.encrypt(data, first) == expected
         assert worker.decrypt(expected, first) == data
+
+
+def _cbc_vectors() -> list[Any]:
+    path = VECTORS / "dmcrypt_iv_vectors.json"
+    if not path.exists():
+        return [pytest.param(None, 0, False, "", marks=pytest.mark.skip(reason=f"{path} missing"))]
+    served = {spec for spec, _sizes in FAST_SPECS}
+    return [
+        pytest.param(case, size, large, digest, id=f"{spec}-{size}{'-large' if large else ''}")
+        for case in json.loads(path.read_text())
+        if (spec := f"{case['cipher']}-{case['mode']}-{case['iv']}") in served
+        for size, large, digest in case["out"]
+    ]
+
+
+@pytest.mark.parametrize(("case", "sector_size", "large", "digest"), _cbc_vectors())
+def test_cryptsetup_iv_vectors(
+    tmp_path: Path, case: dict[str, Any], sector_size: int, large: bool, digest: str
+) -> None:
+    """cryptsetup's tests/crypto-vectors.c (AES-CBC, every IV the C path serves)."""
+    data = bytes(case["length"])
+    spec = f"{case['cipher']}-{case['mode']}-{case['iv']}"
+    key = bytes.fromhex(case["key"])
+    with make_volume(
+        tmp_path / "c.img", spec, key, sector_size, case["iv_offset"], large, 64 * KiB
+    ) as vol:
+        assert vol.fast is not None
+        worker = vol.fast.worker()
+        encrypted = worker.encrypt(data, 0)
+        assert hashlib.sha256(encrypted).hexdigest() == digest
+        assert worker.decrypt(encrypted, 0) == data
 
 
 @pytest.mark.parametrize("sector_size", [512, 4096])
@@ -121,9 +176,10 @@ def test_large_requests_shared_with_the_helper_thread(tmp_path: Path, sector_siz
 @pytest.mark.parametrize(
     ("spec", "key"),
     [
-        pytest.param("aes-cbc-essiv:sha256", KEY512[:32], id="cbc-essiv"),
-        pytest.param("aes-xts-essiv:sha256", KEY512, id="xts-essiv"),
+        pytest.param("aes-cbc-benbi", KEY512[:32], id="cbc-benbi"),
         pytest.param("aes-xts-benbi", KEY512, id="xts-benbi"),
+        pytest.param("aes-ecb", KEY512[:32], id="ecb"),
+        pytest.param("camellia-cbc-essiv:sha256", KEY512[:32], id="camellia-cbc"),
         pytest.param("aes:2-xts-plain64", KEY512 * 2, id="keycount-2"),
         pytest.param("camellia-xts-plain64", KEY512, id="camellia"),
         pytest.param("aes-xts-plain64", bytes(32) * 2, id="equal-key-halves"),
@@ -322,7 +378,7 @@ def test_c_and_python_range_locks_are_one(volume: Volume) -> None:
 
 
 @settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     ops=st.lists(
@@ -335,14 +391,17 @@ def test_c_and_python_range_locks_are_one(volume: Volume) -> None:
         max_size=30,
     ),
     sector_size=st.sampled_from([512, 4096]),
+    spec=st.sampled_from(["aes-xts-plain64", "aes-cbc-essiv:sha256"]),
 )
 def test_channel_equals_a_bytearray_model(
-    tmp_path: Path, ops: list[tuple[str, int, int]], sector_size: int
+    tmp_path: Path, ops: list[tuple[str, int, int]], sector_size: int, spec: str
 ) -> None:
     """Random reads and writes, C and Python paths mixed, against a model."""
     path = tmp_path / f"model-{sector_size}.img"
     path.unlink(missing_ok=True)
-    with make_volume(path, sector_size=sector_size) as vol:
+    key = KEY512 if "xts" in spec else KEY512[:32]
+    with make_volume(path, spec, key, sector_size=sector_size) as vol:
+        assert vol.fast is not None
         model = bytearray(read_plain(vol))
 
         def client(c: Client) -> None:
@@ -383,6 +442,7 @@ def test_benchmark_reports_the_c_data_path() -> None:
         )
     )
     fast = [line for line in lines if "(C data path)" in line]
-    assert len(fast) == 1  # only the XTS spec has one
+    assert len(fast) == 2
     assert " 512b " in fast[0] and fast[0].count("MB/s") == 2
-    assert benchmark.fast_path_speed("aes-cbc-essiv:sha256", 256) is None
+    assert " 256b " in fast[1] and fast[1].count("MB/s") == 2
+    assert benchmark.fast_path_speed("camellia-xts-plain64", 256) is None

@@ -36,7 +36,7 @@ LAYERS: dict[str, float] = {
     "af": 1,
     "_xts": 1.5,  # C accelerator for sector's XTS tweak chain
     "sector": 2,
-    "_fastpath": 2.5,  # C READ/WRITE loop for aes-xts volumes and Volume's range lock
+    "_fastpath": 2.5,  # C READ/WRITE loop for AES-XTS/CBC volumes, Volume's range lock
     "kdf": 2,
     "volume": 3,
     "benchmark": 3.5,  # `cryptfuse benchmark`: engine + KDF timings; no I/O layer above it
