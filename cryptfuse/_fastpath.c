@@ -28,6 +28,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -153,10 +154,20 @@ static void RangeLock_dealloc(RangeLockObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* "O&" converter: a Python int in [0, 2**64), else OverflowError/TypeError ("K" wraps). */
+static int to_u64(PyObject *obj, void *out)
+{
+    unsigned long long value = PyLong_AsUnsignedLongLong(obj);
+    if (value == (unsigned long long)-1 && PyErr_Occurred())
+        return 0;
+    *(uint64_t *)out = value;
+    return 1;
+}
+
 static int parse_range(PyObject *args, uint64_t *start, uint64_t *end)
 {
-    unsigned long long s, e;
-    if (!PyArg_ParseTuple(args, "KK", &s, &e))
+    uint64_t s, e;
+    if (!PyArg_ParseTuple(args, "O&O&", to_u64, &s, to_u64, &e))
         return -1;
     if (s >= e) {
         PyErr_SetString(PyExc_ValueError, "empty or inverted range");
@@ -268,6 +279,10 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int fd;
+    /* Requests hold it shared around their container I/O; close() takes it exclusive,
+       so no pread/pwrite can reach the fd once Volume.close() has begun. */
+    pthread_rwlock_t io_lock;
+    int closed;
     uint64_t data_offset;
     uint64_t size;
     uint32_t sector_size;
@@ -299,15 +314,14 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     static char *kwlist[] = {"fd",      "data_offset", "size",  "sector_size", "readonly",
                              "mode",    "key",         "iv_offset", "iv_shift", "ivmode",
                              "lock",    "essiv_key",   NULL};
-    int fd, readonly, mode, ivmode;
-    unsigned long long data_offset, size, iv_offset;
-    unsigned int sector_size, iv_shift;
+    int fd, readonly, mode, ivmode, sector_size, iv_shift;
+    uint64_t data_offset, size, iv_offset;
     Py_buffer key, essiv_key = {0};
     PyObject *lock;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKKIpiy*KIiO!|y*:FastVolume", kwlist, &fd,
-                                     &data_offset, &size, &sector_size, &readonly, &mode, &key,
-                                     &iv_offset, &iv_shift, &ivmode, &RangeLockType, &lock,
-                                     &essiv_key))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO&O&ipiy*O&iiO!|y*:FastVolume", kwlist, &fd,
+                                     to_u64, &data_offset, to_u64, &size, &sector_size,
+                                     &readonly, &mode, &key, to_u64, &iv_offset, &iv_shift,
+                                     &ivmode, &RangeLockType, &lock, &essiv_key))
         return NULL;
     FastVolumeObject *self = NULL;
     const EVP_CIPHER *cipher = NULL, *essiv_cipher = NULL;
@@ -338,8 +352,8 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
         }
     }
     if ((sector_size != 512 && sector_size != 1024 && sector_size != 2048 && sector_size != 4096)
-        || ivmode < IV_PLAIN64 || ivmode > IV_ESSIV || iv_shift > 3 || fd < -1
-        || size % sector_size) {
+        || ivmode < IV_PLAIN64 || ivmode > IV_ESSIV || iv_shift < 0 || iv_shift > 3 || fd < -1
+        || size % sector_size || data_offset > INT64_MAX || size > INT64_MAX - data_offset) {
         PyErr_SetString(PyExc_ValueError, "FastVolume: invalid geometry or IV mode");
         goto out;
     }
@@ -353,6 +367,8 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     if (self == NULL)
         goto out;
     self->fd = fd;
+    pthread_rwlock_init(&self->io_lock, NULL);
+    self->closed = 0;
     self->data_offset = data_offset;
     self->size = size;
     self->sector_size = sector_size;
@@ -437,6 +453,7 @@ static void FastVolume_dealloc(FastVolumeObject *self)
     Py_BEGIN_ALLOW_THREADS
     helper_stop(self);
     Py_END_ALLOW_THREADS
+    pthread_rwlock_destroy(&self->io_lock);
     OPENSSL_cleanse(self->key, sizeof(self->key));
     OPENSSL_cleanse(self->essiv_key, sizeof(self->essiv_key));
     Py_XDECREF(self->lock);
@@ -483,7 +500,17 @@ typedef struct {
     contexts_t ctx;
     unsigned char *buf; /* MAX_IO plus two sectors: a read's covering sectors */
     size_t buf_len;
+    _Atomic int busy; /* one thread at a time: the buffer and contexts are not shared */
 } WorkerObject;
+
+static int worker_enter(WorkerObject *w)
+{
+    if (atomic_exchange(&w->busy, 1)) {
+        PyErr_SetString(PyExc_RuntimeError, "this Worker is in use by another thread");
+        return -1;
+    }
+    return 0;
+}
 
 static void Worker_dealloc(WorkerObject *self)
 {
@@ -497,6 +524,17 @@ static void Worker_dealloc(WorkerObject *self)
 }
 
 static PyTypeObject WorkerType;
+
+static PyObject *FastVolume_close(FastVolumeObject *self, PyObject *unused)
+{
+    (void)unused;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&self->io_lock); /* waits for the requests doing I/O now */
+    self->closed = 1;
+    pthread_rwlock_unlock(&self->io_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
 
 static PyObject *FastVolume_worker(FastVolumeObject *self, PyObject *unused)
 {
@@ -564,8 +602,11 @@ static int crypt_with(const FastVolumeObject *v, contexts_t *c, const unsigned c
         int outl;
         if (make_iv(v, c->essiv, first + i, iv) < 0
             || EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1) != 1
-            || EVP_CipherUpdate(ctx, dst + i * ss, &outl, src + i * ss, ss) != 1 || outl != ss)
+            || EVP_CipherUpdate(ctx, dst + i * ss, &outl, src + i * ss, ss) != 1
+            || outl != ss) {
+            ERR_clear_error(); /* the request goes back to Python, which logs */
             return -1;
+        }
     }
     return 0;
 }
@@ -677,9 +718,25 @@ static void reply(FastVolumeObject *v, int fuse_fd, uint64_t unique, const void 
     do {
         n = writev(fuse_fd, iov, len ? 2 : 1);
     } while (n < 0 && errno == EINTR);
-    /* ENOENT: the request was interrupted and answered already; ENODEV: unmounted. */
-    if (n < 0 && errno != ENOENT && errno != ENODEV)
+    /* ENOENT: the request was interrupted and answered already; ENODEV: unmounted;
+       ECONNABORTED: the connection was aborted. */
+    if (n < 0 && errno != ENOENT && errno != ENODEV && errno != ECONNABORTED)
         atomic_fetch_add(&v->reply_errors, 1);
+}
+
+/* pread/pwrite sectors [first, last) at *pos* under the range lock, unless the volume is
+   closing: 0, or -1 (the request goes back to Python). */
+static int container_io(FastVolumeObject *v, unsigned char *buf, size_t len, uint64_t pos,
+                        uint64_t first, uint64_t last, int write)
+{
+    int failed = -1;
+    pthread_rwlock_rdlock(&v->io_lock);
+    if (!v->closed && range_acquire(v->lock, first, last) == 0) {
+        failed = io_full(v->fd, buf, len, pos, write);
+        range_release(v->lock, first, last);
+    }
+    pthread_rwlock_unlock(&v->io_lock);
+    return failed;
 }
 
 /* 1 when answered, 0 when the request goes back to Python. */
@@ -689,8 +746,8 @@ static int fast_read(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t off
     if (size > MAX_IO)
         return 0;
     if (offset >= v->size || size == 0) {
-        reply(v, fuse_fd, unique, NULL, 0);
         atomic_fetch_add(&v->reads, 1);
+        reply(v, fuse_fd, unique, NULL, 0);
         return 1;
     }
     uint64_t end = offset + size < v->size ? offset + size : v->size;
@@ -698,14 +755,11 @@ static int fast_read(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t off
     uint64_t first = offset / ss, last = (end + ss - 1) / ss;
     size_t len = (size_t)((last - first) * ss);
     uint64_t pos = v->data_offset + first * ss;
-    if (range_acquire(v->lock, first, last) < 0)
+    if (container_io(v, w->buf, len, pos, first, last, 0) < 0
+        || crypt_sectors(w, w->buf, w->buf, first, last - first, 0) < 0)
         return 0;
-    int failed = io_full(v->fd, w->buf, len, pos, 0);
-    range_release(v->lock, first, last);
-    if (failed || crypt_sectors(w, w->buf, w->buf, first, last - first, 0) < 0)
-        return 0;
-    reply(v, fuse_fd, unique, w->buf + (offset - first * ss), (size_t)(end - offset));
     atomic_fetch_add(&v->reads, 1);
+    reply(v, fuse_fd, unique, w->buf + (offset - first * ss), (size_t)(end - offset));
     return 1;
 }
 
@@ -722,15 +776,15 @@ static int fast_write(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t of
     uint64_t first = offset / ss, last = first + size / ss;
     if (crypt_sectors(w, data, w->buf, first, size / ss, 1) < 0)
         return 0;
-    if (range_acquire(v->lock, first, last) < 0)
-        return 0;
-    int failed = io_full(v->fd, w->buf, size, v->data_offset + offset, 1);
-    range_release(v->lock, first, last);
-    if (failed)
+    if (container_io(v, w->buf, size, v->data_offset + offset, first, last, 1) < 0)
         return 0;
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
-    atomic_store(&v->last_write_ns, (int64_t)now.tv_sec * 1000000000 + now.tv_nsec);
+    int64_t ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+    int64_t seen = atomic_load(&v->last_write_ns);
+    /* a maximum: two writers may get here in the other order than their clock reads */
+    while (seen < ns && !atomic_compare_exchange_weak(&v->last_write_ns, &seen, ns))
+        ;
     atomic_fetch_add(&v->writes, 1);
     struct {
         uint32_t size, padding;
@@ -759,6 +813,10 @@ static PyObject *Worker_serve(WorkerObject *self, PyObject *args)
     Py_buffer request;
     if (!PyArg_ParseTuple(args, "iw*:serve", &fuse_fd, &request))
         return NULL;
+    if (worker_enter(self) < 0) {
+        PyBuffer_Release(&request);
+        return NULL;
+    }
     unsigned char *req = request.buf;
     size_t cap = (size_t)request.len;
     ssize_t length = 0;
@@ -794,6 +852,7 @@ static PyObject *Worker_serve(WorkerObject *self, PyObject *args)
         }
     }
     Py_END_ALLOW_THREADS
+    atomic_store(&self->busy, 0);
     PyBuffer_Release(&request);
     if (err) {
         errno = err;
@@ -805,9 +864,9 @@ static PyObject *Worker_serve(WorkerObject *self, PyObject *args)
 static PyObject *Worker_crypt(WorkerObject *self, PyObject *args, int encrypt)
 {
     Py_buffer data;
-    unsigned long long first;
+    uint64_t first;
     int parallel = 0;
-    if (!PyArg_ParseTuple(args, "y*K|p", &data, &first, &parallel))
+    if (!PyArg_ParseTuple(args, "y*O&|p", &data, to_u64, &first, &parallel))
         return NULL;
     PyObject *result = NULL;
     size_t ss = self->volume->sector_size;
@@ -815,6 +874,8 @@ static PyObject *Worker_crypt(WorkerObject *self, PyObject *args, int encrypt)
         PyErr_SetString(PyExc_ValueError, "whole sectors, at most 1 MiB");
         goto out;
     }
+    if (worker_enter(self) < 0)
+        goto out;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     if (parallel)
@@ -823,11 +884,11 @@ static PyObject *Worker_crypt(WorkerObject *self, PyObject *args, int encrypt)
         rc = crypt_with(self->volume, &self->ctx, data.buf, self->buf, first,
                         (size_t)data.len / ss, encrypt);
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
+    if (rc < 0)
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed");
-        goto out;
-    }
-    result = PyBytes_FromStringAndSize((const char *)self->buf, data.len);
+    else
+        result = PyBytes_FromStringAndSize((const char *)self->buf, data.len);
+    atomic_store(&self->busy, 0);
 out:
     PyBuffer_Release(&data);
     return result;
@@ -868,6 +929,9 @@ static PyTypeObject WorkerType = {
 static PyMethodDef FastVolume_methods[] = {
     {"worker", (PyCFunction)FastVolume_worker, METH_NOARGS,
      "worker() -> Worker: contexts and buffers for one thread (never share one)."},
+    {"close", (PyCFunction)FastVolume_close, METH_NOARGS,
+     "close(): wait for the container I/O under way, then decline every request (the "
+     "volume closes its fd after this)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -424,6 +424,10 @@ class Channel:
                     continue  # interrupted, or a request the kernel took back
                 if exc.errno == errno.ENODEV:
                     return  # unmounted: the kernel ended the connection
+                if exc.errno == errno.ECONNABORTED:
+                    # /sys/fs/fuse/connections/N/abort (we ask for FUSE_ABORT_ERROR)
+                    log.warning("the FUSE connection was aborted")
+                    return
                 raise
             if length == 0:
                 return  # end of file: only a test's socket does that
@@ -469,7 +473,7 @@ class Channel:
         except OSError as exc:
             # ENOENT: the request was interrupted and already answered for us;
             # ENODEV: the file system is gone.  Neither concerns the other requests.
-            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.ECONNABORTED):
                 log.error("cannot answer FUSE request %d: %s", unique, exc.strerror)
 
     def _call(self, afn: Callable[..., Awaitable[T]], *args: object) -> T:

@@ -123,6 +123,7 @@ class VolumeFS(pyfuse3.Operations):
         self.fast = getattr(volume, "fast", None)
         self._synced_fast_writes = 0
         self._seen_fast_write_ns = 0
+        self._sync_lock = trio.Lock()
         self._next_fh = 1
 
     # -- the one place where volume errors become errno values -----------------
@@ -188,7 +189,19 @@ class VolumeFS(pyfuse3.Operations):
         # have reached the container), never before: a sync that clears the flag
         # while a write is in flight must not make a later fsync skip that write.
         self._dirty = True
+        self._observe_fast_writes()
         self._times[FILE_INODE][1] = self._times[FILE_INODE][2] = time.time_ns()
+
+    def _observe_fast_writes(self) -> None:
+        """Give the file the mtime/ctime of writes served in C (they bypass _wrote)."""
+        if self.fast is None:
+            return
+        written_ns = self.fast.last_write_ns
+        if written_ns > self._seen_fast_write_ns:
+            self._seen_fast_write_ns = written_ns
+            times = self._times[FILE_INODE]
+            times[1] = max(times[1], written_ns)
+            times[2] = max(times[2], written_ns)
 
     # -- attributes ---------------------------------------------------------------
 
@@ -206,13 +219,8 @@ class VolumeFS(pyfuse3.Operations):
         # st_blksize is the preferred I/O size; a whole page (at least one sector)
         # keeps tools from issuing sub-sector writes that need read-modify-write.
         entry.st_blksize = max(4096, self.volume.sector_size)
-        if inode == FILE_INODE and self.fast is not None:
-            written_ns = self.fast.last_write_ns
-            if written_ns > self._seen_fast_write_ns:
-                # Writes served in C change mtime/ctime as the Python ones do (_wrote);
-                # a later utimens still wins until the next write.
-                self._seen_fast_write_ns = written_ns
-                self._times[FILE_INODE][1] = self._times[FILE_INODE][2] = written_ns
+        if inode == FILE_INODE:
+            self._observe_fast_writes()
         entry.st_atime_ns, entry.st_mtime_ns, entry.st_ctime_ns = self._times[inode]
         if inode == FILE_INODE:
             entry.st_nlink = 1
@@ -283,6 +291,9 @@ class VolumeFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
             # Only permission bits change; the file type is fixed.
             self._mode[inode] = stat.S_IFMT(self._mode[inode]) | (attr.st_mode & 0o7777)
+        # Writes served in C so far are older than this change: fold their time in
+        # first, so that the explicit times below win.
+        self._observe_fast_writes()
         times = self._times[inode]
         if fields.update_atime:
             times[0] = attr.st_atime_ns
@@ -358,18 +369,22 @@ class VolumeFS(pyfuse3.Operations):
             self._wrote()
 
     async def _sync(self, what: str) -> None:
-        # A fast write counts once it has reached the container, before its reply:
-        # one still in flight now is counted later and makes the next sync happen.
-        fast_writes = self.fast.writes if self.fast is not None else 0
-        if not self._dirty and fast_writes == self._synced_fast_writes:
-            return
-        self._dirty = False
-        self._synced_fast_writes = fast_writes
-        try:
-            await self._volume_call(what, 0, self.volume.size, self.volume.sync)
-        except pyfuse3.FUSEError:
-            self._dirty = True
-            raise
+        # One sync at a time: FLUSH and FSYNC can overlap (the kernel serialises only
+        # FSYNCs), and a second caller must not see "nothing new" and return while the
+        # first one's fsync(2), which covers its writes, is still running.
+        async with self._sync_lock:
+            # A fast write counts once it has reached the container, before its reply:
+            # one still in flight now is counted later and makes the next sync happen.
+            fast_writes = self.fast.writes if self.fast is not None else 0
+            if not self._dirty and fast_writes == self._synced_fast_writes:
+                return
+            self._dirty = False
+            self._synced_fast_writes = fast_writes
+            try:
+                await self._volume_call(what, 0, self.volume.size, self.volume.sync)
+            except pyfuse3.FUSEError:
+                self._dirty = True
+                raise
 
     async def flush(self, fh: int) -> None:
         """On every close(): make what was written durable (close reports errors)."""

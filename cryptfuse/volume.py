@@ -323,6 +323,9 @@ class Volume:
         if self._closed:
             return
         self._closed = True
+        if self.fast is not None:
+            # No C read or write reaches the fd from here on (nor after the sync).
+            self.fast.close()
         try:
             if not self.readonly:
                 self.sync()

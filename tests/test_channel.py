@@ -555,6 +555,11 @@ def serve(
 ) -> None:
     """Run *client* in a thread against a Channel serving *volume* (C data path: *fast*)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for sock in (ours, theirs):
+        # Room for 1 MiB requests and replies where net.core.[rw]mem_max allows it
+        # (one SOCK_SEQPACKET message must fit the buffers; /dev/fuse has no such limit).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     ours.settimeout(REPLY_TIMEOUT)
     channel = Channel(theirs.detach(), VolumeFS(volume), workers=workers, fast=fast)
 

@@ -344,6 +344,122 @@ def test_a_failing_container_read_is_retried_and_logged_by_python(
     assert "short read" in caplog.text
 
 
+def _megabyte_messages() -> bool:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        return a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * MiB + 8192
+
+
+@pytest.mark.skipif(
+    not _megabyte_messages(), reason="net.core.wmem_max too small for 1 MiB socket messages"
+)
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_one_megabyte_requests_at_odd_offsets(tmp_path: Path, sector_size: int) -> None:
+    """The largest requests, unaligned reads whose sectors exceed 1 MiB, the helper split."""
+    vol = make_volume(tmp_path / "big.img", sector_size=sector_size, size=4 * MiB)
+    with vol:
+        model = bytearray(read_plain(vol))
+
+        def client(c: Client) -> None:
+            assert c.init().error == 0
+            _reply, fh, _flags = c.open()
+            data = os.urandom(MiB)
+            assert c.written(c.write(fh, MiB, data)) == MiB
+            model[MiB : 2 * MiB] = data
+            for offset in (1, sector_size - 1, MiB + 7, 3 * MiB - 1, 4 * MiB - MiB // 2):
+                got = c.read(fh, offset, MiB).payload
+                assert got == model[offset : offset + MiB]
+
+        serve(vol, client)
+        assert vol.fast.declined == 0
+        assert vol.fast.split >= 6
+        check_container(vol, model)
+
+
+def test_closed_fast_path_hands_everything_to_python(volume: Volume) -> None:
+    model = bytearray(read_plain(volume))
+    volume.fast.close()
+
+    def client(c: Client) -> None:
+        assert c.init().error == 0
+        _reply, fh, _flags = c.open()
+        data = os.urandom(4096)
+        assert c.written(c.write(fh, 4096, data)) == 4096
+        model[4096:8192] = data
+        assert c.read(fh, 0, 3 * 4096).payload == model[: 3 * 4096]
+
+    serve(volume, client)
+    assert (volume.fast.reads, volume.fast.writes, volume.fast.declined) == (0, 0, 2)
+    check_container(volume, model)
+
+
+def test_utimens_after_c_writes_wins_and_mtime_never_goes_back(volume: Volume) -> None:
+    from test_channel import SETATTR, setattr_body
+
+    from cryptfuse.channel import FATTR_MTIME
+
+    def mtime_ns(payload: bytes) -> int:
+        fields = ATTR.unpack_from(payload, ATTR_OUT.size)
+        return int(fields[4]) * 1_000_000_000 + int(fields[7])
+
+    def client(c: Client) -> None:
+        assert c.init().error == 0
+        _reply, fh, _flags = c.open()
+        assert c.written(c.write(fh, 0, bytes(4096))) == 4096  # C, not seen yet
+        reply = c.call(SETATTR, 2, setattr_body(FATTR_MTIME, mtime=946684800))
+        assert reply.error == 0
+        assert mtime_ns(reply.payload) == 946684800 * 1_000_000_000  # the user's time
+        reply = c.call(GETATTR, 2, GETATTR_IN.pack(0, 0, 0))
+        assert mtime_ns(reply.payload) == 946684800 * 1_000_000_000
+        assert c.written(c.write(fh, 0, bytes(4096))) == 4096  # C again
+        assert c.written(c.write(fh, 10, b"python")) == 6  # then a Python write
+        reply = c.call(GETATTR, 2, GETATTR_IN.pack(0, 0, 0))
+        assert mtime_ns(reply.payload) >= volume.fast.last_write_ns
+
+    serve(volume, client)
+    assert volume.fast.writes == 2
+
+
+def test_constructor_refuses_out_of_range_numbers(tmp_path: Path) -> None:
+    lock = _fastpath.RangeLock()
+    good: dict[str, Any] = dict(
+        fd=-1,
+        data_offset=0,
+        size=4096,
+        sector_size=512,
+        readonly=True,
+        mode=_fastpath.MODE_XTS,
+        key=KEY512,
+        iv_offset=0,
+        iv_shift=0,
+        ivmode=_fastpath.IV_PLAIN64,
+        lock=lock,
+    )
+    _fastpath.FastVolume(**good)
+    for name, value in [
+        ("size", -4096),
+        ("data_offset", -1),
+        ("iv_offset", 1 << 64),
+        ("sector_size", (1 << 32) + 512),
+    ]:
+        with pytest.raises(OverflowError):
+            _fastpath.FastVolume(**{**good, name: value})
+    for name, value in [("sector_size", 768), ("iv_shift", 4), ("ivmode", 9), ("mode", 7)]:
+        with pytest.raises(ValueError):
+            _fastpath.FastVolume(**{**good, name: value})
+    with pytest.raises(ValueError):
+        _fastpath.FastVolume(**{**good, "key": KEY512[:48]})
+    with pytest.raises(ValueError):
+        _fastpath.FastVolume(**{**good, "size": (1 << 63), "data_offset": 1 << 63})
+    with pytest.raises(OverflowError):
+        lock.acquire(-2, -1)
+    with pytest.raises(ValueError):
+        lock.acquire(5, 5)
+    with pytest.raises(RuntimeError):
+        lock.release(0, 1)
+
+
 def test_c_and_python_range_locks_are_one(volume: Volume) -> None:
     """Whole-sector writes (C) racing read-modify-writes (Python) of the same sectors.
 
@@ -446,3 +562,44 @@ def test_benchmark_reports_the_c_data_path() -> None:
     assert " 512b " in fast[0] and fast[0].count("MB/s") == 2
     assert " 256b " in fast[1] and fast[1].count("MB/s") == 2
     assert benchmark.fast_path_speed("camellia-xts-plain64", 256) is None
+
+
+def test_overlapping_syncs_wait_for_each_other(
+    volume: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FLUSH and an FSYNC at once: the second must not return before the data is synced."""
+    import time
+
+    import trio
+
+    from cryptfuse.fs import VolumeFS
+
+    events: list[str] = []
+
+    def slow_sync() -> None:
+        events.append("sync start")
+        time.sleep(0.3)
+        events.append("sync end")
+
+    monkeypatch.setattr(volume, "sync", slow_sync)
+    ops = VolumeFS(volume)
+
+    async def main() -> None:
+        await ops.write(0, 0, b"x")
+
+        async def flush() -> None:
+            await ops.flush(0)
+            events.append("flush returned")
+
+        async def fsync() -> None:
+            await trio.sleep(0.05)  # arrives while the flush's fsync(2) runs
+            await ops.fsync(0, False)
+            events.append("fsync returned")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush)
+            nursery.start_soon(fsync)
+
+    trio.run(main)
+    assert events.count("sync start") == 1  # nothing new for the second one ...
+    assert events.index("fsync returned") > events.index("sync end")  # ... after it waited
