@@ -508,11 +508,12 @@ def test_c_and_python_range_locks_are_one(volume: Volume) -> None:
     ),
     sector_size=st.sampled_from([512, 4096]),
     spec=st.sampled_from(["aes-xts-plain64", "aes-cbc-essiv:sha256"]),
+    fast=st.booleans(),
 )
 def test_channel_equals_a_bytearray_model(
-    tmp_path: Path, ops: list[tuple[str, int, int]], sector_size: int, spec: str
+    tmp_path: Path, ops: list[tuple[str, int, int]], sector_size: int, spec: str, fast: bool
 ) -> None:
-    """Random reads and writes, C and Python paths mixed, against a model."""
+    """Random reads and writes against a model: C and Python paths mixed, or Python only."""
     path = tmp_path / f"model-{sector_size}.img"
     path.unlink(missing_ok=True)
     key = KEY512 if "xts" in spec else KEY512[:32]
@@ -542,8 +543,10 @@ def test_channel_equals_a_bytearray_model(
                     assert c.written(reply) == count
                     model[offset : offset + count] = data[:count]
 
-        serve(vol, client)
+        serve(vol, client, fast=fast)
         check_container(vol, model)
+        if not fast:
+            assert vol.fast.reads == vol.fast.writes == vol.fast.declined == 0
 
 
 def test_benchmark_reports_the_c_data_path() -> None:
