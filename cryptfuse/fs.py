@@ -189,11 +189,14 @@ class VolumeFS(pyfuse3.Operations):
         # have reached the container), never before: a sync that clears the flag
         # while a write is in flight must not make a later fsync skip that write.
         self._dirty = True
-        self._observe_fast_writes()
         self._times[FILE_INODE][1] = self._times[FILE_INODE][2] = time.time_ns()
 
     def _observe_fast_writes(self) -> None:
-        """Give the file the mtime/ctime of writes served in C (they bypass _wrote)."""
+        """Give the file the mtime/ctime of writes served in C (they bypass _wrote).
+
+        A maximum, so a later Python write's own time is never moved back; SETATTR
+        calls it before applying explicit times so that those win.
+        """
         if self.fast is None:
             return
         written_ns = self.fast.last_write_ns

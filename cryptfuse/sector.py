@@ -160,11 +160,13 @@ class _SubKey:
             self.data = _Ecb(spec.cipher, key)
             self.tweak = None
         self.essiv: _Ecb | None = None
+        #: ESSIV's key, hash(key); empty for other IV modes
+        self.essiv_salt = b""
         if spec.ivmode == "essiv":
             assert spec.ivopts is not None
             # The kernel's essiv template keys each cipher instance with
             # hash(its own key); for keycount 1 that is hash(whole key).
-            salt = hashlib.new(hashlib_name(spec.ivopts), key).digest()
+            salt = self.essiv_salt = hashlib.new(hashlib_name(spec.ivopts), key).digest()
             try:
                 self.essiv = _Ecb(spec.cipher, salt)
             except UsageError as exc:
@@ -308,9 +310,8 @@ class SectorCipher:
         if spec.ivmode in _IV_PACK:
             assert spec.ivmode is not None
             return FastParameters(spec.chainmode, sub.key, spec.ivmode)
-        if spec.ivmode == "essiv" and spec.ivopts is not None:
-            salt = hashlib.new(hashlib_name(spec.ivopts), sub.key).digest()
-            return FastParameters(spec.chainmode, sub.key, "essiv", salt)
+        if spec.ivmode == "essiv":
+            return FastParameters(spec.chainmode, sub.key, "essiv", sub.essiv_salt)
         return None
 
     @property

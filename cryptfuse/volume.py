@@ -218,15 +218,12 @@ class Volume:
         self.description = description
         self._lock = _RangeLock()
         self._closed = False
-        self.fast = self._fast_path()
-
-    def _fast_path(self) -> _fastpath.FastVolume | None:
-        return fast_path_for(
-            self.cipher,
-            fd=self.fd,
-            data_offset=self.data_offset,
-            size=self.size,
-            readonly=self.readonly,
+        self.fast = fast_path_for(
+            cipher,
+            fd=fd,
+            data_offset=data_offset,
+            size=size,
+            readonly=readonly,
             lock=self._lock.native,
         )
 

@@ -18,11 +18,13 @@ import json
 import os
 import random
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_channel import (
@@ -30,13 +32,17 @@ from test_channel import (
     GETATTR,
     GETATTR_IN,
     READ,
+    SETATTR,
     SIZE,
     WRITE,
     Client,
     serve,
+    setattr_body,
 )
 
-from cryptfuse.channel import ATTR, ATTR_OUT, FSYNC, READ_IN, WRITE_IN, WRITE_OUT
+from cryptfuse import benchmark
+from cryptfuse.channel import ATTR, ATTR_OUT, FATTR_MTIME, FSYNC, READ_IN, WRITE_IN, WRITE_OUT
+from cryptfuse.fs import VolumeFS
 from cryptfuse.sector import SectorCipher
 from cryptfuse.spec import parse_cipher_spec
 from cryptfuse.volume import Volume, open_device
@@ -395,10 +401,6 @@ def test_closed_fast_path_hands_everything_to_python(volume: Volume) -> None:
 
 
 def test_utimens_after_c_writes_wins_and_mtime_never_goes_back(volume: Volume) -> None:
-    from test_channel import SETATTR, setattr_body
-
-    from cryptfuse.channel import FATTR_MTIME
-
     def mtime_ns(payload: bytes) -> int:
         fields = ATTR.unpack_from(payload, ATTR_OUT.size)
         return int(fields[4]) * 1_000_000_000 + int(fields[7])
@@ -550,8 +552,6 @@ def test_channel_equals_a_bytearray_model(
 
 
 def test_benchmark_reports_the_c_data_path() -> None:
-    from cryptfuse import benchmark
-
     lines = list(
         benchmark.run(
             (("aes-xts-plain64", 512), ("aes-cbc-essiv:sha256", 256)),
@@ -571,12 +571,6 @@ def test_overlapping_syncs_wait_for_each_other(
     volume: Volume, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A FLUSH and an FSYNC at once: the second must not return before the data is synced."""
-    import time
-
-    import trio
-
-    from cryptfuse.fs import VolumeFS
-
     events: list[str] = []
 
     def slow_sync() -> None:
