@@ -47,8 +47,19 @@
 /* the largest READ/WRITE payload the channel negotiates (max_pages 256) */
 #define MAX_IO (1 << 20)
 #define MAX_SECTOR 4096
+/* a worker's buffer: MAX_IO plus two sectors, a read's covering sectors */
+#define BUF_LEN (MAX_IO + 2 * MAX_SECTOR)
 /* requests from this size on are en/decrypted half here, half by the helper thread */
 #define SPLIT_MIN (256 * 1024)
+/* Container transfers of whole pages go through the O_DIRECT fd: reads from one page
+   on, writes from DIRECT_WRITE_MIN on (smaller ones gain from the page cache: it
+   merges them and writes them back later). */
+#define DIRECT_ALIGN 4096
+#define DIRECT_WRITE_MIN (128 * 1024)
+/* reads from this size on continue a stream the read-ahead threads follow */
+#define PREFETCH_MIN (64 * 1024)
+/* writes from this size on are written behind (see writeback_t) */
+#define BEHIND_MIN (128 * 1024)
 
 enum { IV_PLAIN64 = 0, IV_PLAIN = 1, IV_PLAIN64BE = 2, IV_NULL = 3, IV_ESSIV = 4 };
 enum { MODE_XTS = 0, MODE_CBC = 1 };
@@ -254,6 +265,18 @@ static PyTypeObject RangeLockType = {
  * busy does all the work itself.  Started on first use (so never before the
  * daemon forks) and only used by the process that started it.
  */
+/* Part of one request: read the ciphertext (IO_READ), run the cipher, write it (IO_WRITE). */
+enum { IO_NONE, IO_READ, IO_WRITE };
+typedef struct {
+    const unsigned char *src;
+    unsigned char *dst;
+    uint64_t first;
+    size_t count;
+    int encrypt;
+    int io;       /* IO_NONE, IO_READ (into dst, decrypted in place) or IO_WRITE (of dst) */
+    uint64_t pos; /* container offset of sector *first* */
+} job_t;
+
 typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t wake, finished_cv;
@@ -266,19 +289,84 @@ typedef struct {
     int stop;
     int rc;
     contexts_t ctx;
-    /* the job */
-    const unsigned char *src;
-    unsigned char *dst;
-    uint64_t first;
-    size_t count;
-    int encrypt;
+    job_t job;
 } helper_t;
+
+/* -- the read-ahead thread ------------------------------------------------------------------- */
+
+/*
+ * Large reads bypass the page cache (the O_DIRECT fd), and with it the kernel's
+ * readahead, so a sequential stream would wait for the disk on every request.  When
+ * a large read starts where the previous one ended, this thread reads the next
+ * stretch of the same size into its own buffer while the worker decrypts and
+ * replies; the request for it then swaps buffers with the thread instead of waiting
+ * for the disk.  One stretch at a time.  A write overlapping the stretch (in C or in
+ * Python, under the range lock) marks it stale, so it is never served.
+ */
+enum { RA_EMPTY, RA_PENDING, RA_LOADING, RA_READY };
+#define RA_SLOTS 8   /* stretches ahead of the stream */
+#define RA_THREADS 4 /* reading at once: the disk does better with two requests queued */
+typedef struct {
+    int state;
+    int valid;          /* cleared by an overlapping write or a failed read */
+    unsigned char *buf; /* ciphertext of [first, first + count) once RA_READY */
+    uint64_t first, count;
+} ra_slot_t;
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake, ready_cv;
+    pthread_t thread[RA_THREADS];
+    int threads; /* started */
+    pid_t pid;   /* 0: not started */
+    int failed_start;
+    int stop;
+    ra_slot_t slot[RA_SLOTS];
+    uint64_t next; /* the sector after the last large read: where a stream goes on */
+} prefetch_t;
+
+/* -- the write-behind threads ---------------------------------------------------------------- */
+
+/*
+ * A large write is encrypted into one of these slots and answered; a thread then
+ * writes the slot to the container, holding the request's range lock until the data
+ * is there, so every later request touching those sectors (read or write, C or
+ * Python) sees it.  The next request's copy and encryption thus overlap this one's
+ * disk write, as they would with the page cache, minus its copy.  A failed write
+ * is kept and reported by the next drain(), which Volume.sync() calls before the
+ * fsync: the page cache's contract (write errors surface at fsync).
+ */
+#define WB_SLOTS 4
+#define WB_THREADS 2
+typedef struct {
+    int state; /* WB_FREE, WB_FILLING (a worker encrypts into it), WB_QUEUED, WB_WRITING */
+    uint64_t seq;
+    unsigned char *buf;
+    uint64_t first, count;
+} wb_slot_t;
+enum { WB_FREE, WB_FILLING, WB_QUEUED, WB_WRITING };
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done_cv;
+    pthread_t thread[WB_THREADS];
+    int threads;
+    pid_t pid; /* 0: not started */
+    int failed_start;
+    int stop;
+    wb_slot_t slot[WB_SLOTS];
+    uint64_t seq;  /* of the last slot queued */
+    int error;     /* errno of the first failed write since the last drain, or 0 */
+    uint64_t failed; /* writes that failed, ever */
+} writeback_t;
 
 /* -- the volume ------------------------------------------------------------------------------ */
 
 typedef struct {
     PyObject_HEAD
     int fd;
+    int direct_owned;      /* the container opened O_DIRECT (ours to close), or -1 */
+    _Atomic int direct_fd; /* direct_owned while the file system takes O_DIRECT, else -1 */
     /* Requests hold it shared around their container I/O; close() takes it exclusive,
        so no pread/pwrite can reach the fd once Volume.close() has begun. */
     pthread_rwlock_t io_lock;
@@ -304,7 +392,12 @@ typedef struct {
     _Atomic uint64_t declined;      /* READ/WRITE requests handed back to Python */
     _Atomic uint64_t reply_errors;  /* replies the kernel refused (other than ENOENT/ENODEV) */
     _Atomic uint64_t split;         /* requests whose cipher work the helper shared */
+    _Atomic uint64_t prefetched;    /* reads answered from the read-ahead buffer */
+    _Atomic uint64_t direct;        /* container transfers through the O_DIRECT fd */
+    _Atomic uint64_t behind;        /* writes answered before their pwrite (write-behind) */
     helper_t helper;
+    prefetch_t ra;
+    writeback_t wb;
 } FastVolumeObject;
 
 static PyTypeObject FastVolumeType;
@@ -313,15 +406,16 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
 {
     static char *kwlist[] = {"fd",      "data_offset", "size",  "sector_size", "readonly",
                              "mode",    "key",         "iv_offset", "iv_shift", "ivmode",
-                             "lock",    "essiv_key",   NULL};
+                             "lock",    "essiv_key",   "direct_fd", NULL};
+    int direct_fd = -1;
     int fd, readonly, mode, ivmode, sector_size, iv_shift;
     uint64_t data_offset, size, iv_offset;
     Py_buffer key, essiv_key = {0};
     PyObject *lock;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO&O&ipiy*O&iiO!|y*:FastVolume", kwlist, &fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO&O&ipiy*O&iiO!|y*i:FastVolume", kwlist, &fd,
                                      to_u64, &data_offset, to_u64, &size, &sector_size,
                                      &readonly, &mode, &key, to_u64, &iv_offset, &iv_shift,
-                                     &ivmode, &RangeLockType, &lock, &essiv_key))
+                                     &ivmode, &RangeLockType, &lock, &essiv_key, &direct_fd))
         return NULL;
     FastVolumeObject *self = NULL;
     const EVP_CIPHER *cipher = NULL, *essiv_cipher = NULL;
@@ -353,6 +447,7 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     }
     if ((sector_size != 512 && sector_size != 1024 && sector_size != 2048 && sector_size != 4096)
         || ivmode < IV_PLAIN64 || ivmode > IV_ESSIV || iv_shift < 0 || iv_shift > 3 || fd < -1
+        || direct_fd < -1 || (direct_fd >= 0 && fd < 0)
         || size % sector_size || data_offset > INT64_MAX || size > INT64_MAX - data_offset) {
         PyErr_SetString(PyExc_ValueError, "FastVolume: invalid geometry or IV mode");
         goto out;
@@ -367,6 +462,8 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     if (self == NULL)
         goto out;
     self->fd = fd;
+    self->direct_owned = direct_fd < 0 ? -1 : direct_fd;
+    atomic_init(&self->direct_fd, self->direct_owned);
     pthread_rwlock_init(&self->io_lock, NULL);
     self->closed = 0;
     self->data_offset = data_offset;
@@ -395,6 +492,18 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     pthread_mutex_init(&self->helper.mu, NULL);
     pthread_cond_init(&self->helper.wake, NULL);
     pthread_cond_init(&self->helper.finished_cv, NULL);
+    atomic_init(&self->prefetched, 0);
+    atomic_init(&self->direct, 0);
+    memset(&self->ra, 0, sizeof(self->ra));
+    self->ra.next = UINT64_MAX;
+    pthread_mutex_init(&self->ra.mu, NULL);
+    pthread_cond_init(&self->ra.wake, NULL);
+    pthread_cond_init(&self->ra.ready_cv, NULL);
+    atomic_init(&self->behind, 0);
+    memset(&self->wb, 0, sizeof(self->wb));
+    pthread_mutex_init(&self->wb.mu, NULL);
+    pthread_cond_init(&self->wb.wake, NULL);
+    pthread_cond_init(&self->wb.done_cv, NULL);
 out:
     PyBuffer_Release(&key);
     if (essiv_key.obj != NULL)
@@ -448,11 +557,76 @@ static void helper_stop(FastVolumeObject *self)
     pthread_cond_destroy(&h->finished_cv);
 }
 
+static void prefetch_stop(FastVolumeObject *self)
+{
+    prefetch_t *ra = &self->ra;
+    int joinable;
+    pthread_mutex_lock(&ra->mu);
+    joinable = ra->pid == getpid();
+    ra->stop = 1;
+    pthread_cond_broadcast(&ra->wake);
+    pthread_mutex_unlock(&ra->mu);
+    for (int i = 0; joinable && i < ra->threads; i++)
+        pthread_join(ra->thread[i], NULL);
+    for (int i = 0; i < RA_SLOTS; i++)
+        if (ra->slot[i].buf != NULL) {
+            OPENSSL_cleanse(ra->slot[i].buf, BUF_LEN); /* once a worker's buffer: plaintext */
+            free(ra->slot[i].buf);
+        }
+    pthread_mutex_destroy(&ra->mu);
+    pthread_cond_destroy(&ra->wake);
+    pthread_cond_destroy(&ra->ready_cv);
+}
+
+/* Wait until every slot queued so far is written (and, with *all*, every slot). */
+static void writeback_wait(FastVolumeObject *self, int all)
+{
+    writeback_t *wb = &self->wb;
+    pthread_mutex_lock(&wb->mu);
+    uint64_t target = wb->seq;
+    for (;;) {
+        int pending = 0;
+        for (int i = 0; i < WB_SLOTS; i++) {
+            wb_slot_t *sl = &wb->slot[i];
+            if (all ? sl->state != WB_FREE
+                    : (sl->state == WB_QUEUED || sl->state == WB_WRITING) && sl->seq <= target)
+                pending = 1;
+        }
+        if (!pending)
+            break;
+        pthread_cond_wait(&wb->done_cv, &wb->mu);
+    }
+    pthread_mutex_unlock(&wb->mu);
+}
+
+static void writeback_stop(FastVolumeObject *self)
+{
+    writeback_t *wb = &self->wb;
+    writeback_wait(self, 1);
+    pthread_mutex_lock(&wb->mu);
+    int joinable = wb->pid == getpid();
+    wb->stop = 1;
+    pthread_cond_broadcast(&wb->wake);
+    pthread_mutex_unlock(&wb->mu);
+    for (int i = 0; joinable && i < wb->threads; i++)
+        pthread_join(wb->thread[i], NULL);
+    for (int i = 0; i < WB_SLOTS; i++)
+        if (wb->slot[i].buf != NULL)
+            free(wb->slot[i].buf); /* ciphertext only */
+    pthread_mutex_destroy(&wb->mu);
+    pthread_cond_destroy(&wb->wake);
+    pthread_cond_destroy(&wb->done_cv);
+}
+
 static void FastVolume_dealloc(FastVolumeObject *self)
 {
     Py_BEGIN_ALLOW_THREADS
+    writeback_stop(self); /* first: its writes are answered already */
     helper_stop(self);
+    prefetch_stop(self);
     Py_END_ALLOW_THREADS
+    if (self->direct_owned >= 0)
+        close(self->direct_owned);
     pthread_rwlock_destroy(&self->io_lock);
     OPENSSL_cleanse(self->key, sizeof(self->key));
     OPENSSL_cleanse(self->essiv_key, sizeof(self->essiv_key));
@@ -470,6 +644,9 @@ COUNTER_GETTER(writes)
 COUNTER_GETTER(reads)
 COUNTER_GETTER(declined)
 COUNTER_GETTER(reply_errors)
+COUNTER_GETTER(prefetched)
+COUNTER_GETTER(direct)
+COUNTER_GETTER(behind)
 COUNTER_GETTER(split)
 
 static PyObject *FastVolume_get_last_write_ns(FastVolumeObject *self, void *c)
@@ -485,6 +662,12 @@ static PyGetSetDef FastVolume_getset[] = {
      "READ/WRITE requests handed back to Python", NULL},
     {"reply_errors", (getter)FastVolume_get_reply_errors, NULL,
      "replies the kernel refused", NULL},
+    {"prefetched", (getter)FastVolume_get_prefetched, NULL,
+     "reads answered from the read-ahead buffer", NULL},
+    {"direct", (getter)FastVolume_get_direct, NULL,
+     "container transfers (preads/pwrites) through the O_DIRECT descriptor", NULL},
+    {"behind", (getter)FastVolume_get_behind, NULL,
+     "writes answered before their container write (write-behind)", NULL},
     {"split", (getter)FastVolume_get_split, NULL,
      "large requests whose cipher work the helper thread shared", NULL},
     {"last_write_ns", (getter)FastVolume_get_last_write_ns, NULL,
@@ -532,6 +715,11 @@ static PyObject *FastVolume_close(FastVolumeObject *self, PyObject *unused)
     pthread_rwlock_wrlock(&self->io_lock); /* waits for the requests doing I/O now */
     self->closed = 1;
     pthread_rwlock_unlock(&self->io_lock);
+    writeback_wait(self, 1); /* the writes answered already reach the container */
+    atomic_store(&self->direct_fd, -1);
+    if (self->direct_owned >= 0)
+        close(self->direct_owned);
+    self->direct_owned = -1;
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -543,7 +731,7 @@ static PyObject *FastVolume_worker(FastVolumeObject *self, PyObject *unused)
     if (w == NULL)
         return NULL;
     w->volume = (FastVolumeObject *)Py_NewRef(self);
-    w->buf_len = MAX_IO + 2 * MAX_SECTOR;
+    w->buf_len = BUF_LEN;
     if (posix_memalign((void **)&w->buf, 4096, w->buf_len) != 0) {
         w->buf = NULL;
         Py_DECREF(w);
@@ -611,6 +799,61 @@ static int crypt_with(const FastVolumeObject *v, contexts_t *c, const unsigned c
     return 0;
 }
 
+/* pread/pwrite all of *len* bytes at *pos*: 0, or -1 on an error or end of file. */
+static int io_full(int fd, unsigned char *buf, size_t len, uint64_t pos, int write)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = write ? pwrite(fd, buf + done, len - done, (off_t)(pos + done))
+                          : pread(fd, buf + done, len - done, (off_t)(pos + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n == 0)
+            errno = EIO; /* end of file: not the EINVAL that turns O_DIRECT off */
+        if (n <= 0)
+            return -1;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+/*
+ * Container I/O of one job.  Large page-aligned transfers use the O_DIRECT fd, when
+ * there is one: no page cache between the cipher and the disk (a sequential stream
+ * would only fill it with ciphertext nobody reads again).  Page alignment, not just
+ * sector alignment, keeps a direct transfer from sharing a cached page with another
+ * request's sectors.  A file system that refuses O_DIRECT (EINVAL) turns it off.
+ */
+static int container_rw(FastVolumeObject *v, unsigned char *buf, size_t len, uint64_t pos,
+                        int write)
+{
+    int dfd = atomic_load(&v->direct_fd);
+    if (dfd >= 0 && len >= (write ? DIRECT_WRITE_MIN : DIRECT_ALIGN) && pos % DIRECT_ALIGN == 0
+        && len % DIRECT_ALIGN == 0
+        && (uintptr_t)buf % DIRECT_ALIGN == 0) {
+        if (io_full(dfd, buf, len, pos, write) == 0) {
+            atomic_fetch_add(&v->direct, 1);
+            return 0;
+        }
+        if (errno != EINVAL)
+            return -1;
+        atomic_store(&v->direct_fd, -1);
+    }
+    return io_full(v->fd, buf, len, pos, write);
+}
+
+static int run_job(FastVolumeObject *v, contexts_t *c, const job_t *j)
+{
+    size_t len = j->count * v->sector_size;
+    if (j->io == IO_READ && container_rw(v, j->dst, len, j->pos, 0) < 0)
+        return -1;
+    if (crypt_with(v, c, j->src, j->dst, j->first, j->count, j->encrypt) < 0)
+        return -1;
+    if (j->io == IO_WRITE && container_rw(v, j->dst, len, j->pos, 1) < 0)
+        return -1;
+    return 0;
+}
+
 static void *helper_main(void *arg)
 {
     FastVolumeObject *v = arg;
@@ -623,7 +866,7 @@ static void *helper_main(void *arg)
             break;
         h->pending = 0;
         pthread_mutex_unlock(&h->mu);
-        int rc = crypt_with(v, &h->ctx, h->src, h->dst, h->first, h->count, h->encrypt);
+        int rc = run_job(v, &h->ctx, &h->job);
         pthread_mutex_lock(&h->mu);
         h->rc = rc;
         h->finished = 1;
@@ -634,8 +877,7 @@ static void *helper_main(void *arg)
 }
 
 /* Hand a job to the helper: 1 when it took it (collect with helper_collect), else 0. */
-static int helper_submit(FastVolumeObject *v, const unsigned char *src, unsigned char *dst,
-                         uint64_t first, size_t count, int encrypt)
+static int helper_submit(FastVolumeObject *v, const job_t *job)
 {
     helper_t *h = &v->helper;
     int taken = 0;
@@ -649,11 +891,7 @@ static int helper_submit(FastVolumeObject *v, const unsigned char *src, unsigned
     if (h->pid == getpid() && !h->busy && !h->stop) {
         h->busy = h->pending = 1;
         h->finished = 0;
-        h->src = src;
-        h->dst = dst;
-        h->first = first;
-        h->count = count;
-        h->encrypt = encrypt;
+        h->job = *job;
         pthread_cond_signal(&h->wake);
         taken = 1;
     }
@@ -673,36 +911,299 @@ static int helper_collect(FastVolumeObject *v)
     return rc;
 }
 
-/* The sectors of one request: large ones shared with the helper thread. */
-static int crypt_sectors(WorkerObject *w, const unsigned char *src, unsigned char *dst,
-                         uint64_t first, size_t count, int encrypt)
+/*
+ * The sectors of one request, with their container I/O: large ones are split, the
+ * second half (a whole number of pages) going to the helper thread, so one sequential
+ * stream keeps both cores and two disk requests busy.
+ */
+static int transfer(WorkerObject *w, const unsigned char *src, unsigned char *dst,
+                    uint64_t first, size_t count, int encrypt, int io, uint64_t pos)
 {
     FastVolumeObject *v = w->volume;
     size_t ss = v->sector_size;
-    size_t half = count / 2;
-    if (count * ss < SPLIT_MIN
-        || !helper_submit(v, src + half * ss, dst + half * ss, first + half, count - half, encrypt))
-        return crypt_with(v, &w->ctx, src, dst, first, count, encrypt);
-    int rc = crypt_with(v, &w->ctx, src, dst, first, half, encrypt);
+    size_t per_page = ss < DIRECT_ALIGN ? DIRECT_ALIGN / ss : 1;
+    size_t half = count / 2 / per_page * per_page;
+    job_t mine = {src, dst, first, count, encrypt, io, pos};
+    if (count * ss < SPLIT_MIN || half == 0)
+        return run_job(v, &w->ctx, &mine);
+    job_t theirs = {src + half * ss, dst + half * ss, first + half, count - half,
+                    encrypt,         io,              pos + half * ss};
+    if (!helper_submit(v, &theirs))
+        return run_job(v, &w->ctx, &mine);
+    mine.count = half;
+    int rc = run_job(v, &w->ctx, &mine);
     int helper_rc = helper_collect(v);
     atomic_fetch_add(&v->split, 1);
     return rc < 0 || helper_rc < 0 ? -1 : 0;
 }
 
-/* pread/pwrite all of *len* bytes at *pos*: 0, or -1 on an error or end of file. */
-static int io_full(int fd, unsigned char *buf, size_t len, uint64_t pos, int write)
+
+/* -- read-ahead -------------------------------------------------------------------------------- */
+
+static void *prefetch_main(void *arg)
 {
-    size_t done = 0;
-    while (done < len) {
-        ssize_t n = write ? pwrite(fd, buf + done, len - done, (off_t)(pos + done))
-                          : pread(fd, buf + done, len - done, (off_t)(pos + done));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return -1;
-        done += (size_t)n;
+    FastVolumeObject *v = arg;
+    prefetch_t *ra = &v->ra;
+    uint64_t ss = v->sector_size;
+    pthread_mutex_lock(&ra->mu);
+    for (;;) {
+        ra_slot_t *job = NULL;
+        for (;;) {
+            for (int i = 0; i < RA_SLOTS; i++) /* the pending stretch nearest the stream */
+                if (ra->slot[i].state == RA_PENDING
+                    && (job == NULL || ra->slot[i].first < job->first))
+                    job = &ra->slot[i];
+            if (job != NULL || ra->stop)
+                break;
+            pthread_cond_wait(&ra->wake, &ra->mu);
+        }
+        if (ra->stop)
+            break;
+        job->state = RA_LOADING;
+        uint64_t first = job->first, count = job->count;
+        unsigned char *buf = job->buf; /* nobody swaps it before RA_READY */
+        pthread_mutex_unlock(&ra->mu);
+        int rc = -1;
+        pthread_rwlock_rdlock(&v->io_lock);
+        if (!v->closed && range_acquire(v->lock, first, first + count) == 0) {
+            rc = container_rw(v, buf, (size_t)(count * ss), v->data_offset + first * ss, 0);
+            range_release(v->lock, first, first + count);
+        }
+        pthread_rwlock_unlock(&v->io_lock);
+        pthread_mutex_lock(&ra->mu);
+        if (rc < 0)
+            job->valid = 0;
+        job->state = RA_READY;
+        pthread_cond_broadcast(&ra->ready_cv);
     }
-    return 0;
+    pthread_mutex_unlock(&ra->mu);
+    return NULL;
+}
+
+/* ra->mu held: start the thread (first use, in this process) and its buffers. */
+static int prefetch_started(FastVolumeObject *v)
+{
+    prefetch_t *ra = &v->ra;
+    if (ra->pid == 0 && !ra->failed_start) {
+        int ok = 1;
+        for (int i = 0; i < RA_SLOTS && ok; i++)
+            ok = posix_memalign((void **)&ra->slot[i].buf, 4096, BUF_LEN) == 0;
+        while (ok && ra->threads < RA_THREADS
+               && pthread_create(&ra->thread[ra->threads], NULL, prefetch_main, v) == 0)
+            ra->threads++;
+        if (ra->threads > 0)
+            ra->pid = getpid();
+        else
+            ra->failed_start = 1;
+    }
+    return ra->pid == getpid() && !ra->stop;
+}
+
+/* ra->mu held: make sure [first, first + count) is read ahead, if a slot is free. */
+static void prefetch_want(FastVolumeObject *v, uint64_t first, uint64_t count)
+{
+    prefetch_t *ra = &v->ra;
+    ra_slot_t *free_slot = NULL;
+    for (int i = 0; i < RA_SLOTS; i++) {
+        ra_slot_t *sl = &ra->slot[i];
+        if (sl->state != RA_EMPTY && sl->valid && sl->first == first && sl->count >= count)
+            return; /* there or on its way */
+        if (sl->state == RA_EMPTY || (sl->state == RA_READY && !sl->valid))
+            free_slot = sl;
+    }
+    if (free_slot == NULL || !prefetch_started(v))
+        return;
+    free_slot->first = first;
+    free_slot->count = count;
+    free_slot->valid = 1;
+    free_slot->state = RA_PENDING;
+    pthread_cond_signal(&ra->wake);
+}
+
+/* A write to sectors [first, last) happened (its range lock still held): read-ahead
+   overlapping it is stale. */
+static void prefetch_invalidate(FastVolumeObject *v, uint64_t first, uint64_t last)
+{
+    prefetch_t *ra = &v->ra;
+    pthread_mutex_lock(&ra->mu);
+    for (int i = 0; i < RA_SLOTS; i++) {
+        ra_slot_t *sl = &ra->slot[i];
+        if (sl->state != RA_EMPTY && first < sl->first + sl->count && sl->first < last)
+            sl->valid = 0;
+    }
+    pthread_mutex_unlock(&ra->mu);
+}
+
+/*
+ * For a large direct read of [first, first + count): 1 when the read-ahead had it (the
+ * ciphertext is now in w->buf), else 0.  Either way, a read that continues a stream
+ * has the next RA_SLOTS stretches of its size read ahead.
+ */
+static int prefetch_take(WorkerObject *w, uint64_t first, uint64_t count)
+{
+    FastVolumeObject *v = w->volume;
+    prefetch_t *ra = &v->ra;
+    uint64_t total = v->size / v->sector_size, last = first + count;
+    int hit = 0;
+    pthread_mutex_lock(&ra->mu);
+    for (int i = 0; i < RA_SLOTS && !hit; i++) {
+        ra_slot_t *sl = &ra->slot[i];
+        if (sl->state == RA_EMPTY || !sl->valid || sl->first != first || sl->count < count)
+            continue;
+        while (sl->state == RA_PENDING || sl->state == RA_LOADING)
+            pthread_cond_wait(&ra->ready_cv, &ra->mu);
+        if (sl->state == RA_READY && sl->valid && sl->first == first && sl->count >= count) {
+            unsigned char *mine = w->buf;
+            w->buf = sl->buf;
+            sl->buf = mine;
+            sl->state = RA_EMPTY;
+            hit = 1;
+        }
+    }
+    /* Stretches outside the window ahead of this read (a stream that moved on, or
+       a stream that ended) are dropped, unless the thread is reading one now. */
+    for (int i = 0; i < RA_SLOTS; i++) {
+        ra_slot_t *sl = &ra->slot[i];
+        if ((sl->state == RA_READY || sl->state == RA_PENDING)
+            && (!sl->valid || sl->first < last || sl->first - last >= RA_SLOTS * count))
+            sl->state = RA_EMPTY;
+    }
+    int stream = hit || first == ra->next;
+    ra->next = last;
+    for (uint64_t k = 0, at = last; stream && k < RA_SLOTS && at < total; k++, at += count)
+        prefetch_want(v, at, count < total - at ? count : total - at);
+    pthread_mutex_unlock(&ra->mu);
+    return hit;
+}
+
+/* Large, page-aligned and going to the O_DIRECT fd: what read-ahead is for. */
+static int prefetch_wanted(FastVolumeObject *v, uint64_t first, uint64_t count)
+{
+    uint64_t len = count * v->sector_size, pos = v->data_offset + first * v->sector_size;
+    return atomic_load(&v->direct_fd) >= 0 && len >= PREFETCH_MIN && pos % DIRECT_ALIGN == 0
+           && len % DIRECT_ALIGN == 0;
+}
+
+/* -- write-behind -------------------------------------------------------------------------------- */
+
+static void *writeback_main(void *arg)
+{
+    FastVolumeObject *v = arg;
+    writeback_t *wb = &v->wb;
+    uint64_t ss = v->sector_size;
+    pthread_mutex_lock(&wb->mu);
+    for (;;) {
+        wb_slot_t *job = NULL;
+        for (;;) {
+            for (int i = 0; i < WB_SLOTS; i++) /* the oldest queued */
+                if (wb->slot[i].state == WB_QUEUED && (job == NULL || wb->slot[i].seq < job->seq))
+                    job = &wb->slot[i];
+            if (job != NULL || wb->stop)
+                break;
+            pthread_cond_wait(&wb->wake, &wb->mu);
+        }
+        if (job == NULL)
+            break; /* stopping, and nothing left to write */
+        job->state = WB_WRITING;
+        pthread_mutex_unlock(&wb->mu);
+        uint64_t first = job->first, last = job->first + job->count;
+        int rc = container_rw(v, job->buf, (size_t)(job->count * ss), v->data_offset + first * ss, 1);
+        int err = errno;
+        prefetch_invalidate(v, first, last);
+        range_release(v->lock, first, last); /* taken by the worker that queued it */
+        pthread_mutex_lock(&wb->mu);
+        if (rc < 0) {
+            wb->failed++;
+            if (wb->error == 0)
+                wb->error = err ? err : EIO;
+        }
+        job->state = WB_FREE;
+        pthread_cond_broadcast(&wb->done_cv);
+    }
+    pthread_mutex_unlock(&wb->mu);
+    return NULL;
+}
+
+/* A free slot, now WB_FILLING, for a write of *len* bytes (waiting for one if all are
+   busy), or NULL: no write-behind here. */
+static wb_slot_t *writeback_slot(FastVolumeObject *v)
+{
+    writeback_t *wb = &v->wb;
+    wb_slot_t *got = NULL;
+    pthread_mutex_lock(&wb->mu);
+    if (wb->pid == 0 && !wb->failed_start) {
+        int ok = 1;
+        for (int i = 0; i < WB_SLOTS && ok; i++)
+            ok = posix_memalign((void **)&wb->slot[i].buf, 4096, MAX_IO) == 0;
+        while (ok && wb->threads < WB_THREADS
+               && pthread_create(&wb->thread[wb->threads], NULL, writeback_main, v) == 0)
+            wb->threads++;
+        if (wb->threads > 0)
+            wb->pid = getpid();
+        else
+            wb->failed_start = 1;
+    }
+    while (wb->pid == getpid() && !wb->stop && got == NULL) {
+        for (int i = 0; i < WB_SLOTS && got == NULL; i++)
+            if (wb->slot[i].state == WB_FREE)
+                got = &wb->slot[i];
+        if (got == NULL)
+            pthread_cond_wait(&wb->done_cv, &wb->mu);
+    }
+    if (got != NULL)
+        got->state = WB_FILLING;
+    pthread_mutex_unlock(&wb->mu);
+    return got;
+}
+
+/* Hand a filled slot to the threads; they release the range lock [first, first+count). */
+static void writeback_queue(FastVolumeObject *v, wb_slot_t *sl, uint64_t first, uint64_t count)
+{
+    writeback_t *wb = &v->wb;
+    pthread_mutex_lock(&wb->mu);
+    sl->first = first;
+    sl->count = count;
+    sl->seq = ++wb->seq;
+    sl->state = WB_QUEUED;
+    pthread_cond_signal(&wb->wake);
+    pthread_mutex_unlock(&wb->mu);
+}
+
+static void writeback_unfill(FastVolumeObject *v, wb_slot_t *sl)
+{
+    pthread_mutex_lock(&v->wb.mu);
+    sl->state = WB_FREE;
+    pthread_cond_broadcast(&v->wb.done_cv);
+    pthread_mutex_unlock(&v->wb.mu);
+}
+
+/*
+ * A large whole-sector write, written behind: 1 when queued (answer it), 0 when it was
+ * not taken (no slot, closing, or the cipher failed: the caller goes on without).
+ */
+static int write_behind(WorkerObject *w, const unsigned char *data, uint64_t first, size_t count)
+{
+    FastVolumeObject *v = w->volume;
+    uint64_t last = first + count;
+    int queued = 0;
+    pthread_rwlock_rdlock(&v->io_lock);
+    if (!v->closed) {
+        wb_slot_t *sl = writeback_slot(v);
+        if (sl != NULL && range_acquire(v->lock, first, last) == 0) {
+            /* Now, not once written: the answer goes out first, and a read after it
+               must not be served a stretch read ahead before this write. */
+            prefetch_invalidate(v, first, last);
+            if (transfer(w, data, sl->buf, first, count, 1, IO_NONE, 0) == 0) {
+                writeback_queue(v, sl, first, count);
+                queued = 1;
+            } else
+                range_release(v->lock, first, last);
+        }
+        if (sl != NULL && !queued)
+            writeback_unfill(v, sl);
+    }
+    pthread_rwlock_unlock(&v->io_lock);
+    return queued;
 }
 
 static void reply(FastVolumeObject *v, int fuse_fd, uint64_t unique, const void *payload,
@@ -724,15 +1225,20 @@ static void reply(FastVolumeObject *v, int fuse_fd, uint64_t unique, const void 
         atomic_fetch_add(&v->reply_errors, 1);
 }
 
-/* pread/pwrite sectors [first, last) at *pos* under the range lock, unless the volume is
-   closing: 0, or -1 (the request goes back to Python). */
-static int container_io(FastVolumeObject *v, unsigned char *buf, size_t len, uint64_t pos,
-                        uint64_t first, uint64_t last, int write)
+/* Sectors [first, first + count) with their container I/O, under the range lock and
+   unless the volume is closing: 0, or -1 (the request goes back to Python). */
+static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t first,
+                           size_t count, int write)
 {
+    FastVolumeObject *v = w->volume;
+    uint64_t last = first + count;
+    uint64_t pos = v->data_offset + first * v->sector_size;
     int failed = -1;
     pthread_rwlock_rdlock(&v->io_lock);
     if (!v->closed && range_acquire(v->lock, first, last) == 0) {
-        failed = io_full(v->fd, buf, len, pos, write);
+        failed = transfer(w, src, w->buf, first, count, write, write ? IO_WRITE : IO_READ, pos);
+        if (write)
+            prefetch_invalidate(v, first, last); /* even after a failure: part may be written */
         range_release(v->lock, first, last);
     }
     pthread_rwlock_unlock(&v->io_lock);
@@ -753,10 +1259,12 @@ static int fast_read(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t off
     uint64_t end = offset + size < v->size ? offset + size : v->size;
     uint64_t ss = v->sector_size;
     uint64_t first = offset / ss, last = (end + ss - 1) / ss;
-    size_t len = (size_t)((last - first) * ss);
-    uint64_t pos = v->data_offset + first * ss;
-    if (container_io(v, w->buf, len, pos, first, last, 0) < 0
-        || crypt_sectors(w, w->buf, w->buf, first, last - first, 0) < 0)
+    if (prefetch_wanted(v, first, last - first) && prefetch_take(w, first, last - first)) {
+        /* the ciphertext is in w->buf: decrypt it in place */
+        if (transfer(w, w->buf, w->buf, first, (size_t)(last - first), 0, IO_NONE, 0) < 0)
+            return 0;
+        atomic_fetch_add(&v->prefetched, 1);
+    } else if (locked_transfer(w, w->buf, first, (size_t)(last - first), 0) < 0)
         return 0;
     atomic_fetch_add(&v->reads, 1);
     reply(v, fuse_fd, unique, w->buf + (offset - first * ss), (size_t)(end - offset));
@@ -773,10 +1281,9 @@ static int fast_write(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t of
     if (v->readonly || size == 0 || size > MAX_IO || offset % ss || size % ss
         || offset >= v->size || size > v->size - offset)
         return 0;
-    uint64_t first = offset / ss, last = first + size / ss;
-    if (crypt_sectors(w, data, w->buf, first, size / ss, 1) < 0)
-        return 0;
-    if (container_io(v, w->buf, size, v->data_offset + offset, first, last, 1) < 0)
+    if (size >= BEHIND_MIN && write_behind(w, data, offset / ss, size / ss))
+        atomic_fetch_add(&v->behind, 1);
+    else if (locked_transfer(w, data, offset / ss, size / ss, 1) < 0)
         return 0;
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
@@ -879,7 +1386,7 @@ static PyObject *Worker_crypt(WorkerObject *self, PyObject *args, int encrypt)
     int rc;
     Py_BEGIN_ALLOW_THREADS
     if (parallel)
-        rc = crypt_sectors(self, data.buf, self->buf, first, (size_t)data.len / ss, encrypt);
+        rc = transfer(self, data.buf, self->buf, first, (size_t)data.len / ss, encrypt, IO_NONE, 0);
     else
         rc = crypt_with(self->volume, &self->ctx, data.buf, self->buf, first,
                         (size_t)data.len / ss, encrypt);
@@ -926,7 +1433,45 @@ static PyTypeObject WorkerType = {
     .tp_methods = Worker_methods,
 };
 
+static PyObject *FastVolume_invalidate(FastVolumeObject *self, PyObject *args)
+{
+    uint64_t first, count;
+    if (!PyArg_ParseTuple(args, "O&O&:invalidate", to_u64, &first, to_u64, &count))
+        return NULL;
+    if (count > UINT64_MAX - first) {
+        PyErr_SetString(PyExc_OverflowError, "sector range overflows");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    prefetch_invalidate(self, first, first + count);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastVolume_drain(FastVolumeObject *self, PyObject *unused)
+{
+    (void)unused;
+    Py_BEGIN_ALLOW_THREADS
+    writeback_wait(self, 0);
+    Py_END_ALLOW_THREADS
+    pthread_mutex_lock(&self->wb.mu);
+    int err = self->wb.error;
+    self->wb.error = 0;
+    pthread_mutex_unlock(&self->wb.mu);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef FastVolume_methods[] = {
+    {"drain", (PyCFunction)FastVolume_drain, METH_NOARGS,
+     "drain(): wait until the writes answered so far are written to the container; "
+     "OSError for one that failed since the last drain."},
+    {"invalidate", (PyCFunction)FastVolume_invalidate, METH_VARARGS,
+     "invalidate(first_sector, count): sectors written outside the C path (call with "
+     "their range lock held); read-ahead of them is dropped."},
     {"worker", (PyCFunction)FastVolume_worker, METH_NOARGS,
      "worker() -> Worker: contexts and buffers for one thread (never share one)."},
     {"close", (PyCFunction)FastVolume_close, METH_NOARGS,

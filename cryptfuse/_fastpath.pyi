@@ -29,6 +29,8 @@ class FastVolume:
     """An AES-XTS/CBC volume's geometry and key for the GIL-free READ/WRITE path.
 
     *fd* -1 makes one for in-memory use only (``Worker.encrypt``/``decrypt``).
+    *direct_fd*, when not -1, is the same file opened with O_DIRECT: large page-aligned
+    transfers use it (with read-ahead); the FastVolume owns it and closes it.
     """
 
     writes: int
@@ -36,6 +38,9 @@ class FastVolume:
     declined: int
     reply_errors: int
     split: int
+    prefetched: int
+    direct: int
+    behind: int
     last_write_ns: int
     def __init__(
         self,
@@ -52,6 +57,9 @@ class FastVolume:
         ivmode: int,
         lock: RangeLock,
         essiv_key: bytes = b"",
+        direct_fd: int = -1,
     ) -> None: ...
     def worker(self) -> Worker: ...
+    def invalidate(self, first_sector: int, count: int) -> None: ...
+    def drain(self) -> None: ...
     def close(self) -> None: ...

@@ -399,11 +399,15 @@ class Channel:
         if fast is None:
             return
         log.info(
-            "C data path: %d reads and %d writes served (%d shared with the helper), "
+            "C data path: %d reads (%d from read-ahead) and %d writes (%d written behind) "
+            "served (%d shared with the helper, %d container transfers with O_DIRECT), "
             "%d requests handed to Python",
             fast.reads,
+            fast.prefetched,
             fast.writes,
+            fast.behind,
             fast.split,
+            fast.direct,
             fast.declined,
         )
         if fast.reply_errors:

@@ -376,8 +376,9 @@ class VolumeFS(pyfuse3.Operations):
         # FSYNCs), and a second caller must not see "nothing new" and return while the
         # first one's fsync(2), which covers its writes, is still running.
         async with self._sync_lock:
-            # A fast write counts once it has reached the container, before its reply:
-            # one still in flight now is counted later and makes the next sync happen.
+            # A fast write counts before its reply (a written-behind one before its
+            # pwrite, which Volume.sync waits for): one still in flight now is counted
+            # later and makes the next sync happen.
             fast_writes = self.fast.writes if self.fast is not None else 0
             if not self._dirty and fast_writes == self._synced_fast_writes:
                 return

@@ -147,13 +147,17 @@ def fast_path_for(
     size: int,
     readonly: bool,
     lock: _fastpath.RangeLock | None = None,
+    direct: bool = False,
 ) -> _fastpath.FastVolume | None:
     """The ``_fastpath.FastVolume`` serving READ/WRITE of this geometry in C, or None.
 
     Only for what it implements bit for bit (AES-XTS and AES-CBC with a sector-number
     or ESSIV IV, see :meth:`SectorCipher.fast_parameters`); an XTS key that OpenSSL
     refuses (two equal halves) stays with the Python engine.  *fd* -1 gives one for
-    in-memory use (``cryptfuse benchmark``).
+    in-memory use (``cryptfuse benchmark``).  With *direct*, large page-aligned
+    transfers go through a second, O_DIRECT descriptor of the same file (which the
+    ``FastVolume`` owns and closes), with read-ahead for sequential streams; see
+    docs/daemon.md.
     """
     params = cipher.fast_parameters()
     if params is None or _fastpath is None:
@@ -166,6 +170,7 @@ def fast_path_for(
         "essiv": _fastpath.IV_ESSIV,
     }
     modes = {"xts": _fastpath.MODE_XTS, "cbc": _fastpath.MODE_CBC}
+    direct_fd = _open_direct(fd, readonly) if direct else -1
     try:
         return _fastpath.FastVolume(
             fd=fd,
@@ -180,9 +185,25 @@ def fast_path_for(
             ivmode=ivmodes[params.ivmode],
             lock=lock if lock is not None else _fastpath.RangeLock(),
             essiv_key=params.essiv_key,
+            direct_fd=direct_fd,
         )
     except (ValueError, OverflowError):
+        if direct_fd >= 0:
+            os.close(direct_fd)
         return None
+
+
+def _open_direct(fd: int, readonly: bool) -> int:
+    """*fd*'s file opened again with O_DIRECT, or -1 where that is not possible."""
+    if fd < 0:
+        return -1
+    try:
+        return os.open(
+            f"/proc/self/fd/{fd}",
+            (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT | os.O_CLOEXEC,
+        )
+    except (OSError, AttributeError):  # no /proc, or a file system without O_DIRECT
+        return -1
 
 
 class Volume:
@@ -201,6 +222,7 @@ class Volume:
         *,
         readonly: bool = False,
         description: str = "",
+        direct: bool = True,
     ) -> None:
         sector_size = cipher.sector_size
         if data_offset < 0 or size < 0:
@@ -225,6 +247,7 @@ class Volume:
             size=size,
             readonly=readonly,
             lock=self._lock.native,
+            direct=direct,
         )
 
     def __repr__(self) -> str:
@@ -255,7 +278,11 @@ class Volume:
         encrypted = _SCRATCH.get(1, len(plain))
         self.cipher.encrypt_into(plain, first, encrypted)
         position = self.data_offset + first * self.sector_size
-        pwrite_all(self.fd, encrypted, position, f"{len(encrypted)} bytes at {position}")
+        try:
+            pwrite_all(self.fd, encrypted, position, f"{len(encrypted)} bytes at {position}")
+        finally:
+            if self.fast is not None:  # even after a failure: part of it may be on disk
+                self.fast.invalidate(first, len(plain) // self.sector_size)
 
     # -- byte-granular API ------------------------------------------------------------
 
@@ -310,6 +337,11 @@ class Volume:
 
     def sync(self) -> None:
         """Flush everything written so far to the container's disk."""
+        if self.fast is not None:
+            try:
+                self.fast.drain()  # the C path's writes answered before their pwrite
+            except OSError as exc:
+                raise DeviceError(f"a write to the container failed: {exc.strerror}") from exc
         try:
             os.fsync(self.fd)
         except OSError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import random
 import socket
@@ -381,6 +382,198 @@ def test_one_megabyte_requests_at_odd_offsets(tmp_path: Path, sector_size: int) 
         assert vol.fast.declined == 0
         assert vol.fast.split >= 6
         check_container(vol, model)
+
+
+def _direct_io_works(directory: Path) -> bool:
+    """Whether files in *directory* take O_DIRECT (tmpfs, for one, may not)."""
+    probe = directory / "direct-probe"
+    probe.write_bytes(bytes(4096))
+    buf = mmap.mmap(-1, 4096)
+    try:
+        fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+        try:
+            return os.preadv(fd, [buf], 0) == 4096
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        buf.close()
+        probe.unlink()
+
+
+STREAM = 256 * KiB  # a large read: O_DIRECT, read ahead
+
+
+@pytest.mark.skipif(
+    not _megabyte_messages(), reason="net.core.wmem_max too small for 1 MiB socket messages"
+)
+def test_sequential_reads_are_read_ahead_and_writes_make_it_stale(tmp_path: Path) -> None:
+    """A read stream is served from read-ahead; writes just ahead of it, in C and in
+    Python, are what the stream then reads, never the stretch read before them."""
+    if not _direct_io_works(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    vol = make_volume(tmp_path / "stream.img", size=8 * MiB)
+    with vol:
+        fast = vol.fast
+        model = bytearray(read_plain(vol))
+
+        def client(c: Client) -> None:
+            assert c.init().error == 0
+            _reply, fh, _flags = c.open()
+            for offset in range(0, 8 * MiB, STREAM):
+                assert c.read(fh, offset, STREAM).payload == model[offset : offset + STREAM]
+                ahead = offset + STREAM  # the stretch read ahead now
+                if ahead >= 8 * MiB:
+                    continue
+                step = offset // STREAM % 4
+                if step == 1:  # C: whole sectors, large and direct, or one sector inside
+                    big = offset % (2 * MiB) < MiB
+                    where, length = (ahead, STREAM) if big else (ahead + 512, 512)
+                    data = os.urandom(length)
+                    assert c.written(c.write(fh, where, data)) == length
+                    model[where : where + length] = data
+                elif step == 3:  # Python: a partial sector
+                    data = os.urandom(700)
+                    assert c.written(c.write(fh, ahead + 1000, data)) == 700
+                    model[ahead + 1000 : ahead + 1700] = data
+            # and the whole volume once more, now all from read-ahead but the first
+            for offset in range(0, 8 * MiB, STREAM):
+                assert c.read(fh, offset, STREAM).payload == model[offset : offset + STREAM]
+
+        serve(vol, client)
+        assert fast.declined == 7  # the partial writes
+        assert fast.prefetched >= 20
+        assert fast.direct > 0
+        check_container(vol, model)
+
+
+@pytest.mark.skipif(
+    not _megabyte_messages(), reason="net.core.wmem_max too small for 1 MiB socket messages"
+)
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("stream"), st.integers(1, 6), st.sampled_from([128, 256, 1024])),
+            st.tuples(st.sampled_from(["big", "small", "partial"]), st.integers(0, 64), st.just(0)),
+            st.tuples(st.just("seek"), st.integers(0, 60), st.just(0)),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    sector_size=st.sampled_from([512, 4096]),
+    direct=st.booleans(),
+)
+def test_read_ahead_equals_a_bytearray_model(
+    tmp_path: Path, ops: list[tuple[str, int, int]], sector_size: int, direct: bool
+) -> None:
+    """Streams of large reads with writes of every kind around them, against a model;
+    *direct* False: no O_DIRECT descriptor, no read-ahead, the same answers."""
+    if direct and not _direct_io_works(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    size = 8 * MiB
+    path = tmp_path / f"ra-{sector_size}.img"
+    path.unlink(missing_ok=True)
+    path.write_bytes(os.urandom(size))
+    cipher = SectorCipher(parse_cipher_spec("aes-xts-plain64"), KEY512, sector_size, 0, False)
+    with Volume(open_device(str(path), False), cipher, 0, size, direct=direct) as vol:
+        fast = vol.fast
+        model = bytearray(read_plain(vol))
+        unit = 128 * KiB  # positions are in these
+
+        def client(c: Client) -> None:
+            assert c.init().error == 0
+            _reply, fh, _flags = c.open()
+            at = 0
+            for kind, n, kib in ops:
+                if kind == "seek":
+                    at = n * unit
+                elif kind == "stream":
+                    for _ in range(n):
+                        length = min(kib * KiB, size - at)
+                        if length <= 0:
+                            break
+                        assert c.read(fh, at, length).payload == model[at : at + length]
+                        at += length
+                else:  # a write at or just after where the stream is
+                    offset = min(at + n * 4096, size - unit)
+                    if kind == "big":
+                        length = unit
+                    elif kind == "small":
+                        length = sector_size
+                    else:
+                        offset, length = offset + 3, 1000
+                    data = os.urandom(length)
+                    assert c.written(c.write(fh, offset, data)) == length
+                    model[offset : offset + length] = data
+
+        serve(vol, client)
+        if not direct:
+            assert fast.prefetched == fast.direct == 0
+        check_container(vol, model)
+
+
+def test_large_writes_are_written_behind_and_read_back(tmp_path: Path) -> None:
+    """Large writes are answered before their pwrite; what follows them, reads of the
+    same sectors, overlapping writes, fsync and close, sees them."""
+    vol = make_volume(tmp_path / "behind.img", size=4 * MiB)
+    with vol:
+        fast = vol.fast
+        model = bytearray(read_plain(vol))
+
+        def client(c: Client) -> None:
+            assert c.init().error == 0
+            _reply, fh, _flags = c.open()
+            for offset in (0, 128 * KiB, 64 * KiB, 2 * MiB, 2 * MiB + 512):
+                data = os.urandom(128 * KiB)
+                assert c.written(c.write(fh, offset, data)) == len(data)
+                model[offset : offset + len(data)] = data
+                partial = os.urandom(100)  # Python, read-modify-write, under the lock
+                assert c.written(c.write(fh, offset + 1, partial)) == 100
+                model[offset + 1 : offset + 101] = partial
+                assert c.read(fh, offset, 4096).payload == model[offset : offset + 4096]
+            assert c.call(FSYNC, 2, FSYNC_IN.pack(fh, 0, 0)).error == 0
+            check_container(vol, model)  # all on disk once the fsync is answered
+            for offset in range(0, 4 * MiB, 256 * KiB):  # and left for close()
+                data = os.urandom(256 * KiB)
+                assert c.written(c.write(fh, offset, data)) == len(data)
+                model[offset : offset + len(data)] = data
+
+        serve(vol, client)
+        assert fast.behind == 5 + 16
+    # serving ended with the volume's close(), which waited for the written-behind
+    assert (tmp_path / "behind.img").read_bytes() == vol.cipher.reference_encrypt(bytes(model), 0)
+
+
+def test_a_failed_write_behind_is_reported_by_the_next_fsync(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The page cache's contract: the write was answered; its failure comes out of
+    the fsync after it, once."""
+    path = tmp_path / "ro.img"
+    original = os.urandom(SIZE)
+    path.write_bytes(original)
+    cipher = SectorCipher(parse_cipher_spec("aes-xts-plain64"), KEY512, 512, 0, False)
+    # a read-only descriptor under a writable volume: every pwrite fails with EBADF
+    with Volume(open_device(str(path), True), cipher, 0, SIZE, direct=False) as vol:
+        fast = vol.fast
+
+        def client(c: Client) -> None:
+            assert c.init().error == 0
+            _reply, fh, _flags = c.open()
+            assert c.written(c.write(fh, 0, bytes(128 * KiB))) == 128 * KiB
+            assert c.call(FSYNC, 2, FSYNC_IN.pack(fh, 0, 0)).error == -errno.EIO
+            assert c.call(FSYNC, 2, FSYNC_IN.pack(fh, 0, 0)).error == 0  # reported once
+
+        serve(vol, client)
+        assert fast.behind == 1
+        assert "a write to the container failed" in caplog.text
+    assert path.read_bytes() == original
 
 
 def test_closed_fast_path_hands_everything_to_python(volume: Volume) -> None:
