@@ -295,17 +295,18 @@ typedef struct {
 /* -- the read-ahead thread ------------------------------------------------------------------- */
 
 /*
- * Large reads bypass the page cache (the O_DIRECT fd), and with it the kernel's
- * readahead, so a sequential stream would wait for the disk on every request.  When
- * a large read starts where the previous one ended, this thread reads the next
- * stretch of the same size into its own buffer while the worker decrypts and
- * replies; the request for it then swaps buffers with the thread instead of waiting
- * for the disk.  One stretch at a time.  A write overlapping the stretch (in C or in
- * Python, under the range lock) marks it stale, so it is never served.
+ * Reads bypass the page cache (the O_DIRECT fd), and with it the kernel's readahead,
+ * so a sequential stream would wait for the disk on every request.  When a large
+ * read continues a stream, these threads read the next RA_SLOTS stretches of the
+ * container into their buffers while the workers decrypt and reply; the requests for
+ * them then copy the ciphertext from there instead of waiting for the disk.  A write
+ * overlapping a stretch (in C or in Python, under the range lock, before its reply)
+ * marks it stale, so it is never served.
  */
 enum { RA_EMPTY, RA_PENDING, RA_LOADING, RA_READY };
-#define RA_SLOTS 8   /* stretches ahead of the stream */
-#define RA_THREADS 4 /* reading at once: the disk does better with two requests queued */
+#define RA_SLOTS 4            /* stretches ahead of the stream */
+#define RA_STRETCH (1 << 20) /* bytes in one (at most MAX_IO) */
+#define RA_THREADS 2 /* reading at once: the disk does better with two requests queued */
 typedef struct {
     int state;
     int valid;          /* cleared by an overlapping write or a failed read */
@@ -370,7 +371,7 @@ typedef struct {
     /* Requests hold it shared around their container I/O; close() takes it exclusive,
        so no pread/pwrite can reach the fd once Volume.close() has begun. */
     pthread_rwlock_t io_lock;
-    int closed;
+    _Atomic int closed; /* set under io_lock held exclusive; read under it shared */
     uint64_t data_offset;
     uint64_t size;
     uint32_t sector_size;
@@ -465,7 +466,7 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     self->direct_owned = direct_fd < 0 ? -1 : direct_fd;
     atomic_init(&self->direct_fd, self->direct_owned);
     pthread_rwlock_init(&self->io_lock, NULL);
-    self->closed = 0;
+    atomic_init(&self->closed, 0);
     self->data_offset = data_offset;
     self->size = size;
     self->sector_size = sector_size;
@@ -570,7 +571,7 @@ static void prefetch_stop(FastVolumeObject *self)
         pthread_join(ra->thread[i], NULL);
     for (int i = 0; i < RA_SLOTS; i++)
         if (ra->slot[i].buf != NULL) {
-            OPENSSL_cleanse(ra->slot[i].buf, BUF_LEN); /* once a worker's buffer: plaintext */
+            OPENSSL_cleanse(ra->slot[i].buf, BUF_LEN); /* maybe once a worker's: plaintext */
             free(ra->slot[i].buf);
         }
     pthread_mutex_destroy(&ra->mu);
@@ -987,7 +988,7 @@ static int prefetch_started(FastVolumeObject *v)
     if (ra->pid == 0 && !ra->failed_start) {
         int ok = 1;
         for (int i = 0; i < RA_SLOTS && ok; i++)
-            ok = posix_memalign((void **)&ra->slot[i].buf, 4096, BUF_LEN) == 0;
+            ok = posix_memalign((void **)&ra->slot[i].buf, 4096, BUF_LEN) == 0; /* swappable */
         while (ok && ra->threads < RA_THREADS
                && pthread_create(&ra->thread[ra->threads], NULL, prefetch_main, v) == 0)
             ra->threads++;
@@ -1035,43 +1036,65 @@ static void prefetch_invalidate(FastVolumeObject *v, uint64_t first, uint64_t la
 }
 
 /*
- * For a large direct read of [first, first + count): 1 when the read-ahead had it (the
- * ciphertext is now in w->buf), else 0.  Either way, a read that continues a stream
- * has the next RA_SLOTS stretches of its size read ahead.
+ * For a large direct read of [first, first + count): 1 when the read-ahead had all of
+ * it (the ciphertext is now in w->buf), else 0.  Read-ahead works in stretches of
+ * RA_STRETCH bytes on a fixed grid, so requests of any size and alignment (a loop
+ * device's mix of 1 MiB and 256 KiB, requests arriving out of order) are assembled
+ * from the stretches they overlap.  A read near where the last one ended continues
+ * a stream: the RA_SLOTS stretches from its end on are read ahead.
  */
 static int prefetch_take(WorkerObject *w, uint64_t first, uint64_t count)
 {
     FastVolumeObject *v = w->volume;
     prefetch_t *ra = &v->ra;
-    uint64_t total = v->size / v->sector_size, last = first + count;
-    int hit = 0;
+    uint64_t ss = v->sector_size, stretch = RA_STRETCH / ss;
+    uint64_t total = v->size / ss, last = first + count;
+    if (atomic_load(&v->closed) || (v->data_offset % DIRECT_ALIGN))
+        return 0; /* closing (every request goes to Python), or no aligned stretches */
     pthread_mutex_lock(&ra->mu);
-    for (int i = 0; i < RA_SLOTS && !hit; i++) {
-        ra_slot_t *sl = &ra->slot[i];
-        if (sl->state == RA_EMPTY || !sl->valid || sl->first != first || sl->count < count)
-            continue;
+    int hit = 1;
+    for (uint64_t g = first / stretch * stretch; g < last && hit; g += stretch) {
+        ra_slot_t *sl = NULL;
+        for (int i = 0; i < RA_SLOTS && sl == NULL; i++)
+            if (ra->slot[i].state != RA_EMPTY && ra->slot[i].valid && ra->slot[i].first == g)
+                sl = &ra->slot[i];
+        if (sl == NULL) {
+            hit = 0;
+            break;
+        }
         while (sl->state == RA_PENDING || sl->state == RA_LOADING)
             pthread_cond_wait(&ra->ready_cv, &ra->mu);
-        if (sl->state == RA_READY && sl->valid && sl->first == first && sl->count >= count) {
+        uint64_t from = first > g ? first : g;
+        uint64_t to = last < g + sl->count ? last : g + sl->count;
+        if (sl->state != RA_READY || !sl->valid || sl->first != g
+            || to < (last < g + stretch ? last : g + stretch)) {
+            hit = 0;
+            break;
+        }
+        if (first == g && last == g + sl->count) { /* the whole stretch: take its buffer */
             unsigned char *mine = w->buf;
             w->buf = sl->buf;
             sl->buf = mine;
             sl->state = RA_EMPTY;
-            hit = 1;
-        }
+        } else
+            memcpy(w->buf + (from - first) * ss, sl->buf + (from - g) * ss,
+                   (size_t)((to - from) * ss));
     }
-    /* Stretches outside the window ahead of this read (a stream that moved on, or
-       a stream that ended) are dropped, unless the thread is reading one now. */
+    uint64_t near = 2 * stretch;
+    int stream = hit || (first + near >= ra->next && first <= ra->next + near);
+    ra->next = last;
+    /* Dropped: stale stretches, those wholly before this read (the stream is past
+       them) and those beyond the RA_SLOTS from the one it ends in (another stream's). */
+    uint64_t hi = last / stretch * stretch + RA_SLOTS * stretch;
     for (int i = 0; i < RA_SLOTS; i++) {
         ra_slot_t *sl = &ra->slot[i];
         if ((sl->state == RA_READY || sl->state == RA_PENDING)
-            && (!sl->valid || sl->first < last || sl->first - last >= RA_SLOTS * count))
+            && (!sl->valid || sl->first + sl->count <= first || sl->first >= hi))
             sl->state = RA_EMPTY;
     }
-    int stream = hit || first == ra->next;
-    ra->next = last;
-    for (uint64_t k = 0, at = last; stream && k < RA_SLOTS && at < total; k++, at += count)
-        prefetch_want(v, at, count < total - at ? count : total - at);
+    for (uint64_t k = 0, g = last / stretch * stretch; stream && k < RA_SLOTS && g < total;
+         k++, g += stretch)
+        prefetch_want(v, g, stretch < total - g ? stretch : total - g);
     pthread_mutex_unlock(&ra->mu);
     return hit;
 }

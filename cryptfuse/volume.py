@@ -171,6 +171,13 @@ def fast_path_for(
     }
     modes = {"xts": _fastpath.MODE_XTS, "cbc": _fastpath.MODE_CBC}
     direct_fd = _open_direct(fd, readonly) if direct else -1
+    if direct_fd >= 0:
+        # No kernel readahead on the buffered descriptor: it would fill page-cache
+        # pages outside the request's range lock, which an O_DIRECT write under its
+        # own lock could then leave stale (the kernel only warns).  Without it, any
+        # page a buffered request brings in holds one of its sectors, and a direct
+        # transfer, always whole pages, overlaps that request's range and waits.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     try:
         return _fastpath.FastVolume(
             fd=fd,

@@ -228,7 +228,9 @@ def volume(tmp_path: Path) -> Iterator[Volume]:
 
 
 def check_container(vol: Volume, model: bytes | bytearray) -> None:
-    """The container holds the reference encryption of *model* (a fresh descriptor)."""
+    """Once synced, the container holds the reference encryption of *model* (read
+    with a fresh descriptor): until then a large write may still be written behind."""
+    vol.sync()
     with open(os.readlink(f"/proc/self/fd/{vol.fd}"), "rb") as f:
         raw = f.read()
     assert raw == vol.cipher.reference_encrypt(bytes(model), 0)
