@@ -60,6 +60,11 @@
 #define PREFETCH_MIN (64 * 1024)
 /* writes from this size on are written behind (see writeback_t) */
 #define BEHIND_MIN (128 * 1024)
+/* While O_DIRECT is in use, a write through the page cache locks the whole stretches of
+   this size (aligned in the container) around its sectors: the page cache may hold what
+   it dirties in a large folio (up to 2 MiB), which must not be shared with a concurrent
+   direct transfer (docs/daemon.md, "Coherence with the page cache"). */
+#define WRITE_GRANULE (2 << 20)
 
 enum { IV_PLAIN64 = 0, IV_PLAIN = 1, IV_PLAIN64BE = 2, IV_NULL = 3, IV_ESSIV = 4 };
 enum { MODE_XTS = 0, MODE_CBC = 1 };
@@ -344,6 +349,7 @@ typedef struct {
     uint64_t seq;
     unsigned char *buf;
     uint64_t first, count;
+    uint64_t lock_lo, lock_hi; /* the range lock taken for it (write_lock_range) */
 } wb_slot_t;
 enum { WB_FREE, WB_FILLING, WB_QUEUED, WB_WRITING };
 
@@ -585,7 +591,8 @@ static void writeback_wait(FastVolumeObject *self, int all)
     writeback_t *wb = &self->wb;
     pthread_mutex_lock(&wb->mu);
     uint64_t target = wb->seq;
-    for (;;) {
+    /* a forked child has copies of the slots but not the threads: nothing of its own */
+    for (; wb->pid == 0 || wb->pid == getpid();) {
         int pending = 0;
         for (int i = 0; i < WB_SLOTS; i++) {
             wb_slot_t *sl = &wb->slot[i];
@@ -650,6 +657,12 @@ COUNTER_GETTER(direct)
 COUNTER_GETTER(behind)
 COUNTER_GETTER(split)
 
+static PyObject *FastVolume_get_direct_active(FastVolumeObject *self, void *c)
+{
+    (void)c;
+    return PyBool_FromLong(atomic_load(&self->direct_fd) >= 0);
+}
+
 static PyObject *FastVolume_get_last_write_ns(FastVolumeObject *self, void *c)
 {
     (void)c;
@@ -671,6 +684,8 @@ static PyGetSetDef FastVolume_getset[] = {
      "writes answered before their container write (write-behind)", NULL},
     {"split", (getter)FastVolume_get_split, NULL,
      "large requests whose cipher work the helper thread shared", NULL},
+    {"direct_active", (getter)FastVolume_get_direct_active, NULL,
+     "whether transfers may use the O_DIRECT descriptor now", NULL},
     {"last_write_ns", (getter)FastVolume_get_last_write_ns, NULL,
      "wall-clock time (ns) of the last write completed here, 0 before any", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -825,13 +840,17 @@ static int io_full(int fd, unsigned char *buf, size_t len, uint64_t pos, int wri
  * sector alignment, keeps a direct transfer from sharing a cached page with another
  * request's sectors.  A file system that refuses O_DIRECT (EINVAL) turns it off.
  */
+static int direct_eligible(uint64_t len, uint64_t pos, int write)
+{
+    return len >= (write ? DIRECT_WRITE_MIN : DIRECT_ALIGN) && pos % DIRECT_ALIGN == 0
+           && len % DIRECT_ALIGN == 0;
+}
+
 static int container_rw(FastVolumeObject *v, unsigned char *buf, size_t len, uint64_t pos,
                         int write)
 {
     int dfd = atomic_load(&v->direct_fd);
-    if (dfd >= 0 && len >= (write ? DIRECT_WRITE_MIN : DIRECT_ALIGN) && pos % DIRECT_ALIGN == 0
-        && len % DIRECT_ALIGN == 0
-        && (uintptr_t)buf % DIRECT_ALIGN == 0) {
+    if (dfd >= 0 && direct_eligible(len, pos, write) && (uintptr_t)buf % DIRECT_ALIGN == 0) {
         if (io_full(dfd, buf, len, pos, write) == 0) {
             atomic_fetch_add(&v->direct, 1);
             return 0;
@@ -841,6 +860,25 @@ static int container_rw(FastVolumeObject *v, unsigned char *buf, size_t len, uin
         atomic_store(&v->direct_fd, -1);
     }
     return io_full(v->fd, buf, len, pos, write);
+}
+
+/* The sectors a write of [first, last) locks: its own when it goes to the O_DIRECT fd
+   (*may_direct* and eligible) or there is none, else the WRITE_GRANULE stretches around
+   them. */
+static void write_lock_range(FastVolumeObject *v, uint64_t first, uint64_t last, int may_direct,
+                             uint64_t *lo, uint64_t *hi)
+{
+    uint64_t ss = v->sector_size, total = v->size / ss;
+    uint64_t pos = v->data_offset + first * ss, end = v->data_offset + last * ss;
+    *lo = first;
+    *hi = last;
+    if (atomic_load(&v->direct_fd) < 0 || (may_direct && direct_eligible(end - pos, pos, 1)))
+        return;
+    uint64_t g_start = pos / WRITE_GRANULE * WRITE_GRANULE;
+    uint64_t g_end = end / WRITE_GRANULE * WRITE_GRANULE + (end % WRITE_GRANULE ? WRITE_GRANULE : 0);
+    *lo = g_start <= v->data_offset ? 0 : (g_start - v->data_offset) / ss;
+    uint64_t h = (g_end - v->data_offset + ss - 1) / ss;
+    *hi = h < total ? h : total;
 }
 
 static int run_job(FastVolumeObject *v, contexts_t *c, const job_t *j)
@@ -1029,8 +1067,10 @@ static void prefetch_invalidate(FastVolumeObject *v, uint64_t first, uint64_t la
     pthread_mutex_lock(&ra->mu);
     for (int i = 0; i < RA_SLOTS; i++) {
         ra_slot_t *sl = &ra->slot[i];
-        if (sl->state != RA_EMPTY && first < sl->first + sl->count && sl->first < last)
+        if (sl->state != RA_EMPTY && first < sl->first + sl->count && sl->first < last) {
             sl->valid = 0;
+            pthread_cond_broadcast(&ra->ready_cv); /* a read waiting for it reads itself */
+        }
     }
     pthread_mutex_unlock(&ra->mu);
 }
@@ -1052,6 +1092,10 @@ static int prefetch_take(WorkerObject *w, uint64_t first, uint64_t count)
     if (atomic_load(&v->closed) || (v->data_offset % DIRECT_ALIGN))
         return 0; /* closing (every request goes to Python), or no aligned stretches */
     pthread_mutex_lock(&ra->mu);
+    if (ra->pid != 0 && ra->pid != getpid()) { /* a forked child: the threads are not here */
+        pthread_mutex_unlock(&ra->mu);
+        return 0;
+    }
     int hit = 1;
     for (uint64_t g = first / stretch * stretch; g < last && hit; g += stretch) {
         ra_slot_t *sl = NULL;
@@ -1062,7 +1106,8 @@ static int prefetch_take(WorkerObject *w, uint64_t first, uint64_t count)
             hit = 0;
             break;
         }
-        while (sl->state == RA_PENDING || sl->state == RA_LOADING)
+        /* (the slot may be dropped or refilled meanwhile: then it is no longer ours) */
+        while ((sl->state == RA_PENDING || sl->state == RA_LOADING) && sl->valid && sl->first == g)
             pthread_cond_wait(&ra->ready_cv, &ra->mu);
         uint64_t from = first > g ? first : g;
         uint64_t to = last < g + sl->count ? last : g + sl->count;
@@ -1089,8 +1134,10 @@ static int prefetch_take(WorkerObject *w, uint64_t first, uint64_t count)
     for (int i = 0; i < RA_SLOTS; i++) {
         ra_slot_t *sl = &ra->slot[i];
         if ((sl->state == RA_READY || sl->state == RA_PENDING)
-            && (!sl->valid || sl->first + sl->count <= first || sl->first >= hi))
+            && (!sl->valid || sl->first + sl->count <= first || sl->first >= hi)) {
             sl->state = RA_EMPTY;
+            pthread_cond_broadcast(&ra->ready_cv); /* a read may wait for it */
+        }
     }
     for (uint64_t k = 0, g = last / stretch * stretch; stream && k < RA_SLOTS && g < total;
          k++, g += stretch)
@@ -1133,7 +1180,7 @@ static void *writeback_main(void *arg)
         int rc = container_rw(v, job->buf, (size_t)(job->count * ss), v->data_offset + first * ss, 1);
         int err = errno;
         prefetch_invalidate(v, first, last);
-        range_release(v->lock, first, last); /* taken by the worker that queued it */
+        range_release(v->lock, job->lock_lo, job->lock_hi); /* taken by the worker that queued it */
         pthread_mutex_lock(&wb->mu);
         if (rc < 0) {
             wb->failed++;
@@ -1180,12 +1227,15 @@ static wb_slot_t *writeback_slot(FastVolumeObject *v)
 }
 
 /* Hand a filled slot to the threads; they release the range lock [first, first+count). */
-static void writeback_queue(FastVolumeObject *v, wb_slot_t *sl, uint64_t first, uint64_t count)
+static void writeback_queue(FastVolumeObject *v, wb_slot_t *sl, uint64_t first, uint64_t count,
+                            uint64_t lock_lo, uint64_t lock_hi)
 {
     writeback_t *wb = &v->wb;
     pthread_mutex_lock(&wb->mu);
     sl->first = first;
     sl->count = count;
+    sl->lock_lo = lock_lo;
+    sl->lock_hi = lock_hi;
     sl->seq = ++wb->seq;
     sl->state = WB_QUEUED;
     pthread_cond_signal(&wb->wake);
@@ -1207,20 +1257,21 @@ static void writeback_unfill(FastVolumeObject *v, wb_slot_t *sl)
 static int write_behind(WorkerObject *w, const unsigned char *data, uint64_t first, size_t count)
 {
     FastVolumeObject *v = w->volume;
-    uint64_t last = first + count;
+    uint64_t last = first + count, lo, hi;
     int queued = 0;
+    write_lock_range(v, first, last, 1, &lo, &hi);
     pthread_rwlock_rdlock(&v->io_lock);
     if (!v->closed) {
         wb_slot_t *sl = writeback_slot(v);
-        if (sl != NULL && range_acquire(v->lock, first, last) == 0) {
+        if (sl != NULL && range_acquire(v->lock, lo, hi) == 0) {
             /* Now, not once written: the answer goes out first, and a read after it
                must not be served a stretch read ahead before this write. */
             prefetch_invalidate(v, first, last);
             if (transfer(w, data, sl->buf, first, count, 1, IO_NONE, 0) == 0) {
-                writeback_queue(v, sl, first, count);
+                writeback_queue(v, sl, first, count, lo, hi);
                 queued = 1;
             } else
-                range_release(v->lock, first, last);
+                range_release(v->lock, lo, hi);
         }
         if (sl != NULL && !queued)
             writeback_unfill(v, sl);
@@ -1254,15 +1305,17 @@ static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t f
                            size_t count, int write)
 {
     FastVolumeObject *v = w->volume;
-    uint64_t last = first + count;
+    uint64_t last = first + count, lo = first, hi = last;
     uint64_t pos = v->data_offset + first * v->sector_size;
     int failed = -1;
+    if (write)
+        write_lock_range(v, first, last, 1, &lo, &hi);
     pthread_rwlock_rdlock(&v->io_lock);
-    if (!v->closed && range_acquire(v->lock, first, last) == 0) {
+    if (!v->closed && range_acquire(v->lock, lo, hi) == 0) {
         failed = transfer(w, src, w->buf, first, count, write, write ? IO_WRITE : IO_READ, pos);
         if (write)
             prefetch_invalidate(v, first, last); /* even after a failure: part may be written */
-        range_release(v->lock, first, last);
+        range_release(v->lock, lo, hi);
     }
     pthread_rwlock_unlock(&v->io_lock);
     return failed;
@@ -1488,7 +1541,23 @@ static PyObject *FastVolume_drain(FastVolumeObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *FastVolume_write_lock_range(FastVolumeObject *self, PyObject *args)
+{
+    uint64_t first, last, lo, hi;
+    if (!PyArg_ParseTuple(args, "O&O&:write_lock_range", to_u64, &first, to_u64, &last))
+        return NULL;
+    if (first > last || last > self->size / self->sector_size) {
+        PyErr_SetString(PyExc_ValueError, "sector range outside the volume");
+        return NULL;
+    }
+    write_lock_range(self, first, last, 0, &lo, &hi);
+    return Py_BuildValue("KK", (unsigned long long)lo, (unsigned long long)hi);
+}
+
 static PyMethodDef FastVolume_methods[] = {
+    {"write_lock_range", (PyCFunction)FastVolume_write_lock_range, METH_VARARGS,
+     "write_lock_range(first, last) -> (lo, hi): the sectors a write of [first, last) "
+     "through the page cache locks (more than its own while O_DIRECT is in use)."},
     {"drain", (PyCFunction)FastVolume_drain, METH_NOARGS,
      "drain(): wait until the writes answered so far are written to the container; "
      "OSError for one that failed since the last drain."},

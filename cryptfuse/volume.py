@@ -171,13 +171,6 @@ def fast_path_for(
     }
     modes = {"xts": _fastpath.MODE_XTS, "cbc": _fastpath.MODE_CBC}
     direct_fd = _open_direct(fd, readonly) if direct else -1
-    if direct_fd >= 0:
-        # No kernel readahead on the buffered descriptor: it would fill page-cache
-        # pages outside the request's range lock, which an O_DIRECT write under its
-        # own lock could then leave stale (the kernel only warns).  Without it, any
-        # page a buffered request brings in holds one of its sectors, and a direct
-        # transfer, always whole pages, overlaps that request's range and waits.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     try:
         return _fastpath.FastVolume(
             fd=fd,
@@ -194,17 +187,26 @@ def fast_path_for(
             essiv_key=params.essiv_key,
             direct_fd=direct_fd,
         )
-    except (ValueError, OverflowError):
+    except BaseException as exc:
         if direct_fd >= 0:
             os.close(direct_fd)
-        return None
+        if isinstance(exc, (ValueError, OverflowError)):
+            return None
+        raise
 
 
 def _open_direct(fd: int, readonly: bool) -> int:
-    """*fd*'s file opened again with O_DIRECT, or -1 where that is not possible."""
-    if fd < 0:
+    """*fd*'s file opened again with O_DIRECT, or -1 where that is not possible or safe.
+
+    Only with 4 KiB pages, where the page cache's largest folio is 2 MiB (the C path's
+    write granule, see docs/daemon.md on coherence with the page cache), and file
+    system blocks of at most 4 KiB (larger ones may want larger O_DIRECT alignment).
+    """
+    if fd < 0 or os.sysconf("SC_PAGE_SIZE") != 4096:
         return -1
     try:
+        if os.fstat(fd).st_blksize > 4096:
+            return -1
         return os.open(
             f"/proc/self/fd/{fd}",
             (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT | os.O_CLOEXEC,
@@ -328,7 +330,10 @@ class Volume:
         first = offset // ss
         last = -(-end // ss)
         head = offset - first * ss
-        with self._lock.hold(first, last):
+        # Through the page cache: while the C path uses O_DIRECT, more than our sectors
+        # (see FastVolume.write_lock_range).
+        lo, hi = (first, last) if self.fast is None else self.fast.write_lock_range(first, last)
+        with self._lock.hold(lo, hi):
             if head == 0 and end % ss == 0:
                 self._write_sectors(first, view[:count])
                 return count

@@ -19,6 +19,7 @@ import mmap
 import os
 import random
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +43,17 @@ from test_channel import (
 )
 
 from cryptfuse import benchmark
-from cryptfuse.channel import ATTR, ATTR_OUT, FATTR_MTIME, FSYNC, READ_IN, WRITE_IN, WRITE_OUT
+from cryptfuse.channel import (
+    ATTR,
+    ATTR_OUT,
+    FATTR_MTIME,
+    FSYNC,
+    IN_HEADER,
+    OUT_HEADER,
+    READ_IN,
+    WRITE_IN,
+    WRITE_OUT,
+)
 from cryptfuse.fs import VolumeFS
 from cryptfuse.sector import SectorCipher
 from cryptfuse.spec import parse_cipher_spec
@@ -453,6 +464,43 @@ def test_sequential_reads_are_read_ahead_and_writes_make_it_stale(tmp_path: Path
 @pytest.mark.skipif(
     not _megabyte_messages(), reason="net.core.wmem_max too small for 1 MiB socket messages"
 )
+def test_read_ahead_follows_a_loop_devices_mixed_requests(tmp_path: Path) -> None:
+    """A loop device's pattern, 1 MiB then 256 KiB, each pair sent at once and not
+    always in order: served from read-ahead stretches they do not line up with."""
+    if not _direct_io_works(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    vol = make_volume(tmp_path / "loop.img", size=16 * MiB)
+    with vol:
+        fast = vol.fast
+        model = read_plain(vol)
+
+        def client(c: Client) -> None:
+            assert c.init().error == 0
+            _reply, fh, _flags = c.open()
+            offset, pairs = 0, 0
+            while offset + MiB + 256 * KiB <= 16 * MiB:
+                big = (offset, MiB)
+                small = (offset + MiB, 256 * KiB)
+                order = [small, big] if pairs % 3 == 2 else [big, small]
+                sent = {
+                    c.send(READ, 2, READ_IN.pack(fh, o, n, 0, 0, os.O_RDWR, 0)): (o, n)
+                    for o, n in order
+                }
+                for _ in order:
+                    unique, reply = c.receive()
+                    o, n = sent.pop(unique)
+                    assert reply.payload == model[o : o + n]
+                offset += MiB + 256 * KiB
+                pairs += 1
+
+        serve(vol, client, workers=2)
+        assert fast.reads == 2 * 12
+        assert fast.prefetched > 12  # most: all but the start and what races the threads
+
+
+@pytest.mark.skipif(
+    not _megabyte_messages(), reason="net.core.wmem_max too small for 1 MiB socket messages"
+)
 @settings(
     max_examples=25,
     deadline=None,
@@ -461,7 +509,7 @@ def test_sequential_reads_are_read_ahead_and_writes_make_it_stale(tmp_path: Path
 @given(
     ops=st.lists(
         st.one_of(
-            st.tuples(st.just("stream"), st.integers(1, 6), st.sampled_from([128, 256, 1024])),
+            st.tuples(st.just("stream"), st.integers(2, 12), st.sampled_from([64, 256, 1024])),
             st.tuples(st.sampled_from(["big", "small", "partial"]), st.integers(0, 64), st.just(0)),
             st.tuples(st.just("seek"), st.integers(0, 60), st.just(0)),
         ),
@@ -469,7 +517,7 @@ def test_sequential_reads_are_read_ahead_and_writes_make_it_stale(tmp_path: Path
         max_size=20,
     ),
     sector_size=st.sampled_from([512, 4096]),
-    direct=st.booleans(),
+    direct=st.sampled_from([True, True, True, False]),
 )
 def test_read_ahead_equals_a_bytearray_model(
     tmp_path: Path, ops: list[tuple[str, int, int]], sector_size: int, direct: bool
@@ -576,6 +624,167 @@ def test_a_failed_write_behind_is_reported_by_the_next_fsync(
         assert fast.behind == 1
         assert "a write to the container failed" in caplog.text
     assert path.read_bytes() == original
+
+
+def test_page_cache_writes_lock_whole_granules_while_o_direct_is_used(tmp_path: Path) -> None:
+    """Writes through the page cache lock the 2 MiB stretches around them (a large
+    folio they dirty must not be shared with a concurrent direct transfer); without
+    an O_DIRECT descriptor, only their own sectors."""
+    if not _direct_io_works(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    size = 8 * MiB
+    path = tmp_path / "granule.img"
+    path.write_bytes(bytes(size + 4096))
+    cipher = SectorCipher(parse_cipher_spec("aes-xts-plain64"), KEY512, 512, 0, False)
+    with Volume(open_device(str(path), False), cipher, 4096, size) as vol:  # data at 4 KiB
+        assert vol.fast.direct_active
+        # granules are aligned in the container: the first one ends 2 MiB - 4 KiB in
+        assert vol.fast.write_lock_range(3, 4) == (0, 4088)
+        assert vol.fast.write_lock_range(4088, 4089) == (4088, 8184)
+        assert vol.fast.write_lock_range(4000, 4100) == (0, 8184)
+        assert vol.fast.write_lock_range(16383, 16384) == (16376, 16384)  # clamped at the end
+        with pytest.raises(ValueError):
+            vol.fast.write_lock_range(0, 16385)
+    with Volume(open_device(str(path), False), cipher, 4096, size, direct=False) as vol:
+        assert not vol.fast.direct_active
+        assert vol.fast.write_lock_range(3, 4) == (3, 4)
+
+
+class _Direct:
+    """One Worker serving a socket pair of its own in a thread: several of these put
+    concurrent requests on one FastVolume without a Channel (so nothing may be
+    declined: a request handed back is answered with EIO and recorded)."""
+
+    def __init__(self, fast: Any, declined: list[bytes]) -> None:
+        self.worker = fast.worker()
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (self.ours, self.theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+        self.ours.settimeout(20)
+        self.unique = 0
+        self.declined = declined
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        buf = bytearray(MiB + 8192)
+        while (n := self.worker.serve(self.theirs.fileno(), buf)) > 0:
+            self.declined.append(bytes(buf[:n]))
+            unique = IN_HEADER.unpack_from(buf)[2]
+            self.theirs.send(OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique))
+
+    def call(self, opcode: int, offset: int, size: int, data: bytes = b"") -> bytes:
+        self.unique += 1
+        body = READ_IN.pack(1, offset, size, 0, 0, os.O_RDWR, 0) + data
+        self.ours.send(
+            IN_HEADER.pack(IN_HEADER.size + len(body), opcode, self.unique, 2, 0, 0, 0, 0, 0) + body
+        )
+        reply = self.ours.recv(MiB + 4096)
+        length, error, unique = OUT_HEADER.unpack_from(reply)
+        assert (length, error, unique) == (len(reply), 0, self.unique)
+        return reply[OUT_HEADER.size :]
+
+    def close(self) -> None:
+        self.ours.close()
+        self.thread.join(20)
+        self.theirs.close()
+
+
+@pytest.mark.skipif(
+    not _megabyte_messages(), reason="net.core.wmem_max too small for 1 MiB socket messages"
+)
+@pytest.mark.parametrize("direct", [True, False])
+def test_concurrent_streams_random_reads_and_writes_read_back(tmp_path: Path, direct: bool) -> None:
+    """Two read streams over data nobody writes, large random reads anywhere, two C
+    writers (whole sectors, 512 B to 1 MiB) that read each write back through another
+    worker while it may still be written behind, and a Python writer of partial sectors
+    doing the same: every read back is what was written, the streams see the original,
+    and after the sync the container is the model."""
+    if direct and not _direct_io_works(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    size = 32 * MiB
+    path = tmp_path / "stress.img"
+    path.write_bytes(os.urandom(size))
+    cipher = SectorCipher(parse_cipher_spec("aes-xts-plain64"), KEY512, 512, 0, False)
+    vol = Volume(open_device(str(path), False), cipher, 0, size, direct=direct)
+    with vol:
+        fast = vol.fast
+        model = bytearray(read_plain(vol))
+        original = bytes(model)
+        declined: list[bytes] = []
+        failures: list[str] = []
+        stop = time.monotonic() + 3.0
+
+        def stream(lo: int, hi: int) -> None:
+            c = _Direct(fast, declined)
+            at = lo
+            try:
+                while time.monotonic() < stop:
+                    n = random.choice([64 * KiB, 256 * KiB, MiB])
+                    n = min(n, hi - at)
+                    if c.call(READ, at, n) != original[at : at + n]:
+                        failures.append(f"stream read at {at}")
+                    at = lo if at + n >= hi else at + n
+            finally:
+                c.close()
+
+        def random_reads() -> None:
+            c = _Direct(fast, declined)
+            try:
+                while time.monotonic() < stop:
+                    c.call(READ, random.randrange(0, size - MiB, 4096), random.choice([4096, MiB]))
+            finally:
+                c.close()
+
+        def c_writer(lo: int, hi: int) -> None:
+            c, check = _Direct(fast, declined), _Direct(fast, declined)
+            try:
+                while time.monotonic() < stop:
+                    n = random.choice([512, 4096, 128 * KiB, 256 * KiB, MiB])
+                    at = random.randrange(lo, hi - n, 512 if n < 4096 else 4096)
+                    data = os.urandom(n)
+                    assert WRITE_OUT.unpack(c.call(WRITE, at, n, data))[0] == n
+                    model[at : at + n] = data
+                    if check.call(READ, at, n) != data:
+                        failures.append(f"C write of {n} at {at} read back stale")
+            finally:
+                c.close()
+                check.close()
+
+        def python_writer(lo: int, hi: int) -> None:
+            check = _Direct(fast, declined)
+            try:
+                while time.monotonic() < stop:
+                    at, n = random.randrange(lo, hi - 3000), random.randrange(1, 3000)
+                    data = os.urandom(n)
+                    assert vol.write(at, data) == n
+                    model[at : at + n] = data
+                    first = at - at % 512
+                    got = check.call(READ, first, 4096)  # sector-aligned: C serves it
+                    if got != bytes(model[first : first + 4096]):
+                        failures.append(f"Python write of {n} at {at} read back stale")
+            finally:
+                check.close()
+
+        threads = [
+            threading.Thread(target=stream, args=(16 * MiB, 24 * MiB)),
+            threading.Thread(target=stream, args=(24 * MiB, 32 * MiB)),
+            threading.Thread(target=random_reads),
+            threading.Thread(target=c_writer, args=(0, 6 * MiB)),
+            threading.Thread(target=c_writer, args=(6 * MiB, 12 * MiB)),
+            threading.Thread(target=python_writer, args=(12 * MiB, 16 * MiB)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a request never got its reply"
+        assert failures == []
+        assert declined == []
+        if direct:
+            assert fast.prefetched > 0 and fast.behind > 0 and fast.direct > 0
+        check_container(vol, model)
 
 
 def test_closed_fast_path_hands_everything_to_python(volume: Volume) -> None:
