@@ -51,13 +51,14 @@
 #define BUF_LEN (MAX_IO + 2 * MAX_SECTOR)
 /* requests from this size on are en/decrypted half here, half by the helper thread */
 #define SPLIT_MIN (256 * 1024)
-/* Container transfers of whole pages go through the O_DIRECT fd: reads from one page
-   on, writes from DIRECT_WRITE_MIN on (smaller ones gain from the page cache: it
-   merges them and writes them back later). */
+/* Container transfers of whole pages from these sizes on go through the O_DIRECT fd;
+   smaller ones gain from the page cache (it caches small random reads and reads ahead
+   for small sequential ones; it merges small writes and writes them back later). */
 #define DIRECT_ALIGN 4096
+#define DIRECT_READ_MIN (64 * 1024)
 #define DIRECT_WRITE_MIN (128 * 1024)
 /* reads from this size on continue a stream the read-ahead threads follow */
-#define PREFETCH_MIN (64 * 1024)
+#define PREFETCH_MIN DIRECT_READ_MIN
 /* writes from this size on are written behind (see writeback_t) */
 #define BEHIND_MIN (128 * 1024)
 /* While O_DIRECT is in use, a write through the page cache locks the whole stretches of
@@ -300,13 +301,13 @@ typedef struct {
 /* -- the read-ahead thread ------------------------------------------------------------------- */
 
 /*
- * Reads bypass the page cache (the O_DIRECT fd), and with it the kernel's readahead,
- * so a sequential stream would wait for the disk on every request.  When a large
- * read continues a stream, these threads read the next RA_SLOTS stretches of the
- * container into their buffers while the workers decrypt and reply; the requests for
- * them then copy the ciphertext from there instead of waiting for the disk.  A write
- * overlapping a stretch (in C or in Python, under the range lock, before its reply)
- * marks it stale, so it is never served.
+ * Large reads bypass the page cache (the O_DIRECT fd), and with it the kernel's
+ * readahead, so a sequential stream would wait for the disk on every request.  When a
+ * large read continues a stream, these threads read the next RA_SLOTS stretches of the
+ * container into their buffers and decrypt them while the workers answer the requests
+ * before; the requests for them then take the plaintext from there instead of waiting
+ * for the disk and the cipher.  A write overlapping a stretch (in C or in Python, under
+ * the range lock, before its reply) marks it stale, so it is never served.
  */
 enum { RA_EMPTY, RA_PENDING, RA_LOADING, RA_READY };
 #define RA_SLOTS 4            /* stretches ahead of the stream */
@@ -315,7 +316,7 @@ enum { RA_EMPTY, RA_PENDING, RA_LOADING, RA_READY };
 typedef struct {
     int state;
     int valid;          /* cleared by an overlapping write or a failed read */
-    unsigned char *buf; /* ciphertext of [first, first + count) once RA_READY */
+    unsigned char *buf; /* plaintext of [first, first + count) once RA_READY */
     uint64_t first, count;
 } ra_slot_t;
 
@@ -577,7 +578,7 @@ static void prefetch_stop(FastVolumeObject *self)
         pthread_join(ra->thread[i], NULL);
     for (int i = 0; i < RA_SLOTS; i++)
         if (ra->slot[i].buf != NULL) {
-            OPENSSL_cleanse(ra->slot[i].buf, BUF_LEN); /* maybe once a worker's: plaintext */
+            OPENSSL_cleanse(ra->slot[i].buf, BUF_LEN); /* plaintext */
             free(ra->slot[i].buf);
         }
     pthread_mutex_destroy(&ra->mu);
@@ -842,7 +843,7 @@ static int io_full(int fd, unsigned char *buf, size_t len, uint64_t pos, int wri
  */
 static int direct_eligible(uint64_t len, uint64_t pos, int write)
 {
-    return len >= (write ? DIRECT_WRITE_MIN : DIRECT_ALIGN) && pos % DIRECT_ALIGN == 0
+    return len >= (write ? DIRECT_WRITE_MIN : DIRECT_READ_MIN) && pos % DIRECT_ALIGN == 0
            && len % DIRECT_ALIGN == 0;
 }
 
@@ -984,6 +985,8 @@ static void *prefetch_main(void *arg)
     FastVolumeObject *v = arg;
     prefetch_t *ra = &v->ra;
     uint64_t ss = v->sector_size;
+    contexts_t ctx;
+    int have_ctx = contexts_init(v, &ctx) == 0; /* without, every stretch fails */
     pthread_mutex_lock(&ra->mu);
     for (;;) {
         ra_slot_t *job = NULL;
@@ -1004,11 +1007,15 @@ static void *prefetch_main(void *arg)
         pthread_mutex_unlock(&ra->mu);
         int rc = -1;
         pthread_rwlock_rdlock(&v->io_lock);
-        if (!v->closed && range_acquire(v->lock, first, first + count) == 0) {
+        if (have_ctx && !v->closed && range_acquire(v->lock, first, first + count) == 0) {
             rc = container_rw(v, buf, (size_t)(count * ss), v->data_offset + first * ss, 0);
             range_release(v->lock, first, first + count);
         }
         pthread_rwlock_unlock(&v->io_lock);
+        /* Decrypted here, off the requests' path: while this thread runs the cipher
+           the worker is answering the request before. */
+        if (rc == 0)
+            rc = crypt_with(v, &ctx, buf, buf, first, (size_t)count, 0);
         pthread_mutex_lock(&ra->mu);
         if (rc < 0)
             job->valid = 0;
@@ -1016,6 +1023,8 @@ static void *prefetch_main(void *arg)
         pthread_cond_broadcast(&ra->ready_cv);
     }
     pthread_mutex_unlock(&ra->mu);
+    if (have_ctx)
+        contexts_free(&ctx);
     return NULL;
 }
 
@@ -1077,7 +1086,7 @@ static void prefetch_invalidate(FastVolumeObject *v, uint64_t first, uint64_t la
 
 /*
  * For a large direct read of [first, first + count): 1 when the read-ahead had all of
- * it (the ciphertext is now in w->buf), else 0.  Read-ahead works in stretches of
+ * it (the plaintext is now in w->buf), else 0.  Read-ahead works in stretches of
  * RA_STRETCH bytes on a fixed grid, so requests of any size and alignment (a loop
  * device's mix of 1 MiB and 256 KiB, requests arriving out of order) are assembled
  * from the stretches they overlap.  A read near where the last one ended continues
@@ -1335,12 +1344,9 @@ static int fast_read(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t off
     uint64_t end = offset + size < v->size ? offset + size : v->size;
     uint64_t ss = v->sector_size;
     uint64_t first = offset / ss, last = (end + ss - 1) / ss;
-    if (prefetch_wanted(v, first, last - first) && prefetch_take(w, first, last - first)) {
-        /* the ciphertext is in w->buf: decrypt it in place */
-        if (transfer(w, w->buf, w->buf, first, (size_t)(last - first), 0, IO_NONE, 0) < 0)
-            return 0;
-        atomic_fetch_add(&v->prefetched, 1);
-    } else if (locked_transfer(w, w->buf, first, (size_t)(last - first), 0) < 0)
+    if (prefetch_wanted(v, first, last - first) && prefetch_take(w, first, last - first))
+        atomic_fetch_add(&v->prefetched, 1); /* the plaintext is in w->buf */
+    else if (locked_transfer(w, w->buf, first, (size_t)(last - first), 0) < 0)
         return 0;
     atomic_fetch_add(&v->reads, 1);
     reply(v, fuse_fd, unique, w->buf + (offset - first * ss), (size_t)(end - offset));
