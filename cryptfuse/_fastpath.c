@@ -549,17 +549,24 @@ static int contexts_init(const FastVolumeObject *v, contexts_t *c)
     return 0;
 }
 
+/* Tell a pool's threads to stop (*stop* under *mu*, *wake* broadcast) and join the
+   *n* of them, if this process started them (a forked child has none). */
+static void threads_stop(pthread_mutex_t *mu, pthread_cond_t *wake, int *stop, pid_t pid,
+                         pthread_t *threads, int n)
+{
+    pthread_mutex_lock(mu);
+    int joinable = pid == getpid();
+    *stop = 1;
+    pthread_cond_broadcast(wake);
+    pthread_mutex_unlock(mu);
+    for (int i = 0; joinable && i < n; i++)
+        pthread_join(threads[i], NULL);
+}
+
 static void helper_stop(FastVolumeObject *self)
 {
     helper_t *h = &self->helper;
-    int joinable;
-    pthread_mutex_lock(&h->mu);
-    joinable = h->pid == getpid();
-    h->stop = 1;
-    pthread_cond_broadcast(&h->wake);
-    pthread_mutex_unlock(&h->mu);
-    if (joinable)
-        pthread_join(h->thread, NULL);
+    threads_stop(&h->mu, &h->wake, &h->stop, h->pid, &h->thread, 1);
     contexts_free(&h->ctx);
     pthread_mutex_destroy(&h->mu);
     pthread_cond_destroy(&h->wake);
@@ -569,14 +576,7 @@ static void helper_stop(FastVolumeObject *self)
 static void prefetch_stop(FastVolumeObject *self)
 {
     prefetch_t *ra = &self->ra;
-    int joinable;
-    pthread_mutex_lock(&ra->mu);
-    joinable = ra->pid == getpid();
-    ra->stop = 1;
-    pthread_cond_broadcast(&ra->wake);
-    pthread_mutex_unlock(&ra->mu);
-    for (int i = 0; joinable && i < ra->threads; i++)
-        pthread_join(ra->thread[i], NULL);
+    threads_stop(&ra->mu, &ra->wake, &ra->stop, ra->pid, ra->thread, ra->threads);
     for (int i = 0; i < RA_SLOTS; i++)
         if (ra->slot[i].buf != NULL) {
             OPENSSL_cleanse(ra->slot[i].buf, BUF_LEN); /* plaintext */
@@ -613,13 +613,7 @@ static void writeback_stop(FastVolumeObject *self)
 {
     writeback_t *wb = &self->wb;
     writeback_wait(self, 1);
-    pthread_mutex_lock(&wb->mu);
-    int joinable = wb->pid == getpid();
-    wb->stop = 1;
-    pthread_cond_broadcast(&wb->wake);
-    pthread_mutex_unlock(&wb->mu);
-    for (int i = 0; joinable && i < wb->threads; i++)
-        pthread_join(wb->thread[i], NULL);
+    threads_stop(&wb->mu, &wb->wake, &wb->stop, wb->pid, wb->thread, wb->threads);
     for (int i = 0; i < WB_SLOTS; i++)
         if (wb->slot[i].buf != NULL)
             free(wb->slot[i].buf); /* ciphertext only */
