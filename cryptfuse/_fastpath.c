@@ -549,6 +549,19 @@ static int contexts_init(const FastVolumeObject *v, contexts_t *c)
     return 0;
 }
 
+/* Start a pool's *n* threads running fn(arg) unless its buffers failed (*ok* 0): *pid*
+   becomes this process once at least one runs, else *failed_start* is set. */
+static void threads_start(pthread_t *threads, int n, int *started, pid_t *pid,
+                          int *failed_start, void *(*fn)(void *), void *arg, int ok)
+{
+    while (ok && *started < n && pthread_create(&threads[*started], NULL, fn, arg) == 0)
+        (*started)++;
+    if (*started > 0)
+        *pid = getpid();
+    else
+        *failed_start = 1;
+}
+
 /* Tell a pool's threads to stop (*stop* under *mu*, *wake* broadcast) and join the
    *n* of them, if this process started them (a forked child has none). */
 static void threads_stop(pthread_mutex_t *mu, pthread_cond_t *wake, int *stop, pid_t pid,
@@ -1031,13 +1044,8 @@ static int prefetch_started(FastVolumeObject *v)
         int ok = 1;
         for (int i = 0; i < RA_SLOTS && ok; i++)
             ok = posix_memalign((void **)&ra->slot[i].buf, 4096, BUF_LEN) == 0; /* swappable */
-        while (ok && ra->threads < RA_THREADS
-               && pthread_create(&ra->thread[ra->threads], NULL, prefetch_main, v) == 0)
-            ra->threads++;
-        if (ra->threads > 0)
-            ra->pid = getpid();
-        else
-            ra->failed_start = 1;
+        threads_start(ra->thread, RA_THREADS, &ra->threads, &ra->pid, &ra->failed_start,
+                      prefetch_main, v, ok);
     }
     return ra->pid == getpid() && !ra->stop;
 }
@@ -1180,10 +1188,11 @@ static void *writeback_main(void *arg)
             break; /* stopping, and nothing left to write */
         job->state = WB_WRITING;
         pthread_mutex_unlock(&wb->mu);
-        uint64_t first = job->first, last = job->first + job->count;
+        uint64_t first = job->first;
         int rc = container_rw(v, job->buf, (size_t)(job->count * ss), v->data_offset + first * ss, 1);
         int err = errno;
-        prefetch_invalidate(v, first, last);
+        /* Read-ahead of these sectors was made stale when the write was queued, and
+           none can be read again before this range lock is released. */
         range_release(v->lock, job->lock_lo, job->lock_hi); /* taken by the worker that queued it */
         pthread_mutex_lock(&wb->mu);
         if (rc < 0) {
@@ -1209,13 +1218,8 @@ static wb_slot_t *writeback_slot(FastVolumeObject *v)
         int ok = 1;
         for (int i = 0; i < WB_SLOTS && ok; i++)
             ok = posix_memalign((void **)&wb->slot[i].buf, 4096, MAX_IO) == 0;
-        while (ok && wb->threads < WB_THREADS
-               && pthread_create(&wb->thread[wb->threads], NULL, writeback_main, v) == 0)
-            wb->threads++;
-        if (wb->threads > 0)
-            wb->pid = getpid();
-        else
-            wb->failed_start = 1;
+        threads_start(wb->thread, WB_THREADS, &wb->threads, &wb->pid, &wb->failed_start,
+                      writeback_main, v, ok);
     }
     while (wb->pid == getpid() && !wb->stop && got == NULL) {
         for (int i = 0; i < WB_SLOTS && got == NULL; i++)
