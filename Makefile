@@ -52,7 +52,7 @@ demo: setup
 	examples/demo.sh
 
 lint: setup
-	$(VENV)/bin/ruff check cryptfuse tests examples cryptfuse.py
+	$(VENV)/bin/ruff check cryptfuse tests examples bench cryptfuse.py
 	$(VENV)/bin/mypy
 
 # Needs root (loop devices, drop_caches); BENCH_ARGS=--quick for a short run.

@@ -15,14 +15,20 @@ fio (one thread, and four threads), and the sequential tests through
 (VmHWM) and CPU time of the daemons, then mounts a sparse 1 TiB LUKS2
 container and reports cryptfuse's peak RSS after random I/O spread over it.
 
+The disk and the CPU of a virtual machine change speed from one minute to the
+next, so every test runs on (c), (a) and (b) back to back (each daemon mounted
+for just that test) and the whole series is repeated ``--rounds`` times.  The
+table gives each target's median, and as ratios the median of the per-round
+ratios, with their range: a ratio compares figures taken seconds apart.
+
 The result is a Markdown table on stdout (and in ``--output``); progress goes
 to stderr.  Needs root (drop_caches, losetup, mount), /dev/fuse, cryptsetup,
 qemu-storage-daemon, mkfs.ext4 and fio (installed with apt-get when missing).
 Everything it mounts, attaches or starts is undone in ``finally`` blocks, also
 on errors, Ctrl-C and the ``--time-limit`` watchdog.
 
-  bench/run.py --quick        # small sizes, ~2 minutes: for development
-  bench/run.py                # the full run (~10 minutes)
+  bench/run.py --quick        # small sizes, one round, ~2 minutes: for development
+  bench/run.py                # the full run (3 rounds, ~15 minutes)
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -292,8 +299,13 @@ class Bench:
         self.seq_size = 128 * MiB if self.quick else GiB
         self.ext4_file = 64 * MiB if self.quick else 512 * MiB
         self.container_size = 200 * MiB if self.quick else 1126 * MiB  # ~1.1 GiB
-        self.runtime = args.runtime if args.runtime else (3.0 if self.quick else 15.0)
-        self.results: dict[tuple[str, str, str], Result] = {}  # (container, workload, target)
+        self.runtime = args.runtime if args.runtime else (3.0 if self.quick else 5.0)
+        self.rounds: int = args.rounds if args.rounds else (1 if self.quick else 3)
+        # (container, workload, target) -> one Result per round, then their median
+        self.samples: dict[tuple[str, str, str], list[Result]] = {}
+        self.results: dict[tuple[str, str, str], Result] = {}
+        # targets that cannot serve a container (qsd and LUKS2): container -> names
+        self.unavailable: dict[str, set[str]] = {}
         self.rss: dict[
             tuple[str, str], tuple[int, int]
         ] = {}  # (container, daemon) -> (VmHWM, VmRSS)
@@ -409,11 +421,14 @@ class Bench:
             yield Target("cryptfuse", vol, 0, os.stat(vol).st_size, pid)
         finally:
             if pid is not None:
-                self.rss[(c.short, "cryptfuse")] = (
-                    proc_status(pid, "VmHWM"),
-                    proc_status(pid, "VmRSS"),
-                )
+                self._note_rss(c, "cryptfuse", pid)
             self._unmount_cryptfuse(mnt, pid)
+
+    def _note_rss(self, c: Container, daemon: str, pid: int) -> None:
+        """Keep the largest VmHWM (and VmRSS) of *daemon* over all its mounts of *c*."""
+        hwm, rss = proc_status(pid, "VmHWM"), proc_status(pid, "VmRSS")
+        old = self.rss.get((c.short, daemon), (0, 0))
+        self.rss[(c.short, daemon)] = (max(old[0], hwm), max(old[1], rss))
 
     def _unmount_cryptfuse(self, mnt: str, pid: int | None) -> None:
         for _attempt in range(20):
@@ -478,7 +493,7 @@ class Bench:
                 with contextlib.suppress(ValueError, OSError), open(pidfile) as f:
                     pid = int(f.read().strip())
             if pid is not None:
-                self.rss[(c.short, "qsd")] = (proc_status(pid, "VmHWM"), proc_status(pid, "VmRSS"))
+                self._note_rss(c, "qsd", pid)
                 # SIGTERM: qsd flushes, removes its export (unmounts) and exits;
                 # `fusermount3 -u` alone would leave the process running.
                 with contextlib.suppress(ProcessLookupError):
@@ -530,66 +545,80 @@ class Bench:
                 with contextlib.suppress(BenchError):
                     wait_for(lambda: not _loop_backing(loop), 10, f"{loop} to detach")
 
-    # -- one target ------------------------------------------------------------------------
+    # -- the tests ---------------------------------------------------------------------------
 
     def record(self, c: Container, workload: str, t: Target, fn: Callable[[], float]) -> None:
-        key = (c.short, workload, t.name)
+        """Run one measurement; its Result joins the samples of (container, workload, target)."""
+        samples = self.samples.setdefault((c.short, workload, t.name), [])
         cpu0 = proc_cpu(t.pid) if t.pid else None
         start = time.monotonic()
         try:
             value = fn()
         except (BenchError, OSError, ValueError, KeyError) as exc:
             say(f"  {t.name:9} {workload}: FAILED: {exc}")
-            self.results[key] = Result(note=f"failed: {exc}")
+            samples.append(Result(note=f"failed: {exc}"))
             return
         res = Result(value=value, seconds=time.monotonic() - start)
         if t.pid:
             res.daemon_cpu = proc_cpu(t.pid) - cpu0  # type: ignore[operator]
-        self.results[key] = res
+        samples.append(res)
         unit = "IOPS" if "IOPS" in workload else "MB/s"
         cpu = f", daemon CPU {res.daemon_cpu:.1f}s" if res.daemon_cpu is not None else ""
         say(f"  {t.name:9} {workload}: {value:,.0f} {unit} ({res.seconds:.1f}s{cpu})")
 
-    def run_file_tests(self, c: Container, t: Target) -> None:
-        size = min(self.seq_size, t.size)
+    def tests(self, c: Container) -> list[Callable[[Target], None]]:
+        """The tests, in order; each one measures one workload (ext4: two) on a target."""
+        size = min(self.seq_size, c.volume_size)
         if size < self.seq_size:
             self.notes.append(f"{c.short}: sequential tests used {size // MiB} MiB (volume size)")
         mib = f"{size // MiB} MiB" if size < GiB else f"{size / GiB:g} GiB"
+        tests: list[Callable[[Target], None]] = []
         for direct in (True, False):
             kind = "O_DIRECT" if direct else "buffered"
-            self.record(
-                c,
-                f"seq write {mib}, {kind}, +fsync (MB/s)",
-                t,
-                lambda direct=direct: seq_write(t.path, t.offset, size, direct=direct),
-            )
-            self.record(
-                c,
-                f"seq read {mib}, {kind}, cold (MB/s)",
-                t,
-                lambda direct=direct: seq_read(t.path, t.offset, size, direct=direct),
-            )
-        if not self.have_fio:
-            return
-        for jobs in (1, 4):
-            for write in (False, True):
-                what = "write" if write else "read"
-                threads = "1 thread" if jobs == 1 else f"{jobs} threads"
-                name = f"4 KiB rand {what}, {threads} (IOPS)"
+
+            def write(t: Target, direct: bool = direct, kind: str = kind) -> None:
                 self.record(
                     c,
-                    name,
+                    f"seq write {mib}, {kind}, +fsync (MB/s)",
                     t,
-                    functools.partial(
-                        fio_random,
-                        t.path,
-                        t.offset,
-                        t.size,
-                        write=write,
-                        jobs=jobs,
-                        runtime=self.runtime,
-                    ),
+                    lambda: seq_write(t.path, t.offset, size, direct=direct),
                 )
+
+            def read(t: Target, direct: bool = direct, kind: str = kind) -> None:
+                self.record(
+                    c,
+                    f"seq read {mib}, {kind}, cold (MB/s)",
+                    t,
+                    lambda: seq_read(t.path, t.offset, size, direct=direct),
+                )
+
+            tests += [write, read]
+        if self.have_fio:
+            for jobs in (1, 4):
+                for is_write in (False, True):
+
+                    def rand(t: Target, jobs: int = jobs, is_write: bool = is_write) -> None:
+                        what = "write" if is_write else "read"
+                        threads = "1 thread" if jobs == 1 else f"{jobs} threads"
+                        self.record(
+                            c,
+                            f"4 KiB rand {what}, {threads} (IOPS)",
+                            t,
+                            functools.partial(
+                                fio_random,
+                                t.path,
+                                t.offset,
+                                t.size,
+                                write=is_write,
+                                jobs=jobs,
+                                runtime=self.runtime,
+                            ),
+                        )
+
+                    tests.append(rand)
+        if not self.args.no_ext4:
+            tests.append(lambda t: self.run_ext4_tests(c, t))
+        return tests
 
     def run_ext4_tests(self, c: Container, t: Target) -> None:
         mnt = str(self.work / "ext4")
@@ -606,26 +635,24 @@ class Bench:
         except BenchError as exc:
             say(f"  {t.name:9} ext4: FAILED: {exc}")
             for name in (wname, rname):
-                self.results.setdefault((c.short, name, t.name), Result(note=f"failed: {exc}"))
+                samples = self.samples.setdefault((c.short, name, t.name), [])
+                samples.append(Result(note=f"failed: {exc}"))
 
-    def run_target(self, c: Container, name: str) -> None:
-        say(f"== {c.label}: {name}")
+    def on_target(self, c: Container, name: str, test: Callable[[Target], None]) -> None:
+        """Run *test* on target *name* of *c*: the raw file, or a fresh mount of a daemon."""
+        if name in self.unavailable.setdefault(c.short, set()):
+            return
+        if name == "raw":
+            test(Target("raw", c.path, c.data_offset, c.volume_size))
+            return
+        ctx = (
+            self.cryptfuse(c, str(self.work / "mnt"))
+            if name == "cryptfuse"
+            else self.qsd(c, str(self.work / "qsd-export"))
+        )
         try:
-            if name == "raw":
-                t = Target("raw", c.path, c.data_offset, c.volume_size)
-                self.run_file_tests(c, t)
-                if not self.args.no_ext4:
-                    self.run_ext4_tests(c, t)
-                return
-            ctx = (
-                self.cryptfuse(c, str(self.work / "mnt"))
-                if name == "cryptfuse"
-                else self.qsd(c, str(self.work / "qsd-export"))
-            )
             with ctx as t:
-                self.run_file_tests(c, t)
-                if not self.args.no_ext4:
-                    self.run_ext4_tests(c, t)
+                test(t)
         except BenchError as exc:
             msg = str(exc)
             if "LUKS version 2 is not supported" in msg:
@@ -634,6 +661,42 @@ class Bench:
             say(f"  {name}: not measured: {msg}")
             self.notes.append(f"{c.short} / {name}: not measured: {msg}")
             self.results[(c.short, "*", name)] = Result(note=msg)
+            self.unavailable[c.short].add(name)
+
+    def run_container(self, c: Container) -> None:
+        """Every test on (c), (a) and (b) back to back, the whole series ``rounds`` times."""
+        tests = self.tests(c)
+        for n in range(self.rounds):
+            say(f"== {c.label}: round {n + 1} of {self.rounds}")
+            for test in tests:
+                # raw first: its first test fills the data area with random bytes, which
+                # then decrypt to noise, so the daemons read "real" (non-hole) data.
+                for name in ("raw", "cryptfuse", "qsd"):
+                    self.on_target(c, name, test)
+
+    def summarise(self) -> None:
+        """The median of each (container, workload, target)'s samples, into self.results."""
+        for key, samples in self.samples.items():
+            values = [r.value for r in samples if r.value is not None]
+            if not values:
+                self.results[key] = Result(note=samples[-1].note if samples else "")
+                continue
+            cpus = [r.daemon_cpu for r in samples if r.daemon_cpu is not None]
+            self.results[key] = Result(
+                value=statistics.median(values),
+                daemon_cpu=statistics.median(cpus) if cpus else None,
+                seconds=sum(r.seconds or 0 for r in samples),
+            )
+
+    def ratios(self, container: str, workload: str, a: str, b: str) -> list[float]:
+        """Per-round ratios of target *a* to target *b* (rounds where both have a figure)."""
+        sa = self.samples.get((container, workload, a), [])
+        sb = self.samples.get((container, workload, b), [])
+        return [
+            x.value / y.value
+            for x, y in zip(sa, sb, strict=False)  # an aborted run: fewer of one
+            if x.value is not None and y.value is not None and y.value > 0
+        ]
 
     # -- the 1 TiB container ----------------------------------------------------------------------
 
@@ -701,10 +764,7 @@ class Bench:
             say(f"== creating {name} container ({self.container_size / MiB:.0f} MiB)")
             c = self.make_container(version, self.container_size, name)
             self.containers.append(c)
-            # raw first: it overwrites the data area with random bytes, which then
-            # decrypt to noise, so the other runs read "real" (non-hole) data.
-            for target in ("raw", "cryptfuse", "qsd"):
-                self.run_target(c, target)
+            self.run_container(c)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(c.path)
         if not self.args.no_big:
@@ -798,10 +858,12 @@ def fmt(r: Result | None) -> str:
     return f"{r.value:,.0f}"
 
 
-def ratio(a: Result | None, b: Result | None) -> str:
-    if a is None or b is None or a.value is None or b.value is None or b.value == 0:
+def ratio(rs: list[float]) -> str:
+    """The median of per-round ratios, with their range when there are several."""
+    if not rs:
         return "–"
-    return f"{a.value / b.value:.2f}×"
+    med = statistics.median(rs)
+    return f"{med:.2f}×" if len(rs) == 1 else f"{med:.2f}× ({min(rs):.2f}–{max(rs):.2f})"
 
 
 def _row(*cells: str) -> str:
@@ -821,6 +883,10 @@ def report(bench: Bench, argv: list[str], started: datetime.datetime, elapsed: f
         "",
         "Machine: " + "; ".join(f"{k} {v}" for k, v in bench.versions.items()),
         "",
+        f"Figures are medians of {bench.rounds} round(s), each running every test on (c), (a) "
+        "and (b) back to back; ratios are the median (and range) of the per-round ratios. "
+        f"Random tests: {bench.runtime:g} s each.",
+        "",
         _row("container", "workload", "(a) cryptfuse", "(b) qemu-storage-daemon")
         + " (c) raw file | (a)/(b) | (a)/(c) |",
         "|---|---|--:|--:|--:|--:|--:|",
@@ -836,7 +902,9 @@ def report(bench: Bench, argv: list[str], started: datetime.datetime, elapsed: f
                 bench.results.get((c.short, wl, t)) or bench.results.get((c.short, "*", t))
                 for t in targets
             )
-            lines.append(_row(label, wl, fmt(a), fmt(b), fmt(r), ratio(a, b), ratio(a, r)))
+            ab = ratio(bench.ratios(c.short, wl, "cryptfuse", "qsd"))
+            ar = ratio(bench.ratios(c.short, wl, "cryptfuse", "raw"))
+            lines.append(_row(label, wl, fmt(a), fmt(b), fmt(r), ab, ar))
         cf = bench.rss.get((c.short, "cryptfuse"))
         q = bench.rss.get((c.short, "qsd"))
         rss_ratio = f"{cf[0] / q[0]:.2f}×" if cf and q and q[0] else "–"
@@ -871,14 +939,15 @@ def report(bench: Bench, argv: list[str], started: datetime.datetime, elapsed: f
         ]
 
     lines += ["", "Targets (issue 4):", ""]
-    for (cont, wl, t), res in bench.results.items():
+    for cont, wl, t in bench.results:
         need = 1.5 if wl.startswith("4 KiB rand") else 3.0 if wl.startswith("seq") else None
-        peer = bench.results.get((cont, wl, "qsd"))
-        if t != "cryptfuse" or need is None or peer is None or not peer.value or not res.value:
+        rs = bench.ratios(cont, wl, "cryptfuse", "qsd")
+        if t != "cryptfuse" or need is None or not rs:
             continue
-        x = res.value / peer.value
+        x = statistics.median(rs)
         verdict = "met" if x >= need else "MISSED"
-        lines.append(f"- {cont.upper()} {wl}: {x:.2f}× qsd (target ≥ {need}×): {verdict}")
+        rounds = f", met in {sum(r >= need for r in rs)} of {len(rs)} rounds" if len(rs) > 1 else ""
+        lines.append(f"- {cont.upper()} {wl}: {x:.2f}× qsd (target ≥ {need}×): {verdict}{rounds}")
     big = bench.big.get("vmhwm")
     if big:
         verdict = "met" if big <= 150 * MiB else "MISSED"
@@ -893,6 +962,13 @@ def report(bench: Bench, argv: list[str], started: datetime.datetime, elapsed: f
 # -- main -------------------------------------------------------------------------------
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/run.py",
@@ -903,7 +979,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick", action="store_true", help="small sizes and 3 s random tests (development)"
     )
     p.add_argument(
-        "--runtime", type=float, help="seconds per random-I/O test (default 15, --quick 3)"
+        "--runtime", type=float, help="seconds per random-I/O test (default 5, --quick 3)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=_positive,
+        help="repeat every test this many times and report medians (default 3, --quick 1)",
     )
     p.add_argument(
         "--workdir",
@@ -992,6 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"kept {work}")
     if bench is None or not hasattr(bench, "containers"):
         return rc or 1
+    bench.summarise()
     text = report(bench, argv, started, time.monotonic() - t0)
     print(text)
     if args.output:
@@ -1003,8 +1085,15 @@ def main(argv: list[str] | None = None) -> int:
                     "date": started.isoformat(),
                     "argv": argv,
                     "versions": bench.versions,
+                    "rounds": bench.rounds,
                     "results": [
-                        {"container": k[0], "workload": k[1], "target": k[2], **vars(v)}
+                        {
+                            "container": k[0],
+                            "workload": k[1],
+                            "target": k[2],
+                            **vars(v),
+                            "samples": [vars(r) for r in bench.samples.get(k, [])],
+                        }
                         for k, v in bench.results.items()
                     ],
                     "rss": {
