@@ -991,20 +991,37 @@ static int transfer(WorkerObject *w, const unsigned char *src, unsigned char *ds
 
 /*
  * A stretch is read through the page cache, not the O_DIRECT fd: the kernel's own
- * read-ahead of the container file then keeps large requests queued ahead of the
- * stream (read_ahead_kb, 8 MiB on this VM's disk), which the disk serves about twice
- * as fast as 1 MiB O_DIRECT reads two at a time (docs/benchmarks.md, run 19).  The
- * stretch's pages are dropped as soon as they are read: ciphertext that nobody reads
- * again must not sit in memory next to the plaintext.  Called with the stretch's range
- * lock held, so no write of these sectors is in progress (a dirty page from an earlier
- * page-cache write is only queued for writeback by POSIX_FADV_DONTNEED, never dropped).
+ * readahead of the container file then keeps large requests queued ahead of the
+ * stream (read_ahead_kb, 8 MiB on this VM's disk), which the disk served about twice
+ * as fast as 1 MiB O_DIRECT reads two at a time (docs/benchmarks.md, "Where the two
+ * hard rows stand").  Clean cached pages cannot go stale under a direct write (the
+ * kernel drops them, waiting for any still being read), so this changes nothing for
+ * coherence (docs/daemon.md, "Container I/O").
  */
 static int stretch_read(FastVolumeObject *v, unsigned char *buf, size_t len, uint64_t pos)
 {
-    if (io_full(v->fd, buf, len, pos, 0) < 0)
-        return -1;
-    (void)posix_fadvise(v->fd, (off_t)pos, (off_t)len, POSIX_FADV_DONTNEED);
-    return 0;
+    return io_full(v->fd, buf, len, pos, 0);
+}
+
+/*
+ * Once read, the ciphertext is of no more use (the plaintext is what gets cached, above
+ * us), so its pages are dropped rather than left to push other files out of memory.
+ * POSIX_FADV_DONTNEED only drops folios lying wholly inside its range, and the page
+ * cache may hold a file in folios of up to WRITE_GRANULE (2 MiB, from readahead on ext4
+ * since Linux 6.16 or XFS), so the range is the whole granules that end with this
+ * stretch (a granule goes when the stream has read its end) and the granule before
+ * them once more (for pages that the other read-ahead thread brought in only after
+ * the first drop: stretches load two at a time).  No range lock is needed:
+ * the kernel skips dirty, locked and mapped pages (dirty ones are queued for writeback,
+ * as a sync would), and a clean page dropped under a concurrent reader is read again.
+ */
+static void stretch_drop(FastVolumeObject *v, uint64_t pos, uint64_t len)
+{
+    uint64_t from = pos / WRITE_GRANULE * WRITE_GRANULE;
+    uint64_t to = (pos + len) / WRITE_GRANULE * WRITE_GRANULE;
+    from = from >= WRITE_GRANULE ? from - WRITE_GRANULE : 0;
+    if (to > from)
+        (void)posix_fadvise(v->fd, (off_t)from, (off_t)(to - from), POSIX_FADV_DONTNEED);
 }
 
 static void *prefetch_main(void *arg)
@@ -1037,6 +1054,7 @@ static void *prefetch_main(void *arg)
         if (have_ctx && !v->closed && range_acquire(v->lock, first, first + count) == 0) {
             rc = stretch_read(v, buf, (size_t)(count * ss), v->data_offset + first * ss);
             range_release(v->lock, first, first + count);
+            stretch_drop(v, v->data_offset + first * ss, count * ss);
         }
         pthread_rwlock_unlock(&v->io_lock);
         /* Decrypted here, off the requests' path: while this thread runs the cipher
