@@ -19,6 +19,7 @@ import mmap
 import os
 import random
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -570,6 +571,53 @@ def test_read_ahead_equals_a_bytearray_model(
         if not direct:
             assert fast.prefetched == fast.direct == 0
         check_container(vol, model)
+
+
+def _stale_page_warnings() -> int | None:
+    """How often the kernel logged a failed page-cache drop after O_DIRECT (None: no dmesg)."""
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.count("Page cache invalidation failure") if out.returncode == 0 else None
+
+
+@pytest.mark.skipif(
+    not _megabyte_messages(), reason="net.core.wmem_max too small for 1 MiB socket messages"
+)
+def test_direct_writes_ahead_of_a_stream_beat_the_kernels_readahead(tmp_path: Path) -> None:
+    """Read-ahead stretches come through the page cache, whose own readahead runs
+    megabytes ahead of them; O_DIRECT (written-behind) writes into that window, inside
+    and beyond the stretches, are what the stream then reads."""
+    if not _direct_io_works(tmp_path):
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    size = 32 * MiB
+    vol = make_volume(tmp_path / "window.img", size=size)
+    warnings = _stale_page_warnings()
+    with vol:
+        fast = vol.fast
+        model = bytearray(read_plain(vol))
+
+        def client(c: Client) -> None:
+            assert c.init().error == 0
+            _reply, fh, _flags = c.open()
+            for n, offset in enumerate(range(0, size, MiB)):
+                assert c.read(fh, offset, MiB).payload == model[offset : offset + MiB]
+                # 2 MiB ahead: in a read-ahead stretch; 6 MiB: only in the kernel's window
+                where = offset + (2 * MiB if n % 2 else 6 * MiB) + n * 4 * KiB % MiB
+                if where + 256 * KiB <= size:
+                    data = os.urandom(256 * KiB)
+                    assert c.written(c.write(fh, where, data)) == len(data)
+                    model[where : where + len(data)] = data
+            for offset in range(0, size, MiB):
+                assert c.read(fh, offset, MiB).payload == model[offset : offset + MiB]
+
+        serve(vol, client)
+        assert fast.behind >= 20
+        assert fast.prefetched >= 20
+        check_container(vol, model)
+    if warnings is not None:
+        assert _stale_page_warnings() == warnings  # the kernel kept no stale page
 
 
 def test_large_writes_are_written_behind_and_read_back(tmp_path: Path) -> None:
