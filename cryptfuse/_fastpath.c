@@ -300,21 +300,21 @@ typedef struct {
     job_t job;
 } helper_t;
 
-/* -- the read-ahead thread ------------------------------------------------------------------- */
+/* -- the read-ahead threads ------------------------------------------------------------------ */
 
 /*
  * Large reads bypass the page cache (the O_DIRECT fd), and with it the kernel's
  * readahead, so a sequential stream would wait for the disk on every request.  When a
  * large read continues a stream, these threads read the next RA_SLOTS stretches of the
- * container into their buffers and decrypt them while the workers answer the requests
- * before; the requests for them then take the plaintext from there instead of waiting
+ * container (through the page cache, see prefetch_main) and decrypt them into their
+ * buffers while the workers answer the requests before; the requests for them then take the plaintext from there instead of waiting
  * for the disk and the cipher.  A write overlapping a stretch (in C or in Python, under
  * the range lock, before its reply) marks it stale, so it is never served.
  */
 enum { RA_EMPTY, RA_PENDING, RA_LOADING, RA_READY };
 #define RA_SLOTS 4            /* stretches ahead of the stream */
 #define RA_STRETCH (1 << 20) /* bytes in one (at most MAX_IO) */
-#define RA_THREADS 2 /* reading at once: the disk does better with two requests queued */
+#define RA_THREADS 2 /* one decrypts a stretch while the other reads the next */
 typedef struct {
     int state;
     int valid;          /* cleared by an overlapping write or a failed read */
@@ -997,13 +997,7 @@ static int transfer(WorkerObject *w, const unsigned char *src, unsigned char *ds
  * hard rows stand").  Clean cached pages cannot go stale under a direct write (the
  * kernel drops them, waiting for any still being read), so this changes nothing for
  * coherence (docs/daemon.md, "Container I/O").
- */
-static int stretch_read(FastVolumeObject *v, unsigned char *buf, size_t len, uint64_t pos)
-{
-    return io_full(v->fd, buf, len, pos, 0);
-}
-
-/*
+ *
  * Once read, the ciphertext is of no more use (the plaintext is what gets cached, above
  * us), so its pages are dropped rather than left to push other files out of memory.
  * POSIX_FADV_DONTNEED only drops folios lying wholly inside its range, and the page
@@ -1052,7 +1046,7 @@ static void *prefetch_main(void *arg)
         int rc = -1;
         pthread_rwlock_rdlock(&v->io_lock);
         if (have_ctx && !v->closed && range_acquire(v->lock, first, first + count) == 0) {
-            rc = stretch_read(v, buf, (size_t)(count * ss), v->data_offset + first * ss);
+            rc = io_full(v->fd, buf, (size_t)(count * ss), v->data_offset + first * ss, 0);
             range_release(v->lock, first, first + count);
             stretch_drop(v, v->data_offset + first * ss, count * ss);
         }
@@ -1199,8 +1193,7 @@ static int prefetch_take(WorkerObject *w, uint64_t first, uint64_t count)
 static int prefetch_wanted(FastVolumeObject *v, uint64_t first, uint64_t count)
 {
     uint64_t len = count * v->sector_size, pos = v->data_offset + first * v->sector_size;
-    return atomic_load(&v->direct_fd) >= 0 && len >= PREFETCH_MIN && pos % DIRECT_ALIGN == 0
-           && len % DIRECT_ALIGN == 0;
+    return atomic_load(&v->direct_fd) >= 0 && len >= PREFETCH_MIN && direct_eligible(len, pos, 0);
 }
 
 /* -- write-behind -------------------------------------------------------------------------------- */
