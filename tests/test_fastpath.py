@@ -402,22 +402,24 @@ def test_one_megabyte_requests_at_odd_offsets(tmp_path: Path, sector_size: int) 
         check_container(vol, model)
 
 
-def _direct_io_works(directory: Path) -> bool:
-    """Whether files in *directory* take O_DIRECT (tmpfs, for one, may not)."""
+def _require_direct_io(directory: Path) -> None:
+    """Skip the test unless files in *directory* take O_DIRECT (tmpfs, for one, may not)."""
     probe = directory / "direct-probe"
     probe.write_bytes(bytes(4096))
     buf = mmap.mmap(-1, 4096)
     try:
         fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
         try:
-            return os.preadv(fd, [buf], 0) == 4096
+            works = os.preadv(fd, [buf], 0) == 4096
         finally:
             os.close(fd)
     except OSError:
-        return False
+        works = False
     finally:
         buf.close()
         probe.unlink()
+    if not works:
+        pytest.skip(f"{directory} does not take O_DIRECT")
 
 
 STREAM = 256 * KiB  # a large read: O_DIRECT, read ahead
@@ -429,8 +431,7 @@ STREAM = 256 * KiB  # a large read: O_DIRECT, read ahead
 def test_sequential_reads_are_read_ahead_and_writes_make_it_stale(tmp_path: Path) -> None:
     """A read stream is served from read-ahead; writes just ahead of it, in C and in
     Python, are what the stream then reads, never the stretch read before them."""
-    if not _direct_io_works(tmp_path):
-        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    _require_direct_io(tmp_path)
     vol = make_volume(tmp_path / "stream.img", size=8 * MiB)
     with vol:
         fast = vol.fast
@@ -472,8 +473,7 @@ def test_sequential_reads_are_read_ahead_and_writes_make_it_stale(tmp_path: Path
 def test_read_ahead_follows_a_loop_devices_mixed_requests(tmp_path: Path) -> None:
     """A loop device's pattern, 1 MiB then 256 KiB, each pair sent at once and not
     always in order: served from read-ahead stretches they do not line up with."""
-    if not _direct_io_works(tmp_path):
-        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    _require_direct_io(tmp_path)
     vol = make_volume(tmp_path / "loop.img", size=16 * MiB)
     with vol:
         fast = vol.fast
@@ -529,8 +529,8 @@ def test_read_ahead_equals_a_bytearray_model(
 ) -> None:
     """Streams of large reads with writes of every kind around them, against a model;
     *direct* False: no O_DIRECT descriptor, no read-ahead, the same answers."""
-    if direct and not _direct_io_works(tmp_path):
-        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    if direct:
+        _require_direct_io(tmp_path)
     size = 8 * MiB
     path = tmp_path / f"ra-{sector_size}.img"
     path.unlink(missing_ok=True)
@@ -589,8 +589,7 @@ def test_direct_writes_ahead_of_a_stream_beat_the_kernels_readahead(tmp_path: Pa
     """Read-ahead stretches come through the page cache, whose own readahead runs
     megabytes ahead of them; O_DIRECT (written-behind) writes into that window, inside
     and beyond the stretches, are what the stream then reads."""
-    if not _direct_io_works(tmp_path):
-        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    _require_direct_io(tmp_path)
     size = 32 * MiB
     vol = make_volume(tmp_path / "window.img", size=size)
     warnings = _stale_page_warnings()
@@ -682,8 +681,7 @@ def test_page_cache_writes_lock_whole_granules_while_o_direct_is_used(tmp_path: 
     """Writes through the page cache lock the 2 MiB stretches around them (a large
     folio they dirty must not be shared with a concurrent direct transfer); without
     an O_DIRECT descriptor, only their own sectors."""
-    if not _direct_io_works(tmp_path):
-        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    _require_direct_io(tmp_path)
     size = 8 * MiB
     path = tmp_path / "granule.img"
     path.write_bytes(bytes(size + 4096))
@@ -753,8 +751,8 @@ def test_concurrent_streams_random_reads_and_writes_read_back(tmp_path: Path, di
     worker while it may still be written behind, and a Python writer of partial sectors
     doing the same: every read back is what was written, the streams see the original,
     and after the sync the container is the model."""
-    if direct and not _direct_io_works(tmp_path):
-        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    if direct:
+        _require_direct_io(tmp_path)
     size = 32 * MiB
     path = tmp_path / "stress.img"
     path.write_bytes(os.urandom(size))
