@@ -40,6 +40,7 @@ from .cli_input import (
     read_passphrase_line,
 )
 from .cli_luks import LUKS_SUBCOMMANDS
+from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
 from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE
@@ -489,6 +490,7 @@ def benchmark_command(argv: Sequence[str]) -> int:
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "benchmark": benchmark_command,
     **LUKS_SUBCOMMANDS,
+    **REENCRYPT_SUBCOMMANDS,
 }
 
 

@@ -232,6 +232,7 @@ class Volume:
         readonly: bool = False,
         description: str = "",
         direct: bool = True,
+        fast: bool = True,
     ) -> None:
         sector_size = cipher.sector_size
         if data_offset < 0 or size < 0:
@@ -249,7 +250,7 @@ class Volume:
         self.description = description
         self._lock = _RangeLock()
         self._closed = False
-        self.fast = fast_path_for(
+        self.fast = None if not fast else fast_path_for(
             cipher,
             fd=fd,
             data_offset=data_offset,
@@ -378,3 +379,112 @@ class Volume:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ExtentMap:
+    """One run of volume bytes mapped onto a file: *length* bytes from volume byte
+    *start*, stored from byte *position* of *fd*, under *cipher* (None: plaintext)
+    whose sector 0 is at *position*."""
+
+    __slots__ = ("cipher", "fd", "length", "position", "start")
+
+    def __init__(
+        self, start: int, length: int, fd: int, position: int, cipher: SectorCipher | None
+    ) -> None:
+        self.start, self.length, self.fd, self.position, self.cipher = (
+            start,
+            length,
+            fd,
+            position,
+            cipher,
+        )
+
+
+class SegmentedVolume(Volume):
+    """A volume whose bytes lie in several extents under different keys or none:
+    a LUKS2 container in reencryption (old-key, new-key and plaintext segments).
+
+    Served by the Python engine only (no C data path); reads and writes split at
+    extent boundaries, which are whole sectors of every cipher involved.  *fd* is
+    owned (closed by :meth:`close`); *extra_fds* (a detached header read for a
+    journal) too.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        extents: list[ExtentMap],
+        *,
+        readonly: bool = False,
+        description: str = "",
+        extra_fds: tuple[int, ...] = (),
+    ) -> None:
+        size = sum(e.length for e in extents)
+        granule = max([512] + [e.cipher.sector_size for e in extents if e.cipher is not None])
+        for e in extents:
+            if e.start % granule or e.length % granule:
+                raise UsageError("volume extents are not aligned to the largest sector size")
+        self.extents = extents
+        self._extra_fds = extra_fds
+        super().__init__(
+            fd,
+            _NullCipher(granule),  # type: ignore[arg-type]
+            0,
+            size,
+            readonly=readonly,
+            description=description,
+            direct=False,
+            fast=False,
+        )
+
+    def _pieces(self, first: int, count: int) -> Iterator[tuple[ExtentMap, int, int, int]]:
+        """(extent, offset in the extent, offset in the request, length) of a sector run."""
+        lo = first * self.sector_size
+        hi = lo + count
+        for e in self.extents:
+            a, b = max(lo, e.start), min(hi, e.start + e.length)
+            if a < b:
+                yield e, a - e.start, a - lo, b - a
+
+    def _read_sectors_into(self, first: int, out: memoryview) -> None:
+        for e, at, into, length in self._pieces(first, len(out)):
+            position = e.position + at
+            try:
+                raw = os.pread(e.fd, length, position)
+            except OSError as exc:
+                raise DeviceError(f"read of {length} bytes at {position} failed: {exc.strerror}") from exc
+            if len(raw) != length:
+                raise DeviceError(f"container ends early: short read of {length} bytes at {position}")
+            if e.cipher is None:
+                out[into : into + length] = raw
+            else:
+                e.cipher.decrypt_into(raw, at // e.cipher.sector_size, out[into : into + length])
+
+    def _write_sectors(self, first: int, plain: memoryview) -> None:
+        for e, at, into, length in self._pieces(first, len(plain)):
+            piece = plain[into : into + length]
+            data = piece if e.cipher is None else e.cipher.encrypt(piece, at // e.cipher.sector_size)
+            position = e.position + at
+            pwrite_all(e.fd, data, position, f"{length} bytes at {position}")
+
+    def sync(self) -> None:
+        super().sync()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for fd in self._extra_fds:
+                os.close(fd)
+            self._extra_fds = ()
+
+
+class _NullCipher:
+    """Stands for the cipher of a :class:`SegmentedVolume` (each extent has its own)."""
+
+    def __init__(self, sector_size: int) -> None:
+        self.sector_size = sector_size
+        self.spec = "segmented"
+
+    def fast_parameters(self) -> None:
+        return None

@@ -39,6 +39,7 @@ import binascii
 import hashlib
 import json
 import logging
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -57,8 +58,9 @@ from ..errors import (
 from ..kdf import argon2, digest_equal, hashlib_name, pbkdf2
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import CipherSpec
-from ..volume import Volume, device_size
+from ..volume import ExtentMap, SegmentedVolume, Volume, device_size
 from .luks_common import (
+    Devices,
     check_key_size,
     data_area_size,
     luks_cipher_spec,
@@ -1301,8 +1303,16 @@ def open_luks2(
     *data_path*); the segment offset is relative to *data_path* either way.
     Nothing is ever written to either file here.
     """
+    if not readonly and _interrupted_reencryption(header_path or data_path):
+        # As cryptsetup does on activation: finish the interrupted hot zone first.
+        from .luks2_reencrypt import recover
+
+        log.warning("%s: recovering an interrupted LUKS2 reencryption hot zone", data_path)
+        recover(data_path, header_path, passphrase, key_slot)
     with open_devices(data_path, header_path, readonly) as dev:
         header = read_luks2_header(dev.header_fd, dev.header_path)
+        if any(_reencrypt_candidate(r) for r in header.metadata.config.requirements):
+            return _open_in_reencryption(header, dev, passphrase, key_slot, readonly)
         segment, spec, _ = header.data_segment()
         _, key = header.unlock(dev.header_fd, passphrase, key_slot)
         assert segment.sector_size is not None and segment.iv_tweak is not None
@@ -1320,3 +1330,59 @@ def open_luks2(
             readonly=readonly,
             description=f"LUKS2 {data_path}",
         )
+
+
+def _interrupted_reencryption(path: str) -> bool:
+    """True when *path* holds a LUKS2 header with a hot zone flagged in-reencryption
+    (read without locking: only a hint; the recovery itself locks and rereads)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # reported properly by the open that follows
+    try:
+        header = read_luks2_header(fd, path)
+    except CryptfuseError:
+        return False
+    finally:
+        os.close(fd)
+    return any(_segment_has_flag(s, "in-reencryption") for s in header.json["segments"].values())
+
+
+def _open_in_reencryption(
+    header: LUKS2Header, dev: Devices, passphrase: bytes, key_slot: int | None, readonly: bool
+) -> Volume:
+    """A container in reencryption as a :class:`SegmentedVolume` (old-key, new-key and
+    plaintext segments); an interrupted hot zone (only possible read-only here) is
+    served from its recovered state, worked out without writing."""
+    from .luks2_reencrypt import open_reencryption
+
+    unknown = [
+        r for r in header.metadata.config.requirements if r != "online-reencrypt-v2"
+    ]
+    if unknown:
+        header.check_requirements()
+    extents, _, crashed = open_reencryption(
+        header, dev.data_fd, dev.header_fd, passphrase, key_slot, dev.data_size
+    )
+    extra: tuple[int, ...] = ()
+    header_fd = dev.data_fd
+    if any(e.on_header for e in extents) and dev.header_fd != dev.data_fd:
+        header_fd = os.dup(dev.header_fd)
+        extra = (header_fd,)
+    maps = [
+        ExtentMap(e.start, e.length, header_fd if e.on_header else dev.data_fd, e.position, e.cipher)
+        for e in extents
+    ]
+    if crashed:
+        log.warning(
+            "%s: a reencryption hot zone was interrupted; serving its recovered state "
+            "read-only (a read-write mount or 'cryptfuse repair' writes the recovery)",
+            dev.data_path,
+        )
+    return SegmentedVolume(
+        dev.data_fd,
+        maps,
+        readonly=readonly,
+        description=f"LUKS2 {dev.data_path} (in reencryption)",
+        extra_fds=extra,
+    )

@@ -282,9 +282,17 @@ class Luks2Writer:
         self.salts = salts
 
     @classmethod
-    def from_header(cls, fd: int, header: LUKS2Header) -> Luks2Writer:
-        """Continue from *header* (as read): keep each copy's salt, seqid of the newer copy."""
-        header.check_requirements()  # unknown requirements: never rewrite what we do not understand
+    def from_header(cls, fd: int, header: LUKS2Header, *, reencryption: bool = False) -> Luks2Writer:
+        """Continue from *header* (as read): keep each copy's salt, seqid of the newer copy.
+
+        Headers with requirements are refused (never rewrite what we do not
+        understand), except, with *reencryption*, the reencryption requirement
+        for :mod:`.luks2_reencrypt`, which implements that protocol.
+        """
+        if not reencryption:
+            header.check_requirements()
+        elif any(r != "online-reencrypt-v2" for r in header.metadata.config.requirements):
+            header.check_requirements()
         hdr_size = header.binary.hdr_size
         salts = []
         seqid = header.binary.seqid
@@ -382,12 +390,14 @@ class Luks2Writer:
         *,
         af_hash: str,
         replace_area: bool = False,
+        digest: str | None = None,
     ) -> tuple[int, int] | None:
         """Write a keyslot's material to a free area (durably) and put it in ``obj``.
 
         Returns the (offset, length) of the area it replaces when *replace_area*
         (the caller wipes it after the commit), else None.  Nothing the
-        current header references is touched.
+        current header references is touched.  The keyslot joins *digest*
+        (default: the data segment's).
         """
         key_bytes = len(volume_key)
         length = area_size(key_bytes)
@@ -424,9 +434,9 @@ class Luks2Writer:
             slot["priority"] = old["priority"]
         self.obj["keyslots"][key] = slot
         self.obj["keyslots"] = _sorted_object(self.obj["keyslots"])
-        digest = self.obj["digests"][self.digest_for_segment()]
-        if key not in digest["keyslots"]:
-            digest["keyslots"] = sorted([*digest["keyslots"], key], key=int)
+        bound = self.obj["digests"][digest if digest is not None else self.digest_for_segment()]
+        if key not in bound["keyslots"]:
+            bound["keyslots"] = sorted([*bound["keyslots"], key], key=int)
         return old_area
 
     def wipe_keyslot(self, index: int) -> None:

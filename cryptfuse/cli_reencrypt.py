@@ -1,0 +1,223 @@
+"""``cryptfuse reencrypt`` and ``cryptfuse repair`` (cryptsetup's names and options).
+
+The protocol is in :mod:`cryptfuse.formats.luks2_reencrypt`; this module reads
+the options and the passphrase, shows progress on a terminal (tqdm) and turns
+Ctrl-C into a clean stop at a hot-zone boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+
+from .cli_input import PROG, _nonneg_int
+from .cli_luks import _existing_secret, _kdf_options, _key_options, _parser, _size
+from .errors import UnsupportedError, UsageError
+from .formats import luks2_reencrypt as reenc
+from .formats.luks2 import read_luks2_header
+from .formats.luks_write import KdfParams
+from .formats.manage import KdfOptions, resolve_kdf
+from .volume import open_device
+
+__all__ = ["REENCRYPT_SUBCOMMANDS"]
+
+
+def _kdf_given(args: argparse.Namespace) -> bool:
+    return any(
+        getattr(args, name) is not None
+        for name in ("pbkdf", "iter_time", "pbkdf_memory", "pbkdf_parallel", "pbkdf_force_iterations")
+    )
+
+
+def _old_kdf(container: str, header: str | None, slot: int | None) -> KdfParams | None:
+    """The KDF of the keyslot being replaced: cryptsetup's reencrypt keeps it
+    (no benchmark) unless PBKDF options are given."""
+    path = header or container
+    fd = open_device(path, True, lock=False)
+    try:
+        hdr = read_luks2_header(fd, path)
+    finally:
+        import os
+
+        os.close(fd)
+    slots = [s for s in hdr.metadata.keyslots.values() if s.type == "luks2"]
+    chosen = next((s for s in slots if slot is None or s.index == slot), None)
+    if chosen is None or chosen.kdf is None:
+        return None
+    k = chosen.kdf
+    if k.type == "pbkdf2" and k.iterations:
+        return KdfParams("pbkdf2", hash=k.hash or "sha256", iterations=k.iterations)
+    if k.type in ("argon2i", "argon2id") and k.time and k.memory and k.cpus:
+        return KdfParams(k.type, iterations=k.time, memory_kib=k.memory, parallel=k.cpus)
+    return None
+
+
+@contextmanager
+def _interruptible() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C (SIGINT) and SIGTERM ask for a stop at the next hot-zone boundary."""
+    asked: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        asked.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(asked)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[reenc.ProgressFn | None]:
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="reencrypt")
+    seen = [0]
+
+    def show(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+            bar.n = seen[0] = done
+            bar.refresh()
+            return
+        bar.update(done - seen[0])
+        seen[0] = done
+
+    try:
+        yield show
+    finally:
+        bar.close()
+
+
+def reencrypt_command(argv: Sequence[str]) -> int:
+    """``cryptfuse reencrypt CONTAINER`` (``cryptsetup reencrypt``, LUKS2)."""
+    p = _parser(
+        "reencrypt",
+        "[options] CONTAINER",
+        "Change the volume key (and cipher) of a LUKS2 container in place, or resume an "
+        "interrupted reencryption, crash-safe at every instant.",
+    )
+    p.add_argument("container", metavar="CONTAINER")
+    _key_options(p)
+    _kdf_options(p)
+    g = p.add_argument_group("reencryption")
+    g.add_argument("--cipher", "-c", metavar="SPEC", help="new cipher (default: keep)")
+    g.add_argument("--key-size", "-s", type=_nonneg_int, metavar="BITS", help="new key size")
+    g.add_argument("--sector-size", type=_nonneg_int, metavar="BYTES", help="new sector size")
+    g.add_argument("--resilience", choices=("checksum", "journal", "none"), default="checksum")
+    g.add_argument("--resilience-hash", default="sha256", metavar="HASH")
+    g.add_argument("--hotzone-size", type=_size, default=0, metavar="SIZE")
+    g.add_argument("--init-only", action="store_true", help="write the metadata only")
+    g.add_argument("--resume-only", action="store_true", help="only resume a started one")
+    g.add_argument("--encrypt", action="store_true", help="(not implemented: see README)")
+    g.add_argument("--decrypt", action="store_true", help="(not implemented: see README)")
+    g.add_argument("--reduce-device-size", type=_size, metavar="SIZE")
+    g.add_argument("--type", "-M", choices=("luks2",), default="luks2")
+    g.add_argument(
+        "--force-offline-reencrypt",
+        action="store_true",
+        help="accepted: cryptfuse reencrypts containers that are not mounted",
+    )
+    args = p.parse_args(argv)
+    if args.init_only and args.resume_only:
+        raise UsageError("Options --init-only and --resume-only cannot be combined.")
+    container, header = args.container, args.header
+    fd = open_device(header or container, True, lock=False)
+    try:
+        current = read_luks2_header(fd, header or container)
+    finally:
+        import os
+
+        os.close(fd)
+    started = reenc.in_reencryption(current.json)
+    if not started and (args.encrypt or args.decrypt or args.reduce_device_size):
+        raise UnsupportedError(
+            "Starting --encrypt/--decrypt/--reduce-device-size is not implemented in cryptfuse yet; "
+            "start it with cryptsetup, then 'cryptfuse reencrypt --resume-only' finishes it."
+        )
+    if args.resume_only and not started:
+        raise UsageError(f"Device {container} is not in LUKS2 reencryption.")
+    passphrase = _existing_secret(args, f"Enter passphrase for {container}: ")
+    if not started:
+        if args.hotzone_size and args.hotzone_size % 512:
+            raise UsageError("Hotzone size must be a multiple of 512 bytes.")
+        kdf_params = None if _kdf_given(args) else _old_kdf(container, header, args.key_slot)
+        if kdf_params is None:
+            kdf_params = resolve_kdf(_kdf(args), "luks2", 64, args.hash or "sha256")
+        options = reenc.ReencryptOptions(
+            cipher=args.cipher,
+            key_size=args.key_size,
+            sector_size=args.sector_size,
+            resilience=args.resilience,
+            resilience_hash=args.resilience_hash,
+        )
+        slot = reenc.initialize(
+            container,
+            header,
+            passphrase,
+            options,
+            kdf_params,
+            key_slot=args.key_slot,
+            af_hash=args.hash or "sha256",
+        )
+        if args.verbose:
+            print(f"Key slot {slot} created for the new volume key.", file=sys.stderr)
+        if args.init_only:
+            return 0
+    with _interruptible() as stop, _progress(not args.batch) as progress:
+        result = reenc.run(
+            container,
+            header,
+            passphrase,
+            key_slot=args.key_slot,
+            max_hotzone=args.hotzone_size,
+            progress=progress,
+            stop=stop,
+        )
+    if not result.finished:
+        pct = 100.0 * result.done / result.total if result.total else 0.0
+        print(
+            f"{PROG}: reencryption stopped at {pct:.1f}%; the container is consistent. "
+            f"Resume with: {PROG} reencrypt --resume-only {container}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _kdf(args: argparse.Namespace) -> KdfOptions:
+    from .cli_luks import _kdf as kdf_options
+
+    return kdf_options(args)
+
+
+def repair_command(argv: Sequence[str]) -> int:
+    """``cryptfuse repair CONTAINER`` (``cryptsetup repair``): recover an interrupted
+    reencryption hot zone."""
+    p = _parser("repair", "[options] CONTAINER", "Recover an interrupted LUKS2 reencryption.")
+    p.add_argument("container", metavar="CONTAINER")
+    _key_options(p)
+    args = p.parse_args(argv)
+    passphrase = _existing_secret(args, f"Enter passphrase for {args.container}: ")
+    done = reenc.recover(args.container, args.header, passphrase, args.key_slot)
+    if args.verbose or not done:
+        print(
+            f"{PROG}: {'hot zone recovered' if done else 'no interrupted hot zone; nothing to repair'}.",
+            file=sys.stderr,
+        )
+    return 0
+
+
+#: registered in :data:`cryptfuse.cli.SUBCOMMANDS`
+REENCRYPT_SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "reencrypt": reencrypt_command,
+    "repair": repair_command,
+}

@@ -1,0 +1,1217 @@
+"""LUKS2 reencryption: cryptsetup's crash-resilient on-disk protocol, in userspace.
+
+A container in reencryption carries the mandatory requirement
+``online-reencrypt-v2``, a keyslot of type ``reencrypt`` (mode, direction and
+the resilience *area* in the keyslots area), and segments that say which part
+of the data is under which key: the live segments in logical order, plus the
+``backup-previous`` (old), ``backup-final`` (new) and, for data shifts,
+``backup-moved-segment`` copies.  The data is converted one *hot zone* at a
+time (see docs/reencryption.md for the whole protocol and its crash analysis):
+
+1. the live segments are rewritten in memory with the hot zone as a segment
+   flagged ``in-reencryption`` and bound to both digests;
+2. the hot zone's old ciphertext is read and protected -- its checksums
+   (``checksum``) or itself (``journal``) go into the area, then the header is
+   committed (``datashift`` needs only the commit; ``none`` protects nothing);
+3. the hot zone is decrypted with the old key, encrypted with the new one,
+   written and (unless ``none``) made durable;
+4. the segments with the hot zone done are committed.
+
+A crash between 2 and 4 leaves a segment flagged ``in-reencryption``:
+:func:`recover` (cryptsetup's ``repair`` and what activation runs) rewrites
+it from the protection, and :func:`recovered_extents` works the same answer
+out without writing, for read-only mounts.
+
+Everything here is synchronous and works on the JSON metadata as a dict, the
+way cryptsetup works on its json-c tree, so that the segment layouts written
+at every step are the ones cryptsetup 2.6 writes and reads back.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import (
+    CryptfuseError,
+    FormatError,
+    KeyslotError,
+    UnsupportedError,
+    UsageError,
+    WrongPassphraseError,
+)
+from ..kdf import hash_size, hashlib_name, pbkdf2
+from ..sector import SECTOR_SIZES, SectorCipher
+from ..spec import parse_cipher_spec
+from ..volume import device_size, pwrite_all
+from . import luks2_reencrypt_digest as rdigest
+from .luks2 import NUM_KEYSLOTS, PRIORITY_HIGH, PRIORITY_NORMAL, LUKS2Header, read_luks2_header
+from .luks2_write import SALT_SIZE, Luks2Writer, area_size
+from .luks_common import check_key_size, luks_cipher_spec, pread_exact
+from .luks_write import KdfParams, sync, wipe_area
+
+__all__ = [
+    "REQUIREMENT",
+    "Extent",
+    "Reencryption",
+    "ReencryptOptions",
+    "in_reencryption",
+    "initialize",
+    "logical_extents",
+    "open_reencryption",
+    "recover",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+REQUIREMENT = "online-reencrypt-v2"
+#: cryptsetup's hard limit on one hot zone, and its default for resilience ``none``
+MAX_HOTZONE = 1 << 30
+NONE_HOTZONE = 20 << 20
+#: our own cap on a hot zone (memory: the hot zone is held in RAM twice)
+DEFAULT_HOTZONE = 64 << 20
+BACKUP_FLAGS = ("backup-previous", "backup-final", "backup-moved-segment")
+
+#: progress(done_bytes, total_bytes)
+ProgressFn = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------------------
+# Segment JSON helpers (the shapes json_segment_create_* make)
+# ---------------------------------------------------------------------------
+
+
+def crypt_segment(
+    offset: int,
+    iv_tweak: int,
+    size: int | None,
+    encryption: str,
+    sector_size: int,
+    in_reencryption: bool = False,
+) -> dict[str, Any]:
+    """A ``crypt`` segment object; *size* None is ``dynamic``."""
+    seg: dict[str, Any] = {
+        "type": "crypt",
+        "offset": str(offset),
+        "size": "dynamic" if size is None else str(size),
+        "iv_tweak": str(iv_tweak),
+        "encryption": encryption,
+        "sector_size": sector_size,
+    }
+    if in_reencryption:
+        seg["flags"] = ["in-reencryption"]
+    return seg
+
+
+def linear_segment(offset: int, size: int | None, in_reencryption: bool = False) -> dict[str, Any]:
+    """A ``linear`` (plaintext) segment object."""
+    seg: dict[str, Any] = {
+        "type": "linear",
+        "offset": str(offset),
+        "size": "dynamic" if size is None else str(size),
+    }
+    if in_reencryption:
+        seg["flags"] = ["in-reencryption"]
+    return seg
+
+
+def _flags(seg: dict[str, Any]) -> list[str]:
+    flags = seg.get("flags", [])
+    return list(flags) if isinstance(flags, list) else []
+
+
+def _is_backup(seg: dict[str, Any]) -> bool:
+    return any(f.startswith("backup-") for f in _flags(seg))
+
+
+def _seg_size(seg: dict[str, Any]) -> int | None:
+    return None if seg["size"] == "dynamic" else int(seg["size"])
+
+
+def _seg_offset(seg: dict[str, Any]) -> int:
+    return int(seg["offset"])
+
+
+def _live_segments(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The non-backup segments in id order (the device-mapper table, in order)."""
+    segs = obj["segments"]
+    return [segs[k] for k in sorted(segs, key=int) if not _is_backup(segs[k])]
+
+
+def _segment_by_flag(obj: dict[str, Any], flag: str) -> tuple[int, dict[str, Any]] | None:
+    for key in sorted(obj["segments"], key=int):
+        if flag in _flags(obj["segments"][key]):
+            return int(key), obj["segments"][key]
+    return None
+
+
+def _digest_of_segment(obj: dict[str, Any], segment: int) -> int | None:
+    for key in sorted(obj["digests"], key=int):
+        if str(segment) in obj["digests"][key]["segments"]:
+            return int(key)
+    return None
+
+
+def _hot_index(segs: list[dict[str, Any]]) -> int | None:
+    return next((i for i, s in enumerate(segs) if "in-reencryption" in _flags(s)), None)
+
+
+def in_reencryption(obj: dict[str, Any]) -> bool:
+    """True when the header carries a reencryption requirement."""
+    reqs = obj.get("config", {}).get("requirements", {}).get("mandatory", [])
+    return any(r == "online-reencrypt" or r.startswith("online-reencrypt-v") for r in reqs)
+
+
+# ---------------------------------------------------------------------------
+# The reencryption keyslot
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Protection:
+    """How a hot zone is protected: ``none``, ``checksum``, ``journal`` or ``datashift``."""
+
+    type: str
+    hash: str | None = None
+    block_size: int = 0
+    hash_size: int = 0
+    shift: int = 0
+
+
+@dataclass
+class Reencryption:
+    """What the header says about a reencryption (cryptsetup's ``luks2_reencrypt``
+    context, minus what only the device-mapper path needs)."""
+
+    obj: dict[str, Any]
+    keyslot: int
+    mode: str  # reencrypt | encrypt | decrypt
+    direction: str  # forward | backward
+    area_type: str
+    area_offset: int
+    area_size: int
+    protection: Protection
+    #: protection of the step that reads the moved segment (datashift-checksum/-journal)
+    moved_protection: Protection | None
+    seg_old: dict[str, Any] | None
+    seg_new: dict[str, Any] | None
+    seg_moved: dict[str, Any] | None
+    digest_old: int | None
+    digest_new: int | None
+    # the run's position (bytes relative to the new data offset)
+    device_size: int = 0
+    offset: int = 0
+    length: int = 0
+    progress: int = 0
+    fixed_length: bool = False
+    read: int = 0
+    keys: dict[int, bytes] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Reencryption:
+        """Parse the reencryption state of a validated header in reencryption."""
+        slots = [int(k) for k, v in obj["keyslots"].items() if v.get("type") == "reencrypt"]
+        if len(slots) != 1:
+            raise FormatError("LUKS2 reencryption requirement without exactly one reencrypt keyslot.")
+        ks = obj["keyslots"][str(slots[0])]
+        area = ks["area"]
+        area_type = str(area.get("type"))
+        mode, direction = str(ks.get("mode")), str(ks.get("direction"))
+        if mode not in ("reencrypt", "encrypt", "decrypt") or direction not in ("forward", "backward"):
+            raise FormatError(f"LUKS2 reencrypt keyslot has invalid mode/direction {mode}/{direction}.")
+        area_size_ = int(area["size"])
+
+        def checksum() -> Protection:
+            name = str(area.get("hash"))
+            hashlib_name(name)
+            block = int(area.get("sector_size", 0))
+            if block < SECTOR or block & (block - 1):
+                raise FormatError(f"LUKS2 reencrypt checksum block size {block} is invalid.")
+            return Protection("checksum", name, block, hash_size(name))
+
+        moved: Protection | None = None
+        if area_type == "checksum":
+            prot = checksum()
+        elif area_type in ("journal", "none"):
+            prot = Protection(area_type)
+        elif area_type in ("datashift", "datashift-checksum", "datashift-journal"):
+            prot = Protection("datashift", shift=int(area["shift_size"]))
+            if area_type == "datashift-checksum":
+                moved = checksum()
+            elif area_type == "datashift-journal":
+                moved = Protection("journal")
+        else:
+            raise UnsupportedError(f"LUKS2 reencryption resilience {area_type!r} is not supported.")
+        old = _segment_by_flag(obj, "backup-previous")
+        new = _segment_by_flag(obj, "backup-final")
+        moved_seg = _segment_by_flag(obj, "backup-moved-segment")
+        return cls(
+            obj=obj,
+            keyslot=slots[0],
+            mode=mode,
+            direction=direction,
+            area_type=area_type,
+            area_offset=int(area["offset"]),
+            area_size=area_size_,
+            protection=prot,
+            moved_protection=moved,
+            seg_old=old[1] if old else None,
+            seg_new=new[1] if new else None,
+            seg_moved=moved_seg[1] if moved_seg else None,
+            digest_old=_digest_of_segment(obj, old[0]) if old else None,
+            digest_new=_digest_of_segment(obj, new[0]) if new else None,
+        )
+
+    # -- geometry -------------------------------------------------------------------
+
+    @property
+    def shift(self) -> int:
+        return self.protection.shift
+
+    @property
+    def data_offset_new(self) -> int:
+        """Byte offset of the final data area (``LUKS2_get_data_offset`` in reencryption)."""
+        if self.seg_new is not None:
+            return _seg_offset(self.seg_new)
+        return min(_seg_offset(s) for s in _live_segments(self.obj))
+
+    @property
+    def data_offset_old(self) -> int:
+        if self.seg_old is not None:
+            return _seg_offset(self.seg_old)
+        return self.data_offset_new
+
+    def cipher_of(self, seg: dict[str, Any] | None) -> str | None:
+        return None if seg is None or seg["type"] != "crypt" else str(seg["encryption"])
+
+    def sector_size_of(self, seg: dict[str, Any] | None) -> int:
+        return int(seg["sector_size"]) if seg is not None and seg["type"] == "crypt" else SECTOR
+
+    @property
+    def alignment(self) -> int:
+        if self.protection.type == "checksum":
+            return self.protection.block_size
+        return max(SECTOR, self.sector_size_of(self.seg_old), self.sector_size_of(self.seg_new))
+
+    def crashed(self) -> bool:
+        return _hot_index(_live_segments(self.obj)) is not None
+
+    def storage(self, new: bool, iv: int = 0) -> tuple[int, SectorCipher | None]:
+        """(container offset, cipher) of the old or new data as a whole (cryptsetup's
+        cw1/cw2 storage wrappers: IVs count from the data offset); with *iv*, the
+        cipher's sector 0 has the IV of data byte *iv* instead."""
+        seg = self.seg_new if new else self.seg_old
+        base = self.data_offset_new if new else self.data_offset_old
+        digest = self.digest_new if new else self.digest_old
+        enc = self.cipher_of(seg)
+        if enc is None:
+            return base, None
+        assert seg is not None and digest is not None
+        spec = luks_cipher_spec(enc, "LUKS2 reencryption segment cipher")
+        return base, SectorCipher(spec, self.keys[digest], self.sector_size_of(seg), iv_offset=iv // SECTOR)
+
+
+# ---------------------------------------------------------------------------
+# Logical layout: which container bytes, under which key, for every volume byte
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Extent:
+    """*length* volume bytes from *start*, stored at *position* of the file *fd*
+    (None: the data device), encrypted with *cipher* whose sector 0 is at *position*
+    (None: plaintext)."""
+
+    start: int
+    length: int
+    position: int
+    cipher: SectorCipher | None
+    on_header: bool = False
+
+
+def _segment_cipher(seg: dict[str, Any], key: bytes, extra_iv: int = 0) -> SectorCipher:
+    spec = luks_cipher_spec(str(seg["encryption"]), "LUKS2 segment cipher")
+    return SectorCipher(spec, key, int(seg["sector_size"]), iv_offset=int(seg["iv_tweak"]) + extra_iv)
+
+
+def _device_size(rh: Reencryption, container_size: int, clean: bool) -> int:
+    """cryptsetup's device size in reencryption: the container past the final data offset
+    (plus the shift while a forward data shift has not started moving)."""
+    data_offset = rh.data_offset_new
+    if clean and rh.direction == "forward":
+        data_offset += rh.shift
+    if container_size < data_offset:
+        raise FormatError("Device is too small for its LUKS2 reencryption metadata.")
+    return container_size - data_offset
+
+
+def logical_extents(
+    rh: Reencryption, container_size: int, hot: list[Extent] | None = None
+) -> list[Extent]:
+    """The volume as device-mapper would map it: the live segments one after another.
+
+    A segment flagged ``in-reencryption`` must come with *hot*, the extents that
+    recovery works out for it (:func:`recovered_extents`).
+    """
+    segs = _live_segments(rh.obj)
+    fixed = sum(s for s in (_seg_size(x) for x in segs) if s is not None)
+    dynamic = any(_seg_size(s) is None for s in segs)
+    total = _device_size(rh, container_size, not rh.crashed()) if dynamic else fixed
+    extents: list[Extent] = []
+    start = 0
+    for index, seg in enumerate(segs):
+        size = _seg_size(seg)
+        length = total - start if size is None else size
+        if length <= 0:
+            continue
+        if "in-reencryption" in _flags(seg):
+            if hot is None:
+                raise FormatError("LUKS2 reencryption hot zone needs recovery.")
+            extents.extend(Extent(start + e.start, e.length, e.position, e.cipher, e.on_header) for e in hot)
+        elif seg["type"] == "linear":
+            extents.append(Extent(start, length, _seg_offset(seg), None))
+        elif seg["type"] == "crypt":
+            digest = _digest_of_segment(rh.obj, _segment_id(rh.obj, seg))
+            if digest is None or digest not in rh.keys:
+                raise FormatError(f"LUKS2 segment {index} has no usable digest.")
+            extents.append(Extent(start, length, _seg_offset(seg), _segment_cipher(seg, rh.keys[digest])))
+        else:
+            raise UnsupportedError(f"LUKS2 segment type {seg['type']!r} is not supported.")
+        start += length
+    return extents
+
+
+def _segment_id(obj: dict[str, Any], seg: dict[str, Any]) -> int:
+    for key, value in obj["segments"].items():
+        if value is seg:
+            return int(key)
+    raise FormatError("segment not in header")  # pragma: no cover - internal
+
+
+# ---------------------------------------------------------------------------
+# Run context (cryptsetup's reencrypt_context_init / reencrypt_offset / _length)
+# ---------------------------------------------------------------------------
+
+
+def _offset(rh: Reencryption) -> None:
+    segs = _live_segments(rh.obj)
+    hot = _hot_index(segs)
+    if hot is not None:
+        rh.offset = _seg_offset(segs[hot]) - rh.data_offset_new
+        return
+    if rh.direction == "forward":
+        if rh.mode == "decrypt" and rh.seg_moved is not None:
+            raise UnsupportedError("Decryption with a data shift (cryptsetup >= 2.7) is not supported.")
+        if len(segs) == 1:
+            rh.offset = 0
+        elif len(segs) == 2 and _seg_size(segs[0]):
+            rh.offset = _seg_size(segs[0]) or 0
+        else:
+            raise FormatError("LUKS2 reencryption segments are inconsistent.")
+        return
+    if rh.mode == "encrypt" and rh.seg_moved is not None:
+        linear = sum(_seg_size(s) or 0 for s in segs if s["type"] == "linear")
+        if linear and len(segs) > 1:
+            if linear < rh.shift:
+                raise FormatError("LUKS2 reencryption segments are inconsistent.")
+            rest = linear - rh.shift
+            if rest and rest < rh.shift:
+                rh.offset, rh.length = rh.shift, rest
+            else:
+                rh.offset = rest
+        elif len(segs) == 1:
+            rh.offset = 0
+        else:
+            raise FormatError("LUKS2 reencryption segments are inconsistent.")
+        return
+    if len(segs) == 1:
+        rh.length = min(rh.length, rh.device_size)
+        rh.offset = rh.device_size - rh.length
+    elif len(segs) == 2:
+        first = _seg_size(segs[0]) or 0
+        rh.length = min(rh.length, first)
+        rh.offset = first - rh.length
+    else:
+        raise FormatError("LUKS2 reencryption segments are inconsistent.")
+
+
+def _hotzone_length(rh: Reencryption, max_hotzone: int) -> int:
+    prot = rh.protection
+    if prot.type == "datashift":
+        return prot.shift
+    if prot.type == "none":
+        length = max_hotzone or NONE_HOTZONE
+    elif prot.type == "checksum":
+        length = (rh.area_size // prot.hash_size) * prot.block_size
+    else:
+        length = rh.area_size
+    length = min(length, MAX_HOTZONE, DEFAULT_HOTZONE if not max_hotzone else MAX_HOTZONE)
+    if max_hotzone:
+        length = min(length, max_hotzone)
+    return length - length % rh.alignment
+
+
+def _context(rh: Reencryption, container_size: int, max_hotzone: int, crashed: bool) -> None:
+    """Position the run: device size, hot zone length, offset, progress."""
+    if max_hotzone % rh.alignment:
+        raise UsageError(
+            f"Hotzone size must be multiple of calculated zone alignment ({rh.alignment} bytes)."
+        )
+    rh.device_size = _device_size(rh, container_size, not crashed)
+    if crashed:
+        segs = _live_segments(rh.obj)
+        if all(_seg_size(s) is not None for s in segs):
+            rh.fixed_length = True
+            rh.device_size = sum(_seg_size(s) or 0 for s in segs)
+    rh.length = _hotzone_length(rh, max_hotzone)
+    if rh.length < SECTOR:
+        raise FormatError("Invalid reencryption length.")
+    _offset(rh)
+    if rh.offset > rh.device_size:
+        raise FormatError("LUKS2 reencryption offset is beyond the device.")
+    rh.length = min(rh.length, rh.device_size - rh.offset)
+    if rh.direction == "backward":
+        rh.progress = rh.device_size - rh.offset - rh.length
+    else:
+        rh.progress = rh.offset
+    if crashed:
+        segs = _live_segments(rh.obj)
+        hot = _hot_index(segs)
+        assert hot is not None
+        rh.length = _seg_size(segs[hot]) or 0
+
+
+# ---------------------------------------------------------------------------
+# Hot and post segments (cryptsetup's reencrypt_make_{hot,post}_segments_*)
+# ---------------------------------------------------------------------------
+
+
+def _new_segment(rh: Reencryption, offset: int, iv: int, size: int | None, hot: bool = False) -> dict[str, Any]:
+    base = rh.data_offset_new
+    if rh.mode == "decrypt":
+        return linear_segment(base + offset, size, hot)
+    assert rh.seg_new is not None
+    return crypt_segment(
+        base + offset, iv // SECTOR, size, str(rh.seg_new["encryption"]), rh.sector_size_of(rh.seg_new), hot
+    )
+
+
+def _old_segment(rh: Reencryption, base: int, offset: int, size: int | None) -> dict[str, Any]:
+    if rh.mode == "encrypt":
+        return linear_segment(base + offset, size)
+    assert rh.seg_old is not None
+    return crypt_segment(
+        base + offset, offset // SECTOR, size, str(rh.seg_old["encryption"]), rh.sector_size_of(rh.seg_old)
+    )
+
+
+def _hot_segments(rh: Reencryption) -> list[dict[str, Any]]:
+    base = rh.data_offset_new
+    segs = _live_segments(rh.obj)
+    if rh.mode == "encrypt" and rh.direction == "backward" and rh.seg_moved is not None:
+        return _hot_segments_encrypt_shift(rh, segs)
+    out: list[dict[str, Any]] = []
+    end = rh.offset + rh.length
+    if rh.direction == "forward":
+        if rh.offset:
+            out.append(_new_segment(rh, 0, 0, rh.offset))
+        out.append(_new_segment(rh, rh.offset, rh.offset, rh.length, hot=True))
+        if end < rh.device_size:
+            rest = rh.device_size - end if rh.fixed_length else None
+            out.append(_old_segment(rh, base + rh.shift, end, rest))
+        return out
+    if rh.offset:
+        first = copy.deepcopy(segs[0])
+        first["size"] = str(rh.offset)
+        out.append(first)
+    out.append(_new_segment(rh, rh.offset, rh.offset, rh.length, hot=True))
+    if end < rh.device_size:
+        rest = rh.device_size - end if rh.fixed_length else None
+        out.append(_new_segment(rh, end, end, rest))
+    return out
+
+
+def _hot_segments_encrypt_shift(rh: Reencryption, segs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    last_linear = max((i for i, s in enumerate(segs) if s["type"] == "linear"), default=None)
+    first_crypt = next((i for i, s in enumerate(segs) if s["type"] == "crypt"), None)
+    if last_linear is None:
+        if rh.offset:
+            raise FormatError("LUKS2 reencryption segments are inconsistent.")
+        return []
+    hot = _new_segment(rh, rh.offset, rh.offset, rh.length, hot=True)
+    out = [copy.deepcopy(s) for s in segs[:last_linear]]
+    size = _seg_size(segs[last_linear]) or 0
+    if size > rh.length:
+        shrunk = copy.deepcopy(segs[last_linear])
+        shrunk["size"] = str(size - rh.length)
+        out.append(shrunk)
+    out.append(hot)
+    if first_crypt is not None:
+        out.append(copy.deepcopy(segs[first_crypt]))
+    return out
+
+
+def _post_segments(rh: Reencryption, hot_segs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    hot = _hot_index(hot_segs)
+    if hot is None:
+        if rh.mode == "encrypt" and rh.seg_moved is not None and not hot_segs:
+            return []
+        raise FormatError("LUKS2 reencryption has no hot zone.")
+    if rh.mode == "encrypt" and rh.direction == "backward" and rh.seg_moved is not None:
+        out = [copy.deepcopy(s) for s in hot_segs[:hot]]
+        if hot + 1 < len(hot_segs):
+            new = copy.deepcopy(hot_segs[hot + 1])
+            new["offset"] = str(rh.offset + rh.data_offset_new)
+            new["iv_tweak"] = str(rh.offset // SECTOR)
+            size = (_seg_size(new) or 0) + rh.length
+        else:
+            new = copy.deepcopy(hot_segs[hot])
+            new.pop("flags", None)
+            size = rh.length
+        new["size"] = str(size) if hot > 0 else "dynamic"
+        out.append(new)
+        return out
+    if rh.direction == "forward":
+        done = rh.offset + rh.length
+        after = hot_segs[hot + 1] if hot + 1 < len(hot_segs) else None
+        out = [_new_segment(rh, 0, 0, done if after is not None else None)]
+        if after is not None:
+            old = copy.deepcopy(after)
+            if rh.fixed_length:
+                old["size"] = str(rh.device_size - done)
+            out.append(old)
+        return out
+    out = [copy.deepcopy(hot_segs[hot - 1])] if hot > 0 else []
+    size = rh.device_size - rh.offset if rh.fixed_length and rh.offset else None
+    out.append(_new_segment(rh, rh.offset, rh.offset, size))
+    return out
+
+
+def _assign(rh: Reencryption, segs: list[dict[str, Any]], hot: bool) -> None:
+    """Make *segs* the live segments, re-add the backups, bind digests
+    (cryptsetup's ``reencrypt_assign_segments``)."""
+    obj = rh.obj
+    for digest in obj["digests"].values():
+        digest["segments"] = []
+    table: dict[str, Any] = {str(i): s for i, s in enumerate(segs)}
+    obj["segments"] = table
+
+    def bind(segment: int, digest: int | None) -> None:
+        if digest is None:
+            return
+        ids = obj["digests"][str(digest)]["segments"]
+        if str(segment) not in ids:
+            ids.append(str(segment))
+
+    def add_backup(seg: dict[str, Any] | None, digest: int | None) -> None:
+        if seg is None:
+            return
+        index = len(table)
+        table[str(index)] = seg
+        if seg["type"] == "crypt":
+            bind(index, digest)
+
+    if rh.mode in ("encrypt", "decrypt"):
+        add_backup(rh.seg_old, rh.digest_old)
+        add_backup(rh.seg_new, rh.digest_new)
+        add_backup(rh.seg_moved, rh.digest_old)
+        key = rh.digest_new if rh.mode == "encrypt" else rh.digest_old
+        for i, seg in enumerate(segs):
+            if seg["type"] == "crypt":
+                bind(i, key)
+        return
+    forward = rh.direction == "forward"
+    rseg = _hot_index(segs)
+    if rseg is not None:
+        bind(rseg, rh.digest_new)
+        bind(rseg, rh.digest_old)
+    count = len(segs)
+    if hot:
+        assert rseg is not None
+        if rseg > 0:
+            bind(0, rh.digest_new if forward else rh.digest_old)
+        if count > rseg + 1:
+            bind(rseg + 1, rh.digest_old if forward else rh.digest_new)
+    else:
+        bind(0, rh.digest_new if forward or count == 1 else rh.digest_old)
+        if count > 1:
+            bind(1, rh.digest_old if forward else rh.digest_new)
+    add_backup(rh.seg_old, rh.digest_old)
+    add_backup(rh.seg_new, rh.digest_new)
+
+
+def _update(rh: Reencryption) -> None:
+    """Advance to the next hot zone (cryptsetup's ``reencrypt_context_update``)."""
+    if rh.direction == "backward":
+        if rh.protection.type == "datashift" and rh.mode == "encrypt":
+            if rh.offset:
+                rh.offset -= rh.shift
+            if rh.offset and rh.offset < rh.shift:
+                rh.length = rh.offset
+                rh.offset = rh.shift
+            if not rh.offset:
+                rh.length = rh.shift
+        else:
+            rh.length = min(rh.length, rh.offset)
+            rh.offset -= rh.length
+    else:
+        rh.offset += rh.read
+        rh.length = min(rh.length, rh.device_size - rh.offset)
+    if rh.offset > rh.device_size:
+        raise FormatError("Calculated reencryption offset is beyond the device size.")
+    rh.progress += rh.read
+
+
+# ---------------------------------------------------------------------------
+# Hot zone I/O
+# ---------------------------------------------------------------------------
+
+
+def _pread(fd: int, length: int, position: int, what: str) -> bytearray:
+    data = bytearray(pread_exact(fd, length, position, what))
+    return data
+
+
+def _decrypt(cipher: SectorCipher | None, raw: bytearray, offset: int) -> bytearray:
+    """Plaintext of *raw*, the bytes at data-relative *offset* of a storage."""
+    if cipher is None:
+        return raw
+    return cipher.decrypt(raw, offset // cipher.sector_size)
+
+
+def _encrypt(cipher: SectorCipher | None, plain: bytearray, offset: int) -> bytearray:
+    if cipher is None:
+        return plain
+    return cipher.encrypt(plain, offset // cipher.sector_size)
+
+
+def _checksums(prot: Protection, data: bytes) -> bytes:
+    name = hashlib_name(prot.hash or "")
+    bs = prot.block_size
+    return b"".join(hashlib.new(name, data[i : i + bs]).digest() for i in range(0, len(data), bs))
+
+
+@dataclass
+class _Devices:
+    data_fd: int
+    header_fd: int
+    writer: Luks2Writer
+
+
+def _commit(dev: _Devices, rh: Reencryption) -> None:
+    dev.writer.obj = rh.obj
+    dev.writer.commit()
+
+
+def _step(dev: _Devices, rh: Reencryption) -> None:
+    """Reencrypt one hot zone, committing the metadata as cryptsetup's ``reencrypt_step``."""
+    hot_segs = _hot_segments(rh)
+    post = _post_segments(rh, hot_segs)
+    prot = rh.protection
+    old_base, old_cipher = rh.storage(new=False)
+    new_base, new_cipher = rh.storage(new=True)
+    if not rh.offset and prot.type == "datashift" and rh.seg_moved is not None:
+        old_base = _seg_offset(rh.seg_moved)
+        if rh.moved_protection is not None:
+            prot = rh.moved_protection
+    _assign(rh, hot_segs, hot=True)
+    raw = _pread(dev.data_fd, rh.length, old_base + rh.offset, "reencryption hot zone")
+    rh.read = len(raw)
+    # metadata commit point: the hot zone is protected before a byte of it changes
+    if prot.type == "checksum":
+        pwrite_all(dev.header_fd, _checksums(prot, raw), rh.area_offset, "reencryption checksums")
+        _commit(dev, rh)
+    elif prot.type == "journal":
+        pwrite_all(dev.header_fd, raw, rh.area_offset, "reencryption journal")
+        _commit(dev, rh)
+    elif prot.type == "datashift":
+        _commit(dev, rh)
+    plain = _decrypt(old_cipher, raw, rh.offset)
+    pwrite_all(dev.data_fd, _encrypt(new_cipher, plain, rh.offset), new_base + rh.offset, "hot zone")
+    if prot.type != "none":
+        sync(dev.data_fd)
+    # metadata commit safe point
+    _assign(rh, post, hot=False)
+    if prot.type != "none":
+        _commit(dev, rh)
+
+
+def _finish(dev: _Devices, rh: Reencryption) -> None:
+    """The last commit: old keyslots, backups, requirement and reencrypt keyslot go.
+
+    Before it, what only the reencryption needed is overwritten, as cryptsetup
+    does: the moved first segment of an encryption (plaintext!), the tail a
+    forward data shift left behind, and the resilience area (old ciphertext).
+    """
+    obj = rh.obj
+    if rh.seg_moved is not None and rh.mode == "encrypt":
+        _wipe_random(dev.data_fd, _seg_offset(rh.seg_moved), _seg_size(rh.seg_moved) or 0)
+    if rh.protection.type == "datashift" and rh.direction == "forward":
+        end = device_size(dev.data_fd)
+        _wipe_random(dev.data_fd, end - rh.shift, rh.shift)
+    if rh.digest_old is not None and rh.digest_old != rh.digest_new:
+        old = obj["digests"].get(str(rh.digest_old), {})
+        for slot in list(old.get("keyslots", [])):
+            dev.writer.obj = obj
+            dev.writer.wipe_keyslot(int(slot))
+            _drop_empty_digests(obj)
+            _commit(dev, rh)
+    for key in [k for k, s in obj["segments"].items() if _is_backup(s)]:
+        del obj["segments"][key]
+    for digest in obj["digests"].values():
+        digest["segments"] = [s for s in digest["segments"] if s in obj["segments"]]
+    reqs = obj["config"].get("requirements", {})
+    mandatory = [r for r in reqs.get("mandatory", []) if not r.startswith("online-reencrypt")]
+    if mandatory:
+        reqs["mandatory"] = mandatory
+    else:
+        obj["config"].pop("requirements", None)
+    if rh.seg_new is not None and rh.mode != "decrypt" and rh.shift:
+        obj["config"]["keyslots_size"] = str(rh.data_offset_new - 2 * dev.writer.hdr_size)
+    wipe_area(dev.header_fd, rh.area_offset, rh.area_size, "reencryption keyslot area")
+    del obj["keyslots"][str(rh.keyslot)]
+    for digest in obj["digests"].values():
+        digest["keyslots"] = [k for k in digest["keyslots"] if k != str(rh.keyslot)]
+    _drop_empty_digests(obj)
+    _commit(dev, rh)
+
+
+def _wipe_random(fd: int, offset: int, length: int) -> None:
+    chunk = 1 << 20
+    for at in range(offset, offset + length, chunk):
+        pwrite_all(fd, os.urandom(min(chunk, offset + length - at)), at, "wipe")
+    sync(fd)
+
+
+def _drop_empty_digests(obj: dict[str, Any]) -> None:
+    for key in [k for k, d in obj["digests"].items() if not d["keyslots"] and not d["segments"]]:
+        del obj["digests"][key]
+
+
+# ---------------------------------------------------------------------------
+# Recovery of an interrupted hot zone
+# ---------------------------------------------------------------------------
+
+
+def _hot_protection(rh: Reencryption) -> Protection:
+    if rh.offset == 0 and rh.moved_protection is not None:
+        return rh.moved_protection
+    return rh.protection
+
+
+def recovered_extents(rh: Reencryption, data_fd: int, header_fd: int) -> list[Extent]:
+    """Where the plaintext of the interrupted hot zone is, without writing anything.
+
+    ``checksum``: blocks whose current bytes still hash to the recorded old
+    ciphertext are old data, the others are already new; ``journal``: the old
+    ciphertext is in the area; ``datashift``: the old data is untouched at its
+    old place.  Offsets of the returned extents are relative to the hot zone.
+    """
+    prot = _hot_protection(rh)
+    new_base, _ = rh.storage(new=True)
+    hot_iv = rh.offset
+    length = rh.length
+
+    def old_at(iv: int) -> SectorCipher | None:
+        return rh.storage(new=False, iv=iv)[1]
+
+    if prot.type == "checksum":
+        bs = prot.block_size
+        count = length // bs
+        stored = pread_exact(header_fd, count * prot.hash_size, rh.area_offset, "reencryption checksums")
+        current = pread_exact(data_fd, length, new_base + rh.offset, "reencryption hot zone")
+        name = hashlib_name(prot.hash or "")
+        states = [
+            secrets.compare_digest(
+                hashlib.new(name, current[i * bs : (i + 1) * bs]).digest(),
+                stored[i * prot.hash_size : (i + 1) * prot.hash_size],
+            )
+            for i in range(count)
+        ]
+        extents: list[Extent] = []
+        i = 0
+        while i < count:  # runs of blocks still old (checksum matches) or already new
+            j = i
+            while j < count and states[j] == states[i]:
+                j += 1
+            at = hot_iv + i * bs
+            cipher = old_at(at) if states[i] else rh.storage(new=True, iv=at)[1]
+            # with checksums the old data was read where the new data goes (no shift)
+            extents.append(Extent(i * bs, (j - i) * bs, new_base + rh.offset + i * bs, cipher))
+            i = j
+        return extents
+    if prot.type == "journal":
+        if length > rh.area_size:
+            raise FormatError("Invalid journal size.")
+        return [Extent(0, length, rh.area_offset, old_at(hot_iv), on_header=True)]
+    if prot.type == "datashift":
+        if rh.offset == 0 and rh.seg_moved is not None:
+            return [Extent(0, length, _seg_offset(rh.seg_moved), old_at(0))]
+        shift = rh.shift if rh.direction == "forward" else -rh.shift
+        position = rh.data_offset_new + rh.offset + shift
+        return [Extent(0, length, position, old_at(hot_iv))]
+    raise FormatError("A reencryption without resilience cannot be recovered.")
+
+
+def read_extents(extents: list[Extent], data_fd: int, header_fd: int, start: int, length: int) -> bytes:
+    """Plaintext of volume bytes [start, start+length), whole extents' sectors decrypted."""
+    out = bytearray()
+    for e in extents:
+        lo, hi = max(start, e.start), min(start + length, e.start + e.length)
+        if lo >= hi:
+            continue
+        ss = e.cipher.sector_size if e.cipher is not None else SECTOR
+        first = (lo - e.start) // ss * ss
+        last = -(-(hi - e.start) // ss) * ss
+        raw = _pread(header_fd if e.on_header else data_fd, last - first, e.position + first, "volume")
+        plain = raw if e.cipher is None else e.cipher.decrypt(raw, first // ss)
+        out += plain[lo - e.start - first : hi - e.start - first]
+    return bytes(out)
+
+
+def _recover_hot(dev: _Devices, rh: Reencryption) -> None:
+    """Rewrite the interrupted hot zone with the new key (cryptsetup's
+    ``reencrypt_recover_segment``); running it twice is harmless."""
+    hot = recovered_extents(rh, dev.data_fd, dev.header_fd)
+    plain = bytearray(read_extents(hot, dev.data_fd, dev.header_fd, 0, rh.length))
+    new_base, new_cipher = rh.storage(new=True)
+    pwrite_all(dev.data_fd, _encrypt(new_cipher, plain, rh.offset), new_base + rh.offset, "recovered hot zone")
+    sync(dev.data_fd)
+    rh.read = rh.length
+
+
+# ---------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------
+
+
+def _unlock_digest(
+    header: LUKS2Header, fd: int, digest: int, passphrase: bytes, key_slot: int | None
+) -> bytes | None:
+    d = header.metadata.digests[digest]
+    slots = [header.metadata.keyslots[k] for k in d.keyslots if k in header.metadata.keyslots]
+    slots = [s for s in slots if s.type == "luks2"]
+    if key_slot is not None and any(s.index == key_slot for s in slots):
+        slots = [s for s in slots if s.index == key_slot]
+    else:
+        slots = [s for s in slots if s.priority == PRIORITY_HIGH] + [
+            s for s in slots if s.priority == PRIORITY_NORMAL
+        ]
+    for slot in slots:
+        key = header.try_keyslot(fd, slot, passphrase, d)
+        if key is not None:
+            return key
+    return None
+
+
+def unlock(header: LUKS2Header, fd: int, rh: Reencryption, passphrase: bytes, key_slot: int | None) -> None:
+    """Unlock the volume key of every digest the reencryption needs into ``rh.keys``
+    and check the reencryption metadata digest with them."""
+    needed = [d for d in (rh.digest_old, rh.digest_new) if d is not None]
+    if key_slot is not None and key_slot not in header.metadata.keyslots:
+        raise KeyslotError(f"Keyslot {key_slot} is not active.")
+    for digest in dict.fromkeys(needed):
+        key = _unlock_digest(header, fd, digest, passphrase, key_slot)
+        if key is None:
+            raise WrongPassphraseError()
+        rh.keys[digest] = key
+    if not rdigest.verify_digest(rh.obj, rh.keys):
+        raise FormatError(
+            "Reencryption metadata is invalid (its digest does not match); "
+            "run 'cryptfuse repair' or 'cryptsetup repair' if the header is from an older cryptsetup."
+        )
+
+
+# ---------------------------------------------------------------------------
+# Public operations
+# ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _opened(data_path: str, header_path: str | None) -> Iterator[_Devices]:
+    from .manage import _locked  # the flock every metadata change takes
+
+    with _locked(data_path, header_path, write=True) as h:
+        header = read_luks2_header(h.header_fd, h.header_path)
+        yield _Devices(h.data_fd, h.header_fd, Luks2Writer.from_header(h.header_fd, header, reencryption=True))
+
+
+def _load(
+    dev: _Devices, passphrase: bytes, key_slot: int | None, path: str
+) -> tuple[LUKS2Header, Reencryption]:
+    header = read_luks2_header(dev.header_fd, path)
+    if not in_reencryption(header.json):
+        raise UsageError(f"Device {path} is not in LUKS2 reencryption.")
+    _check_version(header.json)
+    rh = Reencryption.from_json(copy.deepcopy(header.json))
+    unlock(header, dev.header_fd, rh, passphrase, key_slot)
+    return header, rh
+
+
+def _check_version(obj: dict[str, Any]) -> None:
+    reqs = obj["config"].get("requirements", {}).get("mandatory", [])
+    if REQUIREMENT not in reqs:
+        raise UnsupportedError(
+            f"LUKS2 reencryption metadata of an old cryptsetup ({', '.join(reqs)}); "
+            "run 'cryptsetup repair' first."
+        )
+
+
+def recover(data_path: str, header_path: str | None, passphrase: bytes, key_slot: int | None = None) -> bool:
+    """Repair an interrupted hot zone (cryptsetup ``repair``); False when none was interrupted."""
+    with _opened(data_path, header_path) as dev:
+        _, rh = _load(dev, passphrase, key_slot, header_path or data_path)
+        if not rh.crashed():
+            return False
+        _recover_locked(dev, rh)
+        return True
+
+
+def _recover_locked(dev: _Devices, rh: Reencryption) -> None:
+    _context(rh, device_size(dev.data_fd), 0, crashed=True)
+    _recover_hot(dev, rh)
+    segs = _live_segments(rh.obj)
+    post = _post_segments(rh, segs)
+    _assign(rh, post, hot=False)
+    _update(rh)
+    if rh.progress >= rh.device_size:
+        _finish(dev, rh)
+    else:
+        _commit(dev, rh)
+    log.info("reencryption hot zone recovered")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    finished: bool
+    done: int
+    total: int
+
+
+def run(
+    data_path: str,
+    header_path: str | None,
+    passphrase: bytes,
+    *,
+    key_slot: int | None = None,
+    max_hotzone: int = 0,
+    progress: ProgressFn | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> RunResult:
+    """Resume (or run after :func:`initialize`) the reencryption to its end.
+
+    An interrupted hot zone is recovered first.  *stop* is polled between hot
+    zones (Ctrl-C): the container is left consistent and resumable.
+    """
+    with _opened(data_path, header_path) as dev:
+        _, rh = _load(dev, passphrase, key_slot, header_path or data_path)
+        if rh.crashed():
+            _recover_locked(dev, rh)
+            header = read_luks2_header(dev.header_fd, header_path or data_path)
+            if not in_reencryption(header.json):
+                return RunResult(True, rh.device_size, rh.device_size)
+            keys = rh.keys
+            rh = Reencryption.from_json(copy.deepcopy(header.json))
+            rh.keys = keys
+        if rh.mode == "decrypt" and rh.seg_moved is not None:
+            raise UnsupportedError("Decryption with a data shift (cryptsetup >= 2.7) is not supported.")
+        _context(rh, device_size(dev.data_fd), max_hotzone, crashed=False)
+        stopped = False
+        while rh.progress < rh.device_size:
+            _step(dev, rh)
+            _update(rh)
+            if progress is not None:
+                progress(rh.progress, rh.device_size)
+            if rh.progress < rh.device_size and stop is not None and stop():
+                stopped = True
+                break
+            if rh.length == 0:
+                break
+        if stopped or rh.progress < rh.device_size:
+            if rh.protection.type == "none":
+                _commit(dev, rh)
+            return RunResult(False, rh.progress, rh.device_size)
+        if rh.protection.type == "none":
+            _commit(dev, rh)
+        _finish(dev, rh)
+        return RunResult(True, rh.progress, rh.device_size)
+
+
+@dataclass(frozen=True)
+class ReencryptOptions:
+    """``cryptsetup reencrypt`` options of a new (key-changing) reencryption."""
+
+    cipher: str | None = None
+    key_size: int | None = None  # bits
+    sector_size: int | None = None
+    resilience: str = "checksum"
+    resilience_hash: str = "sha256"
+    direction: str = "forward"
+
+
+def initialize(
+    data_path: str,
+    header_path: str | None,
+    passphrase: bytes,
+    options: ReencryptOptions,
+    kdf: KdfParams,
+    *,
+    key_slot: int | None = None,
+    af_hash: str = "sha256",
+    digest_iterations: int = 1000,
+) -> int:
+    """Start a reencryption to a new volume key (cryptsetup ``reencrypt --init-only``).
+
+    Two commits, each leaving a container that opens: a new keyslot (same
+    passphrase, new key) bound to a new digest but to no segment; then the
+    backup segments, the reencrypt keyslot, its metadata digest and the
+    requirement, all at once.  Returns the new keyslot.
+    """
+    with _opened(data_path, header_path) as dev:
+        header = read_luks2_header(dev.header_fd, header_path or data_path)
+        if in_reencryption(header.json):
+            raise UsageError("LUKS2 reencryption already initialized. Use --resume-only to continue.")
+        header.check_requirements()
+        seg, spec, bound = header.data_segment()
+        usable = [k for k in bound.keyslots if header.metadata.keyslots[k].type == "luks2"]
+        if key_slot is None and len(usable) > 1:
+            raise UsageError("Key file can be used only with --key-slot or with exactly one key slot active.")
+        slot, old_key = header.unlock(dev.header_fd, passphrase, key_slot)
+        if options.resilience not in ("checksum", "journal", "none"):
+            raise UsageError(f"Unsupported resilience mode {options.resilience}.")
+        if options.direction not in ("forward", "backward"):
+            raise UsageError(f"Unsupported reencryption direction {options.direction}.")
+        cipher = options.cipher or str(seg.encryption)
+        new_spec = parse_cipher_spec(cipher)
+        key_bytes = (options.key_size // 8) if options.key_size else len(old_key)
+        check_key_size(new_spec, key_bytes, f"cipher {cipher}")
+        new_ss = options.sector_size or int(seg.sector_size or SECTOR)
+        if new_ss not in SECTOR_SIZES:
+            raise UsageError("Unsupported encryption sector size.")
+        old_ss = int(seg.sector_size or SECTOR)
+        data_offset = seg.offset
+        size = device_size(dev.data_fd) - data_offset
+        if size <= 0:
+            raise UsageError(f"Device {data_path} has no data area to reencrypt.")
+        check = max(old_ss, new_ss)
+        data_size = seg.size if seg.size is not None else size
+        if data_size % check:
+            raise UsageError(f"Data device is not aligned to encryption sector size ({check} bytes).")
+        if options.resilience == "checksum":
+            hashlib_name(options.resilience_hash)
+        writer = dev.writer
+        obj = writer.obj
+        new_key = os.urandom(key_bytes)
+        # 1. the new keyslot, bound to a new digest and no segment
+        new_slot = writer.free_keyslot()
+        if new_slot is None:
+            raise CryptfuseError("All key slots full.")
+        salt = os.urandom(SALT_SIZE)
+        digest_hash = str(header.metadata.digests[bound.index].hash or "sha256")
+        new_digest = str(max((int(k) for k in obj["digests"]), default=-1) + 1)
+        obj["digests"][new_digest] = {
+            "type": "pbkdf2",
+            "keyslots": [],
+            "segments": [],
+            "hash": digest_hash,
+            "iterations": digest_iterations,
+            "salt": _b64(salt),
+            "digest": _b64(pbkdf2(digest_hash, new_key, salt, digest_iterations, hash_size(digest_hash))),
+        }
+        area_spec = luks_cipher_spec(str(obj["keyslots"][str(slot)]["area"]["encryption"]), "keyslot")
+        writer.write_keyslot(new_slot, new_key, passphrase, kdf, area_spec, af_hash=af_hash, digest=new_digest)
+        writer.commit()
+        # 2. everything else in one commit
+        old_digest = bound.index
+        segs = obj["segments"]
+        old_seg = copy.deepcopy(segs["0"])
+        old_seg["flags"] = ["backup-previous"]
+        new_seg = crypt_segment(data_offset, 0, None, str(new_spec), new_ss)
+        new_seg["flags"] = ["backup-final"]
+        segs["1"] = old_seg
+        segs["2"] = new_seg
+        obj["digests"][str(old_digest)]["segments"] = ["0", "1"]
+        obj["digests"][new_digest]["segments"] = ["2"]
+        rslot = writer.free_keyslot()
+        if rslot is None:
+            raise CryptfuseError("All key slots full.")
+        gap = _max_gap(writer)
+        if gap is None:
+            raise CryptfuseError("No space for the reencryption keyslot area.")
+        area: dict[str, Any] = {"offset": str(gap[0]), "size": str(gap[1]), "type": options.resilience}
+        if options.resilience == "checksum":
+            area["hash"] = options.resilience_hash
+            area["sector_size"] = check
+        obj["keyslots"][str(rslot)] = {
+            "area": area,
+            "type": "reencrypt",
+            "key_size": 1,
+            "mode": "reencrypt",
+            "direction": options.direction,
+            "priority": 0,
+        }
+        obj["keyslots"] = {k: obj["keyslots"][k] for k in sorted(obj["keyslots"], key=int)}
+        reqs = obj["config"].setdefault("requirements", {})
+        reqs["mandatory"] = [*reqs.get("mandatory", []), REQUIREMENT]
+        writer.obj = rdigest.with_reencrypt_digest(
+            obj, {old_digest: old_key, int(new_digest): new_key}, hash_name=digest_hash
+        )
+        writer.commit()
+        return new_slot
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def _max_gap(writer: Luks2Writer) -> tuple[int, int] | None:
+    """The largest free stretch of the keyslots area (``LUKS2_find_area_max_gap``)."""
+    start = 2 * writer.hdr_size
+    end = start + writer.keyslots_size
+    used = sorted(
+        (int(s["area"]["offset"]), int(s["area"]["size"])) for s in writer.obj["keyslots"].values()
+    )
+    best: tuple[int, int] | None = None
+    position = start
+    for offset, size in used + [(end, 0)]:
+        if offset > position and (best is None or offset - position > best[1]):
+            best = (position, offset - position)
+        position = max(position, offset + size)
+    return best
+
+
+def open_reencryption(
+    header: LUKS2Header,
+    data_fd: int,
+    header_fd: int,
+    passphrase: bytes,
+    key_slot: int | None,
+    container_size: int,
+) -> tuple[list[Extent], int, bool]:
+    """The extents of a container in reencryption, without writing anything.
+
+    Returns (extents, volume size, crashed); an interrupted hot zone is served
+    from its recovered state, worked out in memory.
+    """
+    _check_version(header.json)
+    rh = Reencryption.from_json(copy.deepcopy(header.json))
+    unlock(header, header_fd, rh, passphrase, key_slot)
+    crashed = rh.crashed()
+    hot: list[Extent] | None = None
+    if crashed:
+        _context(rh, container_size, 0, crashed=True)
+        hot = recovered_extents(rh, data_fd, header_fd)
+    extents = logical_extents(rh, container_size, hot)
+    size = sum(e.length for e in extents)
+    return extents, size, crashed
