@@ -52,7 +52,7 @@ from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import parse_cipher_spec
 from ..volume import device_size, pwrite_all
 from . import luks2_reencrypt_digest as rdigest
-from .luks2 import NUM_KEYSLOTS, PRIORITY_HIGH, PRIORITY_NORMAL, LUKS2Header, read_luks2_header
+from .luks2 import MAX_KEYSLOTS_SIZE, PRIORITY_HIGH, PRIORITY_NORMAL, LUKS2Header, read_luks2_header
 from .luks2_write import SALT_SIZE, Luks2Writer, area_size
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
 from .luks_write import KdfParams, sync, wipe_area
@@ -460,6 +460,27 @@ def _hotzone_length(rh: Reencryption, max_hotzone: int) -> int:
     return length - length % rh.alignment
 
 
+def _all_done(rh: Reencryption) -> bool:
+    """Every live segment is already in its final form (only the finishing commit is
+    missing).  cryptsetup 2.6 has no such check: killed between its last hot zone and
+    its finishing commit, its resume starts again from offset 0 and reencrypts new data
+    as if it were old (seen here; docs/reencryption.md)."""
+    obj = rh.obj
+    segs = _live_segments(obj)
+    if _hot_index(segs) is not None or not segs:
+        return False
+    if rh.mode == "encrypt":
+        return all(s["type"] == "crypt" for s in segs)
+    if rh.mode == "decrypt":
+        return all(s["type"] == "linear" for s in segs)
+    ids = [_segment_id(obj, s) for s in segs]
+    return rh.digest_new != rh.digest_old and all(
+        _digest_of_segment(obj, i) == rh.digest_new
+        and str(i) not in obj["digests"].get(str(rh.digest_old), {}).get("segments", [])
+        for i in ids
+    )
+
+
 def _context(rh: Reencryption, container_size: int, max_hotzone: int, crashed: bool) -> None:
     """Position the run: device size, hot zone length, offset, progress."""
     if max_hotzone % rh.alignment:
@@ -473,6 +494,10 @@ def _context(rh: Reencryption, container_size: int, max_hotzone: int, crashed: b
             rh.fixed_length = True
             rh.device_size = sum(_seg_size(s) or 0 for s in segs)
     rh.length = _hotzone_length(rh, max_hotzone)
+    if not crashed and _all_done(rh):
+        rh.offset = rh.progress = rh.device_size
+        rh.length = 0
+        return
     if rh.length < SECTOR:
         raise FormatError("Invalid reencryption length.")
     _offset(rh)
@@ -739,50 +764,59 @@ def _step(dev: _Devices, rh: Reencryption) -> None:
     pwrite_all(dev.data_fd, _encrypt(new_cipher, plain, rh.offset), new_base + rh.offset, "hot zone")
     if prot.type != "none":
         sync(dev.data_fd)
-    # metadata commit safe point
+    # metadata commit safe point: the caller commits, together with the finish after
+    # the last hot zone (so no header ever says "all done, not finished")
     _assign(rh, post, hot=False)
-    if prot.type != "none":
-        _commit(dev, rh)
 
 
 def _finish(dev: _Devices, rh: Reencryption) -> None:
-    """The last commit: old keyslots, backups, requirement and reencrypt keyslot go.
+    """End the reencryption in one commit: old keyslots, backup segments, the
+    requirement and the reencrypt keyslot go together.
 
-    Before it, what only the reencryption needed is overwritten, as cryptsetup
-    does: the moved first segment of an encryption (plaintext!), the tail a
-    forward data shift left behind, and the resilience area (old ciphertext).
+    cryptsetup destroys the old keyslots one commit each first; a crash there leaves a
+    header that needs the old key to open but has lost it.  Here everything the header
+    stops referring to is overwritten *after* the commit: the old keyslots' areas and
+    the resilience area (old ciphertext).  As cryptsetup does, the moved
+    first segment of an encryption (plaintext) and the tail a forward data shift left
+    behind are overwritten (after the commit: until then they are what recovers the
+    last hot zone); neither is part of the finished volume's data.
     """
     obj = rh.obj
-    if rh.seg_moved is not None and rh.mode == "encrypt":
-        _wipe_random(dev.data_fd, _seg_offset(rh.seg_moved), _seg_size(rh.seg_moved) or 0)
-    if rh.protection.type == "datashift" and rh.direction == "forward":
-        end = device_size(dev.data_fd)
-        _wipe_random(dev.data_fd, end - rh.shift, rh.shift)
+    moved = rh.seg_moved if rh.mode == "encrypt" else None
+    stale: list[tuple[int, int]] = []
     if rh.digest_old is not None and rh.digest_old != rh.digest_new:
-        old = obj["digests"].get(str(rh.digest_old), {})
-        for slot in list(old.get("keyslots", [])):
-            dev.writer.obj = obj
-            dev.writer.wipe_keyslot(int(slot))
-            _drop_empty_digests(obj)
-            _commit(dev, rh)
-    for key in [k for k, s in obj["segments"].items() if _is_backup(s)]:
+        for slot in list(obj["digests"].get(str(rh.digest_old), {}).get("keyslots", [])):
+            area = obj["keyslots"][slot]["area"]
+            stale.append((int(area["offset"]), int(area["size"])))
+            del obj["keyslots"][slot]
+    for key in [k for k, seg in obj["segments"].items() if _is_backup(seg)]:
         del obj["segments"][key]
     for digest in obj["digests"].values():
-        digest["segments"] = [s for s in digest["segments"] if s in obj["segments"]]
+        digest["segments"] = [x for x in digest["segments"] if x in obj["segments"]]
     reqs = obj["config"].get("requirements", {})
     mandatory = [r for r in reqs.get("mandatory", []) if not r.startswith("online-reencrypt")]
     if mandatory:
         reqs["mandatory"] = mandatory
     else:
         obj["config"].pop("requirements", None)
-    if rh.seg_new is not None and rh.mode != "decrypt" and rh.shift:
-        obj["config"]["keyslots_size"] = str(rh.data_offset_new - 2 * dev.writer.hdr_size)
-    wipe_area(dev.header_fd, rh.area_offset, rh.area_size, "reencryption keyslot area")
+    # LUKS2_set_keyslots_size: the keyslots area reaches the (new) data offset
+    base = 2 * dev.writer.hdr_size
+    if rh.data_offset_new >= base:
+        size = min(rh.data_offset_new - base, MAX_KEYSLOTS_SIZE)
+        obj["config"]["keyslots_size"] = str(size - size % 4096)
+    stale.append((rh.area_offset, rh.area_size))
     del obj["keyslots"][str(rh.keyslot)]
     for digest in obj["digests"].values():
-        digest["keyslots"] = [k for k in digest["keyslots"] if k != str(rh.keyslot)]
+        digest["keyslots"] = [k for k in digest["keyslots"] if k in obj["keyslots"]]
     _drop_empty_digests(obj)
     _commit(dev, rh)
+    for offset, length in stale:
+        wipe_area(dev.header_fd, offset, length, "unused keyslot area")
+    if moved is not None:
+        _wipe_random(dev.data_fd, _seg_offset(moved), _seg_size(moved) or 0)
+    if rh.protection.type == "datashift" and rh.direction == "forward":
+        end = device_size(dev.data_fd)
+        _wipe_random(dev.data_fd, end - rh.shift, rh.shift)
 
 
 def _wipe_random(fd: int, offset: int, length: int) -> None:
@@ -1029,6 +1063,8 @@ def run(
         while rh.progress < rh.device_size:
             _step(dev, rh)
             _update(rh)
+            if rh.progress < rh.device_size and rh.protection.type != "none":
+                _commit(dev, rh)
             if progress is not None:
                 progress(rh.progress, rh.device_size)
             if rh.progress < rh.device_size and stop is not None and stop():
