@@ -29,7 +29,13 @@ __all__ = ["REENCRYPT_SUBCOMMANDS"]
 def _kdf_given(args: argparse.Namespace) -> bool:
     return any(
         getattr(args, name) is not None
-        for name in ("pbkdf", "iter_time", "pbkdf_memory", "pbkdf_parallel", "pbkdf_force_iterations")
+        for name in (
+            "pbkdf",
+            "iter_time",
+            "pbkdf_memory",
+            "pbkdf_parallel",
+            "pbkdf_force_iterations",
+        )
     )
 
 
@@ -77,9 +83,11 @@ def _progress(enabled: bool) -> Iterator[reenc.ProgressFn | None]:
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="reencrypt")
+    bar = tqdm(
+        total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="reencrypt"
+    )
     seen = [0]
 
     def show(done: int, total: int) -> None:
@@ -140,7 +148,8 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     started = reenc.in_reencryption(current.json)
     if not started and (args.encrypt or args.decrypt or args.reduce_device_size):
         raise UnsupportedError(
-            "Starting --encrypt/--decrypt/--reduce-device-size is not implemented in cryptfuse yet; "
+            "Starting --encrypt/--decrypt/--reduce-device-size is not implemented in cryptfuse "
+            "yet; "
             "start it with cryptsetup, then 'cryptfuse reencrypt --resume-only' finishes it."
         )
     if args.resume_only and not started:
@@ -210,7 +219,8 @@ def repair_command(argv: Sequence[str]) -> int:
     done = reenc.recover(args.container, args.header, passphrase, args.key_slot)
     if args.verbose or not done:
         print(
-            f"{PROG}: {'hot zone recovered' if done else 'no interrupted hot zone; nothing to repair'}.",
+            f"{PROG}: "
+            + ("hot zone recovered." if done else "no interrupted hot zone; nothing to repair."),
             file=sys.stderr,
         )
     return 0

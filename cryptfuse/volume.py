@@ -250,14 +250,18 @@ class Volume:
         self.description = description
         self._lock = _RangeLock()
         self._closed = False
-        self.fast = None if not fast else fast_path_for(
-            cipher,
-            fd=fd,
-            data_offset=data_offset,
-            size=size,
-            readonly=readonly,
-            lock=self._lock.native,
-            direct=direct,
+        self.fast = (
+            None
+            if not fast
+            else fast_path_for(
+                cipher,
+                fd=fd,
+                data_offset=data_offset,
+                size=size,
+                readonly=readonly,
+                lock=self._lock.native,
+                direct=direct,
+            )
         )
 
     def __repr__(self) -> str:
@@ -452,9 +456,13 @@ class SegmentedVolume(Volume):
             try:
                 raw = os.pread(e.fd, length, position)
             except OSError as exc:
-                raise DeviceError(f"read of {length} bytes at {position} failed: {exc.strerror}") from exc
+                raise DeviceError(
+                    f"read of {length} bytes at {position} failed: {exc.strerror}"
+                ) from exc
             if len(raw) != length:
-                raise DeviceError(f"container ends early: short read of {length} bytes at {position}")
+                raise DeviceError(
+                    f"container ends early: short read of {length} bytes at {position}"
+                )
             if e.cipher is None:
                 out[into : into + length] = raw
             else:
@@ -463,7 +471,9 @@ class SegmentedVolume(Volume):
     def _write_sectors(self, first: int, plain: memoryview) -> None:
         for e, at, into, length in self._pieces(first, len(plain)):
             piece = plain[into : into + length]
-            data = piece if e.cipher is None else e.cipher.encrypt(piece, at // e.cipher.sector_size)
+            data = (
+                piece if e.cipher is None else e.cipher.encrypt(piece, at // e.cipher.sector_size)
+            )
             position = e.position + at
             pwrite_all(e.fd, data, position, f"{length} bytes at {position}")
 

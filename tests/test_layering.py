@@ -47,6 +47,7 @@ LAYERS: dict[str, float] = {
     "": 5.9,  # the facade re-exports everything: only cli and __main__ may import it
     "cli_input": 5.92,  # passphrase/key-file input and option types shared by subcommands
     "cli_luks": 5.95,  # the LUKS management subcommands; cli dispatches to them
+    "cli_reencrypt": 5.97,  # reencrypt and repair: reuses cli_luks's option helpers
     "cli": 6,
     "__main__": 7,
 }
@@ -57,10 +58,11 @@ THIRD_PARTY: dict[str, set[str]] = {
     "numpy": {"sector", "kdf"},
     "trio": {"fs", "channel", "mount", "cli"},
     "pyfuse3": {"fs", "channel", "mount", "cli"},
+    "tqdm": {"cli_reencrypt"},  # the reencryption progress bar
 }
 
 # The command line: the modules that may read passphrases and parse options.
-CLI_MODULES = {"cli", "cli_input", "cli_luks"}
+CLI_MODULES = {"cli", "cli_input", "cli_luks", "cli_reencrypt"}
 
 # Standard library modules that belong to the command line only.
 CLI_ONLY_STDLIB = {"argparse", "getpass", "logging.config"}

@@ -31,7 +31,9 @@ from cryptfuse.formats import luks2_reencrypt as reenc
 from cryptfuse.formats.luks2 import read_luks2_header
 from cryptfuse.formats.luks_write import KdfParams
 
-pytestmark = pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="cryptsetup not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("cryptsetup") is None, reason="cryptsetup not installed"
+)
 
 MiB = 1 << 20
 PASS = b"reencrypt-me"
@@ -52,15 +54,30 @@ def header_json(img: Path) -> dict:
         os.close(fd)
 
 
-def make(tmp: Path, data_mib: int = 2, sector_size: int = 4096, metadata: bool = False) -> tuple[Path, Path, bytes]:
+def make(
+    tmp: Path, data_mib: int = 2, sector_size: int = 4096, metadata: bool = False
+) -> tuple[Path, Path, bytes]:
     """A LUKS2 container made by cryptsetup (1 MiB data offset) holding random data."""
     img, key = tmp / "c.img", tmp / "pass"
     key.write_bytes(PASS)
     with open(img, "wb") as f:
         f.truncate((1 + data_mib) * MiB)
     run(
-        "cryptsetup", "luksFormat", "--type", "luks2", "-q", *FAST_KDF, "--key-file", str(key),
-        "--offset", "2048", "--luks2-keyslots-size", "960k", "--sector-size", str(sector_size), str(img),
+        "cryptsetup",
+        "luksFormat",
+        "--type",
+        "luks2",
+        "-q",
+        *FAST_KDF,
+        "--key-file",
+        str(key),
+        "--offset",
+        "2048",
+        "--luks2-keyslots-size",
+        "960k",
+        "--sector-size",
+        str(sector_size),
+        str(img),
     )
     data = os.urandom(data_mib * MiB)
     with open_volume(str(img), OpenOptions(), Secret(PASS, False)) as v:
@@ -96,16 +113,32 @@ def cryptsetup_checks(img: Path, key: Path, data: bytes) -> None:
     "resilience,change",
     [
         pytest.param("checksum", [], id="checksum-same-cipher"),
-        pytest.param("journal", ["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256", "--sector-size", "512"], id="journal-to-cbc-512"),
+        pytest.param(
+            "journal",
+            ["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256", "--sector-size", "512"],
+            id="journal-to-cbc-512",
+        ),
         pytest.param("none", ["--key-size", "256"], id="none-xts256"),
         pytest.param("checksum", ["--sector-size", "512"], id="checksum-512"),
     ],
 )
-def test_cryptsetup_init_cryptfuse_finishes(tmp_path: Path, resilience: str, change: list[str]) -> None:
+def test_cryptsetup_init_cryptfuse_finishes(
+    tmp_path: Path, resilience: str, change: list[str]
+) -> None:
     img, key, data = make(tmp_path)
     run(
-        "cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", "-q", *FAST_KDF,
-        "--key-file", str(key), "--resilience", resilience, *change, str(img),
+        "cryptsetup",
+        "reencrypt",
+        "--init-only",
+        "--force-offline-reencrypt",
+        "-q",
+        *FAST_KDF,
+        "--key-file",
+        str(key),
+        "--resilience",
+        resilience,
+        *change,
+        str(img),
     )
     assert read_all(img) == data  # readable in reencryption, before any step
     result = reenc.run(str(img), None, PASS, max_hotzone=256 * 1024)
@@ -121,7 +154,11 @@ def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[b
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo))
     return subprocess.run(
-        [sys.executable, "-m", "cryptfuse", *args], input=stdin, capture_output=True, env=env, timeout=300
+        [sys.executable, "-m", "cryptfuse", *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -129,8 +166,19 @@ def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[b
 def test_cli_reencrypt_then_cryptsetup(tmp_path: Path, resilience: str) -> None:
     img, key, data = make(tmp_path)
     proc = cli(
-        "reencrypt", str(img), "--key-file", str(key), "-q", "--resilience", resilience,
-        "--cipher", "aes-xts-plain64", "--key-size", "256", "--hotzone-size", "512k",
+        "reencrypt",
+        str(img),
+        "--key-file",
+        str(key),
+        "-q",
+        "--resilience",
+        resilience,
+        "--cipher",
+        "aes-xts-plain64",
+        "--key-size",
+        "256",
+        "--hotzone-size",
+        "512k",
     )
     assert proc.returncode == 0, proc.stderr
     assert read_all(img) == data
@@ -146,7 +194,9 @@ def test_cli_refusals(tmp_path: Path) -> None:
     wrong = tmp_path / "wrong"
     wrong.write_bytes(b"nope")
     proc = cli("reencrypt", str(img), "--key-file", str(wrong), "-q")
-    assert proc.returncode == 2 and proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2 and proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr
+    )
     proc = cli("reencrypt", str(img), "--key-file", str(key), "-q", "--resume-only")
     assert proc.returncode == 1 and b"not in LUKS2 reencryption" in proc.stderr
     run("cryptsetup", "luksAddKey", "-q", *FAST_KDF, "--key-file", str(key), str(img), str(key))
@@ -155,7 +205,9 @@ def test_cli_refusals(tmp_path: Path) -> None:
     assert proc.returncode == 1 and b"--key-slot" in proc.stderr
     assert img.read_bytes() == before
     # with --key-slot N only that slot survives, as with cryptsetup
-    proc = cli("reencrypt", str(img), "--key-file", str(key), "-q", "-S", "1", "--hotzone-size", "1M")
+    proc = cli(
+        "reencrypt", str(img), "--key-file", str(key), "-q", "-S", "1", "--hotzone-size", "1M"
+    )
     assert proc.returncode == 0, proc.stderr
     assert list(header_json(img)["keyslots"]) == ["0"] or len(header_json(img)["keyslots"]) == 1
     assert read_all(img) == data
@@ -170,12 +222,29 @@ def test_busy_while_mounted_lock(tmp_path: Path) -> None:
 
 def test_stop_and_resume(tmp_path: Path) -> None:
     img, key, data = make(tmp_path)
-    reenc.initialize(str(img), None, PASS, reenc.ReencryptOptions(resilience="journal"), KdfParams("pbkdf2"))
+    reenc.initialize(
+        str(img), None, PASS, reenc.ReencryptOptions(resilience="journal"), KdfParams("pbkdf2")
+    )
     calls = []
-    result = reenc.run(str(img), None, PASS, max_hotzone=256 * 1024, stop=lambda: calls.append(1) or len(calls) >= 3)
+    result = reenc.run(
+        str(img),
+        None,
+        PASS,
+        max_hotzone=256 * 1024,
+        stop=lambda: calls.append(1) or len(calls) >= 3,
+    )
     assert not result.finished and 0 < result.done < result.total
     assert read_all(img) == data
-    run("cryptsetup", "reencrypt", "--resume-only", "--force-offline-reencrypt", "-q", "--key-file", str(key), str(img))
+    run(
+        "cryptsetup",
+        "reencrypt",
+        "--resume-only",
+        "--force-offline-reencrypt",
+        "-q",
+        "--key-file",
+        str(key),
+        str(img),
+    )
     assert read_all(img) == data
 
 
@@ -213,7 +282,16 @@ def test_corpus_in_reencryption(tmp_path: Path, corpus: Path, name: str) -> None
     other = tmp_path / "other.img"
     shutil.copy(src, other)
     reenc.recover(str(other), None, pw)
-    run("cryptsetup", "reencrypt", "--resume-only", "--force-offline-reencrypt", "-q", "--key-file", str(passfile), str(other))
+    run(
+        "cryptsetup",
+        "reencrypt",
+        "--resume-only",
+        "--force-offline-reencrypt",
+        "-q",
+        "--key-file",
+        str(passfile),
+        str(other),
+    )
     assert read_all(other, pw)[: len(CORPUS_P)] == CORPUS_P
 
 
@@ -262,10 +340,22 @@ def test_killed_at_every_write(tmp_path: Path, resilience: str) -> None:
         if not reenc.in_reencryption(header_json(work)):
             continue  # killed before the reencryption started or after it ended
         if n % 3 == 0:  # cryptsetup finishes it (repair first where a hot zone was cut)
-            if any("in-reencryption" in s.get("flags", []) for s in header_json(work)["segments"].values()):
+            if any(
+                "in-reencryption" in s.get("flags", [])
+                for s in header_json(work)["segments"].values()
+            ):
                 run("cryptsetup", "repair", "-q", "--key-file", str(key), str(work))
             if reenc.in_reencryption(header_json(work)):  # repair of the last hot zone finishes
-                run("cryptsetup", "reencrypt", "--resume-only", "--force-offline-reencrypt", "-q", "--key-file", str(key), str(work))
+                run(
+                    "cryptsetup",
+                    "reencrypt",
+                    "--resume-only",
+                    "--force-offline-reencrypt",
+                    "-q",
+                    "--key-file",
+                    str(key),
+                    str(work),
+                )
         else:
             assert reenc.run(str(work), None, PASS).finished
         assert read_all(work) == data, f"resumed after event {n}"

@@ -1356,9 +1356,7 @@ def _open_in_reencryption(
     served from its recovered state, worked out without writing."""
     from .luks2_reencrypt import open_reencryption
 
-    unknown = [
-        r for r in header.metadata.config.requirements if r != "online-reencrypt-v2"
-    ]
+    unknown = [r for r in header.metadata.config.requirements if r != "online-reencrypt-v2"]
     if unknown:
         header.check_requirements()
     extents, _, crashed = open_reencryption(
@@ -1370,7 +1368,9 @@ def _open_in_reencryption(
         header_fd = os.dup(dev.header_fd)
         extra = (header_fd,)
     maps = [
-        ExtentMap(e.start, e.length, header_fd if e.on_header else dev.data_fd, e.position, e.cipher)
+        ExtentMap(
+            e.start, e.length, header_fd if e.on_header else dev.data_fd, e.position, e.cipher
+        )
         for e in extents
     ]
     if crashed:

@@ -53,7 +53,7 @@ from ..spec import parse_cipher_spec
 from ..volume import device_size, pwrite_all
 from . import luks2_reencrypt_digest as rdigest
 from .luks2 import MAX_KEYSLOTS_SIZE, PRIORITY_HIGH, PRIORITY_NORMAL, LUKS2Header, read_luks2_header
-from .luks2_write import SALT_SIZE, Luks2Writer, area_size
+from .luks2_write import SALT_SIZE, Luks2Writer
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
 from .luks_write import KdfParams, sync, wipe_area
 
@@ -221,13 +221,20 @@ class Reencryption:
         """Parse the reencryption state of a validated header in reencryption."""
         slots = [int(k) for k, v in obj["keyslots"].items() if v.get("type") == "reencrypt"]
         if len(slots) != 1:
-            raise FormatError("LUKS2 reencryption requirement without exactly one reencrypt keyslot.")
+            raise FormatError(
+                "LUKS2 reencryption requirement without exactly one reencrypt keyslot."
+            )
         ks = obj["keyslots"][str(slots[0])]
         area = ks["area"]
         area_type = str(area.get("type"))
         mode, direction = str(ks.get("mode")), str(ks.get("direction"))
-        if mode not in ("reencrypt", "encrypt", "decrypt") or direction not in ("forward", "backward"):
-            raise FormatError(f"LUKS2 reencrypt keyslot has invalid mode/direction {mode}/{direction}.")
+        if mode not in ("reencrypt", "encrypt", "decrypt") or direction not in (
+            "forward",
+            "backward",
+        ):
+            raise FormatError(
+                f"LUKS2 reencrypt keyslot has invalid mode/direction {mode}/{direction}."
+            )
         area_size_ = int(area["size"])
 
         def checksum() -> Protection:
@@ -317,7 +324,9 @@ class Reencryption:
             return base, None
         assert seg is not None and digest is not None
         spec = luks_cipher_spec(enc, "LUKS2 reencryption segment cipher")
-        return base, SectorCipher(spec, self.keys[digest], self.sector_size_of(seg), iv_offset=iv // SECTOR)
+        return base, SectorCipher(
+            spec, self.keys[digest], self.sector_size_of(seg), iv_offset=iv // SECTOR
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -340,7 +349,9 @@ class Extent:
 
 def _segment_cipher(seg: dict[str, Any], key: bytes, extra_iv: int = 0) -> SectorCipher:
     spec = luks_cipher_spec(str(seg["encryption"]), "LUKS2 segment cipher")
-    return SectorCipher(spec, key, int(seg["sector_size"]), iv_offset=int(seg["iv_tweak"]) + extra_iv)
+    return SectorCipher(
+        spec, key, int(seg["sector_size"]), iv_offset=int(seg["iv_tweak"]) + extra_iv
+    )
 
 
 def _device_size(rh: Reencryption, container_size: int, clean: bool) -> int:
@@ -376,14 +387,18 @@ def logical_extents(
         if "in-reencryption" in _flags(seg):
             if hot is None:
                 raise FormatError("LUKS2 reencryption hot zone needs recovery.")
-            extents.extend(Extent(start + e.start, e.length, e.position, e.cipher, e.on_header) for e in hot)
+            extents.extend(
+                Extent(start + e.start, e.length, e.position, e.cipher, e.on_header) for e in hot
+            )
         elif seg["type"] == "linear":
             extents.append(Extent(start, length, _seg_offset(seg), None))
         elif seg["type"] == "crypt":
             digest = _digest_of_segment(rh.obj, _segment_id(rh.obj, seg))
             if digest is None or digest not in rh.keys:
                 raise FormatError(f"LUKS2 segment {index} has no usable digest.")
-            extents.append(Extent(start, length, _seg_offset(seg), _segment_cipher(seg, rh.keys[digest])))
+            extents.append(
+                Extent(start, length, _seg_offset(seg), _segment_cipher(seg, rh.keys[digest]))
+            )
         else:
             raise UnsupportedError(f"LUKS2 segment type {seg['type']!r} is not supported.")
         start += length
@@ -410,7 +425,9 @@ def _offset(rh: Reencryption) -> None:
         return
     if rh.direction == "forward":
         if rh.mode == "decrypt" and rh.seg_moved is not None:
-            raise UnsupportedError("Decryption with a data shift (cryptsetup >= 2.7) is not supported.")
+            raise UnsupportedError(
+                "Decryption with a data shift (cryptsetup >= 2.7) is not supported."
+            )
         if len(segs) == 1:
             rh.offset = 0
         elif len(segs) == 2 and _seg_size(segs[0]):
@@ -520,13 +537,20 @@ def _context(rh: Reencryption, container_size: int, max_hotzone: int, crashed: b
 # ---------------------------------------------------------------------------
 
 
-def _new_segment(rh: Reencryption, offset: int, iv: int, size: int | None, hot: bool = False) -> dict[str, Any]:
+def _new_segment(
+    rh: Reencryption, offset: int, iv: int, size: int | None, hot: bool = False
+) -> dict[str, Any]:
     base = rh.data_offset_new
     if rh.mode == "decrypt":
         return linear_segment(base + offset, size, hot)
     assert rh.seg_new is not None
     return crypt_segment(
-        base + offset, iv // SECTOR, size, str(rh.seg_new["encryption"]), rh.sector_size_of(rh.seg_new), hot
+        base + offset,
+        iv // SECTOR,
+        size,
+        str(rh.seg_new["encryption"]),
+        rh.sector_size_of(rh.seg_new),
+        hot,
     )
 
 
@@ -535,7 +559,11 @@ def _old_segment(rh: Reencryption, base: int, offset: int, size: int | None) -> 
         return linear_segment(base + offset, size)
     assert rh.seg_old is not None
     return crypt_segment(
-        base + offset, offset // SECTOR, size, str(rh.seg_old["encryption"]), rh.sector_size_of(rh.seg_old)
+        base + offset,
+        offset // SECTOR,
+        size,
+        str(rh.seg_old["encryption"]),
+        rh.sector_size_of(rh.seg_old),
     )
 
 
@@ -565,7 +593,9 @@ def _hot_segments(rh: Reencryption) -> list[dict[str, Any]]:
     return out
 
 
-def _hot_segments_encrypt_shift(rh: Reencryption, segs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _hot_segments_encrypt_shift(
+    rh: Reencryption, segs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     last_linear = max((i for i, s in enumerate(segs) if s["type"] == "linear"), default=None)
     first_crypt = next((i for i, s in enumerate(segs) if s["type"] == "crypt"), None)
     if last_linear is None:
@@ -616,8 +646,8 @@ def _post_segments(rh: Reencryption, hot_segs: list[dict[str, Any]]) -> list[dic
             out.append(old)
         return out
     out = [copy.deepcopy(hot_segs[hot - 1])] if hot > 0 else []
-    size = rh.device_size - rh.offset if rh.fixed_length and rh.offset else None
-    out.append(_new_segment(rh, rh.offset, rh.offset, size))
+    rest = rh.device_size - rh.offset if rh.fixed_length and rh.offset else None
+    out.append(_new_segment(rh, rh.offset, rh.offset, rest))
     return out
 
 
@@ -719,7 +749,7 @@ def _encrypt(cipher: SectorCipher | None, plain: bytearray, offset: int) -> byte
     return cipher.encrypt(plain, offset // cipher.sector_size)
 
 
-def _checksums(prot: Protection, data: bytes) -> bytes:
+def _checksums(prot: Protection, data: bytes | bytearray) -> bytes:
     name = hashlib_name(prot.hash or "")
     bs = prot.block_size
     return b"".join(hashlib.new(name, data[i : i + bs]).digest() for i in range(0, len(data), bs))
@@ -761,7 +791,9 @@ def _step(dev: _Devices, rh: Reencryption) -> None:
     elif prot.type == "datashift":
         _commit(dev, rh)
     plain = _decrypt(old_cipher, raw, rh.offset)
-    pwrite_all(dev.data_fd, _encrypt(new_cipher, plain, rh.offset), new_base + rh.offset, "hot zone")
+    pwrite_all(
+        dev.data_fd, _encrypt(new_cipher, plain, rh.offset), new_base + rh.offset, "hot zone"
+    )
     if prot.type != "none":
         sync(dev.data_fd)
     # metadata commit safe point: the caller commits, together with the finish after
@@ -861,7 +893,9 @@ def recovered_extents(rh: Reencryption, data_fd: int, header_fd: int) -> list[Ex
     if prot.type == "checksum":
         bs = prot.block_size
         count = length // bs
-        stored = pread_exact(header_fd, count * prot.hash_size, rh.area_offset, "reencryption checksums")
+        stored = pread_exact(
+            header_fd, count * prot.hash_size, rh.area_offset, "reencryption checksums"
+        )
         current = pread_exact(data_fd, length, new_base + rh.offset, "reencryption hot zone")
         name = hashlib_name(prot.hash or "")
         states = [
@@ -896,7 +930,9 @@ def recovered_extents(rh: Reencryption, data_fd: int, header_fd: int) -> list[Ex
     raise FormatError("A reencryption without resilience cannot be recovered.")
 
 
-def read_extents(extents: list[Extent], data_fd: int, header_fd: int, start: int, length: int) -> bytes:
+def read_extents(
+    extents: list[Extent], data_fd: int, header_fd: int, start: int, length: int
+) -> bytes:
     """Plaintext of volume bytes [start, start+length), whole extents' sectors decrypted."""
     out = bytearray()
     for e in extents:
@@ -906,7 +942,9 @@ def read_extents(extents: list[Extent], data_fd: int, header_fd: int, start: int
         ss = e.cipher.sector_size if e.cipher is not None else SECTOR
         first = (lo - e.start) // ss * ss
         last = -(-(hi - e.start) // ss) * ss
-        raw = _pread(header_fd if e.on_header else data_fd, last - first, e.position + first, "volume")
+        raw = _pread(
+            header_fd if e.on_header else data_fd, last - first, e.position + first, "volume"
+        )
         plain = raw if e.cipher is None else e.cipher.decrypt(raw, first // ss)
         out += plain[lo - e.start - first : hi - e.start - first]
     return bytes(out)
@@ -918,7 +956,12 @@ def _recover_hot(dev: _Devices, rh: Reencryption) -> None:
     hot = recovered_extents(rh, dev.data_fd, dev.header_fd)
     plain = bytearray(read_extents(hot, dev.data_fd, dev.header_fd, 0, rh.length))
     new_base, new_cipher = rh.storage(new=True)
-    pwrite_all(dev.data_fd, _encrypt(new_cipher, plain, rh.offset), new_base + rh.offset, "recovered hot zone")
+    pwrite_all(
+        dev.data_fd,
+        _encrypt(new_cipher, plain, rh.offset),
+        new_base + rh.offset,
+        "recovered hot zone",
+    )
     sync(dev.data_fd)
     rh.read = rh.length
 
@@ -947,7 +990,9 @@ def _unlock_digest(
     return None
 
 
-def unlock(header: LUKS2Header, fd: int, rh: Reencryption, passphrase: bytes, key_slot: int | None) -> None:
+def unlock(
+    header: LUKS2Header, fd: int, rh: Reencryption, passphrase: bytes, key_slot: int | None
+) -> None:
     """Unlock the volume key of every digest the reencryption needs into ``rh.keys``
     and check the reencryption metadata digest with them."""
     needed = [d for d in (rh.digest_old, rh.digest_new) if d is not None]
@@ -961,7 +1006,7 @@ def unlock(header: LUKS2Header, fd: int, rh: Reencryption, passphrase: bytes, ke
     if not rdigest.verify_digest(rh.obj, rh.keys):
         raise FormatError(
             "Reencryption metadata is invalid (its digest does not match); "
-            "run 'cryptfuse repair' or 'cryptsetup repair' if the header is from an older cryptsetup."
+            "a header from an older cryptsetup needs 'cryptsetup repair'."
         )
 
 
@@ -976,7 +1021,9 @@ def _opened(data_path: str, header_path: str | None) -> Iterator[_Devices]:
 
     with _locked(data_path, header_path, write=True) as h:
         header = read_luks2_header(h.header_fd, h.header_path)
-        yield _Devices(h.data_fd, h.header_fd, Luks2Writer.from_header(h.header_fd, header, reencryption=True))
+        yield _Devices(
+            h.data_fd, h.header_fd, Luks2Writer.from_header(h.header_fd, header, reencryption=True)
+        )
 
 
 def _load(
@@ -1000,7 +1047,9 @@ def _check_version(obj: dict[str, Any]) -> None:
         )
 
 
-def recover(data_path: str, header_path: str | None, passphrase: bytes, key_slot: int | None = None) -> bool:
+def recover(
+    data_path: str, header_path: str | None, passphrase: bytes, key_slot: int | None = None
+) -> bool:
     """Repair an interrupted hot zone (cryptsetup ``repair``); False when none was interrupted."""
     with _opened(data_path, header_path) as dev:
         _, rh = _load(dev, passphrase, key_slot, header_path or data_path)
@@ -1057,7 +1106,9 @@ def run(
             rh = Reencryption.from_json(copy.deepcopy(header.json))
             rh.keys = keys
         if rh.mode == "decrypt" and rh.seg_moved is not None:
-            raise UnsupportedError("Decryption with a data shift (cryptsetup >= 2.7) is not supported.")
+            raise UnsupportedError(
+                "Decryption with a data shift (cryptsetup >= 2.7) is not supported."
+            )
         _context(rh, device_size(dev.data_fd), max_hotzone, crashed=False)
         stopped = False
         while rh.progress < rh.device_size:
@@ -1115,12 +1166,16 @@ def initialize(
     with _opened(data_path, header_path) as dev:
         header = read_luks2_header(dev.header_fd, header_path or data_path)
         if in_reencryption(header.json):
-            raise UsageError("LUKS2 reencryption already initialized. Use --resume-only to continue.")
+            raise UsageError(
+                "LUKS2 reencryption already initialized. Use --resume-only to continue."
+            )
         header.check_requirements()
         seg, spec, bound = header.data_segment()
         usable = [k for k in bound.keyslots if header.metadata.keyslots[k].type == "luks2"]
         if key_slot is None and len(usable) > 1:
-            raise UsageError("Key file can be used only with --key-slot or with exactly one key slot active.")
+            raise UsageError(
+                "Key file can be used only with --key-slot or with exactly one key slot active."
+            )
         slot, old_key = header.unlock(dev.header_fd, passphrase, key_slot)
         if options.resilience not in ("checksum", "journal", "none"):
             raise UsageError(f"Unsupported resilience mode {options.resilience}.")
@@ -1141,7 +1196,9 @@ def initialize(
         check = max(old_ss, new_ss)
         data_size = seg.size if seg.size is not None else size
         if data_size % check:
-            raise UsageError(f"Data device is not aligned to encryption sector size ({check} bytes).")
+            raise UsageError(
+                f"Data device is not aligned to encryption sector size ({check} bytes)."
+            )
         if options.resilience == "checksum":
             hashlib_name(options.resilience_hash)
         writer = dev.writer
@@ -1161,10 +1218,16 @@ def initialize(
             "hash": digest_hash,
             "iterations": digest_iterations,
             "salt": _b64(salt),
-            "digest": _b64(pbkdf2(digest_hash, new_key, salt, digest_iterations, hash_size(digest_hash))),
+            "digest": _b64(
+                pbkdf2(digest_hash, new_key, salt, digest_iterations, hash_size(digest_hash))
+            ),
         }
-        area_spec = luks_cipher_spec(str(obj["keyslots"][str(slot)]["area"]["encryption"]), "keyslot")
-        writer.write_keyslot(new_slot, new_key, passphrase, kdf, area_spec, af_hash=af_hash, digest=new_digest)
+        area_spec = luks_cipher_spec(
+            str(obj["keyslots"][str(slot)]["area"]["encryption"]), "keyslot"
+        )
+        writer.write_keyslot(
+            new_slot, new_key, passphrase, kdf, area_spec, af_hash=af_hash, digest=new_digest
+        )
         writer.commit()
         # 2. everything else in one commit
         old_digest = bound.index
@@ -1183,7 +1246,11 @@ def initialize(
         gap = _max_gap(writer)
         if gap is None:
             raise CryptfuseError("No space for the reencryption keyslot area.")
-        area: dict[str, Any] = {"offset": str(gap[0]), "size": str(gap[1]), "type": options.resilience}
+        area: dict[str, Any] = {
+            "offset": str(gap[0]),
+            "size": str(gap[1]),
+            "type": options.resilience,
+        }
         if options.resilience == "checksum":
             area["hash"] = options.resilience_hash
             area["sector_size"] = check

@@ -282,7 +282,9 @@ class Luks2Writer:
         self.salts = salts
 
     @classmethod
-    def from_header(cls, fd: int, header: LUKS2Header, *, reencryption: bool = False) -> Luks2Writer:
+    def from_header(
+        cls, fd: int, header: LUKS2Header, *, reencryption: bool = False
+    ) -> Luks2Writer:
         """Continue from *header* (as read): keep each copy's salt, seqid of the newer copy.
 
         Headers with requirements are refused (never rewrite what we do not
