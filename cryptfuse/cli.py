@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 
 from . import __version__
+from .cli_convert import CONVERT_SUBCOMMANDS
 from .cli_input import (
     PROG,
     _nonneg_int,
@@ -454,6 +455,8 @@ def mount_command(argv: Sequence[str]) -> int:
             foreground=args.foreground,
             log_file=args.log_file,
             fsname=fsname_for(args.container),
+            container=os.path.abspath(args.container),
+            header=os.path.abspath(args.header) if args.header else None,
         )
     except BaseException:
         volume.close()
@@ -491,6 +494,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "benchmark": benchmark_command,
     **LUKS_SUBCOMMANDS,
     **REENCRYPT_SUBCOMMANDS,
+    **CONVERT_SUBCOMMANDS,
 }
 
 

@@ -8,12 +8,16 @@ Ctrl-C into a clean stop at a hot-zone boundary.
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 
+from . import control
 from .cli_input import PROG, _nonneg_int
 from .cli_luks import _existing_secret, _kdf_options, _key_options, _parser, _size
 from .errors import UnsupportedError, UsageError
@@ -146,6 +150,10 @@ def reencrypt_command(argv: Sequence[str]) -> int:
 
         os.close(fd)
     started = reenc.in_reencryption(current.json)
+    sock = control.connect(container)
+    if sock is not None:  # mounted by a cryptfuse daemon: it does the work (online)
+        with sock:
+            return _online(args, sock, started)
     if not started and (args.encrypt or args.decrypt or args.reduce_device_size):
         raise UnsupportedError(
             "Starting --encrypt/--decrypt/--reduce-device-size is not implemented in cryptfuse "
@@ -156,18 +164,7 @@ def reencrypt_command(argv: Sequence[str]) -> int:
         raise UsageError(f"Device {container} is not in LUKS2 reencryption.")
     passphrase = _existing_secret(args, f"Enter passphrase for {container}: ")
     if not started:
-        if args.hotzone_size and args.hotzone_size % 512:
-            raise UsageError("Hotzone size must be a multiple of 512 bytes.")
-        kdf_params = None if _kdf_given(args) else _old_kdf(container, header, args.key_slot)
-        if kdf_params is None:
-            kdf_params = resolve_kdf(_kdf(args), "luks2", 64, args.hash or "sha256")
-        options = reenc.ReencryptOptions(
-            cipher=args.cipher,
-            key_size=args.key_size,
-            sector_size=args.sector_size,
-            resilience=args.resilience,
-            resilience_hash=args.resilience_hash,
-        )
+        kdf_params, options = _new_reencryption(args)
         slot = reenc.initialize(
             container,
             header,
@@ -191,15 +188,65 @@ def reencrypt_command(argv: Sequence[str]) -> int:
             progress=progress,
             stop=stop,
         )
-    if not result.finished:
-        pct = 100.0 * result.done / result.total if result.total else 0.0
-        print(
-            f"{PROG}: reencryption stopped at {pct:.1f}%; the container is consistent. "
-            f"Resume with: {PROG} reencrypt --resume-only {container}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return _report(result.finished, result.done, result.total, container)
+
+
+def _report(finished: bool, done: int, total: int, container: str) -> int:
+    if finished:
+        return 0
+    pct = 100.0 * done / total if total else 0.0
+    print(
+        f"{PROG}: reencryption stopped at {pct:.1f}%; the container is consistent. "
+        f"Resume with: {PROG} reencrypt --resume-only {container}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _new_reencryption(args: argparse.Namespace) -> tuple[KdfParams, reenc.ReencryptOptions]:
+    """The KDF of the new keyslot and the options of a reencryption to start."""
+    if args.hotzone_size and args.hotzone_size % 512:
+        raise UsageError("Hotzone size must be a multiple of 512 bytes.")
+    kdf_params = None if _kdf_given(args) else _old_kdf(args.container, args.header, args.key_slot)
+    if kdf_params is None:
+        kdf_params = resolve_kdf(_kdf(args), "luks2", 64, args.hash or "sha256")
+    options = reenc.ReencryptOptions(
+        cipher=args.cipher,
+        key_size=args.key_size,
+        sector_size=args.sector_size,
+        resilience=args.resilience,
+        resilience_hash=args.resilience_hash,
+    )
+    return kdf_params, options
+
+
+def _online(args: argparse.Namespace, sock: socket.socket, started: bool) -> int:
+    """Ask the daemon that mounts the container to do the reencryption (it is the
+    container's only writer), relaying progress and Ctrl-C."""
+    container = args.container
+    passphrase = _existing_secret(args, f"Enter passphrase for {container}: ")
+    message: dict[str, object] = {
+        "op": "reencrypt",
+        "passphrase": base64.b64encode(passphrase).decode("ascii"),
+        "key_slot": args.key_slot,
+        "hotzone": args.hotzone_size,
+        "resume_only": args.resume_only,
+        "init_only": args.init_only,
+    }
+    if not started and not args.resume_only:
+        kdf_params, options = _new_reencryption(args)
+        message["init"] = {
+            "options": dataclasses.asdict(options),
+            "kdf": dataclasses.asdict(kdf_params),
+            "af_hash": args.hash or "sha256",
+        }
+    if args.verbose:
+        print(f"{PROG}: {container} is mounted: reencrypting online", file=sys.stderr)
+    with _interruptible() as stop, _progress(not args.batch) as progress:
+        result = control.request(sock, message, progress, stop)
+    if result.get("initialized"):
+        return 0
+    return _report(bool(result["finished"]), int(result["done"]), int(result["total"]), container)
 
 
 def _kdf(args: argparse.Namespace) -> KdfOptions:

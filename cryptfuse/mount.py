@@ -30,8 +30,10 @@ import pyfuse3
 import trio
 
 from .channel import Channel, find_fuse_fds
+from .control import ControlServer, Served
 from .errors import CryptfuseError
 from .fs import FSOptions, VolumeFS, VolumeLike
+from .volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,10 @@ class MountConfig:
     log_file: str | None = None
     #: the mount's source (see :func:`fsname_for`); ``-o fsname=`` overrides it
     fsname: str = "cryptfuse"
+    #: the container (and detached header) files: the control socket (online
+    #: reencryption, see :mod:`cryptfuse.control`) is found by the container's inode
+    container: str | None = None
+    header: str | None = None
 
 
 def fsname_for(container: str) -> str:
@@ -257,10 +263,33 @@ def serve(
         # libfuse's, and a worker must never read a number that was closed and reused.
         channel = Channel(os.dup(session_fd), ops, workers=config.fs.threads)
         stack.callback(_finish_channel, channel, config.mountpoint)
+        if config.container is not None and not readonly:
+            control = ControlServer(
+                Served(config.container, config.header, _getter(ops), _setter(ops))
+            )
+            # runs before the container closes: a reencryption stops at a hot-zone boundary
+            stack.callback(control.close)
         log.info("mounted %s on %s", volume.description or "volume", config.mountpoint)
         if on_mounted is not None:
             on_mounted()
         trio.run(_main_loop, config, pending, channel)
+
+
+def _getter(ops: VolumeFS) -> Callable[[], Volume]:
+    def get_volume() -> Volume:
+        volume = ops.volume
+        if not isinstance(volume, Volume):  # pragma: no cover - the daemon serves Volumes
+            raise CryptfuseError("this mount cannot be changed while mounted")
+        return volume
+
+    return get_volume
+
+
+def _setter(ops: VolumeFS) -> Callable[[Volume], None]:
+    def set_volume(volume: Volume) -> None:
+        ops.volume = volume
+
+    return set_volume
 
 
 def _redirect_stdio(log_file: str | None) -> None:

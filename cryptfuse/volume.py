@@ -15,7 +15,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from .errors import BusyError, DeviceError, OutOfRangeError, ReadOnlyError, UsageError
 from .sector import Buffer, SectorCipher
@@ -422,14 +422,19 @@ class SegmentedVolume(Volume):
         readonly: bool = False,
         description: str = "",
         extra_fds: tuple[int, ...] = (),
+        owns_fd: bool = True,
+        shared_lock: tuple[_RangeLock, int] | None = None,
+        granule: int = 512,
     ) -> None:
         size = sum(e.length for e in extents)
-        granule = max([512] + [e.cipher.sector_size for e in extents if e.cipher is not None])
+        # the read-modify-write unit: every sector size the volume has or will have
+        granule = max([granule] + [e.cipher.sector_size for e in extents if e.cipher is not None])
         for e in extents:
             if e.start % granule or e.length % granule:
                 raise UsageError("volume extents are not aligned to the largest sector size")
         self.extents = extents
         self._extra_fds = extra_fds
+        self._owns_fd = owns_fd
         super().__init__(
             fd,
             _NullCipher(granule),  # type: ignore[arg-type]
@@ -440,12 +445,33 @@ class SegmentedVolume(Volume):
             direct=False,
             fast=False,
         )
+        # The range lock, in units of *unit* bytes: a volume served under a running
+        # reencryption shares the lock of the volume it replaces (its C data path
+        # takes it too), so a hot zone held here excludes every reader and writer.
+        base, unit = shared_lock if shared_lock is not None else (self._lock, granule)
+        if granule % unit:
+            raise UsageError("shared range lock unit does not divide the sector size")
+        self._base_lock, self._unit = base, unit
+        self._lock = _ScaledLock(base, granule // unit)  # type: ignore[assignment]
+
+    def hold(self, start: int, end: int) -> AbstractContextManager[None]:
+        """Exclude every read and write of volume bytes [start, end) meanwhile."""
+        return self._base_lock.hold(start // self._unit, -(-end // self._unit))
+
+    def replace_extents(self, extents: list[ExtentMap]) -> None:
+        """Serve from *extents* from now on (call while holding what changed)."""
+        if sum(e.length for e in extents) != self.size:
+            raise UsageError("new extents do not cover the volume")
+        for e in extents:
+            if e.start % self.sector_size or (e.cipher and self.sector_size % e.cipher.sector_size):
+                raise UsageError("new extents are not aligned to the volume's sector size")
+        self.extents = extents
 
     def _pieces(self, first: int, count: int) -> Iterator[tuple[ExtentMap, int, int, int]]:
         """(extent, offset in the extent, offset in the request, length) of a sector run."""
         lo = first * self.sector_size
         hi = lo + count
-        for e in self.extents:
+        for e in self.extents:  # one list per call: replace_extents swaps it whole
             a, b = max(lo, e.start), min(hi, e.start + e.length)
             if a < b:
                 yield e, a - e.start, a - lo, b - a
@@ -481,12 +507,25 @@ class SegmentedVolume(Volume):
         super().sync()
 
     def close(self) -> None:
+        if not self._owns_fd:  # the volume it stands in for syncs and closes the fd
+            return
         try:
             super().close()
         finally:
             for fd in self._extra_fds:
                 os.close(fd)
             self._extra_fds = ()
+
+
+class _ScaledLock:
+    """A view of a :class:`_RangeLock` whose units are *factor* of the lock's own."""
+
+    def __init__(self, base: _RangeLock, factor: int) -> None:
+        self.base, self.factor = base, factor
+        self.native = base.native
+
+    def hold(self, start: int, end: int) -> AbstractContextManager[None]:
+        return self.base.hold(start * self.factor, end * self.factor)
 
 
 class _NullCipher:

@@ -29,15 +29,16 @@ at every step are the ones cryptsetup 2.6 writes and reads back.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import os
 import secrets
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import (
     CryptfuseError,
@@ -1080,6 +1081,33 @@ class RunResult:
     total: int
 
 
+class Live(Protocol):
+    """A mounted volume being reencrypted under it (the daemon's ``SegmentedVolume``).
+
+    ``hold`` excludes every read and write of volume bytes [start, end) while a hot
+    zone is converted and committed; ``update`` installs the extents of the new state
+    before the hold is released.
+    """
+
+    def hold(self, start: int, end: int) -> AbstractContextManager[None]: ...
+
+    def update(self, extents: list[Extent]) -> None: ...
+
+
+@dataclass
+class Devices:
+    """Descriptors a reencryption works on: the data device and the header device
+    (the same unless detached), both already locked by the caller."""
+
+    data_fd: int
+    header_fd: int
+    path: str
+
+    def writer(self) -> Luks2Writer:
+        header = read_luks2_header(self.header_fd, self.path)
+        return Luks2Writer.from_header(self.header_fd, header, reencryption=True)
+
+
 def run(
     data_path: str,
     header_path: str | None,
@@ -1096,41 +1124,85 @@ def run(
     zones (Ctrl-C): the container is left consistent and resumable.
     """
     with _opened(data_path, header_path) as dev:
-        _, rh = _load(dev, passphrase, key_slot, header_path or data_path)
-        if rh.crashed():
-            _recover_locked(dev, rh)
-            header = read_luks2_header(dev.header_fd, header_path or data_path)
-            if not in_reencryption(header.json):
-                return RunResult(True, rh.device_size, rh.device_size)
-            keys = rh.keys
-            rh = Reencryption.from_json(copy.deepcopy(header.json))
-            rh.keys = keys
-        if rh.mode == "decrypt" and rh.seg_moved is not None:
-            raise UnsupportedError(
-                "Decryption with a data shift (cryptsetup >= 2.7) is not supported."
-            )
-        _context(rh, device_size(dev.data_fd), max_hotzone, crashed=False)
-        stopped = False
-        while rh.progress < rh.device_size:
+        return run_on(
+            Devices(dev.data_fd, dev.header_fd, header_path or data_path),
+            passphrase,
+            key_slot=key_slot,
+            max_hotzone=max_hotzone,
+            progress=progress,
+            stop=stop,
+        )
+
+
+def run_on(
+    devices: Devices,
+    passphrase: bytes,
+    *,
+    key_slot: int | None = None,
+    max_hotzone: int = 0,
+    progress: ProgressFn | None = None,
+    stop: Callable[[], bool] | None = None,
+    live: Live | None = None,
+) -> RunResult:
+    """:func:`run` on descriptors the caller holds; with *live*, under a mounted volume."""
+    dev = _Devices(devices.data_fd, devices.header_fd, devices.writer())
+    header = read_luks2_header(devices.header_fd, devices.path)
+    if not in_reencryption(header.json):
+        raise UsageError(f"Device {devices.path} is not in LUKS2 reencryption.")
+    _check_version(header.json)
+    rh = Reencryption.from_json(copy.deepcopy(header.json))
+    unlock(header, devices.header_fd, rh, passphrase, key_slot)
+    if rh.crashed():
+        if live is not None:  # pragma: no cover - the daemon recovers before it mounts
+            raise FormatError("an interrupted hot zone must be recovered before mounting")
+        _recover_locked(dev, rh)
+        header = read_luks2_header(devices.header_fd, devices.path)
+        if not in_reencryption(header.json):
+            return RunResult(True, rh.device_size, rh.device_size)
+        keys = rh.keys
+        rh = Reencryption.from_json(copy.deepcopy(header.json))
+        rh.keys = keys
+    if rh.mode == "decrypt" and rh.seg_moved is not None:
+        raise UnsupportedError("Decryption with a data shift (cryptsetup >= 2.7) is not supported.")
+    if live is not None and (rh.mode != "reencrypt" or rh.shift):
+        raise UnsupportedError(
+            f"Online {rh.mode} with {rh.area_type} resilience is not supported; "
+            "unmount and run it offline."
+        )
+    container = device_size(dev.data_fd)
+    _context(rh, container, max_hotzone, crashed=False)
+    stopped = False
+    while rh.progress < rh.device_size:
+        hold = live.hold(rh.offset, rh.offset + rh.length) if live else contextlib.nullcontext()
+        with hold:
             _step(dev, rh)
             _update(rh)
-            if rh.progress < rh.device_size and rh.protection.type != "none":
+            last = rh.progress >= rh.device_size
+            if live is not None:
+                extents = logical_extents(rh, container)
+            if last:
+                if rh.protection.type == "none":
+                    _commit(dev, rh)
+                _finish(dev, rh)
+            elif rh.protection.type != "none":
                 _commit(dev, rh)
-            if progress is not None:
-                progress(rh.progress, rh.device_size)
-            if rh.progress < rh.device_size and stop is not None and stop():
-                stopped = True
-                break
-            if rh.length == 0:
-                break
-        if stopped or rh.progress < rh.device_size:
-            if rh.protection.type == "none":
-                _commit(dev, rh)
-            return RunResult(False, rh.progress, rh.device_size)
-        if rh.protection.type == "none":
-            _commit(dev, rh)
+            if live is not None:
+                live.update(extents)
+        if progress is not None:
+            progress(rh.progress, rh.device_size)
+        if last:
+            return RunResult(True, rh.progress, rh.device_size)
+        if stop is not None and stop():
+            stopped = True
+            break
+        if rh.length == 0:  # pragma: no cover - a safety net against a stuck context
+            break
+    if rh.protection.type == "none":
+        _commit(dev, rh)
+    if not stopped and rh.progress >= rh.device_size:  # already done: only the finish was due
         _finish(dev, rh)
         return RunResult(True, rh.progress, rh.device_size)
+    return RunResult(False, rh.progress, rh.device_size)
 
 
 @dataclass(frozen=True)
@@ -1164,112 +1236,134 @@ def initialize(
     requirement, all at once.  Returns the new keyslot.
     """
     with _opened(data_path, header_path) as dev:
-        header = read_luks2_header(dev.header_fd, header_path or data_path)
-        if in_reencryption(header.json):
-            raise UsageError(
-                "LUKS2 reencryption already initialized. Use --resume-only to continue."
-            )
-        header.check_requirements()
-        seg, spec, bound = header.data_segment()
-        usable = [k for k in bound.keyslots if header.metadata.keyslots[k].type == "luks2"]
-        if key_slot is None and len(usable) > 1:
-            raise UsageError(
-                "Key file can be used only with --key-slot or with exactly one key slot active."
-            )
-        slot, old_key = header.unlock(dev.header_fd, passphrase, key_slot)
-        if options.resilience not in ("checksum", "journal", "none"):
-            raise UsageError(f"Unsupported resilience mode {options.resilience}.")
-        if options.direction not in ("forward", "backward"):
-            raise UsageError(f"Unsupported reencryption direction {options.direction}.")
-        cipher = options.cipher or str(seg.encryption)
-        new_spec = parse_cipher_spec(cipher)
-        key_bytes = (options.key_size // 8) if options.key_size else len(old_key)
-        check_key_size(new_spec, key_bytes, f"cipher {cipher}")
-        new_ss = options.sector_size or int(seg.sector_size or SECTOR)
-        if new_ss not in SECTOR_SIZES:
-            raise UsageError("Unsupported encryption sector size.")
-        old_ss = int(seg.sector_size or SECTOR)
-        data_offset = seg.offset
-        size = device_size(dev.data_fd) - data_offset
-        if size <= 0:
-            raise UsageError(f"Device {data_path} has no data area to reencrypt.")
-        check = max(old_ss, new_ss)
-        data_size = seg.size if seg.size is not None else size
-        if data_size % check:
-            raise UsageError(
-                f"Data device is not aligned to encryption sector size ({check} bytes)."
-            )
-        if options.resilience == "checksum":
-            hashlib_name(options.resilience_hash)
-        writer = dev.writer
-        obj = writer.obj
-        new_key = os.urandom(key_bytes)
-        # 1. the new keyslot, bound to a new digest and no segment
-        new_slot = writer.free_keyslot()
-        if new_slot is None:
-            raise CryptfuseError("All key slots full.")
-        salt = os.urandom(SALT_SIZE)
-        digest_hash = str(header.metadata.digests[bound.index].hash or "sha256")
-        new_digest = str(max((int(k) for k in obj["digests"]), default=-1) + 1)
-        obj["digests"][new_digest] = {
-            "type": "pbkdf2",
-            "keyslots": [],
-            "segments": [],
-            "hash": digest_hash,
-            "iterations": digest_iterations,
-            "salt": _b64(salt),
-            "digest": _b64(
-                pbkdf2(digest_hash, new_key, salt, digest_iterations, hash_size(digest_hash))
-            ),
-        }
-        area_spec = luks_cipher_spec(
-            str(obj["keyslots"][str(slot)]["area"]["encryption"]), "keyslot"
+        return initialize_on(
+            Devices(dev.data_fd, dev.header_fd, header_path or data_path),
+            passphrase,
+            options,
+            kdf,
+            key_slot=key_slot,
+            af_hash=af_hash,
+            digest_iterations=digest_iterations,
         )
-        writer.write_keyslot(
-            new_slot, new_key, passphrase, kdf, area_spec, af_hash=af_hash, digest=new_digest
+
+
+def initialize_on(
+    devices: Devices,
+    passphrase: bytes,
+    options: ReencryptOptions,
+    kdf: KdfParams,
+    *,
+    key_slot: int | None = None,
+    af_hash: str = "sha256",
+    digest_iterations: int = 1000,
+) -> int:
+    """:func:`initialize` on descriptors the caller holds (the daemon: online)."""
+    header = read_luks2_header(devices.header_fd, devices.path)
+    if in_reencryption(header.json):
+        raise UsageError(
+            "LUKS2 reencryption already initialized. Use --resume-only to continue."
         )
-        writer.commit()
-        # 2. everything else in one commit
-        old_digest = bound.index
-        segs = obj["segments"]
-        old_seg = copy.deepcopy(segs["0"])
-        old_seg["flags"] = ["backup-previous"]
-        new_seg = crypt_segment(data_offset, 0, None, str(new_spec), new_ss)
-        new_seg["flags"] = ["backup-final"]
-        segs["1"] = old_seg
-        segs["2"] = new_seg
-        obj["digests"][str(old_digest)]["segments"] = ["0", "1"]
-        obj["digests"][new_digest]["segments"] = ["2"]
-        rslot = writer.free_keyslot()
-        if rslot is None:
-            raise CryptfuseError("All key slots full.")
-        gap = _max_gap(writer)
-        if gap is None:
-            raise CryptfuseError("No space for the reencryption keyslot area.")
-        area: dict[str, Any] = {
-            "offset": str(gap[0]),
-            "size": str(gap[1]),
-            "type": options.resilience,
-        }
-        if options.resilience == "checksum":
-            area["hash"] = options.resilience_hash
-            area["sector_size"] = check
-        obj["keyslots"][str(rslot)] = {
-            "area": area,
-            "type": "reencrypt",
-            "key_size": 1,
-            "mode": "reencrypt",
-            "direction": options.direction,
-            "priority": 0,
-        }
-        obj["keyslots"] = {k: obj["keyslots"][k] for k in sorted(obj["keyslots"], key=int)}
-        reqs = obj["config"].setdefault("requirements", {})
-        reqs["mandatory"] = [*reqs.get("mandatory", []), REQUIREMENT]
-        writer.obj = rdigest.with_reencrypt_digest(
-            obj, {old_digest: old_key, int(new_digest): new_key}, hash_name=digest_hash
+    header.check_requirements()
+    seg, spec, bound = header.data_segment()
+    usable = [k for k in bound.keyslots if header.metadata.keyslots[k].type == "luks2"]
+    if key_slot is None and len(usable) > 1:
+        raise UsageError(
+            "Key file can be used only with --key-slot or with exactly one key slot active."
         )
-        writer.commit()
-        return new_slot
+    slot, old_key = header.unlock(devices.header_fd, passphrase, key_slot)
+    if options.resilience not in ("checksum", "journal", "none"):
+        raise UsageError(f"Unsupported resilience mode {options.resilience}.")
+    if options.direction not in ("forward", "backward"):
+        raise UsageError(f"Unsupported reencryption direction {options.direction}.")
+    cipher = options.cipher or str(seg.encryption)
+    new_spec = parse_cipher_spec(cipher)
+    key_bytes = (options.key_size // 8) if options.key_size else len(old_key)
+    check_key_size(new_spec, key_bytes, f"cipher {cipher}")
+    new_ss = options.sector_size or int(seg.sector_size or SECTOR)
+    if new_ss not in SECTOR_SIZES:
+        raise UsageError("Unsupported encryption sector size.")
+    old_ss = int(seg.sector_size or SECTOR)
+    data_offset = seg.offset
+    size = device_size(devices.data_fd) - data_offset
+    if size <= 0:
+        raise UsageError(f"Device {devices.path} has no data area to reencrypt.")
+    check = max(old_ss, new_ss)
+    data_size = seg.size if seg.size is not None else size
+    if data_size % check:
+        raise UsageError(
+            f"Data device is not aligned to encryption sector size ({check} bytes)."
+        )
+    if options.resilience == "checksum":
+        hashlib_name(options.resilience_hash)
+    writer = devices.writer()
+    obj = writer.obj
+    new_key = os.urandom(key_bytes)
+    # 1. the new keyslot, bound to a new digest and no segment
+    new_slot = writer.free_keyslot()
+    if new_slot is None:
+        raise CryptfuseError("All key slots full.")
+    salt = os.urandom(SALT_SIZE)
+    digest_hash = str(header.metadata.digests[bound.index].hash or "sha256")
+    new_digest = str(max((int(k) for k in obj["digests"]), default=-1) + 1)
+    obj["digests"][new_digest] = {
+        "type": "pbkdf2",
+        "keyslots": [],
+        "segments": [],
+        "hash": digest_hash,
+        "iterations": digest_iterations,
+        "salt": _b64(salt),
+        "digest": _b64(
+            pbkdf2(digest_hash, new_key, salt, digest_iterations, hash_size(digest_hash))
+        ),
+    }
+    area_spec = luks_cipher_spec(
+        str(obj["keyslots"][str(slot)]["area"]["encryption"]), "keyslot"
+    )
+    writer.write_keyslot(
+        new_slot, new_key, passphrase, kdf, area_spec, af_hash=af_hash, digest=new_digest
+    )
+    writer.commit()
+    # 2. everything else in one commit
+    old_digest = bound.index
+    segs = obj["segments"]
+    old_seg = copy.deepcopy(segs["0"])
+    old_seg["flags"] = ["backup-previous"]
+    new_seg = crypt_segment(data_offset, 0, None, str(new_spec), new_ss)
+    new_seg["flags"] = ["backup-final"]
+    segs["1"] = old_seg
+    segs["2"] = new_seg
+    obj["digests"][str(old_digest)]["segments"] = ["0", "1"]
+    obj["digests"][new_digest]["segments"] = ["2"]
+    rslot = writer.free_keyslot()
+    if rslot is None:
+        raise CryptfuseError("All key slots full.")
+    gap = _max_gap(writer)
+    if gap is None:
+        raise CryptfuseError("No space for the reencryption keyslot area.")
+    area: dict[str, Any] = {
+        "offset": str(gap[0]),
+        "size": str(gap[1]),
+        "type": options.resilience,
+    }
+    if options.resilience == "checksum":
+        area["hash"] = options.resilience_hash
+        area["sector_size"] = check
+    obj["keyslots"][str(rslot)] = {
+        "area": area,
+        "type": "reencrypt",
+        "key_size": 1,
+        "mode": "reencrypt",
+        "direction": options.direction,
+        "priority": 0,
+    }
+    obj["keyslots"] = {k: obj["keyslots"][k] for k in sorted(obj["keyslots"], key=int)}
+    reqs = obj["config"].setdefault("requirements", {})
+    reqs["mandatory"] = [*reqs.get("mandatory", []), REQUIREMENT]
+    writer.obj = rdigest.with_reencrypt_digest(
+        obj, {old_digest: old_key, int(new_digest): new_key}, hash_name=digest_hash
+    )
+    writer.commit()
+    return new_slot
 
 
 def _b64(data: bytes) -> str:

@@ -1,0 +1,382 @@
+"""The daemon's control socket: commands that must run inside the mounting daemon.
+
+A mounted container has exactly one writer, the daemon (it holds the container's
+``flock``).  Work that changes the container while it is mounted -- today an online
+reencryption -- is therefore asked of the daemon over a Unix socket, and the daemon
+does it on its own descriptors, under the same range lock its FUSE I/O takes.
+
+* The socket lives in a private directory of the user (``/run/cryptfuse`` for root,
+  ``/run/user/UID/cryptfuse`` or ``$TMPDIR/cryptfuse-UID`` otherwise; mode 0700) and
+  is named after the container's device and inode, so any path to the container
+  finds it.  Only the daemon's own user (and root) may talk to it (``SO_PEERCRED``).
+* Messages are JSON lines.  A request ``{"op": "reencrypt", ...}`` is answered with
+  ``{"progress": [done, total]}`` lines and a last ``{"result": {...}}`` or
+  ``{"error": text, "code": exit code}``.  The client may send ``{"op": "stop"}``;
+  a client that goes away (killed, Ctrl-C) counts as a stop, so the reencryption
+  ends at the next hot-zone boundary with the container consistent and resumable.
+* The passphrase travels in the request (base64) from the command to the daemon,
+  never on a command line, never logged.
+
+Synchronous, threads only: no trio here (the daemon's trio loop is busy serving FUSE).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BusyError, CryptfuseError, DeviceError, UsageError
+from .formats import luks2_reencrypt as reenc
+from .formats.luks2 import read_luks2_header
+from .formats.luks_write import KdfParams
+from .volume import ExtentMap, SegmentedVolume, Volume, open_device
+
+__all__ = ["ControlServer", "control_path", "request"]
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")
+
+
+def control_dir(create: bool = False) -> str:
+    """The user's private directory of control sockets."""
+    uid = os.getuid()
+    if uid == 0:
+        base = "/run/cryptfuse"
+    elif os.path.isdir(f"/run/user/{uid}"):
+        base = f"/run/user/{uid}/cryptfuse"
+    else:
+        base = os.path.join(tempfile.gettempdir(), f"cryptfuse-{uid}")
+    if create:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        st = os.lstat(base)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+            raise DeviceError(f"{base} is not a private directory of this user")
+    return base
+
+
+def control_path(container: str, create: bool = False) -> str:
+    """The control socket of the daemon that mounts *container* (by device and inode)."""
+    st = os.stat(container)
+    return os.path.join(control_dir(create), f"{st.st_dev:x}-{st.st_ino:x}.sock")
+
+
+def _send(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _lines(conn: socket.socket) -> Iterator[dict[str, Any]]:
+    buf = b""
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield json.loads(line)
+
+
+# -- the client (cryptfuse reencrypt on a mounted container) -----------------------------------
+
+
+def connect(container: str) -> socket.socket | None:
+    """A connection to the daemon mounting *container*, or None when none is listening."""
+    try:
+        path = control_path(container)
+    except OSError:
+        return None
+    if not os.path.exists(path):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def request(
+    sock: socket.socket,
+    message: dict[str, Any],
+    progress: Callable[[int, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Send *message*, relay progress, forward a stop once *stop* says so; return the
+    result, or raise the daemon's error as a :class:`CryptfuseError` with its exit code."""
+    _send(sock, message)
+    sock.settimeout(0.5)
+    stop_sent = False
+    buf = b""
+    while True:
+        if stop is not None and not stop_sent and stop():
+            _send(sock, {"op": "stop"})
+            stop_sent = True
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            raise DeviceError("the cryptfuse daemon closed the connection (did it die?)")
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            answer = json.loads(line)
+            if "progress" in answer and progress is not None:
+                progress(int(answer["progress"][0]), int(answer["progress"][1]))
+            elif "result" in answer:
+                return dict(answer["result"])
+            elif "error" in answer:
+                error = CryptfuseError(str(answer["error"]))
+                error.exit_code = int(answer.get("code", 1))
+                raise error
+
+
+# -- the server (in the daemon) -----------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """What the daemon serves, as the control server may see and replace it."""
+
+    container: str
+    header: str | None
+    get: Callable[[], Volume]
+    set: Callable[[Volume], None]
+
+
+class _LiveAdapter:
+    """:class:`reenc.Live` over a :class:`SegmentedVolume` (extents -> file extents)."""
+
+    def __init__(self, volume: SegmentedVolume, data_fd: int, header_fd: int) -> None:
+        self.volume, self.data_fd, self.header_fd = volume, data_fd, header_fd
+
+    def hold(self, start: int, end: int) -> contextlib.AbstractContextManager[None]:
+        return self.volume.hold(start, end)
+
+    def update(self, extents: list[reenc.Extent]) -> None:
+        self.volume.replace_extents(_maps(extents, self.data_fd, self.header_fd))
+
+
+def _maps(extents: list[reenc.Extent], data_fd: int, header_fd: int) -> list[ExtentMap]:
+    return [
+        ExtentMap(e.start, e.length, header_fd if e.on_header else data_fd, e.position, e.cipher)
+        for e in extents
+    ]
+
+
+class ControlServer:
+    """Listens on the control socket of a mounted container; one thread per client."""
+
+    def __init__(self, served: Served) -> None:
+        self.served = served
+        self.path = control_path(served.container, create=True)
+        with contextlib.suppress(FileNotFoundError):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+            except ConnectionRefusedError:
+                os.unlink(self.path)  # left by a daemon that died
+            else:
+                raise BusyError(f"another cryptfuse daemon serves {served.container}")
+            finally:
+                probe.close()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            self.sock.bind(self.path)
+        finally:
+            os.umask(old)
+        self.sock.listen(4)
+        self._closing = threading.Event()
+        self._work = threading.Lock()  # one reencryption at a time
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept, name="control", daemon=True)
+        self._accepter.start()
+
+    def close(self) -> None:
+        """Stop at the next hot-zone boundary, wait for the work, remove the socket."""
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        for t in self._threads:
+            t.join()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._client, args=(conn,), name="control-client")
+            self._threads.append(t)
+            t.start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            pid, uid, _ = _UCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+            if uid not in (0, os.getuid()):
+                log.warning("control: refused a client of uid %d (pid %d)", uid, pid)
+                return
+            lines = _lines(conn)
+            try:
+                req = next(lines)
+                if req.get("op") != "reencrypt":
+                    raise UsageError(f"unknown control request {req.get('op')!r}")
+                result = self._reencrypt(conn, lines, req)
+                _send(conn, {"result": result})
+            except CryptfuseError as exc:
+                log.error("online reencryption: %s", exc)
+                with contextlib.suppress(OSError):
+                    _send(conn, {"error": str(exc), "code": exc.exit_code})
+            except (StopIteration, OSError, ValueError) as exc:
+                log.warning("control client went away: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - never take the daemon down
+                log.exception("online reencryption failed")
+                with contextlib.suppress(OSError):
+                    _send(conn, {"error": f"internal error: {exc}", "code": 1})
+
+    def _reencrypt(
+        self, conn: socket.socket, lines: Iterator[dict[str, Any]], req: dict[str, Any]
+    ) -> dict[str, Any]:
+        if not self._work.acquire(blocking=False):
+            raise BusyError("a reencryption of this container is already running")
+        try:
+            return self._reencrypt_locked(conn, lines, req)
+        finally:
+            self._work.release()
+
+    def _reencrypt_locked(
+        self, conn: socket.socket, lines: Iterator[dict[str, Any]], req: dict[str, Any]
+    ) -> dict[str, Any]:
+        volume = self.served.get()
+        if volume.readonly:
+            raise UsageError("the container is mounted read-only; remount it read-write")
+        passphrase = base64.b64decode(req["passphrase"])
+        key_slot = req.get("key_slot")
+        header_path = self.served.header
+        header_fd = volume.fd
+        if header_path is not None:
+            header_fd = open_device(header_path, False, lock=False)
+        try:
+            devices = reenc.Devices(volume.fd, header_fd, header_path or self.served.container)
+            header = read_luks2_header(header_fd, devices.path)
+            if not reenc.in_reencryption(header.json):
+                if req.get("resume_only"):
+                    raise UsageError(f"Device {devices.path} is not in LUKS2 reencryption.")
+                init = req["init"]
+                options = reenc.ReencryptOptions(**init["options"])
+                slot = reenc.initialize_on(
+                    devices,
+                    passphrase,
+                    options,
+                    KdfParams(**init["kdf"]),
+                    key_slot=key_slot,
+                    af_hash=init["af_hash"],
+                )
+                log.info("reencryption initialized online (new keyslot %d)", slot)
+                if req.get("init_only"):
+                    return {"finished": False, "initialized": True, "slot": slot}
+            live = self._live(volume, devices, passphrase, key_slot)
+            stop = threading.Event()
+
+            def watch() -> None:  # a stop request, or the client going away
+                with contextlib.suppress(OSError, ValueError):
+                    for message in lines:
+                        if message.get("op") == "stop":
+                            break
+                stop.set()
+
+            threading.Thread(target=watch, name="control-watch", daemon=True).start()
+
+            def progress(done: int, total: int) -> None:
+                with contextlib.suppress(OSError):
+                    _send(conn, {"progress": [done, total]})
+
+            result = reenc.run_on(
+                devices,
+                passphrase,
+                key_slot=key_slot,
+                max_hotzone=int(req.get("hotzone", 0)),
+                progress=progress,
+                stop=lambda: stop.is_set() or self._closing.is_set(),
+                live=live,
+            )
+            log.info(
+                "online reencryption %s at %d of %d bytes",
+                "finished" if result.finished else "stopped",
+                result.done,
+                result.total,
+            )
+            return {"finished": result.finished, "done": result.done, "total": result.total}
+        finally:
+            if header_fd != volume.fd:
+                os.close(header_fd)
+
+    def _live(
+        self, volume: Volume, devices: reenc.Devices, passphrase: bytes, key_slot: int | None
+    ) -> _LiveAdapter:
+        """Serve the volume from the reencryption's extents, under a lock shared with
+        what served it before (its C data path is switched off: it knows one key)."""
+        header = read_luks2_header(devices.header_fd, devices.path)
+        extents, size, crashed = reenc.open_reencryption(
+            header,
+            devices.data_fd,
+            devices.header_fd,
+            passphrase,
+            key_slot,
+            os.lseek(devices.data_fd, 0, os.SEEK_END),
+        )
+        if crashed:
+            raise UsageError("an interrupted hot zone must be recovered first: remount")
+        if size != volume.size:
+            raise UsageError(
+                f"the volume would change size ({volume.size} -> {size} bytes) during "
+                "this reencryption; unmount and run it offline"
+            )
+        maps = _maps(extents, devices.data_fd, devices.header_fd)
+        if isinstance(volume, SegmentedVolume):
+            volume.replace_extents(maps)
+            return _LiveAdapter(volume, devices.data_fd, devices.header_fd)
+        granule = max(
+            [512]
+            + [
+                int(seg["sector_size"])
+                for seg in header.json["segments"].values()
+                if seg.get("type") == "crypt"
+            ]
+        )
+        live = SegmentedVolume(
+            volume.fd,
+            maps,
+            granule=granule,
+            description=f"{volume.description} (in reencryption)",
+            owns_fd=False,
+            shared_lock=(volume._lock, volume.sector_size),  # noqa: SLF001 - the same volume
+        )
+        self.served.set(live)
+        if volume.fast is not None:
+            # Requests already in C finish with the old key (no hot zone exists yet);
+            # from now on every READ/WRITE is declined to Python, which serves `live`.
+            volume.fast.drain()
+            volume.fast.close()
+        log.info("serving through the reencryption's segments from now on")
+        return _LiveAdapter(live, devices.data_fd, devices.header_fd)

@@ -1,0 +1,276 @@
+"""Online reencryption: ``cryptfuse reencrypt`` on a container a cryptfuse daemon mounts.
+
+The daemon does the work (it is the container's only writer) while it keeps serving
+the volume.  Checked here, through the kernel (root + FUSE):
+
+* a writer with a byte model (random offsets and lengths, each write fsync'd) runs
+  during the whole reencryption: the volume equals the model during and after it,
+  offline afterwards, and cryptsetup's dumped new key decrypts it;
+* ext4 on a loop device over the volume stays usable while it is reencrypted, and
+  ``e2fsck -fn`` is clean afterwards;
+* SIGKILL of the daemon in the middle: the container still opens (a read-write mount
+  recovers the hot zone), every fsync'd write is there, and ``--resume-only`` on the
+  new mount finishes online; SIGKILL of the command: the daemon stops at a hot-zone
+  boundary and keeps serving, and a second command resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_e2e_mount import (  # noqa: F401 - fixtures
+    Cryptfuse,
+    Stack,
+    cf,
+    daemon_pids,
+    losetup,
+    mount_fs,
+    need,
+    sh,
+    stack,
+    wait_gone,
+)
+from test_reencrypt import cryptsetup_checks, header_json
+
+from cryptfuse.formats import OpenOptions, Secret, open_volume
+from cryptfuse.formats import luks2_reencrypt as reenc
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+MiB = 1 << 20
+PASS = b"online-reencryption"
+
+
+def make(tmp: Path, mib: int, sector_size: int = 4096) -> tuple[Path, Path]:
+    need("cryptsetup")
+    img, key = tmp / "c.img", tmp / "pass"
+    key.write_bytes(PASS)
+    with open(img, "wb") as f:
+        f.truncate((1 + mib) * MiB)
+    sh(
+        "cryptsetup", "luksFormat", "--type", "luks2", "-q", "--pbkdf", "pbkdf2",
+        "--pbkdf-force-iterations", "1000", "--key-file", key, "--offset", "2048",
+        "--luks2-keyslots-size", "960k", "--sector-size", sector_size, img,
+    )  # fmt: skip
+    return img, key
+
+
+def reencrypt(cf: Cryptfuse, img: Path, key: Path, *extra: object) -> subprocess.Popen[bytes]:  # noqa: F811 - fixtures
+    return subprocess.Popen(
+        [sys.executable, "-m", "cryptfuse", "reencrypt", str(img), "--key-file", str(key),
+         "-q", *map(str, extra)],
+        env=cf.env, cwd=cf.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+class Writer(threading.Thread):
+    """Random writes through the mount, each fsync'd, against a byte model."""
+
+    def __init__(self, path: Path, model: bytearray, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.path, self.model, self.rng = path, model, random.Random(seed)
+        self.stop = threading.Event()
+        self.count = 0
+        self.error: BaseException | None = None
+        #: the write under way (offset, data): after a crash, neither acknowledged nor lost
+        self.pending: tuple[int, bytes] | None = None
+
+    def run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                while not self.stop.is_set():
+                    length = self.rng.choice([1, 100, 512, 4096, 4096, 65536, 300_000])
+                    offset = self.rng.randrange(0, len(self.model) - length)
+                    if self.rng.random() < 0.5:
+                        offset -= offset % 4096
+                    data = self.rng.randbytes(length)
+                    self.pending = (offset, data)
+                    os.pwrite(fd, data, offset)
+                    os.fsync(fd)
+                    self.model[offset : offset + length] = data
+                    self.pending = None
+                    self.count += 1
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(30)
+        assert not self.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def fill(volume: Path, size: int) -> bytearray:
+    model = bytearray(os.urandom(size))
+    with open(volume, "r+b") as f:
+        f.write(model)
+        f.flush()
+        os.fsync(f.fileno())
+    return model
+
+
+def matches(found: bytes, model: bytearray, pending: tuple[int, bytes] | None) -> bool:
+    """*found* is the model, except that the bytes of a write that was under way at a
+    crash may each be old or new (it was never acknowledged by an fsync)."""
+    if pending is None:
+        return found == model
+    offset, data = pending
+    end = offset + len(data)
+    if found[:offset] != model[:offset] or found[end:] != model[end:]:
+        return False
+    return all(
+        f in (m, d) for f, m, d in zip(found[offset:end], model[offset:end], data, strict=True)
+    )
+
+
+def offline(img: Path) -> bytes:
+    with open_volume(str(img), OpenOptions(readonly=True), Secret(PASS, False)) as v:
+        return v.read(0, v.size)
+
+
+def test_online_under_a_writer(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: F811 - fixtures
+    img, key = make(tmp_path, 24)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")
+    volume = mnt / "volume"
+    model = fill(volume, 24 * MiB)
+    writer = Writer(volume, model, 1)
+    writer.start()
+    proc = reencrypt(cf, img, key, "--hotzone-size", "1M", "--cipher", "aes-xts-plain64",
+                     "--key-size", "256", "--sector-size", "512")  # fmt: skip
+    out, err = proc.communicate(timeout=300)
+    writer.finish()
+    assert proc.returncode == 0, err.decode()
+    assert writer.count > 10
+    assert volume.read_bytes() == model
+    cf.unmount(mnt, pids)
+    assert offline(img) == model
+    hdr = header_json(img)
+    assert "requirements" not in hdr["config"] and hdr["segments"]["0"]["sector_size"] == 512
+    cryptsetup_checks(img, key, bytes(model))
+
+
+def test_online_ext4_stays_usable(cf: Cryptfuse, stack: Stack, tmp_path: Path) -> None:  # noqa: F811 - fixtures
+    need("losetup", "mkfs.ext4", "e2fsck")
+    img, key = make(tmp_path, 48)
+    mnt, ext = tmp_path / "mnt", tmp_path / "ext"
+    mnt.mkdir()
+    pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")
+    loop = losetup(stack, mnt / "volume")
+    sh("mkfs.ext4", "-q", "-F", loop)
+    mount_fs(stack, loop, ext)
+    files: dict[str, bytes] = {}
+    proc = reencrypt(cf, img, key, "--hotzone-size", "512k", "--resilience", "journal")
+    i = 0
+    while proc.poll() is None or i < 20:
+        data = os.urandom(random.randrange(1, 600_000))
+        name = f"f{i % 40}"  # rewritten in turn: the file system never fills up
+        (ext / name).write_bytes(data)
+        files[name] = data
+        if i % 5 == 0:
+            os.sync()
+        i += 1
+    assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
+    for name, data in files.items():
+        assert (ext / name).read_bytes() == data, name
+    stack.pop(f"mount {ext}")
+    stack.pop(f"loop {loop}")
+    cf.unmount(mnt, pids)
+    assert "requirements" not in header_json(img)["config"]
+    result = sh("e2fsck", "-fn", plaintext_copy(img), check=False)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def plaintext_copy(img: Path) -> str:
+    """The plaintext of *img* as a file e2fsck can read (offline, read-only)."""
+    plain = img.with_name("plain.img")
+    plain.write_bytes(offline(img))
+    return str(plain)
+
+
+def wait_in_progress(img: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Until the command has converted a few hot zones (the header says so)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        hdr = header_json(img)
+        first = hdr["segments"]["0"]["size"]
+        if reenc.in_reencryption(hdr) and first != "dynamic" and int(first) > 2 * MiB:
+            return
+        assert proc.poll() is None, "the reencryption finished too early for this test"
+        time.sleep(0.02)
+    raise AssertionError("no progress")
+
+
+@pytest.mark.parametrize("resilience", ["checksum", "journal"])
+def test_online_daemon_killed(cf: Cryptfuse, tmp_path: Path, resilience: str) -> None:  # noqa: F811 - fixtures
+    img, key = make(tmp_path, 64)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")
+    volume = mnt / "volume"
+    model = fill(volume, 64 * MiB)
+    writer = Writer(volume, model, 2)
+    writer.start()
+    proc = reencrypt(cf, img, key, "--hotzone-size", "256k", "--resilience", resilience)
+    wait_in_progress(img, proc)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pids)
+    writer.stop.set()
+    writer.join(30)  # its last write failed (ENOTCONN): not in the model, not fsync'd
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    assert reenc.in_reencryption(header_json(img))
+    # read-only: the interrupted hot zone is worked out in memory
+    assert matches(offline(img), model, writer.pending)
+    pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")  # recovers
+    found = volume.read_bytes()
+    assert matches(found, model, writer.pending)
+    model[:] = found
+    proc = reencrypt(cf, img, key, "--resume-only")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert volume.read_bytes() == model
+    cf.unmount(mnt, pids)
+    cryptsetup_checks(img, key, bytes(model))
+
+
+def test_online_command_killed(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: F811 - fixtures
+    img, key = make(tmp_path, 64)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")
+    volume = mnt / "volume"
+    model = fill(volume, 64 * MiB)
+    proc = reencrypt(cf, img, key, "--hotzone-size", "256k")
+    wait_in_progress(img, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    time.sleep(1)  # the daemon notices and stops at the next boundary
+    assert reenc.in_reencryption(header_json(img))
+    assert volume.read_bytes() == model
+    with open(volume, "r+b") as f:  # still writable, in the old and the new part
+        for offset in (0, 32 * MiB, 64 * MiB - 4096):
+            f.seek(offset)
+            f.write(b"x" * 4096)
+            model[offset : offset + 4096] = b"x" * 4096
+    proc = reencrypt(cf, img, key, "--resume-only")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert volume.read_bytes() == model
+    cf.unmount(mnt, pids)
+    assert offline(img) == model
