@@ -10,19 +10,21 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import os
 import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 from . import control
 from .cli_input import PROG, _nonneg_int
-from .cli_luks import _existing_secret, _kdf_options, _key_options, _parser, _size
-from .errors import UnsupportedError, UsageError
+from .cli_luks import _existing_secret, _kdf_options, _key_options, _new_secret, _parser, _size
+from .errors import BusyError, UnsupportedError, UsageError
 from .formats import luks2_reencrypt as reenc
-from .formats.luks2 import read_luks2_header
+from .formats.luks2 import has_luks2_header, read_luks2_header
 from .formats.luks_write import KdfParams
 from .formats.manage import KdfOptions, resolve_kdf
 from .volume import open_device
@@ -51,8 +53,6 @@ def _old_kdf(container: str, header: str | None, slot: int | None) -> KdfParams 
     try:
         hdr = read_luks2_header(fd, path)
     finally:
-        import os
-
         os.close(fd)
     slots = [s for s in hdr.metadata.keyslots.values() if s.type == "luks2"]
     chosen = next((s for s in slots if slot is None or s.index == slot), None)
@@ -129,9 +129,11 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     g.add_argument("--hotzone-size", type=_size, default=0, metavar="SIZE")
     g.add_argument("--init-only", action="store_true", help="write the metadata only")
     g.add_argument("--resume-only", action="store_true", help="only resume a started one")
-    g.add_argument("--encrypt", action="store_true", help="(not implemented: see README)")
-    g.add_argument("--decrypt", action="store_true", help="(not implemented: see README)")
-    g.add_argument("--reduce-device-size", type=_size, metavar="SIZE")
+    g.add_argument("--encrypt", action="store_true", help="a plaintext device becomes LUKS2")
+    g.add_argument("--decrypt", action="store_true", help="LUKS2 becomes plaintext (--header)")
+    g.add_argument("--reduce-device-size", type=_size, metavar="SIZE", help="--encrypt in place")
+    g.add_argument("--offset", type=_nonneg_int, metavar="SECTORS", help="--encrypt: data offset")
+    g.add_argument("--uuid", metavar="UUID", help="--encrypt: the new header's UUID")
     g.add_argument("--type", "-M", choices=("luks2",), default="luks2")
     g.add_argument(
         "--force-offline-reencrypt",
@@ -142,26 +144,26 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     if args.init_only and args.resume_only:
         raise UsageError("Options --init-only and --resume-only cannot be combined.")
     container, header = args.container, args.header
-    fd = open_device(header or container, True, lock=False)
-    try:
-        current = read_luks2_header(fd, header or container)
-    finally:
-        import os
-
-        os.close(fd)
-    started = reenc.in_reencryption(current.json)
+    if args.encrypt and args.decrypt:
+        raise UsageError("Options --encrypt and --decrypt cannot be combined.")
+    current = _luks2_json(header or container)
+    started = current is not None and reenc.in_reencryption(current)
     sock = control.connect(container)
     if sock is not None:  # mounted by a cryptfuse daemon: it does the work (online)
+        if args.encrypt or args.decrypt:
+            raise BusyError(f"{container} is mounted; --encrypt/--decrypt work offline only.")
         with sock:
             return _online(args, sock, started)
-    if not started and (args.encrypt or args.decrypt or args.reduce_device_size):
-        raise UnsupportedError(
-            "Starting --encrypt/--decrypt/--reduce-device-size is not implemented in cryptfuse "
-            "yet; "
-            "start it with cryptsetup, then 'cryptfuse reencrypt --resume-only' finishes it."
-        )
     if args.resume_only and not started:
         raise UsageError(f"Device {container} is not in LUKS2 reencryption.")
+    if not started and args.encrypt:
+        return _start_encrypt(args)
+    if not started and args.decrypt:
+        return _start_decrypt(args)
+    if current is None:
+        raise UsageError(f"Device {header or container} is not a valid LUKS2 device.")
+    if not started and args.reduce_device_size:
+        raise UnsupportedError("--reduce-device-size goes with --encrypt.")
     passphrase = _existing_secret(args, f"Enter passphrase for {container}: ")
     if not started:
         kdf_params, options = _new_reencryption(args)
@@ -178,17 +180,81 @@ def reencrypt_command(argv: Sequence[str]) -> int:
             print(f"Key slot {slot} created for the new volume key.", file=sys.stderr)
         if args.init_only:
             return 0
+    return _run_to_end(args, passphrase)
+
+
+def _luks2_json(path: str) -> dict[str, Any] | None:
+    """The LUKS2 metadata at *path*, or None when there is no LUKS header (or no file)."""
+    if not os.path.exists(path):
+        return None
+    fd = open_device(path, True, lock=False)
+    try:
+        if os.pread(fd, 6, 0) != b"LUKS\xba\xbe" and not has_luks2_header(fd):
+            return None
+        return read_luks2_header(fd, path).json
+    finally:
+        os.close(fd)
+
+
+def _run_to_end(args: argparse.Namespace, passphrase: bytes) -> int:
     with _interruptible() as stop, _progress(not args.batch) as progress:
         result = reenc.run(
-            container,
-            header,
+            args.container,
+            args.header,
             passphrase,
             key_slot=args.key_slot,
             max_hotzone=args.hotzone_size,
             progress=progress,
             stop=stop,
         )
-    return _report(result.finished, result.done, result.total, container)
+    return _report(result.finished, result.done, result.total, args.container)
+
+
+def _start_encrypt(args: argparse.Namespace) -> int:
+    """``--encrypt``: the plaintext device becomes LUKS2 (detached header or data shift)."""
+    passphrase = _new_secret(
+        args.key_file,
+        args.keyfile_offset,
+        args.keyfile_size,
+        f"Enter passphrase for {args.container}: ",
+    )
+    key_bits = args.key_size or 512
+    kdf = resolve_kdf(_kdf(args), "luks2", key_bits // 8, args.hash or "sha256")
+    options = reenc.EncryptOptions(
+        cipher=args.cipher or "aes-xts-plain64",
+        key_size=key_bits,
+        sector_size=args.sector_size or 512,
+        resilience=args.resilience,
+        resilience_hash=args.resilience_hash,
+        offset=args.offset * 512 if args.offset is not None else None,
+        reduce=args.reduce_device_size or 0,
+        hash=args.hash or "sha256",
+        uuid=args.uuid,
+        key_slot=args.key_slot or 0,
+    )
+    reenc.initialize_encrypt(args.container, args.header, passphrase, options, kdf)
+    if args.init_only:
+        return 0
+    return _run_to_end(args, passphrase)
+
+
+def _start_decrypt(args: argparse.Namespace) -> int:
+    """``--decrypt --header FILE``: the LUKS2 container becomes plaintext."""
+    if args.header is None:
+        raise UsageError("LUKS2 decryption requires --header option.")
+    passphrase = _existing_secret(args, f"Enter passphrase for {args.container}: ")
+    reenc.initialize_decrypt(
+        args.container,
+        args.header,
+        passphrase,
+        key_slot=args.key_slot,
+        resilience=args.resilience,
+        resilience_hash=args.resilience_hash,
+        max_hotzone=args.hotzone_size,
+    )
+    if args.init_only:
+        return 0
+    return _run_to_end(args, passphrase)
 
 
 def _report(finished: bool, done: int, total: int, container: str) -> int:

@@ -1356,7 +1356,8 @@ def _open_in_reencryption(
     served from its recovered state, worked out without writing."""
     from .luks2_reencrypt import open_reencryption
 
-    unknown = [r for r in header.metadata.config.requirements if r != "online-reencrypt-v2"]
+    supported = ("online-reencrypt-v2", "online-reencrypt-v3")
+    unknown = [r for r in header.metadata.config.requirements if r not in supported]
     if unknown:
         header.check_requirements()
     extents, _, crashed = open_reencryption(

@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 
 SECTOR = 512
 REQUIREMENT = "online-reencrypt-v2"
+#: the versions implemented here: v3 marks a decryption that moves its first segment
+REQUIREMENTS = ("online-reencrypt-v2", "online-reencrypt-v3")
 #: cryptsetup's hard limit on one hot zone, and its default for resilience ``none``
 MAX_HOTZONE = 1 << 30
 NONE_HOTZONE = 20 << 20
@@ -426,9 +428,11 @@ def _offset(rh: Reencryption) -> None:
         return
     if rh.direction == "forward":
         if rh.mode == "decrypt" and rh.seg_moved is not None:
-            raise UnsupportedError(
-                "Decryption with a data shift (cryptsetup >= 2.7) is not supported."
-            )
+            # reencrypt_offset_forward_moved: after the last crypt segment's start
+            last = max((i for i, x in enumerate(segs) if x["type"] == "crypt"), default=-1)
+            rh.offset = 0 if last <= 0 else _seg_offset(segs[last]) - rh.shift
+            rh.offset = min(rh.offset, rh.device_size)
+            return
         if len(segs) == 1:
             rh.offset = 0
         elif len(segs) == 2 and _seg_size(segs[0]):
@@ -524,6 +528,12 @@ def _context(rh: Reencryption, container_size: int, max_hotzone: int, crashed: b
     rh.length = min(rh.length, rh.device_size - rh.offset)
     if rh.direction == "backward":
         rh.progress = rh.device_size - rh.offset - rh.length
+    elif rh.seg_moved is not None:  # decryption moving its first segment: done last
+        moved = _seg_size(rh.seg_moved) or 0
+        if rh.offset == _seg_offset(rh.seg_moved):
+            rh.progress = rh.device_size - moved
+        else:
+            rh.progress = rh.offset - moved
     else:
         rh.progress = rh.offset
     if crashed:
@@ -573,6 +583,8 @@ def _hot_segments(rh: Reencryption) -> list[dict[str, Any]]:
     segs = _live_segments(rh.obj)
     if rh.mode == "encrypt" and rh.direction == "backward" and rh.seg_moved is not None:
         return _hot_segments_encrypt_shift(rh, segs)
+    if rh.mode == "decrypt" and rh.direction == "forward" and rh.seg_moved is not None:
+        return _hot_segments_decrypt_shift(rh, segs)
     out: list[dict[str, Any]] = []
     end = rh.offset + rh.length
     if rh.direction == "forward":
@@ -616,6 +628,25 @@ def _hot_segments_encrypt_shift(
     return out
 
 
+def _hot_segments_decrypt_shift(
+    rh: Reencryption, segs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """[moved ciphertext at 0 | plaintext done | hot zone | ciphertext after the shift]."""
+    out: list[dict[str, Any]] = []
+    end = rh.offset + rh.length
+    if rh.offset:
+        out.append(copy.deepcopy(segs[0]))
+        if rh.progress:
+            out.append(_new_segment(rh, _seg_size(segs[0]) or 0, 0, rh.progress))
+    out.append(_new_segment(rh, rh.offset, rh.offset, rh.length, hot=True))
+    if not rh.offset and len(segs) > 1:
+        out.append(copy.deepcopy(segs[1]))
+    elif end < rh.device_size:
+        rest = rh.device_size - end if rh.fixed_length else None
+        out.append(_old_segment(rh, rh.data_offset_new + rh.shift, end, rest))
+    return out
+
+
 def _post_segments(rh: Reencryption, hot_segs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     hot = _hot_index(hot_segs)
     if hot is None:
@@ -635,6 +666,16 @@ def _post_segments(rh: Reencryption, hot_segs: list[dict[str, Any]]) -> list[dic
             size = rh.length
         new["size"] = str(size) if hot > 0 else "dynamic"
         out.append(new)
+        return out
+    if rh.mode == "decrypt" and rh.direction == "forward" and rh.seg_moved is not None:
+        if hot == 0:  # the moved first segment, decrypted last: all plaintext now
+            return [_new_segment(rh, 0, 0, None)]
+        after = hot_segs[hot + 1] if hot + 1 < len(hot_segs) else None
+        done = rh.length + rh.progress
+        moved = _seg_size(rh.seg_moved) or 0
+        out = [copy.deepcopy(hot_segs[0]), _new_segment(rh, moved, 0, done if after else None)]
+        if after is not None:
+            out.append(copy.deepcopy(after))
         return out
     if rh.direction == "forward":
         done = rh.offset + rh.length
@@ -721,7 +762,10 @@ def _update(rh: Reencryption) -> None:
             rh.offset -= rh.length
     else:
         rh.offset += rh.read
-        rh.length = min(rh.length, rh.device_size - rh.offset)
+        if rh.offset == rh.device_size and rh.seg_moved is not None and rh.mode == "decrypt":
+            rh.offset, rh.length = 0, _seg_size(rh.seg_moved) or 0  # the moved segment last
+        else:
+            rh.length = min(rh.length, rh.device_size - rh.offset)
     if rh.offset > rh.device_size:
         raise FormatError("Calculated reencryption offset is beyond the device size.")
     rh.progress += rh.read
@@ -1041,7 +1085,7 @@ def _load(
 
 def _check_version(obj: dict[str, Any]) -> None:
     reqs = obj["config"].get("requirements", {}).get("mandatory", [])
-    if REQUIREMENT not in reqs:
+    if not any(r in REQUIREMENTS for r in reqs):
         raise UnsupportedError(
             f"LUKS2 reencryption metadata of an old cryptsetup ({', '.join(reqs)}); "
             "run 'cryptsetup repair' first."
@@ -1162,8 +1206,6 @@ def run_on(
         keys = rh.keys
         rh = Reencryption.from_json(copy.deepcopy(header.json))
         rh.keys = keys
-    if rh.mode == "decrypt" and rh.seg_moved is not None:
-        raise UnsupportedError("Decryption with a data shift (cryptsetup >= 2.7) is not supported.")
     if live is not None and (rh.mode != "reencrypt" or rh.shift):
         raise UnsupportedError(
             f"Online {rh.mode} with {rh.area_type} resilience is not supported; "
@@ -1260,9 +1302,7 @@ def initialize_on(
     """:func:`initialize` on descriptors the caller holds (the daemon: online)."""
     header = read_luks2_header(devices.header_fd, devices.path)
     if in_reencryption(header.json):
-        raise UsageError(
-            "LUKS2 reencryption already initialized. Use --resume-only to continue."
-        )
+        raise UsageError("LUKS2 reencryption already initialized. Use --resume-only to continue.")
     header.check_requirements()
     seg, spec, bound = header.data_segment()
     usable = [k for k in bound.keyslots if header.metadata.keyslots[k].type == "luks2"]
@@ -1290,9 +1330,7 @@ def initialize_on(
     check = max(old_ss, new_ss)
     data_size = seg.size if seg.size is not None else size
     if data_size % check:
-        raise UsageError(
-            f"Data device is not aligned to encryption sector size ({check} bytes)."
-        )
+        raise UsageError(f"Data device is not aligned to encryption sector size ({check} bytes).")
     if options.resilience == "checksum":
         hashlib_name(options.resilience_hash)
     writer = devices.writer()
@@ -1316,9 +1354,7 @@ def initialize_on(
             pbkdf2(digest_hash, new_key, salt, digest_iterations, hash_size(digest_hash))
         ),
     }
-    area_spec = luks_cipher_spec(
-        str(obj["keyslots"][str(slot)]["area"]["encryption"]), "keyslot"
-    )
+    area_spec = luks_cipher_spec(str(obj["keyslots"][str(slot)]["area"]["encryption"]), "keyslot")
     writer.write_keyslot(
         new_slot, new_key, passphrase, kdf, area_spec, af_hash=af_hash, digest=new_digest
     )
@@ -1386,6 +1422,376 @@ def _max_gap(writer: Luks2Writer) -> tuple[int, int] | None:
             best = (position, offset - position)
         position = max(position, offset + size)
     return best
+
+
+def _reencrypt_keyslot(
+    writer: Luks2Writer,
+    *,
+    mode: str,
+    direction: str,
+    resilience: str,
+    hash_name: str,
+    block: int,
+    shift: int = 0,
+) -> int:
+    """Add the ``reencrypt`` keyslot (cryptsetup's ``reenc_keyslot_alloc``) to the
+    writer's metadata; returns its number.  Plain ``datashift`` needs no storage (a
+    4 KiB first-fit area), the others the largest free gap of the keyslots area."""
+    obj = writer.obj
+    slot = writer.free_keyslot()
+    if slot is None:
+        raise CryptfuseError("All key slots full.")
+    if resilience == "datashift":
+        offset = writer.find_area(4096)
+        gap = None if offset is None else (offset, 4096)
+    else:
+        gap = _max_gap(writer)
+    if gap is None:
+        raise CryptfuseError("No space for the reencryption keyslot area.")
+    area: dict[str, Any] = {"offset": str(gap[0]), "size": str(gap[1]), "type": resilience}
+    if resilience in ("checksum", "datashift-checksum"):
+        hashlib_name(hash_name)
+        area["hash"] = hash_name
+        area["sector_size"] = block
+    if resilience.startswith("datashift"):
+        area["shift_size"] = str(shift)
+    obj["keyslots"][str(slot)] = {
+        "area": area,
+        "type": "reencrypt",
+        "key_size": 1,
+        "mode": mode,
+        "direction": direction,
+        "priority": 0,
+    }
+    obj["keyslots"] = {k: obj["keyslots"][k] for k in sorted(obj["keyslots"], key=int)}
+    return slot
+
+
+def _require(obj: dict[str, Any], requirement: str) -> None:
+    reqs = obj["config"].setdefault("requirements", {})
+    reqs["mandatory"] = [*reqs.get("mandatory", []), requirement]
+
+
+def _flagged(seg: dict[str, Any], flag: str) -> dict[str, Any]:
+    out = copy.deepcopy(seg)
+    out["flags"] = [*out.get("flags", []), flag]
+    return out
+
+
+#: checksum blocks: the larger of the file system block cryptsetup assumes and the sectors
+MIN_CHECKSUM_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class EncryptOptions:
+    """``cryptsetup reencrypt --encrypt`` (a plaintext device becomes LUKS2)."""
+
+    cipher: str = "aes-xts-plain64"
+    key_size: int = 512  # bits
+    sector_size: int = 512
+    resilience: str = "checksum"
+    resilience_hash: str = "sha256"
+    #: bytes; the data offset in the device with a detached header (default 0)
+    offset: int | None = None
+    #: bytes (``--reduce-device-size``): header in the device, data moved by half of it
+    reduce: int = 0
+    hash: str = "sha256"
+    uuid: str | None = None
+    key_slot: int = 0
+
+
+def initialize_encrypt(
+    data_path: str,
+    header_path: str | None,
+    passphrase: bytes,
+    options: EncryptOptions,
+    kdf: KdfParams,
+    *,
+    digest_iterations: int = 1000,
+) -> int:
+    """Start encrypting a plaintext device in place (``--init-only`` of ``--encrypt``).
+
+    With a detached header (*header_path*, no reduction) the header file is written
+    in one commit and the device is untouched until the run.  With
+    ``options.reduce`` (header in the device) the first ``reduce/2`` bytes are first
+    copied to the device's last ``reduce/2`` bytes (which the user gives up), made
+    durable, and then the header is written over the start of the device: between
+    those two, as with cryptsetup, the device is neither plaintext nor LUKS2 (its
+    first chunk is intact in the copy at the end).  Returns the new keyslot.
+    """
+    from .luks2_write import build_metadata, luks2_layout
+
+    spec = parse_cipher_spec(options.cipher)
+    if options.key_size % 8:
+        raise UsageError("Key size must be a multiple of 8 bits.")
+    key_bytes = options.key_size // 8
+    spec.check_key_size(key_bytes)
+    SectorCipher(spec, bytes(key_bytes))  # an unimplemented cipher is refused before writing
+    ss = options.sector_size
+    if ss not in SECTOR_SIZES:
+        raise UsageError("Unsupported encryption sector size.")
+    if options.resilience not in ("checksum", "journal", "none"):
+        raise UsageError(f"Unsupported resilience mode {options.resilience}.")
+    detached = header_path is not None
+    if not detached and not options.reduce:
+        raise UsageError(
+            "Encryption without detached header (--header) is not possible without data "
+            "device size reduction (--reduce-device-size)."
+        )
+    if detached and options.reduce:
+        raise UnsupportedError("--reduce-device-size with a detached --header is not supported.")
+    if options.reduce % (2 * SECTOR):
+        raise UsageError("--reduce-device-size must be a multiple of 1024 bytes.")
+    from .manage import _has_luks, _locked
+
+    if detached:
+        assert header_path is not None
+        if not os.path.exists(header_path):
+            fd = os.open(header_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.close(fd)
+    with _locked(data_path, header_path, write=True) as h:
+        if _has_luks(h.data_fd) or (detached and _has_luks(h.header_fd)):
+            raise UsageError(
+                f"Device {h.header_path if detached else data_path} already contains a LUKS "
+                "header; refusing to encrypt it again."
+            )
+        total = device_size(h.data_fd)
+        if detached:
+            layout = luks2_layout(
+                metadata_size=None, keyslots_size=None, offset=options.offset, detached=True
+            )
+            data_offset = layout.data_offset
+            shift = 0
+            data_size = total - data_offset
+        else:
+            shift = options.reduce // 2
+            layout = luks2_layout(
+                metadata_size=None, keyslots_size=None, offset=shift, detached=False
+            )
+            data_offset = shift
+            data_size = total - options.reduce
+        if data_size <= 0:
+            raise UsageError(f"Device {data_path} is too small.")
+        if data_size % max(ss, SECTOR):
+            raise UsageError(f"Data device is not aligned to encryption sector size ({ss} bytes).")
+        volume_key = os.urandom(key_bytes)
+        obj = build_metadata(
+            layout=layout,
+            encryption=str(spec),
+            sector_size=ss,
+            volume_key=volume_key,
+            digest_hash=options.hash,
+            digest_iterations=digest_iterations,
+        )
+        final = _flagged(crypt_segment(data_offset, 0, None, str(spec), ss), "backup-final")
+        if shift:
+            moved_at = total - data_offset
+            first = min(shift, data_size)
+            live = [linear_segment(moved_at, first)]
+            if data_size > shift:
+                live.append(linear_segment(shift, data_size - shift))
+            segs = [
+                *live,
+                _flagged(live[0], "backup-moved-segment"),
+                _flagged(linear_segment(0, data_size), "backup-previous"),
+                final,
+            ]
+        else:
+            live = [linear_segment(data_offset, None)]
+            segs = [*live, _flagged(linear_segment(data_offset, None), "backup-previous"), final]
+        obj["segments"] = {str(i): seg for i, seg in enumerate(segs)}
+        obj["digests"]["0"]["segments"] = [str(len(segs) - 1)]
+        from .luks2_write import Luks2Writer as Writer
+
+        writer = Writer.new(h.header_fd, obj, layout, label="", subsystem="", uuid=options.uuid)
+        resilience = "datashift" if shift else options.resilience
+        rslot_hint = options.key_slot
+        if not 0 <= rslot_hint < 32:
+            raise UsageError(f"Key slot {rslot_hint} is invalid.")
+        metadata_end = 2 * layout.metadata_size + layout.keyslots_size
+        if shift:
+            # 1. the first chunk goes where the device gives up space, durably
+            chunk = pread_exact(h.data_fd, first, 0, "first data chunk")
+            pwrite_all(h.data_fd, chunk, moved_at, "moved first data chunk")
+            sync(h.data_fd)
+        elif device_size(h.header_fd) < metadata_end:
+            os.ftruncate(h.header_fd, metadata_end)
+        # 2. a clean metadata area (on the device: the moved chunk's old place)
+        pwrite_all(h.header_fd, bytes(metadata_end), 0, "LUKS2 metadata area")
+        sync(h.header_fd)
+        writer.write_keyslot(
+            rslot_hint, volume_key, passphrase, kdf, spec, af_hash=options.hash, digest="0"
+        )
+        _reencrypt_keyslot(
+            writer,
+            mode="encrypt",
+            direction="backward" if shift else "forward",
+            resilience=resilience,
+            hash_name=options.resilience_hash,
+            block=max(MIN_CHECKSUM_BLOCK, ss),
+            shift=shift,
+        )
+        _require(writer.obj, REQUIREMENT)
+        writer.obj = rdigest.with_reencrypt_digest(
+            writer.obj, {0: volume_key}, hash_name=options.hash
+        )
+        # 3. one commit: from here the device is LUKS2 in reencryption
+        writer.commit()
+        return rslot_hint
+
+
+def initialize_decrypt(
+    data_path: str,
+    header_path: str,
+    passphrase: bytes,
+    *,
+    key_slot: int | None = None,
+    resilience: str = "checksum",
+    resilience_hash: str = "sha256",
+    max_hotzone: int = 0,
+) -> None:
+    """Start decrypting a LUKS2 container in place (``--decrypt --header FILE``).
+
+    *header_path* an existing detached header (data offset 0): decrypted backward
+    in place with *resilience*.  Otherwise (cryptsetup 2.6's ``online-reencrypt-v3``)
+    the header in the device is exported to the new file *header_path* first (made
+    durable), the device's header signatures are wiped (the container then opens
+    with ``--header``), the first data chunk (ciphertext) is copied to the start of
+    the device, and one commit of the exported header starts the decryption, which
+    moves the data back by the old data offset and decrypts that chunk last.
+    """
+    from .manage import _locked
+
+    if os.path.exists(header_path) and not os.path.samefile(header_path, data_path):
+        with _locked(data_path, header_path, write=True) as h:
+            header = read_luks2_header(h.header_fd, header_path)
+            if in_reencryption(header.json):
+                raise UsageError(
+                    "LUKS2 reencryption already initialized. Use --resume-only to continue."
+                )
+            seg, _, bound = header.data_segment()
+            if seg.offset:
+                raise UnsupportedError(
+                    "LUKS2 decryption is supported with detached header device only "
+                    "(with data offset set to 0)."
+                )
+            _single_slot(header, bound.keyslots, key_slot)
+            _, old_key = header.unlock(h.header_fd, passphrase, key_slot)
+            writer = Luks2Writer.from_header(h.header_fd, header)
+            obj = writer.obj
+            obj["segments"]["1"] = _flagged(obj["segments"]["0"], "backup-previous")
+            obj["segments"]["2"] = _flagged(linear_segment(0, None), "backup-final")
+            obj["digests"][str(bound.index)]["segments"] = ["0", "1"]
+            if resilience not in ("checksum", "journal", "none"):
+                raise UsageError(f"Unsupported resilience mode {resilience}.")
+            _reencrypt_keyslot(
+                writer,
+                mode="decrypt",
+                direction="backward",
+                resilience=resilience,
+                hash_name=resilience_hash,
+                block=max(MIN_CHECKSUM_BLOCK, int(seg.sector_size or SECTOR)),
+            )
+            _require(obj, REQUIREMENT)
+            writer.obj = rdigest.with_reencrypt_digest(
+                obj, {bound.index: old_key}, hash_name=str(bound.hash or "sha256")
+            )
+            writer.commit()
+        return
+    if os.path.exists(header_path):
+        raise UsageError("LUKS2 decryption requires a detached header (--header FILE).")
+    with _locked(data_path, None, write=True) as h:
+        header = read_luks2_header(h.data_fd, data_path)
+        if in_reencryption(header.json):
+            raise UsageError(
+                "LUKS2 reencryption already initialized. Use --resume-only to continue."
+            )
+        seg, _, bound = header.data_segment()
+        _single_slot(header, bound.keyslots, key_slot)
+        _, old_key = header.unlock(h.data_fd, passphrase, key_slot)
+        shift = seg.offset
+        data_size = device_size(h.data_fd) - shift
+        if shift <= 0 or data_size <= 0:
+            raise UsageError(f"Device {data_path} has no header area to move the data into.")
+        moved = max_hotzone or min(shift, NONE_HOTZONE)
+        moved = min(moved, shift, data_size)
+        ss = int(seg.sector_size or SECTOR)
+        block = max(MIN_CHECKSUM_BLOCK, ss)
+        moved -= moved % block
+        if moved <= 0:
+            raise UsageError("Moved segment size is too small.")
+        # 1. export the header (and keyslots) to the new file, durably
+        size = header.hdr_and_areas_size
+        fd = os.open(header_path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            pwrite_all(fd, pread_exact(h.data_fd, size, 0, "LUKS2 header"), 0, "header file")
+            sync(fd)
+            exported = read_luks2_header(fd, header_path)
+            writer = Luks2Writer.from_header(fd, exported)
+            obj = writer.obj
+            old = obj["segments"]["0"]
+            live = [crypt_segment(0, 0, moved, str(old["encryption"]), ss)]
+            if data_size > moved:
+                live.append(
+                    crypt_segment(shift + moved, moved // SECTOR, None, str(old["encryption"]), ss)
+                )
+            segs = [
+                *live,
+                _flagged(live[0], "backup-moved-segment"),
+                _flagged(
+                    crypt_segment(shift, 0, None, str(old["encryption"]), ss), "backup-previous"
+                ),
+                _flagged(linear_segment(0, None), "backup-final"),
+            ]
+            obj["segments"] = {str(i): x for i, x in enumerate(segs)}
+            obj["digests"][str(bound.index)]["segments"] = [
+                str(i) for i, x in enumerate(segs) if x["type"] == "crypt"
+            ]
+            rslot = _reencrypt_keyslot(
+                writer,
+                mode="decrypt",
+                direction="forward",
+                resilience="datashift-checksum",
+                hash_name=resilience_hash,
+                block=block,
+                shift=shift,
+            )
+            capacity = (
+                int(obj["keyslots"][str(rslot)]["area"]["size"])
+                // hash_size(resilience_hash)
+                * block
+            )
+            if moved > capacity:
+                raise UsageError(
+                    f"Moved segment too large. Requested size {moved}, available space for: "
+                    f"{capacity}."
+                )
+            _require(obj, "online-reencrypt-v3")
+            writer.obj = rdigest.with_reencrypt_digest(
+                obj, {bound.index: old_key}, hash_name=str(bound.hash or "sha256")
+            )
+            # 2. the device stops being LUKS (the exported header opens it meanwhile)
+            for offset in (0, header.binary.hdr_size):
+                pwrite_all(h.data_fd, bytes(BIN_HEADER), offset, "header signature wipe")
+            sync(h.data_fd)
+            # 3. the first chunk of ciphertext to the start, then the one commit
+            chunk = pread_exact(h.data_fd, moved, shift, "first data chunk")
+            pwrite_all(h.data_fd, chunk, 0, "moved first data chunk")
+            sync(h.data_fd)
+            writer.commit()
+        finally:
+            os.close(fd)
+
+
+BIN_HEADER = 4096
+
+
+def _single_slot(header: LUKS2Header, slots: tuple[int, ...], key_slot: int | None) -> None:
+    usable = [k for k in slots if header.metadata.keyslots[k].type == "luks2"]
+    if key_slot is None and len(usable) > 1:
+        raise UsageError(
+            "Key file can be used only with --key-slot or with exactly one key slot active."
+        )
 
 
 def open_reencryption(

@@ -293,7 +293,10 @@ class Luks2Writer:
         """
         if not reencryption:
             header.check_requirements()
-        elif any(r != "online-reencrypt-v2" for r in header.metadata.config.requirements):
+        elif any(
+            r not in ("online-reencrypt-v2", "online-reencrypt-v3")
+            for r in header.metadata.config.requirements
+        ):
             header.check_requirements()
         hdr_size = header.binary.hdr_size
         salts = []
