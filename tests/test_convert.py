@@ -446,3 +446,21 @@ def test_crash_at_every_write(tmp_path: Path, luks: str, to: str, slots: list[in
             assert img.read_bytes()[offset:] == data
             checked += 1
     assert checked == len(events) + events.count("w")
+
+
+def test_luks2_eight_keyslots_fall_back_to_cryptsetup_order(tmp_path: Path) -> None:
+    """Keyslot 0 must leave the LUKS2 header region but no LUKS1 slot is free."""
+    src = make(tmp_path, "src.img", "luks2", [0], size=20 * MIB, extra=("--sector-size", "512"))
+    for slot in range(1, 8):
+        cs(
+            "luksAddKey", "-q", *FAST, "-S", str(slot), "-d", keyfile(tmp_path, PASS[0]),
+            str(src), keyfile(tmp_path, PASS[0]),
+        )  # fmt: skip
+    ref = tmp_path / "ref.img"
+    shutil.copyfile(src, ref)
+    cs("convert", "-q", "--type", "luks1", str(ref))
+    warnings: list[str] = []
+    conv.convert(str(src), "luks1", confirm=lambda _: True, warn=warnings.append)
+    assert warnings and "cryptsetup's order" in warnings[0]
+    assert src.read_bytes()[: 2 * MIB] == ref.read_bytes()[: 2 * MIB]
+    assert cs_opens(src, PASS[0])

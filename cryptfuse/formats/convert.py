@@ -588,7 +588,8 @@ def _to_luks1(fd: int, hdr: LUKS2Header, plan: _ToLuks1, warn: Warn) -> None:
             "No free keyslot or keyslot-area gap to convert step by step: converting in "
             "cryptsetup's order (a crash before the new header is written loses the keyslots)."
         )
-        _shift(fd, lo, LUKS1_KEYSLOTS, space.hi - lo)
+        # cryptsetup moves from 32 KiB whatever the metadata size: offsets shift by 28 KiB.
+        _shift(fd, 2 * LUKS2_HDR, LUKS1_KEYSLOTS, plan.keyslots_size)
         raw = serialize_luks1(final1)
         pwrite_all(fd, raw + bytes(LUKS1_KEYSLOTS - HEADER_SIZE), 0, "LUKS1 header")
         sync(fd)
