@@ -59,6 +59,11 @@ lint: setup
 bench: setup
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
+# cryptfuse reencrypt vs cryptsetup reencrypt, 1 GiB, 3 rounds (root drops the page cache).
+.PHONY: bench-reencrypt
+bench-reencrypt: setup
+	$(VPY) bench/reencrypt.py $(BENCH_REENCRYPT_ARGS)
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
