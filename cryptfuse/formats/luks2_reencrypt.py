@@ -66,6 +66,7 @@ __all__ = [
     "in_reencryption",
     "initialize",
     "logical_extents",
+    "only_finish_left",
     "open_reencryption",
     "recover",
     "run",
@@ -377,14 +378,17 @@ def logical_extents(
     recovery works out for it (:func:`recovered_extents`).
     """
     segs = _live_segments(rh.obj)
-    fixed = sum(s for s in (_seg_size(x) for x in segs) if s is not None)
-    dynamic = any(_seg_size(s) is None for s in segs)
-    total = _device_size(rh, container_size, not rh.crashed()) if dynamic else fixed
     extents: list[Extent] = []
     start = 0
     for index, seg in enumerate(segs):
         size = _seg_size(seg)
-        length = total - start if size is None else size
+        if size is None:
+            # ``dynamic``: to the end of the device (whole sectors).  cryptsetup derives
+            # the same from its device size, except in a crashed decryption with a data
+            # shift, where its size (no shift subtracted) would run past the device.
+            ss = rh.sector_size_of(seg)
+            size = (container_size - _seg_offset(seg)) // ss * ss
+        length = size
         if length <= 0:
             continue
         if "in-reencryption" in _flags(seg):
@@ -503,6 +507,12 @@ def _all_done(rh: Reencryption) -> bool:
     )
 
 
+def only_finish_left(obj: dict[str, Any]) -> bool:
+    """True when a header in reencryption has every segment in its final form and
+    only the finishing commit is missing (see :func:`_all_done`)."""
+    return in_reencryption(obj) and _all_done(Reencryption.from_json(obj))
+
+
 def _context(rh: Reencryption, container_size: int, max_hotzone: int, crashed: bool) -> None:
     """Position the run: device size, hot zone length, offset, progress."""
     if max_hotzone % rh.alignment:
@@ -523,6 +533,10 @@ def _context(rh: Reencryption, container_size: int, max_hotzone: int, crashed: b
     if rh.length < SECTOR:
         raise FormatError("Invalid reencryption length.")
     _offset(rh)
+    if rh.mode == "decrypt" and rh.seg_moved is not None and rh.offset == 0 and not crashed:
+        # Only the moved first segment is left.  cryptsetup 2.6.1 keeps the shift as
+        # the length here, overlaps its own segments and cannot resume (seen here).
+        rh.length = _seg_size(rh.seg_moved) or 0
     if rh.offset > rh.device_size:
         raise FormatError("LUKS2 reencryption offset is beyond the device.")
     rh.length = min(rh.length, rh.device_size - rh.offset)
@@ -1671,10 +1685,16 @@ def initialize_decrypt(
                 )
             seg, _, bound = header.data_segment()
             if seg.offset:
-                raise UnsupportedError(
-                    "LUKS2 decryption is supported with detached header device only "
-                    "(with data offset set to 0)."
-                )
+                # an exported header whose decryption did not start yet (interrupted
+                # initialization, or a detached header with a data offset): move the
+                # data back by the offset, as after the export
+                _single_slot(header, bound.keyslots, key_slot)
+                _, old_key = header.unlock(h.header_fd, passphrase, key_slot)
+                _decrypt_shift_init(
+                    h.data_fd, h.header_fd, header_path, header, old_key, max_hotzone,
+                    resilience_hash, wipe=header.binary.hdr_size,
+                )  # fmt: skip
+                return
             _single_slot(header, bound.keyslots, key_slot)
             _, old_key = header.unlock(h.header_fd, passphrase, key_slot)
             writer = Luks2Writer.from_header(h.header_fd, header)
@@ -1709,17 +1729,8 @@ def initialize_decrypt(
         seg, _, bound = header.data_segment()
         _single_slot(header, bound.keyslots, key_slot)
         _, old_key = header.unlock(h.data_fd, passphrase, key_slot)
-        shift = seg.offset
-        data_size = device_size(h.data_fd) - shift
-        if shift <= 0 or data_size <= 0:
+        if seg.offset <= 0 or device_size(h.data_fd) <= seg.offset:
             raise UsageError(f"Device {data_path} has no header area to move the data into.")
-        moved = max_hotzone or min(shift, NONE_HOTZONE)
-        moved = min(moved, shift, data_size)
-        ss = int(seg.sector_size or SECTOR)
-        block = max(MIN_CHECKSUM_BLOCK, ss)
-        moved -= moved % block
-        if moved <= 0:
-            raise UsageError("Moved segment size is too small.")
         # 1. export the header (and keyslots) to the new file, durably
         size = header.hdr_and_areas_size
         fd = os.open(header_path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -1727,60 +1738,84 @@ def initialize_decrypt(
             pwrite_all(fd, pread_exact(h.data_fd, size, 0, "LUKS2 header"), 0, "header file")
             sync(fd)
             exported = read_luks2_header(fd, header_path)
-            writer = Luks2Writer.from_header(fd, exported)
-            obj = writer.obj
-            old = obj["segments"]["0"]
-            live = [crypt_segment(0, 0, moved, str(old["encryption"]), ss)]
-            if data_size > moved:
-                live.append(
-                    crypt_segment(shift + moved, moved // SECTOR, None, str(old["encryption"]), ss)
-                )
-            segs = [
-                *live,
-                _flagged(live[0], "backup-moved-segment"),
-                _flagged(
-                    crypt_segment(shift, 0, None, str(old["encryption"]), ss), "backup-previous"
-                ),
-                _flagged(linear_segment(0, None), "backup-final"),
-            ]
-            obj["segments"] = {str(i): x for i, x in enumerate(segs)}
-            obj["digests"][str(bound.index)]["segments"] = [
-                str(i) for i, x in enumerate(segs) if x["type"] == "crypt"
-            ]
-            rslot = _reencrypt_keyslot(
-                writer,
-                mode="decrypt",
-                direction="forward",
-                resilience="datashift-checksum",
-                hash_name=resilience_hash,
-                block=block,
-                shift=shift,
-            )
-            capacity = (
-                int(obj["keyslots"][str(rslot)]["area"]["size"])
-                // hash_size(resilience_hash)
-                * block
-            )
-            if moved > capacity:
-                raise UsageError(
-                    f"Moved segment too large. Requested size {moved}, available space for: "
-                    f"{capacity}."
-                )
-            _require(obj, "online-reencrypt-v3")
-            writer.obj = rdigest.with_reencrypt_digest(
-                obj, {bound.index: old_key}, hash_name=str(bound.hash or "sha256")
-            )
-            # 2. the device stops being LUKS (the exported header opens it meanwhile)
-            for offset in (0, header.binary.hdr_size):
-                pwrite_all(h.data_fd, bytes(BIN_HEADER), offset, "header signature wipe")
-            sync(h.data_fd)
-            # 3. the first chunk of ciphertext to the start, then the one commit
-            chunk = pread_exact(h.data_fd, moved, shift, "first data chunk")
-            pwrite_all(h.data_fd, chunk, 0, "moved first data chunk")
-            sync(h.data_fd)
-            writer.commit()
+            _decrypt_shift_init(
+                h.data_fd, fd, header_path, exported, old_key, max_hotzone, resilience_hash,
+                wipe=header.binary.hdr_size,
+            )  # fmt: skip
         finally:
             os.close(fd)
+
+
+def _decrypt_shift_init(
+    data_fd: int,
+    header_fd: int,
+    header_path: str,
+    header: LUKS2Header,
+    old_key: bytes,
+    max_hotzone: int,
+    resilience_hash: str,
+    *,
+    wipe: int,
+) -> None:
+    """The decryption that moves the data back by the data offset (``online-reencrypt-v3``),
+    from a detached (exported) header: wipe the device's own header signatures (at 0 and
+    *wipe*), copy the first chunk of ciphertext to the start, then one commit."""
+    seg, _, bound = header.data_segment()
+    shift = seg.offset
+    data_size = device_size(data_fd) - shift
+    if data_size <= 0:
+        raise UsageError("The device has no data after the data offset.")
+    moved = max_hotzone or min(shift, NONE_HOTZONE)
+    moved = min(moved, shift, data_size)
+    ss = int(seg.sector_size or SECTOR)
+    block = max(MIN_CHECKSUM_BLOCK, ss)
+    moved -= moved % block
+    if moved <= 0:
+        raise UsageError("Moved segment size is too small.")
+    writer = Luks2Writer.from_header(header_fd, header)
+    obj = writer.obj
+    enc = str(obj["segments"]["0"]["encryption"])
+    live = [crypt_segment(0, 0, moved, enc, ss)]
+    if data_size > moved:
+        live.append(crypt_segment(shift + moved, moved // SECTOR, None, enc, ss))
+    segs = [
+        *live,
+        _flagged(live[0], "backup-moved-segment"),
+        _flagged(crypt_segment(shift, 0, None, enc, ss), "backup-previous"),
+        _flagged(linear_segment(0, None), "backup-final"),
+    ]
+    obj["segments"] = {str(i): x for i, x in enumerate(segs)}
+    obj["digests"][str(bound.index)]["segments"] = [
+        str(i) for i, x in enumerate(segs) if x["type"] == "crypt"
+    ]
+    rslot = _reencrypt_keyslot(
+        writer,
+        mode="decrypt",
+        direction="forward",
+        resilience="datashift-checksum",
+        hash_name=resilience_hash,
+        block=block,
+        shift=shift,
+    )
+    area = obj["keyslots"][str(rslot)]["area"]
+    capacity = int(area["size"]) // hash_size(resilience_hash) * block
+    if moved > capacity:
+        raise UsageError(
+            f"Moved segment too large. Requested size {moved}, available space for: {capacity}."
+        )
+    _require(obj, "online-reencrypt-v3")
+    writer.obj = rdigest.with_reencrypt_digest(
+        obj, {bound.index: old_key}, hash_name=str(bound.hash or "sha256")
+    )
+    # 2. the device stops being LUKS (the exported header opens it meanwhile)
+    for offset in (0, wipe):  # again after an interrupted initialization: harmless
+        pwrite_all(data_fd, bytes(BIN_HEADER), offset, "header signature wipe")
+    sync(data_fd)
+    # 3. the first chunk of ciphertext to the start, then the one commit
+    chunk = pread_exact(data_fd, moved, shift, "first data chunk")
+    pwrite_all(data_fd, chunk, 0, "moved first data chunk")
+    sync(data_fd)
+    writer.commit()
 
 
 BIN_HEADER = 4096
