@@ -7,14 +7,19 @@ this module prints or exits.
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from typing import BinaryIO, NoReturn
 
 from .errors import KeyFileError, UsageError
+from .formats import Secret
+from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE
 
 __all__ = [
     "KEYFILE_SIZE_MAX",
     "PROG",
+    "plain_secret",
+    "plain_spec_warnings",
     "read_key_file",
     "read_passphrase_line",
 ]
@@ -107,3 +112,56 @@ def read_passphrase_line(stream: BinaryIO, offset: int, size: int | None) -> byt
         line = line[:-1]
     line = line[offset:]
     return line if size is None else line[:size]
+
+
+# -- plain mode: the secret and the defaults warning (the mount command's semantics) ---------
+
+
+def plain_secret(args: argparse.Namespace, plain_key_bytes: int) -> Secret:
+    """A plain container's secret as ``cryptfuse --type plain`` reads it: ``--key-file
+    FILE`` is the raw key (only the key's bytes are read, so ``-d /dev/urandom``
+    works), ``-`` and a piped line are passphrases, a terminal prompts once."""
+    if args.key_file is not None:
+        if args.key_file != "-" and args.keyfile_size is None:
+            path = args.key_file
+            try:
+                with open(path, "rb") as f:
+                    data = _read_limited(
+                        f, args.keyfile_offset, plain_key_bytes, plain_key_bytes, f"key file {path}"
+                    )
+            except FileNotFoundError:
+                raise KeyFileError(f"key file {path} does not exist") from None
+            except OSError as exc:
+                raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+        else:
+            data = read_key_file(args.key_file, args.keyfile_offset, args.keyfile_size)
+        return Secret(data, from_keyfile=args.key_file != "-")
+    if sys.stdin.isatty():
+        try:
+            text = getpass.getpass(f"Enter passphrase for {args.container}: ").encode()
+        except EOFError:
+            raise KeyFileError("no passphrase entered") from None
+        text = text[args.keyfile_offset :]
+        return Secret(text if args.keyfile_size is None else text[: args.keyfile_size])
+    return Secret(read_passphrase_line(sys.stdin.buffer, args.keyfile_offset, args.keyfile_size))
+
+
+def plain_spec_warnings(args: argparse.Namespace) -> list[str]:
+    """Warnings for plain mode relying on defaults that cryptsetup 2.7 changed."""
+    hashed = args.key_file is None or args.key_file == "-"
+    missing = [
+        name
+        for name, value, needed in (
+            ("--cipher", args.cipher, True),
+            ("--key-size", args.key_size, True),
+            ("--hash", args.hash, hashed),
+        )
+        if needed and value is None
+    ]
+    if not missing:
+        return []
+    return [
+        f"plain mode without {', '.join(missing)} uses cryptsetup 2.6 defaults "
+        f"({DEFAULT_CIPHER}, {DEFAULT_KEY_SIZE} bits, {DEFAULT_HASH}); cryptsetup 2.7 changed them "
+        "to aes-xts-plain64 and sha256: give the options explicitly"
+    ]

@@ -396,13 +396,16 @@ class Luks2Writer:
         af_hash: str,
         replace_area: bool = False,
         digest: str | None = None,
+        area_key_bytes: int | None = None,
     ) -> tuple[int, int] | None:
         """Write a keyslot's material to a free area (durably) and put it in ``obj``.
 
         Returns the (offset, length) of the area it replaces when *replace_area*
         (the caller wipes it after the commit), else None.  Nothing the
         current header references is touched.  The keyslot joins *digest*
-        (default: the data segment's).
+        (default: the data segment's).  The area is encrypted with
+        *area_spec* under a key of *area_key_bytes* (default: the volume key's
+        length, as cryptsetup does when the area uses the segment cipher).
         """
         key_bytes = len(volume_key)
         length = area_size(key_bytes)
@@ -417,7 +420,8 @@ class Luks2Writer:
         if offset is None:
             raise CryptfuseError("No space for new keyslot.")
         salt = os.urandom(SALT_SIZE)
-        area_key_bytes = key_bytes
+        if area_key_bytes is None:
+            area_key_bytes = key_bytes
         derived = derive(params, passphrase, salt, area_key_bytes)
         material = encrypt_keyslot_material(volume_key, STRIPES, af_hash, area_spec, derived)
         pwrite_all(self.fd, material, offset, f"keyslot {index} key material")
