@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .cli_convert import CONVERT_SUBCOMMANDS
@@ -45,10 +46,11 @@ from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
 from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE
-from .fs import FSOptions
-from .mount import MountConfig, MountError, fsname_for, run
 from .spec import CipherSpec, parse_cipher_spec
 from .volume import open_device
+
+if TYPE_CHECKING:  # the mount's modules (pyfuse3, trio) load only when mounting
+    from .fs import FSOptions
 
 log = logging.getLogger("cryptfuse")
 
@@ -248,6 +250,8 @@ def check_mountpoint(path: str) -> None:
 
 def check_fuse() -> None:
     """/dev/fuse can be opened (and fusermount3 exists for unprivileged users)."""
+    from .mount import MountError
+
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -319,6 +323,8 @@ def _open_options(args: argparse.Namespace, kind: str | None) -> OpenOptions:
 
 def _fs_options(args: argparse.Namespace) -> tuple[FSOptions, tuple[str, ...]]:
     """Split -o into our file options (uid, gid, umask) and the ones for libfuse."""
+    from .fs import FSOptions
+
     fs = FSOptions(name=args.name)
     if not args.name or "/" in args.name or args.name in (".", ".."):
         raise UsageError(f"--name {args.name!r} is not a valid file name")
@@ -448,6 +454,8 @@ def mount_command(argv: Sequence[str]) -> int:
             if warning:
                 print(f"{PROG}: {warning}", file=sys.stderr)
         log.info("opened %r", volume)
+        from .mount import MountConfig, fsname_for
+
         config = MountConfig(
             mountpoint=args.mountpoint,
             fs=fs_options,
@@ -461,6 +469,8 @@ def mount_command(argv: Sequence[str]) -> int:
     except BaseException:
         volume.close()
         raise
+    from .mount import run
+
     return run(volume, config)  # owns the volume from here on
 
 

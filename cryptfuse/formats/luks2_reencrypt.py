@@ -33,8 +33,10 @@ import contextlib
 import copy
 import hashlib
 import logging
+import mmap
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from typing import Any, Protocol
 
 from ..errors import (
     CryptfuseError,
+    DeviceError,
     FormatError,
     KeyslotError,
     UnsupportedError,
@@ -81,8 +84,12 @@ REQUIREMENTS = ("online-reencrypt-v2", "online-reencrypt-v3")
 #: cryptsetup's hard limit on one hot zone, and its default for resilience ``none``
 MAX_HOTZONE = 1 << 30
 NONE_HOTZONE = 20 << 20
-#: our own cap on a hot zone (memory: the hot zone is held in RAM twice)
+#: our own cap on a hot zone without --hotzone-size (it is held in RAM twice; cryptsetup
+#: takes up to 1 GiB for checksums); measured here, 64 MiB beat 256 MiB: the next zone
+#: is read ahead while this one is converted
 DEFAULT_HOTZONE = 64 << 20
+#: resilience none: nothing is committed per zone, so this only bounds memory
+DEFAULT_NONE_HOTZONE = 64 << 20
 BACKUP_FLAGS = ("backup-previous", "backup-final", "backup-moved-segment")
 
 #: progress(done_bytes, total_bytes)
@@ -475,7 +482,7 @@ def _hotzone_length(rh: Reencryption, max_hotzone: int) -> int:
     if prot.type == "datashift":
         return prot.shift
     if prot.type == "none":
-        length = max_hotzone or NONE_HOTZONE
+        length = max_hotzone or DEFAULT_NONE_HOTZONE
     elif prot.type == "checksum":
         length = (rh.area_size // prot.hash_size) * prot.block_size
     else:
@@ -795,11 +802,19 @@ def _pread(fd: int, length: int, position: int, what: str) -> bytearray:
     return data
 
 
-def _decrypt(cipher: SectorCipher | None, raw: bytearray, offset: int) -> bytearray:
-    """Plaintext of *raw*, the bytes at data-relative *offset* of a storage."""
-    if cipher is None:
-        return raw
-    return cipher.decrypt(raw, offset // cipher.sector_size)
+def _read_into(fd: int, view: memoryview, position: int, what: str) -> None:
+    """Fill *view* from *position* (the hot zone is read once, into a reused buffer)."""
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], position + done)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise DeviceError(f"cannot read {what}: {exc.strerror}") from exc
+        if got <= 0:
+            raise DeviceError(f"cannot read {what}: the device ends at {position + done}")
+        done += got
 
 
 def _encrypt(cipher: SectorCipher | None, plain: bytearray, offset: int) -> bytearray:
@@ -808,10 +823,89 @@ def _encrypt(cipher: SectorCipher | None, plain: bytearray, offset: int) -> byte
     return cipher.encrypt(plain, offset // cipher.sector_size)
 
 
-def _checksums(prot: Protection, data: bytes | bytearray) -> bytes:
+#: bytes per call of the C data path (its limit)
+_CHUNK = 1 << 20
+
+
+class _Crypter:
+    """Decrypts and encrypts hot zones: with the C data path where the cipher allows
+    (1 MiB calls shared with its helper thread, the GIL released), else with the
+    Python engine.  Workers are cached by what they compute, never by object identity."""
+
+    def __init__(self) -> None:
+        self._workers: dict[tuple[object, ...], Any] = {}
+
+    def _worker(self, cipher: SectorCipher) -> Any:
+        params = cipher.fast_parameters()
+        if params is None:
+            return None
+        key = (
+            params.chainmode,
+            params.ivmode,
+            bytes(params.key),
+            params.essiv_key,
+            cipher.sector_size,
+            cipher.iv_offset,
+        )
+        if key not in self._workers:
+            from ..volume import fast_path_for
+
+            fast = fast_path_for(
+                cipher, fd=-1, data_offset=0, size=_CHUNK, readonly=True
+            )
+            self._workers[key] = fast.worker() if fast is not None else None
+        return self._workers[key]
+
+    def run(
+        self,
+        cipher: SectorCipher | None,
+        src: memoryview,
+        dst: memoryview,
+        offset: int,
+        *,
+        encrypt: bool,
+    ) -> memoryview:
+        """*src* (data-relative *offset*) through *cipher* into *dst*; returns where the
+        result is (*src* itself for plaintext storage)."""
+        if cipher is None:
+            return src
+        ss = cipher.sector_size
+        first = offset // ss
+        worker = self._worker(cipher)
+        if worker is None:
+            if src.obj is dst.obj:  # in place: the Python engine reads as it writes
+                src = memoryview(bytes(src))
+            if encrypt:
+                cipher.encrypt_into(src, first, dst)
+            else:
+                cipher.decrypt_into(src, first, dst)
+            return dst
+        call = worker.encrypt if encrypt else worker.decrypt
+        for at in range(0, len(src), _CHUNK):
+            piece = src[at : at + _CHUNK]
+            dst[at : at + len(piece)] = call(piece, first + at // ss, True)
+        return dst
+
+
+def _checksums(prot: Protection, data: bytes | bytearray | memoryview) -> bytes:
+    """The hash of every ``block_size`` block, in order."""
     name = hashlib_name(prot.hash or "")
+    # hashlib.sha256 & co. are several times cheaper per call than hashlib.new(name)
+    ctor = getattr(hashlib, name, None) if name in hashlib.algorithms_guaranteed else None
     bs = prot.block_size
-    return b"".join(hashlib.new(name, data[i : i + bs]).digest() for i in range(0, len(data), bs))
+    view = memoryview(data)
+    if ctor is not None:
+        return b"".join(ctor(view[i : i + bs]).digest() for i in range(0, len(view), bs))
+    return b"".join(hashlib.new(name, view[i : i + bs]).digest() for i in range(0, len(view), bs))
+
+
+def _big_buffer(length: int) -> mmap.mmap:
+    """Anonymous memory for a hot zone, in transparent huge pages where the kernel has
+    them (madvise mode): a 256 MiB zone then costs 128 page faults instead of 65,536."""
+    buf = mmap.mmap(-1, max(length, mmap.PAGESIZE))
+    with contextlib.suppress(AttributeError, OSError):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
 
 
 @dataclass
@@ -819,6 +913,15 @@ class _Devices:
     data_fd: int
     header_fd: int
     writer: Luks2Writer
+    crypter: _Crypter = field(default_factory=_Crypter)
+    buffers: list[mmap.mmap | None] = field(default_factory=lambda: [None, None])
+
+    def buffer(self, index: int, length: int) -> memoryview:
+        """A reused buffer of *length* bytes (two: the hot zone as read, and as converted)."""
+        buf = self.buffers[index]
+        if buf is None or len(buf) < length:
+            buf = self.buffers[index] = _big_buffer(length)
+        return memoryview(buf)[:length]
 
 
 def _commit(dev: _Devices, rh: Reencryption) -> None:
@@ -838,21 +941,47 @@ def _step(dev: _Devices, rh: Reencryption) -> None:
         if rh.moved_protection is not None:
             prot = rh.moved_protection
     _assign(rh, hot_segs, hot=True)
-    raw = _pread(dev.data_fd, rh.length, old_base + rh.offset, "reencryption hot zone")
+    raw = dev.buffer(0, rh.length)
+    _read_into(dev.data_fd, raw, old_base + rh.offset, "reencryption hot zone")
     rh.read = len(raw)
-    # metadata commit point: the hot zone is protected before a byte of it changes
-    if prot.type == "checksum":
-        pwrite_all(dev.header_fd, _checksums(prot, raw), rh.area_offset, "reencryption checksums")
-        _commit(dev, rh)
-    elif prot.type == "journal":
-        pwrite_all(dev.header_fd, raw, rh.area_offset, "reencryption journal")
-        _commit(dev, rh)
-    elif prot.type == "datashift":
-        _commit(dev, rh)
-    plain = _decrypt(old_cipher, raw, rh.offset)
-    pwrite_all(
-        dev.data_fd, _encrypt(new_cipher, plain, rh.offset), new_base + rh.offset, "hot zone"
-    )
+    if rh.direction == "forward" and rh.offset + 2 * rh.length <= rh.device_size:
+        with contextlib.suppress(OSError):  # the next hot zone, read ahead meanwhile
+            os.posix_fadvise(
+                dev.data_fd, old_base + rh.offset + rh.length, rh.length, os.POSIX_FADV_WILLNEED
+            )
+    # The new ciphertext is computed meanwhile (into memory only, raw stays untouched):
+    # the cipher runs in the C data path's threads while this thread hashes or journals.
+    converted: list[memoryview] = []
+    failed: list[BaseException] = []
+
+    def convert() -> None:
+        try:
+            plain = dev.crypter.run(
+                old_cipher, raw, dev.buffer(1, rh.length), rh.offset, encrypt=False
+            )
+            out = dev.buffer(1, rh.length) if plain is raw else plain
+            converted.append(dev.crypter.run(new_cipher, plain, out, rh.offset, encrypt=True))
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=convert, name="reencrypt-cipher")
+    worker.start()
+    try:
+        # metadata commit point: the hot zone is protected before a byte of it changes
+        if prot.type == "checksum":
+            sums = _checksums(prot, raw)
+            pwrite_all(dev.header_fd, sums, rh.area_offset, "reencryption checksums")
+            _commit(dev, rh)
+        elif prot.type == "journal":
+            pwrite_all(dev.header_fd, raw, rh.area_offset, "reencryption journal")
+            _commit(dev, rh)
+        elif prot.type == "datashift":
+            _commit(dev, rh)
+    finally:
+        worker.join()
+    if failed:
+        raise failed[0]
+    pwrite_all(dev.data_fd, converted[0], new_base + rh.offset, "hot zone")
     if prot.type != "none":
         sync(dev.data_fd)
     # metadata commit safe point: the caller commits, together with the finish after
