@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -627,3 +628,63 @@ def test_encrypt_decrypt_killed_at_every_write(tmp_path: Path, scenario: str) ->
         assert run_killed(action, n, torn=n % 2 == 0) == "killed"
         check_and_finish(n)
         final_check()
+
+
+# -- SIGKILL at random moments of real runs, both ways ---------------------------------------
+
+
+def _killed_run(cmd: list[str], env: dict[str, str] | None, delay: float) -> bool:
+    """Start *cmd*, SIGKILL it after *delay* seconds; True when it was still running."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        proc.wait(delay)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
+
+
+@pytest.mark.parametrize("resilience", ["checksum", "journal"])
+def test_cryptsetup_killed_cryptfuse_resumes(tmp_path: Path, resilience: str) -> None:
+    rng = random.Random(resilience)
+    base, key, data = make(tmp_path, data_mib=32)
+    img = tmp_path / "k.img"
+    caught = 0
+    for _ in range(6):
+        shutil.copy(base, img)
+        killed = _killed_run(
+            ["cryptsetup", "reencrypt", "--force-offline-reencrypt", "-q", "--key-file", str(key),
+             "--resilience", resilience, "--hotzone-size", "256k", *FAST_KDF, str(img)],
+            None, rng.uniform(0.05, 0.6),
+        )  # fmt: skip
+        if killed and reenc.in_reencryption(header_json(img)):
+            caught += 1
+            assert read_all(img) == data  # read-only, whatever the hot zone's state
+            proc = cli("reencrypt", "--resume-only", str(img), "--key-file", str(key), "-q")
+            assert proc.returncode == 0, proc.stderr
+        assert read_all(img) == data
+        run("cryptsetup", "open", "--test-passphrase", "--key-file", str(key), str(img))
+    assert caught, "no run was caught in the middle: make the container larger"
+
+
+@pytest.mark.parametrize("resilience", ["checksum", "journal"])
+def test_cryptfuse_killed_cryptsetup_resumes(tmp_path: Path, resilience: str) -> None:
+    rng = random.Random(resilience + "x")
+    base, key, data = make(tmp_path, data_mib=32)
+    img = tmp_path / "k.img"
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    caught = 0
+    for _ in range(6):
+        shutil.copy(base, img)
+        killed = _killed_run(
+            [sys.executable, "-m", "cryptfuse", "reencrypt", str(img), "--key-file", str(key),
+             "-q", "--resilience", resilience, "--hotzone-size", "256k", *FAST_KDF],
+            env, rng.uniform(0.3, 1.5),
+        )  # fmt: skip
+        if killed and reenc.in_reencryption(header_json(img)):
+            caught += 1
+            resume_with_cryptsetup(img, key, None)
+        assert read_all(img) == data
+    assert caught, "no run was caught in the middle: make the container larger"
