@@ -688,3 +688,64 @@ def test_cryptfuse_killed_cryptsetup_resumes(tmp_path: Path, resilience: str) ->
             resume_with_cryptsetup(img, key, None)
         assert read_all(img) == data
     assert caught, "no run was caught in the middle: make the container larger"
+
+
+# -- every metadata layout cryptsetup 2.6.1 writes: parsed, rewritten, still cryptsetup's ----
+
+
+def _cryptsetup_json(img: Path, header: Path | None = None) -> dict:
+    import json
+
+    extra = ["--header", str(header)] if header else []
+    return json.loads(run("cryptsetup", "luksDump", "--dump-json-metadata", *extra, str(img)))
+
+
+def _layouts(tmp: Path) -> list[tuple[str, Path, Path | None]]:
+    out: list[tuple[str, Path, Path | None]] = []
+    for res in ("checksum", "journal", "none"):
+        d = tmp / res
+        d.mkdir()
+        img, key, _ = make(d, data_mib=2)
+        run("cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", "-q",
+            "--key-file", str(key), "--resilience", res, *FAST_KDF, str(img))  # fmt: skip
+        out.append((f"reencrypt-{res}", img, None))
+    d = tmp / "encrypt"
+    d.mkdir()
+    img, _ = plain_image(d, 2, 1)
+    (d / "pass").write_bytes(PASS)
+    key = d / "pass"
+    run("cryptsetup", "reencrypt", "--encrypt", "--init-only", "--force-offline-reencrypt", "-q",
+        "--key-file", str(key), "--reduce-device-size", "1M", *FAST_KDF, str(img))  # fmt: skip
+    out.append(("encrypt-datashift", img, None))
+    d = tmp / "decrypt"
+    d.mkdir()
+    img, key, _ = make(d, data_mib=2)
+    run("cryptsetup", "reencrypt", "--decrypt", "--init-only", "--force-offline-reencrypt", "-q",
+        "--key-file", str(key), "--header", str(d / "new.hdr"), str(img))  # fmt: skip
+    out.append(("decrypt-datashift", img, d / "new.hdr"))
+    return out
+
+
+def test_cryptsetup_layouts_round_trip(tmp_path: Path) -> None:
+    """Each layout parses (our validation = LUKS2_hdr_validate), opens with its content,
+    and comes back byte-for-byte the same JSON after our writer commits it, which
+    cryptsetup then resumes to the end."""
+    from cryptfuse.formats.luks2_write import Luks2Writer
+
+    for name, img, hdr in _layouts(tmp_path):
+        before = _cryptsetup_json(img, hdr)
+        meta = hdr or img
+        fd = os.open(meta, os.O_RDWR)
+        try:
+            header = read_luks2_header(fd, str(meta))
+            assert header.json == before, name
+            rh = reenc.Reencryption.from_json(header.json)
+            assert rh.mode in ("reencrypt", "encrypt", "decrypt"), name
+            writer = Luks2Writer.from_header(fd, header, reencryption=True)
+            writer.commit()
+        finally:
+            os.close(fd)
+        assert _cryptsetup_json(img, hdr) == before, name
+        key = img.parent / "pass"
+        resume_with_cryptsetup(img, key, hdr)
+        assert not reenc.in_reencryption(_cryptsetup_json(img, hdr)), name
