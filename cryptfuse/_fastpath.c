@@ -1618,9 +1618,73 @@ static PyTypeObject FastVolumeType = {
     .tp_getset = FastVolume_getset,
 };
 
+/* block_digests(data, block_size, hash_name) -> bytes: the digest of every block_size
+   block of data, concatenated (LUKS2 reencryption's checksum resilience).  The GIL is
+   released, so a reencryption hashes a hot zone while its cipher runs on the other core;
+   in Python the same loop costs a call per 4 KiB block. */
+static PyObject *block_digests(PyObject *unused, PyObject *args)
+{
+    (void)unused;
+    Py_buffer data;
+    Py_ssize_t block;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "y*ns:block_digests", &data, &block, &name))
+        return NULL;
+    PyObject *result = NULL;
+    const EVP_MD *md = EVP_get_digestbyname(name);
+    if (md == NULL) {
+        PyErr_Format(PyExc_ValueError, "unknown hash %s", name);
+        goto out;
+    }
+    if (block <= 0 || data.len % block) {
+        PyErr_SetString(PyExc_ValueError, "data must be whole blocks");
+        goto out;
+    }
+    Py_ssize_t count = data.len / block;
+    int size = EVP_MD_get_size(md);
+    if (size <= 0 || count > PY_SSIZE_T_MAX / size) {
+        PyErr_SetString(PyExc_ValueError, "digest size");
+        goto out;
+    }
+    result = PyBytes_FromStringAndSize(NULL, count * size);
+    if (result == NULL)
+        goto out;
+    unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(result);
+    const unsigned char *src = data.buf;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    if (ctx == NULL)
+        failed = 1;
+    for (Py_ssize_t i = 0; !failed && i < count; i++) {
+        unsigned int len = 0;
+        if (EVP_DigestInit_ex(ctx, md, NULL) != 1
+            || EVP_DigestUpdate(ctx, src + i * block, (size_t)block) != 1
+            || EVP_DigestFinal_ex(ctx, dst + i * size, &len) != 1 || (int)len != size)
+            failed = 1;
+    }
+    EVP_MD_CTX_free(ctx);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL digest failed");
+    }
+out:
+    PyBuffer_Release(&data);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"block_digests", block_digests, METH_VARARGS,
+     "block_digests(data, block_size, hash_name) -> bytes: the digest of every block, "
+     "concatenated, computed without the GIL."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "cryptfuse._fastpath",
-    "FUSE READ/WRITE of AES-XTS and AES-CBC volumes served in C without the GIL.", -1, NULL,
+    "FUSE READ/WRITE of AES-XTS and AES-CBC volumes served in C without the GIL.", -1,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void)

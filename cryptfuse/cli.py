@@ -38,6 +38,7 @@ from .cli_input import (
     _nonneg_int,
     _Parser,
     _read_limited,
+    plain_spec_warnings,
     read_key_file,
     read_passphrase_line,
 )
@@ -45,7 +46,7 @@ from .cli_luks import LUKS_SUBCOMMANDS
 from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
-from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE
+from .formats.plain import DEFAULT_CIPHER, DEFAULT_KEY_SIZE
 from .spec import CipherSpec, parse_cipher_spec
 from .volume import open_device
 
@@ -263,27 +264,6 @@ def check_fuse() -> None:
     os.close(fd)
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise MountError("FUSE is not available: fusermount3 is not installed (apt install fuse3)")
-
-
-def plain_spec_warnings(args: argparse.Namespace) -> list[str]:
-    """Warnings for plain mode relying on defaults that cryptsetup 2.7 changed."""
-    hashed = args.key_file is None or args.key_file == "-"
-    missing = [
-        name
-        for name, value, needed in (
-            ("--cipher", args.cipher, True),
-            ("--key-size", args.key_size, True),
-            ("--hash", args.hash, hashed),
-        )
-        if needed and value is None
-    ]
-    if not missing:
-        return []
-    return [
-        f"plain mode without {', '.join(missing)} uses cryptsetup 2.6 defaults "
-        f"({DEFAULT_CIPHER}, {DEFAULT_KEY_SIZE} bits, {DEFAULT_HASH}); cryptsetup 2.7 changed them "
-        "to aes-xts-plain64 and sha256: give the options explicitly"
-    ]
 
 
 def weak_spec_warning(spec: CipherSpec, readonly: bool) -> str | None:

@@ -749,3 +749,25 @@ def test_cryptsetup_layouts_round_trip(tmp_path: Path) -> None:
         key = img.parent / "pass"
         resume_with_cryptsetup(img, key, hdr)
         assert not reenc.in_reencryption(_cryptsetup_json(img, hdr)), name
+
+
+def test_segment_with_iv_tweak_refused(tmp_path: Path) -> None:
+    """IVs that do not start at 0 (a plain container given a header) are refused,
+    container untouched: cryptsetup 2.6.1 would reencrypt them with wrong IVs."""
+    from cryptfuse.errors import UnsupportedError
+    from cryptfuse.formats.luks2_write import Luks2Writer
+
+    img, key, _ = make(tmp_path)
+    fd = os.open(img, os.O_RDWR)
+    try:
+        w = Luks2Writer.from_header(fd, read_luks2_header(fd, str(img)))
+        w.obj["segments"]["0"]["iv_tweak"] = "8"
+        w.commit()
+    finally:
+        os.close(fd)
+    before = img.read_bytes()
+    with pytest.raises(UnsupportedError, match="IVs start"):
+        reenc.initialize(str(img), None, PASS, reenc.ReencryptOptions(), KDF)
+    with pytest.raises(UnsupportedError, match="IVs start"):
+        reenc.initialize_decrypt(str(img), str(tmp_path / "x.hdr"), PASS)
+    assert img.read_bytes() == before and not (tmp_path / "x.hdr").exists()

@@ -56,6 +56,11 @@ from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import parse_cipher_spec
 from ..volume import device_size, pwrite_all
 from . import luks2_reencrypt_digest as rdigest
+
+try:  # the C data path: its ciphers and block digests release the GIL
+    from .. import _fastpath
+except ImportError:  # pragma: no cover - depends on the build
+    _fastpath = None  # type: ignore[assignment]
 from .luks2 import MAX_KEYSLOTS_SIZE, PRIORITY_HIGH, PRIORITY_NORMAL, LUKS2Header, read_luks2_header
 from .luks2_write import SALT_SIZE, Luks2Writer
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
@@ -888,8 +893,12 @@ class _Crypter:
 
 
 def _checksums(prot: Protection, data: bytes | bytearray | memoryview) -> bytes:
-    """The hash of every ``block_size`` block, in order."""
+    """The hash of every ``block_size`` block, in order (in C without the GIL where the
+    data path is built and OpenSSL has the hash)."""
     name = hashlib_name(prot.hash or "")
+    if _fastpath is not None:
+        with contextlib.suppress(ValueError):
+            return bytes(_fastpath.block_digests(data, prot.block_size, name))
     # hashlib.sha256 & co. are several times cheaper per call than hashlib.new(name)
     ctor = getattr(hashlib, name, None) if name in hashlib.algorithms_guaranteed else None
     bs = prot.block_size
@@ -1448,6 +1457,7 @@ def initialize_on(
         raise UsageError("LUKS2 reencryption already initialized. Use --resume-only to continue.")
     header.check_requirements()
     seg, spec, bound = header.data_segment()
+    _no_iv_tweak(seg)
     usable = [k for k in bound.keyslots if header.metadata.keyslots[k].type == "luks2"]
     if key_slot is None and len(usable) > 1:
         raise UsageError(
@@ -1813,6 +1823,7 @@ def initialize_decrypt(
                     "LUKS2 reencryption already initialized. Use --resume-only to continue."
                 )
             seg, _, bound = header.data_segment()
+            _no_iv_tweak(seg)
             if seg.offset:
                 # an exported header whose decryption did not start yet (interrupted
                 # initialization, or a detached header with a data offset): move the
@@ -1856,6 +1867,7 @@ def initialize_decrypt(
                 "LUKS2 reencryption already initialized. Use --resume-only to continue."
             )
         seg, _, bound = header.data_segment()
+        _no_iv_tweak(seg)
         _single_slot(header, bound.keyslots, key_slot)
         _, old_key = header.unlock(h.data_fd, passphrase, key_slot)
         if seg.offset <= 0 or device_size(h.data_fd) <= seg.offset:
@@ -1948,6 +1960,17 @@ def _decrypt_shift_init(
 
 
 BIN_HEADER = 4096
+
+
+def _no_iv_tweak(seg: Any) -> None:
+    """cryptsetup 2.6.1 builds every reencryption segment from IV offset 0 (its own
+    ``TODO: + old iv_tweak``), so a segment whose IVs start elsewhere (a plain container
+    with ``--skip`` given a header) would be reencrypted with wrong IVs: refused."""
+    if seg.iv_tweak:
+        raise UnsupportedError(
+            f"The data segment's IVs start at sector {seg.iv_tweak}, not 0; neither cryptsetup "
+            "2.6 nor cryptfuse can reencrypt such a segment correctly."
+        )
 
 
 def _single_slot(header: LUKS2Header, slots: tuple[int, ...], key_slot: int | None) -> None:
