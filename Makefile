@@ -10,11 +10,14 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # fuse3/libfuse3-dev/pkg-config/gcc/python3-dev build and run pyfuse3; the rest is what the
-# demo and the end-to-end tests drive (cryptsetup, qemu-img, mkfs.ext4, losetup, xz).
+# demo and the end-to-end tests drive (cryptsetup, qemu-img, mkfs.ext4, losetup, xz);
+# libasan8/libubsan1/libtsan2 are gcc 12's sanitizer runtimes (make test-sanitize, test-tsan;
+# gcc-12 already depends on them).
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv \
-	libssl-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount
+	libssl-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount \
+	libasan8 libubsan1 libtsan2
 
-.PHONY: setup debs test demo lint bench clean distclean
+.PHONY: setup debs test test-sanitize test-tsan demo lint bench clean distclean
 
 setup: $(STAMP)
 
@@ -47,6 +50,19 @@ $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py cryptfuse/*.c) | debs
 
 test: setup
 	$(VPY) -m pytest -q tests
+
+# The C extensions built again with sanitizers into build/sanitize/ (the venv's build is
+# untouched) and the tests run against them; any sanitizer report fails the target.
+# See docs/sanitizers.md.  ASan+UBSan: the whole suite.
+SANITIZE_TESTS ?= tests
+test-sanitize: setup
+	tests/sanitize/run asan $(VPY) -q $(SANITIZE_TESTS)
+
+# ThreadSanitizer: the tests that run the C data path from several threads.
+TSAN_TESTS ?= tests/test_fastpath.py tests/test_channel.py tests/test_stress.py \
+	tests/test_e2e_mount.py
+test-tsan: setup
+	tests/sanitize/run tsan $(VPY) -q $(TSAN_TESTS)
 
 demo: setup
 	examples/demo.sh

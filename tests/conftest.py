@@ -71,3 +71,29 @@ def cli_env() -> dict[str, str]:
     env.pop("PYTHONWARNINGS", None)
     env["LC_ALL"] = "C.UTF-8"
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sanitized_build() -> None:
+    """Under ``make test-sanitize``/``make test-tsan``: the sanitized build is what runs.
+
+    ``tests/sanitize/run`` sets ``CRYPTFUSE_SANITIZER`` (``asan`` or ``tsan``); then
+    every listed extension module must come from ``CRYPTFUSE_SANITIZED_DIR`` and the
+    sanitizer runtime must be loaded in this process (LD_PRELOAD), else the run would
+    silently test the ordinary build.  Does nothing otherwise.
+    """
+    mode = os.environ.get("CRYPTFUSE_SANITIZER")
+    if not mode:
+        return
+    import importlib
+
+    where = Path(os.environ["CRYPTFUSE_SANITIZED_DIR"]).resolve()
+    names = [n for n in os.environ["CRYPTFUSE_SANITIZED_MODULES"].split(",") if n]
+    assert names, "CRYPTFUSE_SANITIZED_MODULES is empty"
+    for name in names:
+        module = importlib.import_module(f"cryptfuse.{name}")
+        loaded = Path(module.__file__ or "").resolve()
+        assert loaded.parent.parent == where, f"cryptfuse.{name} came from {loaded}, not {where}"
+    runtime = {"asan": "libasan.so", "tsan": "libtsan.so"}[mode]
+    maps = Path("/proc/self/maps").read_text()
+    assert runtime in maps, f"{runtime} is not loaded in the test process (LD_PRELOAD?)"
