@@ -165,6 +165,7 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     if not started and args.reduce_device_size:
         raise UnsupportedError("--reduce-device-size goes with --encrypt.")
     passphrase = _existing_secret(args, f"Enter passphrase for {container}: ")
+    keys: dict[int, bytes] = {}  # the initialization's keys: no second KDF run to resume
     if not started:
         kdf_params, options = _new_reencryption(args)
         slot = reenc.initialize(
@@ -175,12 +176,13 @@ def reencrypt_command(argv: Sequence[str]) -> int:
             kdf_params,
             key_slot=args.key_slot,
             af_hash=args.hash or "sha256",
+            keys_out=keys,
         )
         if args.verbose:
             print(f"Key slot {slot} created for the new volume key.", file=sys.stderr)
         if args.init_only:
             return 0
-    return _run_to_end(args, passphrase)
+    return _run_to_end(args, passphrase, keys)
 
 
 def _luks2_json(path: str) -> dict[str, Any] | None:
@@ -196,7 +198,9 @@ def _luks2_json(path: str) -> dict[str, Any] | None:
         os.close(fd)
 
 
-def _run_to_end(args: argparse.Namespace, passphrase: bytes) -> int:
+def _run_to_end(
+    args: argparse.Namespace, passphrase: bytes, keys: dict[int, bytes] | None = None
+) -> int:
     with _interruptible() as stop, _progress(not args.batch) as progress:
         result = reenc.run(
             args.container,
@@ -206,6 +210,7 @@ def _run_to_end(args: argparse.Namespace, passphrase: bytes) -> int:
             max_hotzone=args.hotzone_size,
             progress=progress,
             stop=stop,
+            keys=keys,
         )
     return _report(result.finished, result.done, result.total, args.container)
 
@@ -232,10 +237,11 @@ def _start_encrypt(args: argparse.Namespace) -> int:
         uuid=args.uuid,
         key_slot=args.key_slot or 0,
     )
-    reenc.initialize_encrypt(args.container, args.header, passphrase, options, kdf)
+    keys: dict[int, bytes] = {}
+    reenc.initialize_encrypt(args.container, args.header, passphrase, options, kdf, keys_out=keys)
     if args.init_only:
         return 0
-    return _run_to_end(args, passphrase)
+    return _run_to_end(args, passphrase, keys)
 
 
 def _start_decrypt(args: argparse.Namespace) -> int:
@@ -243,6 +249,7 @@ def _start_decrypt(args: argparse.Namespace) -> int:
     if args.header is None:
         raise UsageError("LUKS2 decryption requires --header option.")
     passphrase = _existing_secret(args, f"Enter passphrase for {args.container}: ")
+    keys: dict[int, bytes] = {}
     reenc.initialize_decrypt(
         args.container,
         args.header,
@@ -251,10 +258,11 @@ def _start_decrypt(args: argparse.Namespace) -> int:
         resilience=args.resilience,
         resilience_hash=args.resilience_hash,
         max_hotzone=args.hotzone_size,
+        keys_out=keys,
     )
     if args.init_only:
         return 0
-    return _run_to_end(args, passphrase)
+    return _run_to_end(args, passphrase, keys)
 
 
 def _report(finished: bool, done: int, total: int, container: str) -> int:

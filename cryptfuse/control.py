@@ -279,6 +279,7 @@ class ControlServer:
         try:
             devices = reenc.Devices(volume.fd, header_fd, header_path or self.served.container)
             header = read_luks2_header(header_fd, devices.path)
+            keys: dict[int, bytes] = {}  # unlocked once, not once per step of the way
             if not reenc.in_reencryption(header.json):
                 if req.get("resume_only"):
                     raise UsageError(f"Device {devices.path} is not in LUKS2 reencryption.")
@@ -291,11 +292,12 @@ class ControlServer:
                     KdfParams(**init["kdf"]),
                     key_slot=key_slot,
                     af_hash=init["af_hash"],
+                    keys_out=keys,
                 )
                 log.info("reencryption initialized online (new keyslot %d)", slot)
                 if req.get("init_only"):
                     return {"finished": False, "initialized": True, "slot": slot}
-            live = self._live(volume, devices, passphrase, key_slot)
+            live = self._live(volume, devices, passphrase, key_slot, keys)
             stop = threading.Event()
 
             def watch() -> None:  # a stop request, or the client going away
@@ -319,6 +321,7 @@ class ControlServer:
                 progress=progress,
                 stop=lambda: stop.is_set() or self._closing.is_set(),
                 live=live,
+                keys=keys,
             )
             log.info(
                 "online reencryption %s at %d of %d bytes",
@@ -332,7 +335,12 @@ class ControlServer:
                 os.close(header_fd)
 
     def _live(
-        self, volume: Volume, devices: reenc.Devices, passphrase: bytes, key_slot: int | None
+        self,
+        volume: Volume,
+        devices: reenc.Devices,
+        passphrase: bytes,
+        key_slot: int | None,
+        keys: dict[int, bytes],
     ) -> _LiveAdapter:
         """Serve the volume from the reencryption's extents, under a lock shared with
         what served it before (its C data path is switched off: it knows one key)."""
@@ -344,6 +352,7 @@ class ControlServer:
             passphrase,
             key_slot,
             os.lseek(devices.data_fd, 0, os.SEEK_END),
+            keys,
         )
         if crashed:
             raise UsageError("an interrupted hot zone must be recovered first: remount")

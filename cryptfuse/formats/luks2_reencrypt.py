@@ -855,9 +855,7 @@ class _Crypter:
         if key not in self._workers:
             from ..volume import fast_path_for
 
-            fast = fast_path_for(
-                cipher, fd=-1, data_offset=0, size=_CHUNK, readonly=True
-            )
+            fast = fast_path_for(cipher, fd=-1, data_offset=0, size=_CHUNK, readonly=True)
             self._workers[key] = fast.worker() if fast is not None else None
         return self._workers[key]
 
@@ -1188,15 +1186,24 @@ def _unlock_digest(
 
 
 def unlock(
-    header: LUKS2Header, fd: int, rh: Reencryption, passphrase: bytes, key_slot: int | None
+    header: LUKS2Header,
+    fd: int,
+    rh: Reencryption,
+    passphrase: bytes,
+    key_slot: int | None,
+    known: dict[int, bytes] | None = None,
 ) -> None:
     """Unlock the volume key of every digest the reencryption needs into ``rh.keys``
-    and check the reencryption metadata digest with them."""
+    and check the reencryption metadata digest with them.  Keys in *known* (the
+    initialization's, in the same process) are checked against their digests instead
+    of running the keyslots' KDFs again."""
     needed = [d for d in (rh.digest_old, rh.digest_new) if d is not None]
     if key_slot is not None and key_slot not in header.metadata.keyslots:
         raise KeyslotError(f"Keyslot {key_slot} is not active.")
     for digest in dict.fromkeys(needed):
-        key = _unlock_digest(header, fd, digest, passphrase, key_slot)
+        key = (known or {}).get(digest)
+        if key is None or not header.verify_volume_key(key, header.metadata.digests[digest]):
+            key = _unlock_digest(header, fd, digest, passphrase, key_slot)
         if key is None:
             raise WrongPassphraseError()
         rh.keys[digest] = key
@@ -1313,6 +1320,7 @@ def run(
     max_hotzone: int = 0,
     progress: ProgressFn | None = None,
     stop: Callable[[], bool] | None = None,
+    keys: dict[int, bytes] | None = None,
 ) -> RunResult:
     """Resume (or run after :func:`initialize`) the reencryption to its end.
 
@@ -1327,6 +1335,7 @@ def run(
             max_hotzone=max_hotzone,
             progress=progress,
             stop=stop,
+            keys=keys,
         )
 
 
@@ -1339,6 +1348,7 @@ def run_on(
     progress: ProgressFn | None = None,
     stop: Callable[[], bool] | None = None,
     live: Live | None = None,
+    keys: dict[int, bytes] | None = None,
 ) -> RunResult:
     """:func:`run` on descriptors the caller holds; with *live*, under a mounted volume."""
     dev = _Devices(devices.data_fd, devices.header_fd, devices.writer())
@@ -1347,7 +1357,7 @@ def run_on(
         raise UsageError(f"Device {devices.path} is not in LUKS2 reencryption.")
     _check_version(header.json)
     rh = Reencryption.from_json(copy.deepcopy(header.json))
-    unlock(header, devices.header_fd, rh, passphrase, key_slot)
+    unlock(header, devices.header_fd, rh, passphrase, key_slot, keys)
     if rh.crashed():
         if live is not None:  # pragma: no cover - the daemon recovers before it mounts
             raise FormatError("an interrupted hot zone must be recovered before mounting")
@@ -1421,6 +1431,7 @@ def initialize(
     key_slot: int | None = None,
     af_hash: str = "sha256",
     digest_iterations: int = 1000,
+    keys_out: dict[int, bytes] | None = None,
 ) -> int:
     """Start a reencryption to a new volume key (cryptsetup ``reencrypt --init-only``).
 
@@ -1438,6 +1449,7 @@ def initialize(
             key_slot=key_slot,
             af_hash=af_hash,
             digest_iterations=digest_iterations,
+            keys_out=keys_out,
         )
 
 
@@ -1450,8 +1462,11 @@ def initialize_on(
     key_slot: int | None = None,
     af_hash: str = "sha256",
     digest_iterations: int = 1000,
+    keys_out: dict[int, bytes] | None = None,
 ) -> int:
-    """:func:`initialize` on descriptors the caller holds (the daemon: online)."""
+    """:func:`initialize` on descriptors the caller holds (the daemon: online).  With
+    *keys_out*, the old and new volume keys by digest (for :func:`run` in the same
+    process, which then need not run the keyslots' KDFs again)."""
     header = read_luks2_header(devices.header_fd, devices.path)
     if in_reencryption(header.json):
         raise UsageError("LUKS2 reencryption already initialized. Use --resume-only to continue.")
@@ -1552,6 +1567,8 @@ def initialize_on(
         obj, {old_digest: old_key, int(new_digest): new_key}, hash_name=digest_hash
     )
     writer.commit()
+    if keys_out is not None:
+        keys_out.update({old_digest: old_key, int(new_digest): new_key})
     return new_slot
 
 
@@ -1661,6 +1678,7 @@ def initialize_encrypt(
     kdf: KdfParams,
     *,
     digest_iterations: int = 1000,
+    keys_out: dict[int, bytes] | None = None,
 ) -> int:
     """Start encrypting a plaintext device in place (``--init-only`` of ``--encrypt``).
 
@@ -1790,6 +1808,8 @@ def initialize_encrypt(
         )
         # 3. one commit: from here the device is LUKS2 in reencryption
         writer.commit()
+        if keys_out is not None:
+            keys_out[0] = volume_key
         return rslot_hint
 
 
@@ -1802,6 +1822,7 @@ def initialize_decrypt(
     resilience: str = "checksum",
     resilience_hash: str = "sha256",
     max_hotzone: int = 0,
+    keys_out: dict[int, bytes] | None = None,
 ) -> None:
     """Start decrypting a LUKS2 container in place (``--decrypt --header FILE``).
 
@@ -1830,6 +1851,8 @@ def initialize_decrypt(
                 # data back by the offset, as after the export
                 _single_slot(header, bound.keyslots, key_slot)
                 _, old_key = header.unlock(h.header_fd, passphrase, key_slot)
+                if keys_out is not None:
+                    keys_out[bound.index] = old_key
                 _decrypt_shift_init(
                     h.data_fd, h.header_fd, header_path, header, old_key, max_hotzone,
                     resilience_hash, wipe=header.binary.hdr_size,
@@ -1837,6 +1860,8 @@ def initialize_decrypt(
                 return
             _single_slot(header, bound.keyslots, key_slot)
             _, old_key = header.unlock(h.header_fd, passphrase, key_slot)
+            if keys_out is not None:
+                keys_out[bound.index] = old_key
             writer = Luks2Writer.from_header(h.header_fd, header)
             obj = writer.obj
             obj["segments"]["1"] = _flagged(obj["segments"]["0"], "backup-previous")
@@ -1870,6 +1895,8 @@ def initialize_decrypt(
         _no_iv_tweak(seg)
         _single_slot(header, bound.keyslots, key_slot)
         _, old_key = header.unlock(h.data_fd, passphrase, key_slot)
+        if keys_out is not None:
+            keys_out[bound.index] = old_key
         if seg.offset <= 0 or device_size(h.data_fd) <= seg.offset:
             raise UsageError(f"Device {data_path} has no header area to move the data into.")
         # 1. export the header (and keyslots) to the new file, durably
@@ -1988,6 +2015,7 @@ def open_reencryption(
     passphrase: bytes,
     key_slot: int | None,
     container_size: int,
+    keys: dict[int, bytes] | None = None,
 ) -> tuple[list[Extent], int, bool]:
     """The extents of a container in reencryption, without writing anything.
 
@@ -1996,7 +2024,9 @@ def open_reencryption(
     """
     _check_version(header.json)
     rh = Reencryption.from_json(copy.deepcopy(header.json))
-    unlock(header, header_fd, rh, passphrase, key_slot)
+    unlock(header, header_fd, rh, passphrase, key_slot, keys)
+    if keys is not None:  # handed back: the caller's next step need not unlock again
+        keys.update(rh.keys)
     crashed = rh.crashed()
     hot: list[Extent] | None = None
     if crashed:
