@@ -236,16 +236,7 @@ def test_stop_and_resume(tmp_path: Path) -> None:
     )
     assert not result.finished and 0 < result.done < result.total
     assert read_all(img) == data
-    run(
-        "cryptsetup",
-        "reencrypt",
-        "--resume-only",
-        "--force-offline-reencrypt",
-        "-q",
-        "--key-file",
-        str(key),
-        str(img),
-    )
+    resume_with_cryptsetup(img, key, None)
     assert read_all(img) == data
 
 
@@ -341,22 +332,7 @@ def test_killed_at_every_write(tmp_path: Path, resilience: str) -> None:
         if not reenc.in_reencryption(header_json(work)):
             continue  # killed before the reencryption started or after it ended
         if n % 3 == 0:  # cryptsetup finishes it (repair first where a hot zone was cut)
-            if any(
-                "in-reencryption" in s.get("flags", [])
-                for s in header_json(work)["segments"].values()
-            ):
-                run("cryptsetup", "repair", "-q", "--key-file", str(key), str(work))
-            if reenc.in_reencryption(header_json(work)):  # repair of the last hot zone finishes
-                run(
-                    "cryptsetup",
-                    "reencrypt",
-                    "--resume-only",
-                    "--force-offline-reencrypt",
-                    "-q",
-                    "--key-file",
-                    str(key),
-                    str(work),
-                )
+            resume_with_cryptsetup(work, key, None)
         else:
             assert reenc.run(str(work), None, PASS).finished
         assert read_all(work) == data, f"resumed after event {n}"
