@@ -28,6 +28,7 @@ timed in the table) and says where its time goes.
 
   bench/reencrypt.py                      # 1 GiB, 3 rounds (~6 minutes)
   bench/reencrypt.py --size 256M --rounds 1 --profile
+  bench/reencrypt.py --online [...]      # online under fio: bench/reencrypt_online.py
 """
 
 from __future__ import annotations
@@ -486,6 +487,10 @@ def scratch(workdir: str, keep: bool) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--online" in argv:  # the online benchmark: bench/reencrypt_online.py
+        import reencrypt_online
+
+        return reencrypt_online.main(argv)
     args = parse_args(argv)
     for tool in ("cryptsetup", TIME):
         if shutil.which(tool) is None:
