@@ -1377,6 +1377,11 @@ def run_on(
     _context(rh, container, max_hotzone, crashed=False)
     stopped = False
     while rh.progress < rh.device_size:
+        if live is not None:
+            # what the mount wrote meanwhile goes to disk now, not inside the hold (where
+            # the step's fsync would flush it while the zone's readers and writers wait)
+            with contextlib.suppress(OSError):
+                os.fdatasync(dev.data_fd)
         hold = live.hold(rh.offset, rh.offset + rh.length) if live else contextlib.nullcontext()
         with hold:
             _step(dev, rh)
