@@ -320,6 +320,12 @@ def _online(args: argparse.Namespace, sock: socket.socket, started: bool) -> int
         result = control.request(sock, message, progress, stop)
     if result.get("initialized"):
         return 0
+    if result["finished"] and (args.verbose or sys.stderr.isatty()):
+        print(
+            f"{PROG}: done; remount to serve it through the C data path again (until then "
+            "the mount runs on the slower Python engine).",
+            file=sys.stderr,
+        )
     return _report(bool(result["finished"]), int(result["done"]), int(result["total"]), container)
 
 

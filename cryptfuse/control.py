@@ -329,6 +329,11 @@ class ControlServer:
                 result.done,
                 result.total,
             )
+            if result.finished:
+                log.warning(
+                    "the mount serves through the Python engine until it is remounted "
+                    "(the C data path is not rebuilt under a running mount)"
+                )
             return {"finished": result.finished, "done": result.done, "total": result.total}
         finally:
             if header_fd != volume.fd:

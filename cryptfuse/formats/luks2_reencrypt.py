@@ -834,16 +834,20 @@ _CHUNK = 1 << 20
 
 class _Crypter:
     """Decrypts and encrypts hot zones: with the C data path where the cipher allows
-    (1 MiB calls shared with its helper thread, the GIL released), else with the
-    Python engine.  Workers are cached by what they compute, never by object identity."""
+    (1 MiB calls with the GIL released, the zone split between two threads with a worker
+    each: measured 2.7 GB/s for one, where the worker's own helper thread gave 2.2),
+    else with the Python engine.  Workers are cached by what they compute, never by
+    object identity."""
+
+    THREADS = 2
 
     def __init__(self) -> None:
-        self._workers: dict[tuple[object, ...], Any] = {}
+        self._workers: dict[tuple[object, ...], list[Any]] = {}
 
-    def _worker(self, cipher: SectorCipher) -> Any:
+    def _pool(self, cipher: SectorCipher) -> list[Any]:
         params = cipher.fast_parameters()
         if params is None:
-            return None
+            return []
         key = (
             params.chainmode,
             params.ivmode,
@@ -856,7 +860,9 @@ class _Crypter:
             from ..volume import fast_path_for
 
             fast = fast_path_for(cipher, fd=-1, data_offset=0, size=_CHUNK, readonly=True)
-            self._workers[key] = fast.worker() if fast is not None else None
+            self._workers[key] = (
+                [fast.worker() for _ in range(self.THREADS)] if fast is not None else []
+            )
         return self._workers[key]
 
     def run(
@@ -874,8 +880,8 @@ class _Crypter:
             return src
         ss = cipher.sector_size
         first = offset // ss
-        worker = self._worker(cipher)
-        if worker is None:
+        pool = self._pool(cipher)
+        if not pool:
             if src.obj is dst.obj:  # in place: the Python engine reads as it writes
                 src = memoryview(bytes(src))
             if encrypt:
@@ -883,10 +889,34 @@ class _Crypter:
             else:
                 cipher.decrypt_into(src, first, dst)
             return dst
-        call = worker.encrypt if encrypt else worker.decrypt
-        for at in range(0, len(src), _CHUNK):
-            piece = src[at : at + _CHUNK]
-            dst[at : at + len(piece)] = call(piece, first + at // ss, True)
+        chunks = list(range(0, len(src), _CHUNK))
+
+        def work(worker: Any, mine: list[int]) -> None:
+            call = worker.encrypt if encrypt else worker.decrypt
+            for at in mine:
+                piece = src[at : at + _CHUNK]
+                dst[at : at + len(piece)] = call(piece, first + at // ss, False)
+
+        half = (len(chunks) + 1) // 2
+        if len(pool) < 2 or half < 2:
+            work(pool[0], chunks)
+            return dst
+        errors: list[BaseException] = []
+
+        def second() -> None:
+            try:
+                work(pool[1], chunks[half:])
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+
+        helper = threading.Thread(target=second, name="reencrypt-cipher-2")
+        helper.start()
+        try:
+            work(pool[0], chunks[:half])
+        finally:
+            helper.join()
+        if errors:
+            raise errors[0]
         return dst
 
 
@@ -923,6 +953,37 @@ class _Devices:
     crypter: _Crypter = field(default_factory=_Crypter)
     buffers: list[mmap.mmap | None] = field(default_factory=lambda: [None, None])
 
+    #: the data device again with O_DIRECT (-1: none): hot zones are read straight into
+    #: the buffer, as cryptsetup does (buffered reads of a cold 1 GiB ran at a third of
+    #: the disk's speed here); the kernel writes back dirty cached pages of the range first
+    direct_fd: int = -2
+
+    def direct(self) -> int:
+        if self.direct_fd == -2:
+            try:
+                self.direct_fd = os.open(
+                    f"/proc/self/fd/{self.data_fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC
+                )
+            except (OSError, AttributeError):
+                self.direct_fd = -1
+        return self.direct_fd
+
+    def close(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+        self.direct_fd = -1
+
+    def read_zone(self, view: memoryview, position: int) -> None:
+        """Read a hot zone into *view* (O_DIRECT where everything is 4 KiB aligned)."""
+        fd = self.direct()
+        if fd >= 0 and not position % 4096 and not len(view) % 4096:
+            try:
+                _read_into(fd, view, position, "reencryption hot zone")
+                return
+            except DeviceError:
+                pass  # a file system that refuses O_DIRECT here: read through the cache
+        _read_into(self.data_fd, view, position, "reencryption hot zone")
+
     def buffer(self, index: int, length: int) -> memoryview:
         """A reused buffer of *length* bytes (two: the hot zone as read, and as converted)."""
         buf = self.buffers[index]
@@ -949,13 +1010,8 @@ def _step(dev: _Devices, rh: Reencryption) -> None:
             prot = rh.moved_protection
     _assign(rh, hot_segs, hot=True)
     raw = dev.buffer(0, rh.length)
-    _read_into(dev.data_fd, raw, old_base + rh.offset, "reencryption hot zone")
+    dev.read_zone(raw, old_base + rh.offset)
     rh.read = len(raw)
-    if rh.direction == "forward" and rh.offset + 2 * rh.length <= rh.device_size:
-        with contextlib.suppress(OSError):  # the next hot zone, read ahead meanwhile
-            os.posix_fadvise(
-                dev.data_fd, old_base + rh.offset + rh.length, rh.length, os.POSIX_FADV_WILLNEED
-            )
     # The new ciphertext is computed meanwhile (into memory only, raw stays untouched):
     # the cipher runs in the C data path's threads while this thread hashes or journals.
     converted: list[memoryview] = []
@@ -1352,6 +1408,23 @@ def run_on(
 ) -> RunResult:
     """:func:`run` on descriptors the caller holds; with *live*, under a mounted volume."""
     dev = _Devices(devices.data_fd, devices.header_fd, devices.writer())
+    try:
+        return _run_on(dev, devices, passphrase, key_slot, max_hotzone, progress, stop, live, keys)
+    finally:
+        dev.close()
+
+
+def _run_on(
+    dev: _Devices,
+    devices: Devices,
+    passphrase: bytes,
+    key_slot: int | None,
+    max_hotzone: int,
+    progress: ProgressFn | None,
+    stop: Callable[[], bool] | None,
+    live: Live | None,
+    keys: dict[int, bytes] | None,
+) -> RunResult:
     header = read_luks2_header(devices.header_fd, devices.path)
     if not in_reencryption(header.json):
         raise UsageError(f"Device {devices.path} is not in LUKS2 reencryption.")
