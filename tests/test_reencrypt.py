@@ -20,6 +20,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -609,6 +610,15 @@ def test_encrypt_decrypt_killed_at_every_write(tmp_path: Path, scenario: str) ->
 # -- SIGKILL at random moments of real runs, both ways ---------------------------------------
 
 
+def _duration(cmd: list[str], env: dict[str, str] | None, base: Path, img: Path) -> float:
+    """How long an uninterrupted run takes here (kill times are drawn within it, so
+    slow machines and sanitizer builds still catch runs in the middle)."""
+    shutil.copy(base, img)
+    start = time.monotonic()
+    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
+    return time.monotonic() - start
+
+
 def _killed_run(cmd: list[str], env: dict[str, str] | None, delay: float) -> bool:
     """Start *cmd*, SIGKILL it after *delay* seconds; True when it was still running."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -626,16 +636,15 @@ def test_cryptsetup_killed_cryptfuse_resumes(tmp_path: Path, resilience: str) ->
     rng = random.Random(resilience)
     base, key, data = make(tmp_path, data_mib=32)
     img = tmp_path / "k.img"
+    cmd = ["cryptsetup", "reencrypt", "--force-offline-reencrypt", "-q", "--key-file", str(key),
+           "--resilience", resilience, "--hotzone-size", "256k", *FAST_KDF, str(img)]  # fmt: skip
+    whole = _duration(cmd, None, base, img)
     caught = 0
     for _ in range(20):  # until three runs were caught in the middle
         if caught >= 3:
             break
         shutil.copy(base, img)
-        killed = _killed_run(
-            ["cryptsetup", "reencrypt", "--force-offline-reencrypt", "-q", "--key-file", str(key),
-             "--resilience", resilience, "--hotzone-size", "256k", *FAST_KDF, str(img)],
-            None, rng.uniform(0.05, 0.6),
-        )  # fmt: skip
+        killed = _killed_run(cmd, None, rng.uniform(0.1, 0.9) * whole)
         if killed and reenc.in_reencryption(header_json(img)):
             caught += 1
             assert read_all(img) == data  # read-only, whatever the hot zone's state
@@ -653,16 +662,15 @@ def test_cryptfuse_killed_cryptsetup_resumes(tmp_path: Path, resilience: str) ->
     img = tmp_path / "k.img"
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-m", "cryptfuse", "reencrypt", str(img), "--key-file", str(key),
+           "-q", "--resilience", resilience, "--hotzone-size", "256k", *FAST_KDF]  # fmt: skip
+    whole = _duration(cmd, env, base, img)
     caught = 0
     for _ in range(20):  # until three runs were caught in the middle
         if caught >= 3:
             break
         shutil.copy(base, img)
-        killed = _killed_run(
-            [sys.executable, "-m", "cryptfuse", "reencrypt", str(img), "--key-file", str(key),
-             "-q", "--resilience", resilience, "--hotzone-size", "256k", *FAST_KDF],
-            env, rng.uniform(0.3, 1.5),
-        )  # fmt: skip
+        killed = _killed_run(cmd, env, rng.uniform(0.1, 0.9) * whole)
         if killed and reenc.in_reencryption(header_json(img)):
             caught += 1
             resume_with_cryptsetup(img, key, None)
