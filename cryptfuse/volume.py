@@ -503,9 +503,6 @@ class SegmentedVolume(Volume):
             position = e.position + at
             pwrite_all(e.fd, data, position, f"{length} bytes at {position}")
 
-    def sync(self) -> None:
-        super().sync()
-
     def close(self) -> None:
         if not self._owns_fd:  # the volume it stands in for syncs and closes the fd
             return

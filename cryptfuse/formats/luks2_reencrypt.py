@@ -62,7 +62,7 @@ try:  # the C data path: its ciphers and block digests release the GIL
 except ImportError:  # pragma: no cover - depends on the build
     _fastpath = None  # type: ignore[assignment]
 from .luks2 import MAX_KEYSLOTS_SIZE, PRIORITY_HIGH, PRIORITY_NORMAL, LUKS2Header, read_luks2_header
-from .luks2_write import SALT_SIZE, Luks2Writer
+from .luks2_write import SALT_SIZE, Luks2Writer, _b64, build_metadata, luks2_layout
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
 from .luks_write import KdfParams, sync, wipe_area
 
@@ -1650,12 +1650,6 @@ def initialize_on(
     return new_slot
 
 
-def _b64(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode("ascii")
-
-
 def _max_gap(writer: Luks2Writer) -> tuple[int, int] | None:
     """The largest free stretch of the keyslots area (``LUKS2_find_area_max_gap``)."""
     start = 2 * writer.hdr_size
@@ -1768,8 +1762,6 @@ def initialize_encrypt(
     those two, as with cryptsetup, the device is neither plaintext nor LUKS2 (its
     first chunk is intact in the copy at the end).  Returns the new keyslot.
     """
-    from .luks2_write import build_metadata, luks2_layout
-
     spec = parse_cipher_spec(options.cipher)
     if options.key_size % 8:
         raise UsageError("Key size must be a multiple of 8 bits.")
@@ -1850,9 +1842,9 @@ def initialize_encrypt(
             segs = [*live, _flagged(linear_segment(data_offset, None), "backup-previous"), final]
         obj["segments"] = {str(i): seg for i, seg in enumerate(segs)}
         obj["digests"]["0"]["segments"] = [str(len(segs) - 1)]
-        from .luks2_write import Luks2Writer as Writer
-
-        writer = Writer.new(h.header_fd, obj, layout, label="", subsystem="", uuid=options.uuid)
+        writer = Luks2Writer.new(
+            h.header_fd, obj, layout, label="", subsystem="", uuid=options.uuid
+        )
         resilience = "datashift" if shift else options.resilience
         rslot_hint = options.key_slot
         if not 0 <= rslot_hint < 32:
