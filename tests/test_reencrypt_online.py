@@ -135,18 +135,28 @@ def matches(found: bytes, model: bytearray, pending: tuple[int, bytes] | None) -
     )
 
 
+def mounted(
+    cf: Cryptfuse,  # noqa: F811 - the fixture's value, passed on
+    tmp_path: Path,
+    mib: int,
+) -> tuple[Path, Path, Path, list[int], bytearray]:
+    """A cryptsetup-made container of *mib* MiB, mounted, filled with random data:
+    (container, key file, mountpoint, daemon pids, the volume's byte model)."""
+    img, key = make(tmp_path, mib)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")
+    return img, key, mnt, pids, fill(mnt / "volume", mib * MiB)
+
+
 def offline(img: Path) -> bytes:
     with open_volume(str(img), OpenOptions(readonly=True), Secret(PASS, False)) as v:
         return v.read(0, v.size)
 
 
 def test_online_under_a_writer(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: F811 - fixtures
-    img, key = make(tmp_path, 24)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")
+    img, key, mnt, pids, model = mounted(cf, tmp_path, 24)
     volume = mnt / "volume"
-    model = fill(volume, 24 * MiB)
     writer = Writer(volume, model, 1)
     writer.start()
     proc = reencrypt(cf, img, key, "--hotzone-size", "1M", "--cipher", "aes-xts-plain64",
@@ -216,12 +226,8 @@ def wait_in_progress(img: Path, proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.parametrize("resilience", ["checksum", "journal"])
 def test_online_daemon_killed(cf: Cryptfuse, tmp_path: Path, resilience: str) -> None:  # noqa: F811 - fixtures
-    img, key = make(tmp_path, 64)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")
+    img, key, mnt, pids, model = mounted(cf, tmp_path, 64)
     volume = mnt / "volume"
-    model = fill(volume, 64 * MiB)
     writer = Writer(volume, model, 2)
     writer.start()
     proc = reencrypt(cf, img, key, "--hotzone-size", "256k", "--resilience", resilience)
@@ -250,12 +256,8 @@ def test_online_daemon_killed(cf: Cryptfuse, tmp_path: Path, resilience: str) ->
 
 
 def test_online_command_killed(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: F811 - fixtures
-    img, key = make(tmp_path, 64)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")
+    img, key, mnt, pids, model = mounted(cf, tmp_path, 64)
     volume = mnt / "volume"
-    model = fill(volume, 64 * MiB)
     proc = reencrypt(cf, img, key, "--hotzone-size", "256k")
     wait_in_progress(img, proc)
     proc.kill()
