@@ -24,6 +24,7 @@ class Worker:
     def serve(self, fuse_fd: int, buffer: bytearray, /) -> int: ...
     def encrypt(self, data: Buffer, first_sector: int, parallel: bool = False, /) -> bytes: ...
     def decrypt(self, data: Buffer, first_sector: int, parallel: bool = False, /) -> bytes: ...
+    def crypt_into(self, src: Buffer, first_sector: int, dst: Buffer, encrypt: bool, /) -> None: ...
 
 class FastVolume:
     """An AES-XTS/CBC volume's geometry and key for the GIL-free READ/WRITE path.
@@ -41,6 +42,7 @@ class FastVolume:
     prefetched: int
     direct: int
     behind: int
+    partnered: int
     direct_active: bool
     last_write_ns: int
     def __init__(
@@ -64,6 +66,10 @@ class FastVolume:
     def invalidate(self, first_sector: int, count: int) -> None: ...
     def drain(self) -> None: ...
     def write_lock_range(self, first: int, last: int) -> tuple[int, int]: ...
+    def set_window(self, lo: int, hi: int, /) -> None:
+        """Serve sectors [lo, hi) only, decline the rest (hold what changes meanwhile)."""
+    def set_partner(self, other: FastVolume, /) -> None:
+        """Requests declined here are tried on *other* (same fd, geometry, lock); once."""
     def close(self) -> None: ...
 
 def block_digests(data: Buffer, block_size: int, hash_name: str) -> bytes:

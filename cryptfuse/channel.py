@@ -410,6 +410,8 @@ class Channel:
             fast.direct,
             fast.declined,
         )
+        if fast.partnered:
+            log.info("of them, %d served under an online reencryption's new key", fast.partnered)
         if fast.reply_errors:
             log.warning("the kernel refused %d replies of the C data path", fast.reply_errors)
 

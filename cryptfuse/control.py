@@ -34,13 +34,17 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BusyError, CryptfuseError, DeviceError, UsageError
 from .formats import luks2_reencrypt as reenc
 from .formats.luks2 import read_luks2_header
 from .formats.luks_write import KdfParams
-from .volume import ExtentMap, SegmentedVolume, Volume, open_device
+from .sector import SectorCipher
+from .volume import ExtentMap, SegmentedVolume, Volume, fast_path_for, open_device
+
+if TYPE_CHECKING:
+    from . import _fastpath
 
 __all__ = ["ControlServer", "control_path", "request"]
 
@@ -159,16 +163,90 @@ class Served:
 
 
 class _LiveAdapter:
-    """:class:`reenc.Live` over a :class:`SegmentedVolume` (extents -> file extents)."""
+    """:class:`reenc.Live` over a :class:`SegmentedVolume` (extents -> file extents),
+    with the C data path of the old key and its partner of the new key (*pair*) when
+    they serve the parts of the volume under one key each."""
 
-    def __init__(self, volume: SegmentedVolume, data_fd: int, header_fd: int) -> None:
+    def __init__(
+        self,
+        volume: SegmentedVolume,
+        data_fd: int,
+        header_fd: int,
+        pair: _FastPair | None = None,
+    ) -> None:
         self.volume, self.data_fd, self.header_fd = volume, data_fd, header_fd
+        self.pair = pair
 
     def hold(self, start: int, end: int) -> contextlib.AbstractContextManager[None]:
+        if self.pair is not None:
+            # The step writes the zone through the page cache: lock the stretches a
+            # concurrent O_DIRECT transfer must not share (FastVolume.write_lock_range).
+            ss = self.volume.sector_size
+            lo, hi = self.pair.old.write_lock_range(start // ss, -(-end // ss))
+            start, end = lo * ss, hi * ss
         return self.volume.hold(start, end)
 
     def update(self, extents: list[reenc.Extent]) -> None:
+        """Called while the zone that changed is held: serve from *extents* now."""
         self.volume.replace_extents(_maps(extents, self.data_fd, self.header_fd))
+        if self.pair is not None:
+            self.pair.route(extents, self.volume.sector_size)
+
+
+def _cipher_id(cipher: SectorCipher | None) -> tuple[object, ...] | None:
+    if cipher is None:
+        return None
+    return (
+        str(cipher.spec),
+        cipher.fast_parameters(),
+        cipher.sector_size,
+        cipher.iv_offset,
+        cipher.iv_shift,
+    )
+
+
+@dataclass
+class _FastPair:
+    """The C data path during an online key change: *old* (the mount's FastVolume) serves
+    the sectors still under the old key, *new* (its partner) those converted, each
+    through its window; what straddles them, or the hot zone, goes to Python."""
+
+    old: _fastpath.FastVolume
+    new: _fastpath.FastVolume
+    old_id: tuple[object, ...]
+    new_id: tuple[object, ...]
+    data_offset: int
+
+    def route(self, extents: list[reenc.Extent], sector_size: int) -> None:
+        windows: dict[tuple[object, ...] | None, list[tuple[int, int]]] = {}
+        for e in extents:
+            where = _cipher_id(e.cipher)
+            if e.on_header or e.position != self.data_offset + e.start:
+                where = None  # stored elsewhere (a journal): Python's
+            windows.setdefault(where, []).append((e.start, e.start + e.length))
+        for fast, ident in ((self.old, self.old_id), (self.new, self.new_id)):
+            runs = sorted(windows.get(ident, []))
+            lo, hi = (runs[0][0], runs[-1][1]) if runs else (0, 0)
+            if sum(b - a for a, b in runs) != hi - lo:
+                lo = hi = 0  # not one stretch: Python serves it all
+            fast.set_window(lo // sector_size, hi // sector_size)
+            fast.invalidate(0, 1 << 62)  # read ahead before the move: dropped, all of it
+
+    def serves(self, obj: dict[str, Any], keys: dict[int, bytes]) -> bool:
+        """True when the reencryption in header *obj* is the one this pair serves."""
+        rh = reenc.Reencryption.from_json(obj)
+        rh.keys = keys
+        try:
+            ids = (_cipher_id(rh.storage(new=False)[1]), _cipher_id(rh.storage(new=True)[1]))
+        except KeyError:
+            return False
+        return ids == (self.old_id, self.new_id) and not rh.shift and rh.mode == "reencrypt"
+
+    def stop(self) -> None:
+        """Serve nothing in C from now on (safe at any time: a request re-checks its
+        window once it holds its range)."""
+        self.old.set_window(0, 0)
+        self.new.set_window(0, 0)
 
 
 def _maps(extents: list[reenc.Extent], data_fd: int, header_fd: int) -> list[ExtentMap]:
@@ -203,6 +281,8 @@ class ControlServer:
         self.sock.listen(4)
         self._closing = threading.Event()
         self._work = threading.Lock()  # one reencryption at a time
+        #: the C data path of both keys of this mount's online key change, if any
+        self._pair: _FastPair | None = None
         self._threads: list[threading.Thread] = []
         self._accepter = threading.Thread(target=self._accept, name="control", daemon=True)
         self._accepter.start()
@@ -307,29 +387,38 @@ class ControlServer:
                             break
                 stop.set()
 
-            threading.Thread(target=watch, name="control-watch", daemon=True).start()
+            watcher = threading.Thread(target=watch, name="control-watch", daemon=True)
+            watcher.start()
 
             def progress(done: int, total: int) -> None:
                 with contextlib.suppress(OSError):
                     _send(conn, {"progress": [done, total]})
 
-            result = reenc.run_on(
-                devices,
-                passphrase,
-                key_slot=key_slot,
-                max_hotzone=int(req.get("hotzone", 0)),
-                progress=progress,
-                stop=lambda: stop.is_set() or self._closing.is_set(),
-                live=live,
-                keys=keys,
-            )
+            try:
+                result = reenc.run_on(
+                    devices,
+                    passphrase,
+                    key_slot=key_slot,
+                    max_hotzone=int(req.get("hotzone", 0)),
+                    progress=progress,
+                    stop=lambda: stop.is_set() or self._closing.is_set(),
+                    live=live,
+                    keys=keys,
+                )
+            finally:
+                # The watcher reads the socket: end its reading and wait for it before
+                # the socket is closed (never a recv on a closed, reused descriptor);
+                # the answer still goes out on the write side.
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RD)
+                watcher.join()
             log.info(
                 "online reencryption %s at %d of %d bytes",
                 "finished" if result.finished else "stopped",
                 result.done,
                 result.total,
             )
-            if result.finished:
+            if result.finished and live.pair is None:
                 log.warning(
                     "the mount serves through the Python engine until it is remounted "
                     "(the C data path is not rebuilt under a running mount)"
@@ -368,6 +457,16 @@ class ControlServer:
             )
         maps = _maps(extents, devices.data_fd, devices.header_fd)
         if isinstance(volume, SegmentedVolume):
+            pair = self._pair
+            if pair is not None and pair.serves(header.json, keys):
+                # the same reencryption again (stopped, now resumed): same windows
+                volume.replace_extents(maps)
+                pair.route(extents, volume.sector_size)
+                return _LiveAdapter(volume, devices.data_fd, devices.header_fd, pair)
+            # another reencryption in this mount: its C data path, if any, stops
+            if pair is not None:
+                pair.stop()
+            self._pair = None
             volume.replace_extents(maps)
             return _LiveAdapter(volume, devices.data_fd, devices.header_fd)
         granule = max(
@@ -378,6 +477,7 @@ class ControlServer:
                 if seg.get("type") == "crypt"
             ]
         )
+        pair = self._fast_pair(volume, header.json, keys, extents)
         live = SegmentedVolume(
             volume.fd,
             maps,
@@ -385,8 +485,14 @@ class ControlServer:
             description=f"{volume.description} (in reencryption)",
             owns_fd=False,
             shared_lock=(volume._lock, volume.sector_size),  # noqa: SLF001 - the same volume
+            fast_volumes=(pair.old, pair.new) if pair is not None else (),
         )
         self.served.set(live)
+        if pair is not None:
+            self._pair = pair
+            pair.route(extents, volume.sector_size)
+            log.info("serving through the reencryption's segments, in C under both keys")
+            return _LiveAdapter(live, devices.data_fd, devices.header_fd, pair)
         if volume.fast is not None:
             # Requests already in C finish with the old key (no hot zone exists yet);
             # from now on every READ/WRITE is declined to Python, which serves `live`.
@@ -394,3 +500,49 @@ class ControlServer:
             volume.fast.close()
         log.info("serving through the reencryption's segments from now on")
         return _LiveAdapter(live, devices.data_fd, devices.header_fd)
+
+    @staticmethod
+    def _fast_pair(
+        volume: Volume,
+        obj: dict[str, Any],
+        keys: dict[int, bytes],
+        extents: list[reenc.Extent],
+    ) -> _FastPair | None:
+        """The mount's C data path and a partner under the new key, when a key change
+        keeps the geometry (same data offset and sector size, no data shift) and both
+        ciphers are ones the C path serves; None otherwise (Python serves it all)."""
+        old = volume.fast
+        if old is None:
+            return None
+        rh = reenc.Reencryption.from_json(obj)
+        rh.keys = keys
+        if rh.mode != "reencrypt" or rh.shift or rh.data_offset_new != volume.data_offset:
+            return None
+        try:
+            _, new_cipher = rh.storage(new=True)
+        except KeyError:
+            return None
+        if new_cipher is None or new_cipher.sector_size != volume.sector_size:
+            return None
+        old_id, new_id = _cipher_id(volume.cipher), _cipher_id(new_cipher)
+        if old_id is None or new_id is None or old_id == new_id:
+            return None
+        # Only from a volume all under the old key (the usual start): the C path
+        # served all of it until now.
+        if any(_cipher_id(e.cipher) != old_id for e in extents):
+            return None
+        new = fast_path_for(
+            new_cipher,
+            fd=volume.fd,
+            data_offset=volume.data_offset,
+            size=volume.size,
+            readonly=False,
+            lock=volume._lock.native,  # noqa: SLF001 - the same volume
+            direct=True,
+        )
+        if new is None:
+            return None
+        new.set_window(0, 0)  # nothing is under the new key yet
+        old.set_partner(new)
+        volume.fast_partners.append(new)  # drained and closed with the mount's volume
+        return _FastPair(old, new, old_id, new_id, volume.data_offset)

@@ -250,6 +250,9 @@ class Volume:
         self.description = description
         self._lock = _RangeLock()
         self._closed = False
+        #: more FastVolumes on this fd (an online reencryption's new key): drained by
+        #: sync() and closed by close() with ``fast``
+        self.fast_partners: list[_fastpath.FastVolume] = []
         self.fast = (
             None
             if not fast
@@ -354,9 +357,11 @@ class Volume:
 
     def sync(self) -> None:
         """Flush everything written so far to the container's disk."""
-        if self.fast is not None:
+        for fast in [self.fast, *self.fast_partners]:
+            if fast is None:
+                continue
             try:
-                self.fast.drain()  # the C path's writes answered before their pwrite
+                fast.drain()  # the C path's writes answered before their pwrite
             except OSError as exc:
                 raise DeviceError(f"a write to the container failed: {exc.strerror}") from exc
         try:
@@ -369,9 +374,10 @@ class Volume:
         if self._closed:
             return
         self._closed = True
-        if self.fast is not None:
+        for fast in [*self.fast_partners, self.fast]:
             # No C read or write reaches the fd from here on (nor after the sync).
-            self.fast.close()
+            if fast is not None:
+                fast.close()
         try:
             if not self.readonly:
                 self.sync()
@@ -425,6 +431,7 @@ class SegmentedVolume(Volume):
         owns_fd: bool = True,
         shared_lock: tuple[_RangeLock, int] | None = None,
         granule: int = 512,
+        fast_volumes: tuple[_fastpath.FastVolume, ...] = (),
     ) -> None:
         size = sum(e.length for e in extents)
         # the read-modify-write unit: every sector size the volume has or will have
@@ -453,6 +460,14 @@ class SegmentedVolume(Volume):
             raise UsageError("shared range lock unit does not divide the sector size")
         self._base_lock, self._unit = base, unit
         self._lock = _ScaledLock(base, granule // unit)  # type: ignore[assignment]
+        # The C data path of the volume it stands in for, and its partner under the new
+        # key, serving what lies wholly in their windows (docs/reencryption.md): the
+        # first gives the write-lock ranges, all are drained by sync() and told of
+        # every write here.  Their sectors are this volume's (same size, same lock).
+        if fast_volumes and granule != unit:
+            raise UsageError("a C data path needs the lock's own sector size")
+        self.fast_partners = list(fast_volumes[1:])
+        self.fast = fast_volumes[0] if fast_volumes else None
 
     def hold(self, start: int, end: int) -> AbstractContextManager[None]:
         """Exclude every read and write of volume bytes [start, end) meanwhile."""
@@ -495,13 +510,20 @@ class SegmentedVolume(Volume):
                 e.cipher.decrypt_into(raw, at // e.cipher.sector_size, out[into : into + length])
 
     def _write_sectors(self, first: int, plain: memoryview) -> None:
-        for e, at, into, length in self._pieces(first, len(plain)):
-            piece = plain[into : into + length]
-            data = (
-                piece if e.cipher is None else e.cipher.encrypt(piece, at // e.cipher.sector_size)
-            )
-            position = e.position + at
-            pwrite_all(e.fd, data, position, f"{length} bytes at {position}")
+        try:
+            for e, at, into, length in self._pieces(first, len(plain)):
+                piece = plain[into : into + length]
+                data = (
+                    piece
+                    if e.cipher is None
+                    else e.cipher.encrypt(piece, at // e.cipher.sector_size)
+                )
+                position = e.position + at
+                pwrite_all(e.fd, data, position, f"{length} bytes at {position}")
+        finally:  # even after a failure: part of it may be on disk
+            for fast in [self.fast, *self.fast_partners]:
+                if fast is not None:  # read-ahead of these sectors is stale
+                    fast.invalidate(first, len(plain) // self.sector_size)
 
     def close(self) -> None:
         if not self._owns_fd:  # the volume it stands in for syncs and closes the fd
