@@ -9,14 +9,15 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# fuse2fs/dosfstools: --mount-fs as an ordinary user (fuse2fs) and with vfat (tests).
+# fuse2fs/dosfstools/xfsprogs: --mount-fs as an ordinary user (fuse2fs), with vfat or
+# xfs (tests: whichever the kernel has).
 # fuse3/libfuse3-dev/pkg-config/gcc/python3-dev build and run pyfuse3; the rest is what the
 # demo and the end-to-end tests drive (cryptsetup, qemu-img, mkfs.ext4, losetup, xz);
 # libasan8/libubsan1/libtsan2 are gcc 12's sanitizer runtimes (make test-sanitize, test-tsan;
 # gcc-12 already depends on them).
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv \
 	libssl-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount \
-	libasan8 libubsan1 libtsan2 fuse2fs dosfstools
+	libasan8 libubsan1 libtsan2 fuse2fs dosfstools xfsprogs
 
 .PHONY: setup debs test test-sanitize test-tsan demo lint bench clean distclean
 

@@ -295,8 +295,17 @@ def _cmdline_names(pid: int, mountpoint: str) -> bool:
 
 # -- mounting and unmounting ------------------------------------------------------------------
 
+#: Searched after PATH: mount(8) runs mount.fuse3 (and so cryptfuse) with a short PATH.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def tool(name: str) -> str | None:
+    """Where the program *name* is, on PATH or in the system's directories."""
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}")
+
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    argv = [tool(argv[0]) or argv[0], *argv[1:]]
     return subprocess.run(
         argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
     )
@@ -382,7 +391,7 @@ def check_target(target: str, mountpoint: str, fs_type: str | None) -> str:
                 f"--fs-type {fs_type} needs root (a loop device); as an ordinary user "
                 f"cryptfuse mounts {', '.join(FUSE2FS_TYPES)} through fuse2fs"
             )
-        if shutil.which("fuse2fs") is None:
+        if tool("fuse2fs") is None:
             raise MountFsError(
                 "--mount-fs as an ordinary user needs fuse2fs (Debian package fuse2fs)"
             )
@@ -391,7 +400,7 @@ def check_target(target: str, mountpoint: str, fs_type: str | None) -> str:
 
 def detect_fstype(volume: str) -> str:
     """The filesystem type on *volume* as ``blkid`` probes it (never guessed)."""
-    if shutil.which("blkid") is None:
+    if tool("blkid") is None:
         raise MountFsError("blkid is not installed (Debian package util-linux); give --fs-type")
     result = _run(["blkid", "-p", "-u", "filesystem", "-o", "value", "-s", "TYPE", volume])
     fstype = result.stdout.strip()
@@ -455,9 +464,15 @@ def _mount_fuse2fs(
             f"the volume holds {fstype}: as an ordinary user cryptfuse mounts only "
             f"{', '.join(FUSE2FS_TYPES)} (through fuse2fs); {fstype} needs root"
         )
-    if shutil.which("fuse2fs") is None:
+    if tool("fuse2fs") is None:
         raise MountFsError("--mount-fs as an ordinary user needs fuse2fs (Debian package fuse2fs)")
-    argv = ["fuse2fs", volume, target, "-f", *(["-o", ",".join(options)] if options else [])]
+    argv = [
+        tool("fuse2fs") or "fuse2fs",
+        volume,
+        target,
+        "-f",
+        *(["-o", ",".join(options)] if options else []),
+    ]
     before = os.stat(target).st_dev
     with tempfile.TemporaryFile() as errors:
         # -f: the pid we start is the one serving, so close can wait for it to exit.
