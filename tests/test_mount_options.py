@@ -193,9 +193,17 @@ def test_man_page_is_generated_from_the_parser() -> None:
 
 def test_wheel_installs_man_page_and_completion(tmp_path: Path) -> None:
     """`pip install` puts cryptfuse(8) and the completion under share/ (a wheel built
-    without the C accelerators: CC=false makes them fail, and they are optional)."""
+    without the C accelerators: CC=false makes them fail, and they are optional; from a
+    copy of the sources, so the checkout's build/ and egg-info stay untouched)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("*.so", "__pycache__")
+    for name in ("cryptfuse", "man", "completion"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(tmp_path)],
         capture_output=True,
         text=True,
         env={**os.environ, "CC": "false"},
