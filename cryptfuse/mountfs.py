@@ -360,9 +360,10 @@ def load_record(mountpoint: str) -> FsMount | None:
     return record
 
 
-def remove_record(mountpoint: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(_record_path(mountpoint))
+def _remove(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _fs_alive(record: FsMount) -> bool:
@@ -579,6 +580,10 @@ def close(path: str, deferred: bool = False) -> str | None:
     entry, record = find(path)
     mountpoint = entry.mount_point
     container = container_of(entry)
+    try:  # found before the unmount, which changes what the mountpoint's stat says
+        record_file: str | None = _record_path(mountpoint)
+    except OSError:
+        record_file = None
     volume = record.volume if record is not None else _volume_file(mountpoint)
     if record is not None and not _fs_alive(record):
         log.info("the filesystem at %s was unmounted already", record.target)
@@ -589,6 +594,8 @@ def close(path: str, deferred: bool = False) -> str | None:
         if record.helper_pid is not None:
             ours.add(record.helper_pid)
         holders += [f"{who} in {record.target}" for who in users(record.target, set())]
+        if record.loop is not None:
+            holders += [f"{who} on {record.loop}" for who in users(record.loop, set())]
     if volume is not None:
         own_loop = record.loop if record is not None else None
         holders += [f"loop device {loop}" for loop in loop_devices(volume) if loop != own_loop]
@@ -599,14 +606,14 @@ def close(path: str, deferred: bool = False) -> str | None:
         if record is not None:
             unmount(record.target, lazy=True)
         unmount(mountpoint, lazy=True)
-        remove_record(mountpoint)
+        _remove(record_file)
         return (
             f"deferred: {mountpoint} is detached and closes when the last user lets go "
             f"({'; '.join(holders)})"
         )
     if record is not None:
         _undo_fs(record, lazy=False)
-        remove_record(mountpoint)
+    _remove(record_file)  # also a stale one, whose filesystem was unmounted by hand
     if volume is not None:
         _flush(volume)
     try:
