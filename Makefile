@@ -88,7 +88,7 @@ uninstall:
 # man/cryptfuse.8 is generated from the parser behind --help (argparse-manpage, a test
 # extra) plus man/cryptfuse.8.include; tests/test_manpage.py fails when it is stale.
 man: setup
-	$(VPY) -m cryptfuse.manpage > man/cryptfuse.8
+	$(VPY) man/generate.py > man/cryptfuse.8.tmp && mv man/cryptfuse.8.tmp man/cryptfuse.8
 
 lint: setup
 	$(VENV)/bin/ruff check cryptfuse tests examples bench cryptfuse.py

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Option names are cryptsetup's, except that -o passes FUSE mount options "
             "(e.g. -o allow_other) and the data offset is --offset only. "
             "Sizes and offsets count 512-byte sectors. "
-            "Unmount with: fusermount3 -u MOUNTPOINT."
+            "Unmount with: cryptfuse close MOUNTPOINT (or fusermount3 -u MOUNTPOINT)."
         ),
         add_help=False,
         allow_abbrev=False,
