@@ -315,7 +315,10 @@ def helper_path(tmp_path: Path, repo: Path) -> Iterator[dict[str, str]]:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     wrapper = bindir / "cryptfuse"
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={repo} exec {sys.executable} -m cryptfuse "$@"\n')
+    wrapper.write_text(
+        f"#!/bin/sh\nPYTHONPATH={repo}${{PYTHONPATH:+:$PYTHONPATH}} "
+        f'exec {sys.executable} -m cryptfuse "$@"\n'
+    )
     wrapper.chmod(0o755)
     SBIN_LINK.parent.mkdir(parents=True, exist_ok=True)
     with open("/run/lock/cryptfuse-test-sbin.lock", "w") as lock:
