@@ -452,7 +452,7 @@ def _mount_loop(
     entry = mount_at(target)
     record = FsMount(mountpoint, volume, target, fstype, "loop", entry.source if entry else None)
     if record.loop is None or record.loop not in loop_devices(volume):
-        _undo_fs(record, lazy=False)
+        unmount(target)  # not what was asked for (cannot happen with -o loop): undo it
         raise MountFsError(f"mount at {target} did not use a loop device over {volume}")
     return record
 
