@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .cli_close import CLOSE_SUBCOMMANDS
 from .cli_convert import CONVERT_SUBCOMMANDS
 from .cli_input import (
     PROG,
@@ -47,6 +48,8 @@ from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
 from .formats.plain import DEFAULT_CIPHER, DEFAULT_KEY_SIZE
+from .mount_options import apply as apply_mount_options
+from .mount_options import parse as parse_mount_options
 from .spec import CipherSpec, parse_cipher_spec
 from .volume import open_device
 
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Option names are cryptsetup's, except that -o passes FUSE mount options "
             "(e.g. -o allow_other) and the data offset is --offset only. "
             "Sizes and offsets count 512-byte sectors. "
-            "Unmount with: fusermount3 -u MOUNTPOINT."
+            "Unmount with: cryptfuse close MOUNTPOINT (or fusermount3 -u MOUNTPOINT)."
         ),
         add_help=False,
         allow_abbrev=False,
@@ -178,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")
     g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     g.add_argument("--help", action="help", help="show this help and exit")
+
+    g = p.add_argument_group("filesystem (see docs/mount-fs.md; close with: cryptfuse close)")
+    g.add_argument(
+        "--mount-fs",
+        metavar="DIR",
+        help="also mount the filesystem inside the volume at DIR (root: loop device; "
+        "others: fuse2fs for ext2/3/4)",
+    )
+    g.add_argument("--fs-type", metavar="TYPE", help="its type (default: what blkid finds)")
+    g.add_argument("--fs-options", metavar="OPTS", help="its mount options (comma separated)")
     return p
 
 
@@ -380,8 +393,12 @@ def unlock_progress(container: str, enabled: bool) -> Iterator[None]:
 
 def mount_command(argv: Sequence[str]) -> int:
     """``cryptfuse [options] CONTAINER MOUNTPOINT``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.verbose, args.debug, args.log_file)
+    # crypttab's names inside -o (mount -t fuse.cryptfuse, fstab): see mount_options.py
+    defaults = parser.parse_args([args.container, args.mountpoint])
+    apply_mount_options(args, parse_mount_options(args.fuse_options), defaults, TYPES)
     fs_options, fuse_options = _fs_options(args)
     kind: str | None = args.type
 
@@ -392,6 +409,12 @@ def mount_command(argv: Sequence[str]) -> int:
         check_container(args.header, True)
     check_mountpoint(args.mountpoint)
     check_fuse()
+    if args.mount_fs is not None:
+        from .mountfs import check_target
+
+        if args.foreground:
+            raise UsageError("--mount-fs cannot be combined with --foreground")
+        args.mount_fs = check_target(args.mount_fs, args.mountpoint, args.fs_type)
     plain_key_bytes: int | None = None
     if kind == "plain":
         spec = parse_cipher_spec(args.cipher or DEFAULT_CIPHER)
@@ -451,7 +474,30 @@ def mount_command(argv: Sequence[str]) -> int:
         raise
     from .mount import run
 
-    return run(volume, config)  # owns the volume from here on
+    readonly = volume.readonly
+    code = run(volume, config)  # owns the volume from here on
+    if code != 0 or args.mount_fs is None:
+        return code
+    return mount_filesystem(args, config.mountpoint, readonly)
+
+
+def mount_filesystem(args: argparse.Namespace, mountpoint: str, readonly: bool) -> int:
+    """``--mount-fs``: the filesystem after the volume; when it fails, the volume is
+    unmounted again and the daemon gone before the error (exit 32) is reported."""
+    from .mountfs import mount_filesystem as mount_fs
+    from .mountfs import undo_volume
+
+    container = os.path.abspath(args.container)
+    volume = os.path.join(mountpoint, args.name)
+    try:
+        mount_fs(mountpoint, volume, args.mount_fs, args.fs_type, args.fs_options, readonly)
+    except BaseException:
+        try:
+            undo_volume(mountpoint, container)
+        except CryptfuseError as exc:
+            print(f"{PROG}: undoing the volume mount: {exc}", file=sys.stderr)
+        raise
+    return 0
 
 
 # -- subcommands ------------------------------------------------------------------------
@@ -485,6 +531,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **LUKS_SUBCOMMANDS,
     **REENCRYPT_SUBCOMMANDS,
     **CONVERT_SUBCOMMANDS,
+    **CLOSE_SUBCOMMANDS,
 }
 
 
