@@ -382,7 +382,8 @@ typedef struct {
     pthread_rwlock_t io_lock;
     _Atomic int closed; /* set under io_lock held exclusive; read under it shared */
     uint64_t data_offset;
-    uint64_t size;
+    _Atomic uint64_t size; /* changed by set_size() (cryptfuse resize) while serving */
+    _Atomic int discards;  /* set_discards(): holes of the container read as zeros */
     uint32_t sector_size;
     uint32_t spb; /* 512-byte units per sector */
     uint32_t iv_shift;
@@ -477,7 +478,8 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     pthread_rwlock_init(&self->io_lock, NULL);
     atomic_init(&self->closed, 0);
     self->data_offset = data_offset;
-    self->size = size;
+    atomic_init(&self->size, size);
+    atomic_init(&self->discards, 0);
     self->sector_size = sector_size;
     self->spb = sector_size / 512;
     self->iv_shift = iv_shift;
@@ -1193,7 +1195,10 @@ static int prefetch_take(WorkerObject *w, uint64_t first, uint64_t count)
 static int prefetch_wanted(FastVolumeObject *v, uint64_t first, uint64_t count)
 {
     uint64_t len = count * v->sector_size, pos = v->data_offset + first * v->sector_size;
-    return atomic_load(&v->direct_fd) >= 0 && len >= PREFETCH_MIN && direct_eligible(len, pos, 0);
+    /* not with discards: a stretch read ahead from a hole could be served after the
+       hole was filled, and its check (has_hole) belongs under the range lock */
+    return atomic_load(&v->direct_fd) >= 0 && len >= PREFETCH_MIN && direct_eligible(len, pos, 0)
+           && !atomic_load(&v->discards);
 }
 
 /* -- write-behind -------------------------------------------------------------------------------- */
@@ -1305,7 +1310,8 @@ static int write_behind(WorkerObject *w, const unsigned char *data, uint64_t fir
             /* Now, not once written: the answer goes out first, and a read after it
                must not be served a stretch read ahead before this write. */
             prefetch_invalidate(v, first, last);
-            if (transfer(w, data, sl->buf, first, count, 1, IO_NONE, 0) == 0) {
+            if (last * v->sector_size <= atomic_load(&v->size) /* not shrunk meanwhile */
+                && transfer(w, data, sl->buf, first, count, 1, IO_NONE, 0) == 0) {
                 writeback_queue(v, sl, first, count, lo, hi);
                 queued = 1;
             } else
@@ -1337,8 +1343,19 @@ static void reply(FastVolumeObject *v, int fuse_fd, uint64_t unique, const void 
         atomic_fetch_add(&v->reply_errors, 1);
 }
 
+/* 1 when the container has a hole in [pos, pos + len) (or lseek failed): such reads
+   are Python's, which returns zeros for the sectors wholly in a hole (discards on). */
+static int has_hole(FastVolumeObject *v, uint64_t pos, uint64_t len)
+{
+    off_t hole = lseek(v->fd, (off_t)pos, SEEK_HOLE);
+    if (hole < 0)
+        return errno != EINVAL; /* EINVAL: no holes here (a block device) */
+    return (uint64_t)hole < pos + len;
+}
+
 /* Sectors [first, first + count) with their container I/O, under the range lock and
-   unless the volume is closing: 0, or -1 (the request goes back to Python). */
+   unless the volume is closing: 0, or -1 (the request goes back to Python, also when
+   a resize shrank the volume below it meanwhile, or a read meets a hole). */
 static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t first,
                            size_t count, int write)
 {
@@ -1350,9 +1367,14 @@ static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t f
         write_lock_range(v, first, last, 1, &lo, &hi);
     pthread_rwlock_rdlock(&v->io_lock);
     if (!v->closed && range_acquire(v->lock, lo, hi) == 0) {
-        failed = transfer(w, src, w->buf, first, count, write, write ? IO_WRITE : IO_READ, pos);
-        if (write)
-            prefetch_invalidate(v, first, last); /* even after a failure: part may be written */
+        if (last * v->sector_size <= atomic_load(&v->size)
+            && (write || !atomic_load(&v->discards)
+                || !has_hole(v, pos, (uint64_t)count * v->sector_size))) {
+            failed = transfer(w, src, w->buf, first, count, write, write ? IO_WRITE : IO_READ,
+                              pos);
+            if (write)
+                prefetch_invalidate(v, first, last); /* even after a failure: part may be written */
+        }
         range_release(v->lock, lo, hi);
     }
     pthread_rwlock_unlock(&v->io_lock);
@@ -1576,6 +1598,28 @@ static PyObject *FastVolume_drain(FastVolumeObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *FastVolume_set_size(FastVolumeObject *self, PyObject *args)
+{
+    uint64_t size;
+    if (!PyArg_ParseTuple(args, "O&:set_size", to_u64, &size))
+        return NULL;
+    if (size % self->sector_size || size > INT64_MAX - self->data_offset) {
+        PyErr_SetString(PyExc_ValueError, "size is not a whole number of sectors");
+        return NULL;
+    }
+    atomic_store(&self->size, size);
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastVolume_set_discards(FastVolumeObject *self, PyObject *args)
+{
+    int on;
+    if (!PyArg_ParseTuple(args, "p:set_discards", &on))
+        return NULL;
+    atomic_store(&self->discards, on);
+    Py_RETURN_NONE;
+}
+
 static PyObject *FastVolume_write_lock_range(FastVolumeObject *self, PyObject *args)
 {
     uint64_t first, last, lo, hi;
@@ -1590,6 +1634,11 @@ static PyObject *FastVolume_write_lock_range(FastVolumeObject *self, PyObject *a
 }
 
 static PyMethodDef FastVolume_methods[] = {
+    {"set_size", (PyCFunction)FastVolume_set_size, METH_VARARGS,
+     "set_size(bytes): the volume's new size (call holding the range lock of every "
+     "sector up to the larger of both sizes: no request is under way then)."},
+    {"set_discards", (PyCFunction)FastVolume_set_discards, METH_VARARGS,
+     "set_discards(on): reads meeting a hole of the container go to Python (zeros)."},
     {"write_lock_range", (PyCFunction)FastVolume_write_lock_range, METH_VARARGS,
      "write_lock_range(first, last) -> (lo, hi): the sectors a write of [first, last) "
      "through the page cache locks (more than its own while O_DIRECT is in use)."},

@@ -10,6 +10,8 @@ the FUSE layer runs it in worker threads.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 import stat
@@ -79,6 +81,73 @@ def pwrite_all(fd: int, data: Buffer, offset: int, what: str) -> None:
 def device_size(fd: int) -> int:
     """Size in bytes of an open regular file or block device."""
     return os.lseek(fd, 0, os.SEEK_END)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+#: encrypted zeros are written from this many plaintext zeros at a time
+_ZEROS_LEN = 1 << 20
+_ZEROS = bytes(_ZEROS_LEN)
+_libc: ctypes.CDLL | None = None
+
+
+def _punch_hole(fd: int, position: int, length: int) -> bool:
+    """Punch [position, position + length) out of the file; False where the file
+    system (or block device) cannot make holes that read as holes."""
+    global _libc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return False  # a block device zeroes or discards: SEEK_HOLE would not see it
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, position, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise DeviceError(f"cannot punch {length} bytes at {position}: {os.strerror(err)}")
+
+
+def _hole_block(fd: int) -> int:
+    """The container's allocation block for holes (0: a block device, no holes)."""
+    st = os.fstat(fd)
+    return st.st_blksize if stat.S_ISREG(st.st_mode) and st.st_blksize > 0 else 0
+
+
+def container_holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The holes of the file in [start, end), as (start, end) byte ranges."""
+    holes: list[tuple[int, int]] = []
+    position = start
+    while position < end:
+        try:
+            hole = os.lseek(fd, position, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno in (errno.ENXIO, errno.EINVAL):  # past the end, or no holes here
+                break
+            raise DeviceError(f"lseek of the container failed: {exc.strerror}") from exc
+        if hole >= end:
+            break
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise DeviceError(f"lseek of the container failed: {exc.strerror}") from exc
+            data = end
+        holes.append((hole, min(data, end)))
+        position = data
+    return holes
+
+
+def _zero_holes(fd: int, position: int, data_offset: int, ss: int, out: memoryview) -> None:
+    """Zero the plaintext of the sectors read from *position* that lie wholly in a
+    hole of the container: a discarded sector reads as zeros, not as the noise that
+    decrypting zeros gives (dm-crypt's answer)."""
+    for hole_start, hole_end in container_holes(fd, position, position + len(out)):
+        a = -(-(hole_start - data_offset) // ss) * ss + data_offset  # first whole sector
+        b = (hole_end - data_offset) // ss * ss + data_offset
+        if b > a:
+            out[a - position : b - position] = bytes(b - a)
 
 
 class _RangeLock:
@@ -250,6 +319,14 @@ class Volume:
         self.description = description
         self._lock = _RangeLock()
         self._closed = False
+        #: discards on (--allow-discards or the LUKS2 flag): see :meth:`discard`
+        self.discards = False
+        #: what the opening found out, for ``cryptfuse status`` and ``resize``: the keyslot
+        #: that opened it, whether the size follows the container (False: a LUKS2
+        #: segment of fixed size) and the LUKS2 persistent flags
+        self.key_slot: int | None = None
+        self.dynamic_size = True
+        self.persistent_flags: tuple[str, ...] = ()
         self.fast = (
             None
             if not fast
@@ -286,6 +363,8 @@ class Volume:
         if got != length:
             raise DeviceError(f"container ends early: short read of {length} bytes at {position}")
         self.cipher.decrypt_into(raw, first, out)
+        if self.discards:
+            _zero_holes(self.fd, position, self.data_offset, self.sector_size, out)
 
     def _write_sectors(self, first: int, plain: memoryview) -> None:
         """Encrypt whole sectors starting at *first* and write them to the container."""
@@ -312,6 +391,8 @@ class Volume:
         last = -(-end // ss)
         start = offset - first * ss
         with self._lock.hold(first, last):
+            if end > self.size:  # shrunk (resize) while this read waited for the lock
+                return self.read(offset, min(length, max(0, self.size - offset)))
             plain = _SCRATCH.get(2, (last - first) * ss)
             self._read_sectors_into(first, plain)
             return bytes(plain[start : start + end - offset])
@@ -335,22 +416,130 @@ class Volume:
         first = offset // ss
         last = -(-end // ss)
         head = offset - first * ss
+        shrunk = False
         # Through the page cache: while the C path uses O_DIRECT, more than our sectors
         # (see FastVolume.write_lock_range).
         lo, hi = (first, last) if self.fast is None else self.fast.write_lock_range(first, last)
         with self._lock.hold(lo, hi):
-            if head == 0 and end % ss == 0:
+            if end > self.size:  # shrunk (resize) while this write waited for the lock
+                shrunk = True
+            elif head == 0 and end % ss == 0:
                 self._write_sectors(first, view[:count])
                 return count
-            # Read-modify-write: only the partial boundary sectors need their old contents.
-            buf = _SCRATCH.get(2, (last - first) * ss)
-            if head:
-                self._read_sectors_into(first, buf[:ss])
-            if end % ss and (last - 1 > first or not head):
-                self._read_sectors_into(last - 1, buf[-ss:])
-            buf[head : head + count] = view[:count]
-            self._write_sectors(first, buf)
+            else:
+                # Read-modify-write: only the partial boundary sectors need their old contents.
+                buf = _SCRATCH.get(2, (last - first) * ss)
+                if head:
+                    self._read_sectors_into(first, buf[:ss])
+                if end % ss and (last - 1 > first or not head):
+                    self._read_sectors_into(last - 1, buf[-ss:])
+                buf[head : head + count] = view[:count]
+                self._write_sectors(first, buf)
+        if shrunk:
+            return self.write(offset, view)
         return count
+
+    # -- the mounted volume's life: resize, discards, holes (docs/lifecycle.md) ------------
+
+    def enable_discards(self) -> None:
+        """Discards on: fallocate punches/zeroes (:meth:`discard`) and holes read as zeros."""
+        self.discards = True
+        if self.fast is not None:
+            self.fast.set_discards(True)
+
+    def container_size(self) -> int:
+        """Bytes of the container now (a file may have grown since the volume opened)."""
+        return device_size(self.fd)
+
+    def resize(self, size: int) -> None:
+        """Give the volume *size* bytes from now on, with no request in flight meanwhile."""
+        if self.readonly:
+            raise ReadOnlyError("the volume is read-only")
+        ss = self.sector_size
+        if size < 0 or size % ss:
+            raise UsageError("Device size is not aligned to requested sector size.")
+        room = self.container_size() - self.data_offset
+        if size > room:
+            raise DeviceError(
+                f"the container is too small: {size // 512} sectors do not fit after the "
+                f"data offset (room for {max(room, 0) // 512})"
+            )
+        top = max(size, self.size) // ss
+        with self._lock.hold(0, top):  # waits for every read and write under way
+            if self.fast is not None:
+                self.fast.set_size(size)
+                self.fast.invalidate(0, top)
+            self.size = size
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros, returning what space it can.
+
+        Whole sectors lying on whole allocation blocks of the container are punched
+        out of it (``FALLOC_FL_PUNCH_HOLE``); partial sectors at the edges, and whole
+        sectors sharing a block with data, are written as encrypted zeros, so that
+        every hole of the container covers whole discarded sectors only.
+        """
+        if self.readonly:
+            raise ReadOnlyError("the volume is read-only")
+        end = min(offset + length, self.size)
+        if offset < 0 or offset >= end:
+            return
+        ss = self.sector_size
+        a, b = -(-offset // ss), end // ss
+        if a >= b:
+            self.write(offset, bytes(end - offset))
+            return
+        if offset < a * ss:
+            self.write(offset, bytes(a * ss - offset))
+        if end > b * ss:
+            self.write(b * ss, bytes(end - b * ss))
+        block = _hole_block(self.fd)
+        p = q = a
+        if block:
+            aligned = [k for k in range(a, min(b, a + block // ss + 1)) if self._on_block(k, block)]
+            if aligned:
+                p = aligned[0]
+                q = next(k for k in range(b, p - 1, -1) if self._on_block(k, block))
+        lo, hi = (a, b) if self.fast is None else self.fast.write_lock_range(a, b)
+        with self._lock.hold(lo, hi):
+            if q > p:
+                position = self.data_offset + p * ss
+                if not _punch_hole(self.fd, position, (q - p) * ss):
+                    p = q = a  # the container's file system cannot: zeros everywhere
+            for first, last in ((a, p), (q, b)):
+                for k in range(first, last, _ZEROS_LEN // ss):
+                    n = min(last - k, _ZEROS_LEN // ss)
+                    self._write_sectors(k, memoryview(_ZEROS)[: n * ss])
+            if self.fast is not None:
+                self.fast.invalidate(a, b - a)
+
+    def _on_block(self, sector: int, block: int) -> bool:
+        return (self.data_offset + sector * self.sector_size) % block == 0
+
+    def seek(self, offset: int, whence: int) -> int:
+        """``lseek(SEEK_DATA/SEEK_HOLE)`` on the volume: with discards on, the container's
+        holes (whole sectors); otherwise all data, the one hole at the end.  Raises
+        ``OSError(ENXIO)`` at or after the end, as lseek does."""
+        if offset < 0 or offset >= self.size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        if not self.discards:
+            return offset if whence == os.SEEK_DATA else self.size
+        ss = self.sector_size
+        position = self.data_offset + offset
+        try:
+            found = os.lseek(self.fd, position, whence) - self.data_offset
+        except OSError as exc:
+            if exc.errno == errno.ENXIO and whence == os.SEEK_DATA:
+                raise  # only holes from here to the container's end
+            if exc.errno in (errno.EINVAL, errno.ENXIO):  # no hole support (block devices)
+                return offset if whence == os.SEEK_DATA else self.size
+            raise DeviceError(f"lseek of the container failed: {exc.strerror}") from exc
+        if whence == os.SEEK_DATA:
+            found = max(offset, found // ss * ss)
+            if found >= self.size:
+                raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+            return found
+        return min(self.size, max(offset, -(-found // ss) * ss))
 
     def sync(self) -> None:
         """Flush everything written so far to the container's disk."""
@@ -453,6 +642,12 @@ class SegmentedVolume(Volume):
             raise UsageError("shared range lock unit does not divide the sector size")
         self._base_lock, self._unit = base, unit
         self._lock = _ScaledLock(base, granule // unit)  # type: ignore[assignment]
+
+    def enable_discards(self) -> None:
+        raise UsageError("discards are not supported while a LUKS2 reencryption is under way")
+
+    def resize(self, size: int) -> None:
+        raise UsageError("the volume cannot be resized while a LUKS2 reencryption is under way")
 
     def hold(self, start: int, end: int) -> AbstractContextManager[None]:
         """Exclude every read and write of volume bytes [start, end) meanwhile."""

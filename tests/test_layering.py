@@ -44,12 +44,14 @@ LAYERS: dict[str, float] = {
     "control": 4.8,  # the daemon's control socket: online reencryption (no trio/pyfuse3)
     "fs": 5,
     "channel": 5.2,  # the FUSE request loop: threads on /dev/fuse, VolumeFS for the rules
+    "lifecycle": 5.4,  # status/resize handlers of the daemon, --lock-memory
     "mount": 5.5,
     "": 5.9,  # the facade re-exports everything: only cli and __main__ may import it
     "cli_input": 5.92,  # passphrase/key-file input and option types shared by subcommands
     "cli_luks": 5.95,  # the LUKS management subcommands; cli dispatches to them
     "cli_convert": 5.96,  # cryptfuse convert: reuses cli_luks's option helpers
     "cli_reencrypt": 5.97,  # reencrypt and repair: reuses cli_luks's option helpers
+    "cli_lifecycle": 5.975,  # status and resize of a mounted volume (control socket)
     "cli": 6,
     "__main__": 7,
 }
@@ -64,7 +66,7 @@ THIRD_PARTY: dict[str, set[str]] = {
 }
 
 # The command line: the modules that may read passphrases and parse options.
-CLI_MODULES = {"cli", "cli_convert", "cli_input", "cli_luks", "cli_reencrypt"}
+CLI_MODULES = {"cli", "cli_convert", "cli_input", "cli_luks", "cli_reencrypt", "cli_lifecycle"}
 
 # Standard library modules that belong to the command line only.
 CLI_ONLY_STDLIB = {"argparse", "getpass", "logging.config"}
