@@ -15,27 +15,32 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_e2e_mount import (  # noqa: F401 - cf and stack are fixtures
-    PASSPHRASE,
-    Cryptfuse,
-    Stack,
-    cf,
-    losetup,
-    mount_fs,
-    need,
-    sh,
-    stack,
-)
+from test_e2e_mount import PASSPHRASE, Cryptfuse, Stack, losetup, mount_fs, need, sh
 from test_luks2 import build
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
 MiB = 1 << 20
 PLAIN = ["--type", "plain", "-c", "aes-xts-plain64", "-s", "512", "-h", "sha256"]
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    s = Stack()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def cf(stack: Stack, cli_env: dict[str, str], repo: Path) -> Cryptfuse:
+    return Cryptfuse(stack, cli_env, repo)
 
 
 def luks2(path: Path, size: int, *options: str) -> None:
@@ -246,9 +251,7 @@ def _read_all(path: Path) -> bytes:
     return bytes(out)
 
 
-def test_punch_and_zero_ranges_against_a_model(
-    cf: Cryptfuse, stack: Stack, tmp_path: Path
-) -> None:
+def test_punch_and_zero_ranges_against_a_model(cf: Cryptfuse, stack: Stack, tmp_path: Path) -> None:
     """Random PUNCH_HOLE/ZERO_RANGE ranges (unaligned edges too) vs a bytearray model;
     holes read as zeros through Python and C paths and show in SEEK_HOLE/SEEK_DATA."""
     need("fallocate")
@@ -373,27 +376,6 @@ def test_status_matches_luksdump_and_options(cf: Cryptfuse, stack: Stack, tmp_pa
 # -- ephemeral random-key volumes -----------------------------------------------------------
 
 
-def test_urandom_key_plain_is_new_every_time(cf: Cryptfuse, stack: Stack, tmp_path: Path) -> None:
-    container = tmp_path / "scratch.img"
-    with open(container, "wb") as f:
-        f.truncate(2 * MiB)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    options = [*PLAIN, "--key-file", "/dev/urandom"]
-    pids = cf.mount(*options, container, mountpoint=mnt)
-    assert status(cf, mnt)["keysize"] == 512
-    data = os.urandom(MiB)
-    with open(mnt / "volume", "r+b") as f:
-        f.write(data)
-    with open(mnt / "volume", "rb") as f:
-        assert f.read(MiB) == data
-    cf.unmount(mnt, pids)
-    pids = cf.mount(*options, container, mountpoint=mnt)  # another random key
-    with open(mnt / "volume", "rb") as f:
-        assert f.read(MiB) != data
-    cf.unmount(mnt, pids)
-
-
 HOG = textwrap.dedent(
     """
     import hashlib, os, sys, time
@@ -457,6 +439,8 @@ def test_swap_on_random_key_volume_under_memory_pressure(
         if line.startswith("VmLck")
     ]
     assert vm_lck and int(vm_lck[0].split()[1]) > 0, "the daemon's memory is not locked"
+    s = status(cf, mnt)  # exactly the key size was read from /dev/urandom
+    assert s["keysize"] == 512 and s["key_location"] == "daemon memory, locked"
     loop = losetup(stack, mnt / "volume")
     sh("mkswap", loop)
     on = sh("swapon", loop, check=False)
