@@ -927,18 +927,25 @@ static void *helper_main(void *arg)
     return NULL;
 }
 
-/* Hand a job to the helper: 1 when it took it (collect with helper_collect), else 0. */
-static int helper_submit(FastVolumeObject *v, const job_t *job)
+/* h->mu held: start the helper thread unless it runs (or could not be started). */
+static void helper_start(FastVolumeObject *v)
 {
     helper_t *h = &v->helper;
-    int taken = 0;
-    pthread_mutex_lock(&h->mu);
     if (h->pid == 0 && !h->failed_start && !h->stop) {
         if (contexts_init(v, &h->ctx) == 0 && pthread_create(&h->thread, NULL, helper_main, v) == 0)
             h->pid = getpid();
         else
             h->failed_start = 1;
     }
+}
+
+/* Hand a job to the helper: 1 when it took it (collect with helper_collect), else 0. */
+static int helper_submit(FastVolumeObject *v, const job_t *job)
+{
+    helper_t *h = &v->helper;
+    int taken = 0;
+    pthread_mutex_lock(&h->mu);
+    helper_start(v);
     if (h->pid == getpid() && !h->busy && !h->stop) {
         h->busy = h->pending = 1;
         h->finished = 0;
@@ -1242,13 +1249,10 @@ static void *writeback_main(void *arg)
     return NULL;
 }
 
-/* A free slot, now WB_FILLING, for a write of *len* bytes (waiting for one if all are
-   busy), or NULL: no write-behind here. */
-static wb_slot_t *writeback_slot(FastVolumeObject *v)
+/* wb->mu held: allocate the slots and start the threads, once. */
+static void writeback_start(FastVolumeObject *v)
 {
     writeback_t *wb = &v->wb;
-    wb_slot_t *got = NULL;
-    pthread_mutex_lock(&wb->mu);
     if (wb->pid == 0 && !wb->failed_start) {
         int ok = 1;
         for (int i = 0; i < WB_SLOTS && ok; i++)
@@ -1256,6 +1260,16 @@ static wb_slot_t *writeback_slot(FastVolumeObject *v)
         threads_start(wb->thread, WB_THREADS, &wb->threads, &wb->pid, &wb->failed_start,
                       writeback_main, v, ok);
     }
+}
+
+/* A free slot, now WB_FILLING, for a write of *len* bytes (waiting for one if all are
+   busy), or NULL: no write-behind here. */
+static wb_slot_t *writeback_slot(FastVolumeObject *v)
+{
+    writeback_t *wb = &v->wb;
+    wb_slot_t *got = NULL;
+    pthread_mutex_lock(&wb->mu);
+    writeback_start(v);
     while (wb->pid == getpid() && !wb->stop && got == NULL) {
         for (int i = 0; i < WB_SLOTS && got == NULL; i++)
             if (wb->slot[i].state == WB_FREE)
@@ -1611,6 +1625,30 @@ static PyObject *FastVolume_set_size(FastVolumeObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* start_threads(): what the data path would otherwise start and allocate on first use
+   (--lock-memory: before the first request, so it is locked and never allocated under
+   memory pressure). */
+static PyObject *FastVolume_start_threads(FastVolumeObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (atomic_load(&self->closed))
+        Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->helper.mu);
+    helper_start(self);
+    pthread_mutex_unlock(&self->helper.mu);
+    pthread_mutex_lock(&self->ra.mu);
+    (void)prefetch_started(self);
+    pthread_mutex_unlock(&self->ra.mu);
+    if (!self->readonly) {
+        pthread_mutex_lock(&self->wb.mu);
+        writeback_start(self);
+        pthread_mutex_unlock(&self->wb.mu);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *FastVolume_set_discards(FastVolumeObject *self, PyObject *args)
 {
     int on;
@@ -1637,6 +1675,9 @@ static PyMethodDef FastVolume_methods[] = {
     {"set_size", (PyCFunction)FastVolume_set_size, METH_VARARGS,
      "set_size(bytes): the volume's new size (call holding the range lock of every "
      "sector up to the larger of both sizes: no request is under way then)."},
+    {"start_threads", (PyCFunction)FastVolume_start_threads, METH_NOARGS,
+     "start_threads(): start the helper, read-ahead and write-behind threads and "
+     "allocate their buffers now rather than on first use (--lock-memory)."},
     {"set_discards", (PyCFunction)FastVolume_set_discards, METH_VARARGS,
      "set_discards(on): reads meeting a hole of the container go to Python (zeros)."},
     {"write_lock_range", (PyCFunction)FastVolume_write_lock_range, METH_VARARGS,

@@ -424,6 +424,8 @@ class Channel:
         buf = bytearray(REQUEST_BUFFER)
         view = memoryview(buf)
         fd = self.fd
+        if self.ops.options.preallocate:
+            self.ops.prepare_thread(MAX_WRITE)
         # The C worker answers READ and WRITE itself and returns with any other
         # request (or one it declines) in buf, as readv() would have.
         fast = self.fast.worker() if self.fast is not None else None

@@ -82,6 +82,8 @@ class FSOptions:
     direct_io: bool = True
     #: threads serving FUSE requests at once (cryptfuse.channel)
     threads: int = 4
+    #: --lock-memory: each worker grows its buffers before serving (VolumeFS.prepare_thread)
+    preallocate: bool = False
 
 
 def errno_for(exc: BaseException) -> int:
@@ -181,6 +183,12 @@ class VolumeFS(pyfuse3.Operations):
             self.counters["reads"] += 1
             return data
         raise AssertionError("unreachable")  # pragma: no cover - for mypy
+
+    def prepare_thread(self, max_request: int) -> None:
+        """Allocate the calling worker thread's buffers for requests up to *max_request*."""
+        prepare = getattr(self.volume, "prepare_thread", None)
+        if prepare is not None:
+            prepare(max_request)
 
     def fallocate_now(self, off: int, length: int, mode: int) -> None:
         """``fallocate(2)`` on the volume: PUNCH_HOLE and ZERO_RANGE discard the range

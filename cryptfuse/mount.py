@@ -249,6 +249,10 @@ def serve(
     options = build_fuse_options(config.fuse_options, readonly, config.fsname)
     if config.lock_memory:
         lock_memory()
+        config.fs.preallocate = True
+        fast = getattr(volume, "fast", None)
+        if fast is not None:
+            fast.start_threads()
     ops = VolumeFS(volume, config.fs)
     pending: list[int] = []
     with contextlib.ExitStack() as stack:

@@ -441,6 +441,12 @@ class Volume:
 
     # -- the mounted volume's life: resize, discards, holes (docs/lifecycle.md) ------------
 
+    def prepare_thread(self, max_request: int) -> None:
+        """Grow this thread's scratch buffers now to what a request of *max_request*
+        bytes needs (--lock-memory: no allocation on the data path later)."""
+        for index in range(3):
+            _SCRATCH.get(index, max_request + 2 * self.sector_size)
+
     def enable_discards(self) -> None:
         """Discards on: fallocate punches/zeroes (:meth:`discard`) and holes read as zeros."""
         self.discards = True
