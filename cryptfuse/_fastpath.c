@@ -814,8 +814,19 @@ static int crypt_with(const FastVolumeObject *v, contexts_t *c, const unsigned c
     EVP_CIPHER_CTX *ctx = encrypt ? c->enc : c->dec;
     unsigned char iv[16];
     int ss = (int)v->sector_size;
+    /* Discards on: a sector whose ciphertext is all zeros (a hole of the container, or
+       the zeros a file system fills a partly written block with) reads as zeros, not as
+       the noise decrypting it gives.  A real ciphertext sector is all zeros with
+       probability 2^-4096; nearly every sector is told apart by its first byte. */
+    int zeros_read_as_zeros = !encrypt && atomic_load(&((FastVolumeObject *)v)->discards);
     for (size_t i = 0; i < count; i++) {
         int outl;
+        const unsigned char *in = src + i * ss;
+        if (zeros_read_as_zeros && in[0] == 0 && memcmp(in, in + 1, (size_t)ss - 1) == 0) {
+            if (dst + i * ss != in)
+                memset(dst + i * ss, 0, (size_t)ss);
+            continue;
+        }
         if (make_iv(v, c->essiv, first + i, iv) < 0
             || EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1) != 1
             || EVP_CipherUpdate(ctx, dst + i * ss, &outl, src + i * ss, ss) != 1
@@ -1202,10 +1213,7 @@ static int prefetch_take(WorkerObject *w, uint64_t first, uint64_t count)
 static int prefetch_wanted(FastVolumeObject *v, uint64_t first, uint64_t count)
 {
     uint64_t len = count * v->sector_size, pos = v->data_offset + first * v->sector_size;
-    /* not with discards: a stretch read ahead from a hole could be served after the
-       hole was filled, and its check (has_hole) belongs under the range lock */
-    return atomic_load(&v->direct_fd) >= 0 && len >= PREFETCH_MIN && direct_eligible(len, pos, 0)
-           && !atomic_load(&v->discards);
+    return atomic_load(&v->direct_fd) >= 0 && len >= PREFETCH_MIN && direct_eligible(len, pos, 0);
 }
 
 /* -- write-behind -------------------------------------------------------------------------------- */
@@ -1357,19 +1365,9 @@ static void reply(FastVolumeObject *v, int fuse_fd, uint64_t unique, const void 
         atomic_fetch_add(&v->reply_errors, 1);
 }
 
-/* 1 when the container has a hole in [pos, pos + len) (or lseek failed): such reads
-   are Python's, which returns zeros for the sectors wholly in a hole (discards on). */
-static int has_hole(FastVolumeObject *v, uint64_t pos, uint64_t len)
-{
-    off_t hole = lseek(v->fd, (off_t)pos, SEEK_HOLE);
-    if (hole < 0)
-        return errno != EINVAL; /* EINVAL: no holes here (a block device) */
-    return (uint64_t)hole < pos + len;
-}
-
 /* Sectors [first, first + count) with their container I/O, under the range lock and
    unless the volume is closing: 0, or -1 (the request goes back to Python, also when
-   a resize shrank the volume below it meanwhile, or a read meets a hole). */
+   a resize shrank the volume below it meanwhile). */
 static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t first,
                            size_t count, int write)
 {
@@ -1381,9 +1379,7 @@ static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t f
         write_lock_range(v, first, last, 1, &lo, &hi);
     pthread_rwlock_rdlock(&v->io_lock);
     if (!v->closed && range_acquire(v->lock, lo, hi) == 0) {
-        if (last * v->sector_size <= atomic_load(&v->size)
-            && (write || !atomic_load(&v->discards)
-                || !has_hole(v, pos, (uint64_t)count * v->sector_size))) {
+        if (last * v->sector_size <= atomic_load(&v->size)) {
             failed = transfer(w, src, w->buf, first, count, write, write ? IO_WRITE : IO_READ,
                               pos);
             if (write)
@@ -1679,7 +1675,7 @@ static PyMethodDef FastVolume_methods[] = {
      "start_threads(): start the helper, read-ahead and write-behind threads and "
      "allocate their buffers now rather than on first use (--lock-memory)."},
     {"set_discards", (PyCFunction)FastVolume_set_discards, METH_VARARGS,
-     "set_discards(on): reads meeting a hole of the container go to Python (zeros)."},
+     "set_discards(on): sectors whose ciphertext is all zeros (holes) decrypt to zeros."},
     {"write_lock_range", (PyCFunction)FastVolume_write_lock_range, METH_VARARGS,
      "write_lock_range(first, last) -> (lo, hi): the sectors a write of [first, last) "
      "through the page cache locks (more than its own while O_DIRECT is in use)."},

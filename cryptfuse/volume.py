@@ -139,15 +139,19 @@ def container_holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return holes
 
 
-def _zero_holes(fd: int, position: int, data_offset: int, ss: int, out: memoryview) -> None:
-    """Zero the plaintext of the sectors read from *position* that lie wholly in a
-    hole of the container: a discarded sector reads as zeros, not as the noise that
-    decrypting zeros gives (dm-crypt's answer)."""
-    for hole_start, hole_end in container_holes(fd, position, position + len(out)):
-        a = -(-(hole_start - data_offset) // ss) * ss + data_offset  # first whole sector
-        b = (hole_end - data_offset) // ss * ss + data_offset
-        if b > a:
-            out[a - position : b - position] = bytes(b - a)
+def _zeros_read_as_zeros(raw: memoryview, out: memoryview, ss: int) -> None:
+    """Discards on: a sector whose ciphertext is all zeros -- a hole of the container,
+    or the zeros a file system fills the rest of a partly written block with -- reads as
+    zeros, not as the noise that decrypting zeros gives (dm-crypt's answer).  A real
+    ciphertext sector is all zeros with probability 2^-(8 * ss), and its first byte
+    alone rules out nearly every sector."""
+    starts = bytes(raw[::ss])
+    index = starts.find(0)
+    while index >= 0:
+        sector = raw[index * ss : (index + 1) * ss]
+        if sector == _ZEROS[:ss]:
+            out[index * ss : (index + 1) * ss] = _ZEROS[:ss]
+        index = starts.find(0, index + 1)
 
 
 class _RangeLock:
@@ -364,7 +368,7 @@ class Volume:
             raise DeviceError(f"container ends early: short read of {length} bytes at {position}")
         self.cipher.decrypt_into(raw, first, out)
         if self.discards:
-            _zero_holes(self.fd, position, self.data_offset, self.sector_size, out)
+            _zeros_read_as_zeros(raw, out, self.sector_size)
 
     def _write_sectors(self, first: int, plain: memoryview) -> None:
         """Encrypt whole sectors starting at *first* and write them to the container."""

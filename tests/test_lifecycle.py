@@ -316,6 +316,16 @@ def test_punch_and_zero_ranges_against_a_model(cf: Cryptfuse, stack: Stack, tmp_
     for a, b in holes:
         assert a % 512 == 0 and b > a
         assert model[a:b] == bytes(b - a)
+    # One sector written into a punched block: the file system allocates the whole block
+    # and fills the rest with zeros, which must still read as zeros (C path: 1 MiB reads)
+    a, b = next((a, b) for a, b in holes if b - a >= 8192 and a % 4096 == 0)
+    fd = os.open(volume, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xab" * 512, a + 1024)
+    finally:
+        os.close(fd)
+    model[a + 1024 : a + 1536] = b"\xab" * 512
+    assert _read_all(volume) == model
     assert status(cf, mnt)["io"]["discards"] == 12  # type: ignore[index]
     cf.unmount(mnt, pids)
     sh("cryptsetup", "open", "--test-passphrase", "--key-file", "-", container, input=PASSPHRASE)
