@@ -92,11 +92,9 @@ _libc: ctypes.CDLL | None = None
 
 
 def _punch_hole(fd: int, position: int, length: int) -> bool:
-    """Punch [position, position + length) out of the file; False where the file
-    system (or block device) cannot make holes that read as holes."""
+    """Punch [position, position + length) out of the file, or discard it on a block
+    device (which then reads as zeros); False where that is not supported."""
     global _libc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        return False  # a block device zeroes or discards: SEEK_HOLE would not see it
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -104,15 +102,17 @@ def _punch_hole(fd: int, position: int, length: int) -> bool:
     if _libc.fallocate(fd, mode, position, length) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+    # EINVAL: a block device's alignment rules; the caller writes encrypted zeros then
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise DeviceError(f"cannot punch {length} bytes at {position}: {os.strerror(err)}")
 
 
 def _hole_block(fd: int) -> int:
-    """The container's allocation block for holes (0: a block device, no holes)."""
-    st = os.fstat(fd)
-    return st.st_blksize if stat.S_ISREG(st.st_mode) and st.st_blksize > 0 else 0
+    """The unit a hole or a device discard comes in: the file system's block, or the
+    block device's (st_blksize: its page-sized buffer block, a multiple of the logical
+    block size)."""
+    return max(0, os.fstat(fd).st_blksize)
 
 
 def container_holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:

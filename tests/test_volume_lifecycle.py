@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -215,3 +217,32 @@ def test_fs_fallocate_and_lseek_rules(tmp_path: Path) -> None:
         with pytest.raises(pyfuse3.FUSEError) as raised:
             VolumeFS(v).fallocate_now(0, 512, punch)
         assert raised.value.errno == errno.EROFS
+
+
+@pytest.mark.root
+def test_discard_on_a_block_device_container(tmp_path: Path) -> None:
+    """A block device takes the discard (fallocate PUNCH_HOLE zeroes it): here a loop
+    device, which in turn punches its backing file."""
+    if shutil.which("losetup") is None:
+        pytest.skip("losetup not installed")
+    backing = tmp_path / "disk.img"
+    with open(backing, "wb") as f:
+        f.truncate(SIZE)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)], capture_output=True, check=True, text=True
+    ).stdout.strip()
+    try:
+        fd = os.open(loop, os.O_RDWR)
+        cipher = SectorCipher(parse_cipher_spec("aes-xts-plain64"), KEY, 512)
+        with Volume(fd, cipher, 0, SIZE) as v:
+            v.enable_discards()
+            v.write(0, os.urandom(SIZE))
+            v.sync()
+            before = os.stat(backing).st_blocks
+            v.discard(4096 + 512, 128 * 1024)
+            v.sync()
+            assert v.read(4096 + 512, 128 * 1024) == bytes(128 * 1024)
+            assert v.read(0, 4096 + 512) != bytes(4096 + 512)
+            assert os.stat(backing).st_blocks < before  # the discard reached the disk
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
