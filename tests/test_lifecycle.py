@@ -404,23 +404,29 @@ HOG = textwrap.dedent(
 )
 
 
-def _memory_cgroup(tmp_path: Path) -> Path | None:
-    """A fresh memory cgroup (v1 here, v2 where unified) below ours, or None."""
+def _memory_cgroup(tmp_path: Path) -> tuple[Path, Path] | None:
+    """A fresh memory cgroup and its limit file (cgroup v1 below ours; v2 below the
+    root, whose subtree_control has the memory controller), or None."""
+    name = f"cryptfuse-test-{os.getpid()}-{tmp_path.name}"
     for line in Path("/proc/self/cgroup").read_text().splitlines():
-        hierarchy, controllers, path = line.split(":", 2)
-        if controllers == "memory":
-            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-        elif hierarchy == "0" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
-            base = Path("/sys/fs/cgroup") / path.lstrip("/")
-        else:
-            continue
-        group = base / f"cryptfuse-test-{os.getpid()}-{tmp_path.name}"
-        try:
-            group.mkdir()
-        except OSError:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            group = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / name
+            limit = "memory.limit_in_bytes"
+            break
+    else:
+        root = Path("/sys/fs/cgroup")
+        if "memory" not in (root / "cgroup.subtree_control").read_text(errors="replace").split():
             return None
-        return group
-    return None
+        group, limit = root / name, "memory.max"
+    try:
+        group.mkdir()
+    except OSError:
+        return None
+    if not (group / limit).exists():
+        group.rmdir()
+        return None
+    return group, group / limit
 
 
 def test_swap_on_random_key_volume_under_memory_pressure(
@@ -429,12 +435,11 @@ def test_swap_on_random_key_volume_under_memory_pressure(
     """A memory-limited process swaps 48 MiB through loop + cryptfuse (--lock-memory,
     random key) and gets every page back; bounded: the hog has 60 s."""
     need("losetup", "mkswap", "swapon", "swapoff")
-    group = _memory_cgroup(tmp_path)
-    if group is None:
-        pytest.skip("cannot create a memory cgroup here")
+    found = _memory_cgroup(tmp_path)
+    if found is None:
+        pytest.skip("cannot create a memory cgroup with a limit here")
+    group, limit = found
     stack.push("cgroup", lambda: group.rmdir())
-    v1 = (group / "memory.limit_in_bytes").exists()
-    limit = group / ("memory.limit_in_bytes" if v1 else "memory.max")
     container = tmp_path / "swap.img"
     with open(container, "wb") as f:
         f.truncate(96 * MiB)
