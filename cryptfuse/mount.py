@@ -247,17 +247,17 @@ def serve(
     """
     readonly = volume.readonly
     options = build_fuse_options(config.fuse_options, readonly, config.fsname)
-    if config.lock_memory:
-        lock_memory()
-        config.fs.preallocate = True
-        fast = getattr(volume, "fast", None)
-        if fast is not None:
-            fast.start_threads()
+    config.fs.preallocate = config.fs.preallocate or config.lock_memory
     ops = VolumeFS(volume, config.fs)
     pending: list[int] = []
     with contextlib.ExitStack() as stack:
         # Registered first, so it runs last: the container closes after the unmount.
         stack.callback(_close_volume, volume)
+        if config.lock_memory:
+            lock_memory()
+            fast = getattr(volume, "fast", None)
+            if fast is not None:
+                fast.start_threads()
         # Until trio owns the signal handlers, remember stop signals instead of dying
         # with the mount half set up (SIGTERM's default) or a KeyboardInterrupt.
         for signum in STOP_SIGNALS:

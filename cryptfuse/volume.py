@@ -423,7 +423,10 @@ class Volume:
         shrunk = False
         # Through the page cache: while the C path uses O_DIRECT, more than our sectors
         # (see FastVolume.write_lock_range).
-        lo, hi = (first, last) if self.fast is None else self.fast.write_lock_range(first, last)
+        try:
+            lo, hi = (first, last) if self.fast is None else self.fast.write_lock_range(first, last)
+        except ValueError:  # a resize shrank the volume since the check above
+            return self.write(offset, view)
         with self._lock.hold(lo, hi):
             if end > self.size:  # shrunk (resize) while this write waited for the lock
                 shrunk = True
@@ -510,7 +513,10 @@ class Volume:
             if aligned:
                 p = aligned[0]
                 q = next(k for k in range(b, p - 1, -1) if self._on_block(k, block))
-        lo, hi = (a, b) if self.fast is None else self.fast.write_lock_range(a, b)
+        try:
+            lo, hi = (a, b) if self.fast is None else self.fast.write_lock_range(a, b)
+        except ValueError:  # a resize shrank the volume meanwhile
+            return self.discard(offset, length)
         with self._lock.hold(lo, hi):
             if q > p:
                 position = self.data_offset + p * ss
