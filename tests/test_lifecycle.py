@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,10 +93,32 @@ def test_online_grow_luks2_ext4_over_losetup(cf: Cryptfuse, stack: Stack, tmp_pa
     (ext / "before.bin").write_bytes(os.urandom(8 * MiB))
     os.sync()
 
-    with open(container, "r+b") as f:  # the container grows by 16 MiB under the mount
-        f.truncate(34 * MiB)
-    result = cf.run("resize", mnt)
+    # I/O in flight during the resize: a writer fsyncs through ext4, loop and FUSE
+    stop, failures = threading.Event(), []
+
+    def busy() -> None:
+        try:
+            with open(ext / "busy.bin", "wb") as f:
+                n = 0
+                while not stop.is_set() or n < 16:
+                    f.seek(n % 32 * 65536)
+                    f.write(os.urandom(65536))
+                    os.fsync(f.fileno())
+                    n += 1
+        except OSError as exc:
+            failures.append(exc)
+
+    writer = threading.Thread(target=busy)
+    writer.start()
+    try:
+        with open(container, "r+b") as f:  # the container grows by 16 MiB under the mount
+            f.truncate(34 * MiB)
+        result = cf.run("resize", mnt)
+    finally:
+        stop.set()
+        writer.join()
     assert result.returncode == 0, result.stderr.decode()
+    assert not failures, failures
     assert volume.stat().st_size == 32 * MiB
     assert status(cf, mnt)["size"] == 32 * MiB // 512
     sh("losetup", "-c", loop)
@@ -232,6 +255,8 @@ def test_fstrim_through_ext4_over_losetup(
     stack.pop(f"mount {ext}")
     stack.pop(f"loop {loop}")
     cf.unmount(mnt, pids)
+    if not discards:
+        return  # nothing changed: no need to check the file system again
 
     pids = cf.mount(*options, container, mountpoint=mnt)
     fsck = sh("fsck.ext4", "-n", "-f", mnt / "volume", check=False)

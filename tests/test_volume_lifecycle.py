@@ -156,26 +156,28 @@ def test_resize_while_io_is_in_flight(tmp_path: Path) -> None:
         stop = threading.Event()
         errors: list[BaseException] = []
         last: dict[int, bytes] = {}
+        done = [0] * 4
 
         def worker(index: int) -> None:
             try:
-                n = 0
                 while not stop.is_set():
-                    data = bytes([index]) * 3000 + n.to_bytes(4, "little")
+                    data = bytes([index]) * 3000 + done[index].to_bytes(4, "little")
                     at = index * 16384 + 7
                     assert v.write(at, data) == len(data)
                     assert v.read(at, len(data)) == data
                     last[index] = data
-                    n += 1
+                    done[index] += 1
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        try:
-            for i in range(30):
-                v.resize(2 * SIZE if i % 2 == 0 else SIZE // 2)
+        resizes = 0
+        try:  # at least 30 resizes, and until every worker got 50 requests between them
+            while (resizes < 30 or min(done) < 50) and not errors and resizes < 100_000:
+                v.resize(2 * SIZE if resizes % 2 == 0 else SIZE // 2)
+                resizes += 1
         finally:
             stop.set()
             for t in threads:
