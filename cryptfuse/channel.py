@@ -500,8 +500,8 @@ class Channel:
 
     def invalidate_attributes(self, inode: int) -> None:
         """Make the kernel drop its cached attributes of *inode* (FUSE_NOTIFY_INVAL_INODE),
-        so that the next ``stat`` (or a loop device's size check after one) asks us:
-        how a resize reaches the kernel's idea of the file's size."""
+        so that the next ``stat`` or a loop device's size check asks us: how a resize
+        reaches the kernel's idea of the file's size."""
         payload = NOTIFY_INVAL_INODE_OUT.pack(inode, -1, 0)  # off -1: attributes only
         header = OUT_HEADER.pack(OUT_HEADER.size + len(payload), NOTIFY_INVAL_INODE, 0)
         try:

@@ -192,7 +192,7 @@ def resize_command(argv: Sequence[str]) -> int:
     entry = _entry_of(args.mountpoint)
     result = _ask(entry, {"op": "resize", "size": args.size})
     # The daemon dropped the kernel's cached attributes; this stat makes the kernel ask
-    # again now, so the inode's size (what `losetup -c` reads) is the new one already.
+    # again now, so even what reads the inode's cached size sees the new one.
     try:
         os.stat(str(result["file"]))
     except OSError as exc:
