@@ -382,7 +382,8 @@ typedef struct FastVolumeObject_ {
     pthread_rwlock_t io_lock;
     _Atomic int closed; /* set under io_lock held exclusive; read under it shared */
     uint64_t data_offset;
-    uint64_t size;
+    _Atomic uint64_t size; /* changed by set_size() (cryptfuse resize) while serving */
+    _Atomic int discards;  /* set_discards(): holes of the container read as zeros */
     uint32_t sector_size;
     uint32_t spb; /* 512-byte units per sector */
     uint32_t iv_shift;
@@ -487,7 +488,8 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     pthread_rwlock_init(&self->io_lock, NULL);
     atomic_init(&self->closed, 0);
     self->data_offset = data_offset;
-    self->size = size;
+    atomic_init(&self->size, size);
+    atomic_init(&self->discards, 0);
     self->sector_size = sector_size;
     self->spb = sector_size / 512;
     self->iv_shift = iv_shift;
@@ -841,8 +843,19 @@ static int crypt_with(const FastVolumeObject *v, contexts_t *c, const unsigned c
     EVP_CIPHER_CTX *ctx = encrypt ? c->enc : c->dec;
     unsigned char iv[16];
     int ss = (int)v->sector_size;
+    /* Discards on: a sector whose ciphertext is all zeros (a hole of the container, or
+       the zeros a file system fills a partly written block with) reads as zeros, not as
+       the noise decrypting it gives.  A real ciphertext sector is all zeros with
+       probability 2^-4096; nearly every sector is told apart by its first byte. */
+    int zeros_read_as_zeros = !encrypt && atomic_load(&((FastVolumeObject *)v)->discards);
     for (size_t i = 0; i < count; i++) {
         int outl;
+        const unsigned char *in = src + i * ss;
+        if (zeros_read_as_zeros && in[0] == 0 && memcmp(in, in + 1, (size_t)ss - 1) == 0) {
+            if (dst + i * ss != in)
+                memset(dst + i * ss, 0, (size_t)ss);
+            continue;
+        }
         if (make_iv(v, c->essiv, first + i, iv) < 0
             || EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1) != 1
             || EVP_CipherUpdate(ctx, dst + i * ss, &outl, src + i * ss, ss) != 1
@@ -954,18 +967,25 @@ static void *helper_main(void *arg)
     return NULL;
 }
 
-/* Hand a job to the helper: 1 when it took it (collect with helper_collect), else 0. */
-static int helper_submit(FastVolumeObject *v, const job_t *job)
+/* h->mu held: start the helper thread unless it runs (or could not be started). */
+static void helper_start(FastVolumeObject *v)
 {
     helper_t *h = &v->helper;
-    int taken = 0;
-    pthread_mutex_lock(&h->mu);
     if (h->pid == 0 && !h->failed_start && !h->stop) {
         if (contexts_init(v, &h->ctx) == 0 && pthread_create(&h->thread, NULL, helper_main, v) == 0)
             h->pid = getpid();
         else
             h->failed_start = 1;
     }
+}
+
+/* Hand a job to the helper: 1 when it took it (collect with helper_collect), else 0. */
+static int helper_submit(FastVolumeObject *v, const job_t *job)
+{
+    helper_t *h = &v->helper;
+    int taken = 0;
+    pthread_mutex_lock(&h->mu);
+    helper_start(v);
     if (h->pid == getpid() && !h->busy && !h->stop) {
         h->busy = h->pending = 1;
         h->finished = 0;
@@ -1267,13 +1287,10 @@ static void *writeback_main(void *arg)
     return NULL;
 }
 
-/* A free slot, now WB_FILLING, for a write of *len* bytes (waiting for one if all are
-   busy), or NULL: no write-behind here. */
-static wb_slot_t *writeback_slot(FastVolumeObject *v)
+/* wb->mu held: allocate the slots and start the threads, once. */
+static void writeback_start(FastVolumeObject *v)
 {
     writeback_t *wb = &v->wb;
-    wb_slot_t *got = NULL;
-    pthread_mutex_lock(&wb->mu);
     if (wb->pid == 0 && !wb->failed_start) {
         int ok = 1;
         for (int i = 0; i < WB_SLOTS && ok; i++)
@@ -1281,6 +1298,16 @@ static wb_slot_t *writeback_slot(FastVolumeObject *v)
         threads_start(wb->thread, WB_THREADS, &wb->threads, &wb->pid, &wb->failed_start,
                       writeback_main, v, ok);
     }
+}
+
+/* A free slot, now WB_FILLING, for a write of *len* bytes (waiting for one if all are
+   busy), or NULL: no write-behind here. */
+static wb_slot_t *writeback_slot(FastVolumeObject *v)
+{
+    writeback_t *wb = &v->wb;
+    wb_slot_t *got = NULL;
+    pthread_mutex_lock(&wb->mu);
+    writeback_start(v);
     while (wb->pid == getpid() && !wb->stop && got == NULL) {
         for (int i = 0; i < WB_SLOTS && got == NULL; i++)
             if (wb->slot[i].state == WB_FREE)
@@ -1335,7 +1362,8 @@ static int write_behind(WorkerObject *w, const unsigned char *data, uint64_t fir
             /* Now, not once written: the answer goes out first, and a read after it
                must not be served a stretch read ahead before this write. */
             prefetch_invalidate(v, first, last);
-            if (in_window(v, first, last)
+            if (last * v->sector_size <= atomic_load(&v->size) /* not shrunk meanwhile */
+                && in_window(v, first, last) /* nor moved to the partner's key */
                 && transfer(w, data, sl->buf, first, count, 1, IO_NONE, 0) == 0) {
                 writeback_queue(v, sl, first, count, lo, hi);
                 queued = 1;
@@ -1369,7 +1397,8 @@ static void reply(FastVolumeObject *v, int fuse_fd, uint64_t unique, const void 
 }
 
 /* Sectors [first, first + count) with their container I/O, under the range lock and
-   unless the volume is closing: 0, or -1 (the request goes back to Python). */
+   unless the volume is closing: 0, or -1 (the request goes back to Python, also when
+   a resize shrank the volume below it meanwhile). */
 static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t first,
                            size_t count, int write)
 {
@@ -1381,9 +1410,8 @@ static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t f
         write_lock_range(v, first, last, 1, &lo, &hi);
     pthread_rwlock_rdlock(&v->io_lock);
     if (!v->closed && range_acquire(v->lock, lo, hi) == 0) {
-        if (!in_window(v, first, last)) {
-            /* moved to the partner's key while this waited for the lock */
-        } else {
+        /* not shrunk, nor moved to the partner's key, while this waited for the lock */
+        if (last * v->sector_size <= atomic_load(&v->size) && in_window(v, first, last)) {
             failed = transfer(w, src, w->buf, first, count, write, write ? IO_WRITE : IO_READ,
                               pos);
             if (write) /* even after a failure: part may be written */
@@ -1736,6 +1764,52 @@ static PyObject *FastVolume_set_partner(FastVolumeObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *FastVolume_set_size(FastVolumeObject *self, PyObject *args)
+{
+    uint64_t size;
+    if (!PyArg_ParseTuple(args, "O&:set_size", to_u64, &size))
+        return NULL;
+    if (size % self->sector_size || size > INT64_MAX - self->data_offset) {
+        PyErr_SetString(PyExc_ValueError, "size is not a whole number of sectors");
+        return NULL;
+    }
+    atomic_store(&self->size, size);
+    Py_RETURN_NONE;
+}
+
+/* start_threads(): what the data path would otherwise start and allocate on first use
+   (--lock-memory: before the first request, so it is locked and never allocated under
+   memory pressure). */
+static PyObject *FastVolume_start_threads(FastVolumeObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (atomic_load(&self->closed))
+        Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->helper.mu);
+    helper_start(self);
+    pthread_mutex_unlock(&self->helper.mu);
+    pthread_mutex_lock(&self->ra.mu);
+    (void)prefetch_started(self);
+    pthread_mutex_unlock(&self->ra.mu);
+    if (!self->readonly) {
+        pthread_mutex_lock(&self->wb.mu);
+        writeback_start(self);
+        pthread_mutex_unlock(&self->wb.mu);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastVolume_set_discards(FastVolumeObject *self, PyObject *args)
+{
+    int on;
+    if (!PyArg_ParseTuple(args, "p:set_discards", &on))
+        return NULL;
+    atomic_store(&self->discards, on);
+    Py_RETURN_NONE;
+}
+
 static PyObject *FastVolume_write_lock_range(FastVolumeObject *self, PyObject *args)
 {
     uint64_t first, last, lo, hi;
@@ -1756,6 +1830,14 @@ static PyMethodDef FastVolume_methods[] = {
     {"set_partner", (PyCFunction)FastVolume_set_partner, METH_O,
      "set_partner(other): requests this one declines are tried on *other* (same fd, "
      "geometry and range lock, another key); once."},
+    {"set_size", (PyCFunction)FastVolume_set_size, METH_VARARGS,
+     "set_size(bytes): the volume's new size (call holding the range lock of every "
+     "sector up to the larger of both sizes: no request is under way then)."},
+    {"start_threads", (PyCFunction)FastVolume_start_threads, METH_NOARGS,
+     "start_threads(): start the helper, read-ahead and write-behind threads and "
+     "allocate their buffers now rather than on first use (--lock-memory)."},
+    {"set_discards", (PyCFunction)FastVolume_set_discards, METH_VARARGS,
+     "set_discards(on): sectors whose ciphertext is all zeros (holes) decrypt to zeros."},
     {"write_lock_range", (PyCFunction)FastVolume_write_lock_range, METH_VARARGS,
      "write_lock_range(first, last) -> (lo, hi): the sectors a write of [first, last) "
      "through the page cache locks (more than its own while O_DIRECT is in use)."},

@@ -43,6 +43,7 @@ from .cli_input import (
     read_key_file,
     read_passphrase_line,
 )
+from .cli_lifecycle import LIFECYCLE_SUBCOMMANDS, setup_volume, volume_info
 from .cli_luks import LUKS_SUBCOMMANDS
 from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
@@ -122,7 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--allow-discards",
         action="store_true",
-        help="accepted and recorded (discards are not passed down yet)",
+        help=(
+            "pass discards (fallocate PUNCH_HOLE/ZERO_RANGE, fstrim through a loop device) "
+            "down as holes in the container; see the README on what they reveal"
+        ),
+    )
+    g.add_argument(
+        "--lock-memory",
+        action="store_true",
+        help="lock the daemon in memory (mlockall): for swap on the volume",
     )
 
     g = p.add_argument_group(
@@ -451,6 +460,7 @@ def mount_command(argv: Sequence[str]) -> int:
         volume = open_volume(args.container, _open_options(args, kind), secret)
     del secret
     try:
+        setup_volume(volume, args.allow_discards)
         volume_spec = getattr(getattr(volume, "cipher", None), "spec", None)
         if isinstance(volume_spec, CipherSpec):
             warning = weak_spec_warning(volume_spec, volume.readonly)
@@ -468,6 +478,14 @@ def mount_command(argv: Sequence[str]) -> int:
             fsname=fsname_for(args.container),
             container=os.path.abspath(args.container),
             header=os.path.abspath(args.header) if args.header else None,
+            info=volume_info(
+                volume,
+                kind if kind == "plain" else detect_type(args.header or args.container) or "luks",
+                args.container,
+                args.header,
+                volume.readonly,
+            ),
+            lock_memory=args.lock_memory,
         )
     except BaseException:
         volume.close()
@@ -532,6 +550,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **REENCRYPT_SUBCOMMANDS,
     **CONVERT_SUBCOMMANDS,
     **CLOSE_SUBCOMMANDS,
+    **LIFECYCLE_SUBCOMMANDS,
 }
 
 

@@ -17,6 +17,12 @@ does it on its own descriptors, under the same range lock its FUSE I/O takes.
 * The passphrase travels in the request (base64) from the command to the daemon,
   never on a command line, never logged.
 
+Every daemon also listens on a second socket named after its mount (the FUSE
+mount's device number, as ``/proc/self/mountinfo`` shows it), read-only mounts
+included: ``cryptfuse status`` and ``cryptfuse resize`` name a MOUNTPOINT, and
+their requests (``{"op": "status"}``, ``{"op": "resize", "size": sectors}``) are
+answered by handlers the daemon registers in :attr:`Served.handlers`.
+
 Synchronous, threads only: no trio here (the daemon's trio loop is busy serving FUSE).
 """
 
@@ -33,7 +39,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import BusyError, CryptfuseError, DeviceError, UsageError
@@ -46,7 +52,16 @@ from .volume import ExtentMap, SegmentedVolume, Volume, fast_path_for, open_devi
 if TYPE_CHECKING:
     from . import _fastpath
 
-__all__ = ["ControlServer", "control_path", "request"]
+__all__ = [
+    "ControlServer",
+    "MountEntry",
+    "connect_mount",
+    "control_path",
+    "find_mount",
+    "mount_socket_path",
+    "mounts",
+    "request",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +89,92 @@ def control_path(container: str, create: bool = False) -> str:
     """The control socket of the daemon that mounts *container* (by device and inode)."""
     st = os.stat(container)
     return os.path.join(control_dir(create), f"{st.st_dev:x}-{st.st_ino:x}.sock")
+
+
+def mount_socket_path(device: str, create: bool = False) -> str:
+    """The control socket of the daemon serving the FUSE mount of *device* ("major:minor")."""
+    return os.path.join(control_dir(create), f"mnt-{device.replace(':', '-')}.sock")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of ``/proc/self/mountinfo``."""
+
+    device: str  # "major:minor" of the mounted file system
+    mountpoint: str
+    fstype: str
+    source: str
+    super_options: str
+
+    @property
+    def is_cryptfuse(self) -> bool:
+        return self.fstype == "fuse.cryptfuse"
+
+    @property
+    def user_id(self) -> int | None:
+        """The mounting user (FUSE's ``user_id=`` super option)."""
+        for option in self.super_options.split(","):
+            if option.startswith("user_id="):
+                return int(option[8:])
+        return None
+
+
+def _unescape(field_text: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as ``\\ooo``."""
+    out, i = [], 0
+    while i < len(field_text):
+        if field_text[i] == "\\" and field_text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field_text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_text[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[MountEntry]:
+    """The mounts this process sees, in mount order (later ones cover earlier ones)."""
+    entries = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                dash = fields.index("-", 6)
+            except ValueError:
+                continue
+            entries.append(
+                MountEntry(
+                    device=fields[2],
+                    mountpoint=_unescape(fields[4]),
+                    fstype=fields[dash + 1],
+                    source=_unescape(fields[dash + 2]) if len(fields) > dash + 2 else "",
+                    super_options=fields[dash + 3] if len(fields) > dash + 3 else "",
+                )
+            )
+    return entries
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    """The mount visible at *mountpoint* (an absolute, normalised path), if any."""
+    found = None
+    for entry in mounts():
+        if entry.mountpoint == mountpoint:
+            found = entry
+    return found
+
+
+def connect_mount(device: str) -> socket.socket | None:
+    """A connection to the daemon serving the mount of *device*, or None."""
+    path = mount_socket_path(device)
+    if not os.path.exists(path):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -160,6 +261,8 @@ class Served:
     header: str | None
     get: Callable[[], Volume]
     set: Callable[[Volume], None]
+    #: other requests the daemon answers: op -> handler(request) -> result
+    handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
 
 
 class _LiveAdapter:
@@ -257,51 +360,86 @@ def _maps(extents: list[reenc.Extent], data_fd: int, header_fd: int) -> list[Ext
 
 
 class ControlServer:
-    """Listens on the control socket of a mounted container; one thread per client."""
+    """Listens on the control sockets of a mounted container; one thread per client.
 
-    def __init__(self, served: Served) -> None:
+    *by_container*: the socket named after the container (online reencryption; only
+    for writable mounts); *mount_device*: the one named after the FUSE mount.
+    """
+
+    def __init__(
+        self, served: Served, *, by_container: bool = True, mount_device: str | None = None
+    ) -> None:
         self.served = served
-        self.path = control_path(served.container, create=True)
-        with contextlib.suppress(FileNotFoundError):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(self.path)
-            except ConnectionRefusedError:
-                os.unlink(self.path)  # left by a daemon that died
-            else:
-                raise BusyError(f"another cryptfuse daemon serves {served.container}")
-            finally:
-                probe.close()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)
-        try:
-            self.sock.bind(self.path)
-        finally:
-            os.umask(old)
-        self.sock.listen(4)
+        self.by_container = by_container
+        paths = [control_path(served.container, create=True)] if by_container else []
+        if mount_device is not None:
+            paths.append(mount_socket_path(mount_device, create=True))
+        self.paths: list[str] = []
+        self.socks: list[socket.socket] = []
         self._closing = threading.Event()
         self._work = threading.Lock()  # one reencryption at a time
         #: the C data path of both keys of this mount's online key change, if any
         self._pair: _FastPair | None = None
         self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, name="control", daemon=True)
-        self._accepter.start()
+        try:
+            for path in paths:
+                self.socks.append(self._listen(path))
+                self.paths.append(path)
+        except BaseException:
+            self.close()
+            raise
+        for sock in self.socks:
+            threading.Thread(target=self._accept, args=(sock,), name="control", daemon=True).start()
+
+    @property
+    def path(self) -> str:
+        """The first socket's path."""
+        return self.paths[0]
+
+    @property
+    def reencrypting(self) -> bool:
+        """True while an online reencryption runs."""
+        return self._work.locked()
+
+    def _listen(self, path: str) -> socket.socket:
+        with contextlib.suppress(FileNotFoundError):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)  # left by a daemon that died
+            else:
+                raise BusyError(f"another cryptfuse daemon serves {self.served.container}")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            sock.bind(path)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        sock.listen(4)
+        return sock
 
     def close(self) -> None:
-        """Stop at the next hot-zone boundary, wait for the work, remove the socket."""
+        """Stop at the next hot-zone boundary, wait for the work, remove the sockets."""
         self._closing.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        for t in self._threads:
+        for sock, path in zip(self.socks, self.paths, strict=True):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for t in list(self._threads):
             t.join()
 
-    def _accept(self) -> None:
+    def _accept(self, sock: socket.socket) -> None:
         while not self._closing.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return
             t = threading.Thread(target=self._client, args=(conn,), name="control-client")
@@ -317,20 +455,25 @@ class ControlServer:
                 log.warning("control: refused a client of uid %d (pid %d)", uid, pid)
                 return
             lines = _lines(conn)
+            op: object = None
             try:
                 req = next(lines)
-                if req.get("op") != "reencrypt":
-                    raise UsageError(f"unknown control request {req.get('op')!r}")
-                result = self._reencrypt(conn, lines, req)
+                op = req.get("op")
+                if op == "reencrypt" and self.by_container:
+                    result = self._reencrypt(conn, lines, req)
+                elif isinstance(op, str) and op in self.served.handlers:
+                    result = self.served.handlers[op](req)
+                else:
+                    raise UsageError(f"unknown control request {op!r}")
                 _send(conn, {"result": result})
             except CryptfuseError as exc:
-                log.error("online reencryption: %s", exc)
+                log.error("control request %r: %s", op, exc)
                 with contextlib.suppress(OSError):
                     _send(conn, {"error": str(exc), "code": exc.exit_code})
             except (StopIteration, OSError, ValueError) as exc:
                 log.warning("control client went away: %s", exc)
             except Exception as exc:  # noqa: BLE001 - never take the daemon down
-                log.exception("online reencryption failed")
+                log.exception("control request %r failed", op)
                 with contextlib.suppress(OSError):
                     _send(conn, {"error": f"internal error: {exc}", "code": 1})
 
@@ -487,6 +630,7 @@ class ControlServer:
             shared_lock=(volume._lock, volume.sector_size),  # noqa: SLF001 - the same volume
             fast_volumes=(pair.old, pair.new) if pair is not None else (),
         )
+        live.discards = volume.discards  # (zeros written, no holes: SegmentedVolume.discard)
         self.served.set(live)
         if pair is not None:
             self._pair = pair
@@ -543,6 +687,8 @@ class ControlServer:
         if new is None:
             return None
         new.set_window(0, 0)  # nothing is under the new key yet
+        if volume.discards:
+            new.set_discards(True)
         old.set_partner(new)
         volume.fast_partners.append(new)  # drained and closed with the mount's volume
         return _FastPair(old, new, old_id, new_id, volume.data_offset)
