@@ -342,8 +342,8 @@ typedef struct {
  * is there, so every later request touching those sectors (read or write, C or
  * Python) sees it.  The next request's copy and encryption thus overlap this one's
  * disk write, as they would with the page cache, minus its copy.  A failed write
- * is kept and reported by the next drain(), which Volume.sync() calls before the
- * fsync: the page cache's contract (write errors surface at fsync).
+ * is kept and reported by every later drain(), which Volume.sync() calls before the
+ * fsync: write errors surface at fsync, and keep surfacing (unlike the page cache's).
  */
 #define WB_SLOTS 4
 #define WB_THREADS 2
@@ -366,7 +366,7 @@ typedef struct {
     int stop;
     wb_slot_t slot[WB_SLOTS];
     uint64_t seq;  /* of the last slot queued */
-    int error;     /* errno of the first failed write since the last drain, or 0 */
+    int error;     /* errno of the first failed write ever, or 0 (sticky) */
     uint64_t failed; /* writes that failed, ever */
 } writeback_t;
 
@@ -1565,9 +1565,11 @@ static PyObject *FastVolume_drain(FastVolumeObject *self, PyObject *unused)
     Py_BEGIN_ALLOW_THREADS
     writeback_wait(self, 0);
     Py_END_ALLOW_THREADS
+    /* Never cleared: an answered write that was lost stays lost, so every drain (every
+       fsync of the volume) reports it, not just the first ("fsyncgate",
+       docs/reliability.md). */
     pthread_mutex_lock(&self->wb.mu);
     int err = self->wb.error;
-    self->wb.error = 0;
     pthread_mutex_unlock(&self->wb.mu);
     if (err) {
         errno = err;
@@ -1595,7 +1597,7 @@ static PyMethodDef FastVolume_methods[] = {
      "through the page cache locks (more than its own while O_DIRECT is in use)."},
     {"drain", (PyCFunction)FastVolume_drain, METH_NOARGS,
      "drain(): wait until the writes answered so far are written to the container; "
-     "OSError for one that failed since the last drain."},
+     "OSError (every time) once any of them has failed."},
     {"invalidate", (PyCFunction)FastVolume_invalidate, METH_VARARGS,
      "invalidate(first_sector, count): sectors written outside the C path (call with "
      "their range lock held); read-ahead of them is dropped."},
