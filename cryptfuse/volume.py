@@ -296,6 +296,12 @@ class Volume:
 
     def _read_sectors_into(self, first: int, out: memoryview) -> None:
         """Read and decrypt whole sectors starting at *first* into *out*."""
+        if self.fast is not None and self.fast.lost(first, first + len(out) // self.sector_size):
+            # what the container holds there is older than a write that was answered
+            raise DeviceError(
+                f"read of {len(out)} bytes at {self.data_offset + first * self.sector_size}: "
+                "an answered write of these sectors never reached the container"
+            )
         raw = _SCRATCH.get(0, len(out))
         pread_into(self.fd, raw, self.data_offset + first * self.sector_size)
         self.cipher.decrypt_into(raw, first, out)
@@ -305,11 +311,14 @@ class Volume:
         encrypted = _SCRATCH.get(1, len(plain))
         self.cipher.encrypt_into(plain, first, encrypted)
         position = self.data_offset + first * self.sector_size
+        count = len(plain) // self.sector_size
         try:
             pwrite_all(self.fd, encrypted, position, f"{len(encrypted)} bytes at {position}")
         finally:
             if self.fast is not None:  # even after a failure: part of it may be on disk
-                self.fast.invalidate(first, len(plain) // self.sector_size)
+                self.fast.invalidate(first, count)
+        if self.fast is not None:
+            self.fast.rewritten(first, first + count)
 
     # -- byte-granular API ------------------------------------------------------------
 

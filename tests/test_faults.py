@@ -215,8 +215,24 @@ def test_lost_written_behind_write_fails_every_fsync(setup: tuple[Mounted, Fault
         assert os.pwrite(fd, aligned(b"\x5a" * MiB), 4 * MiB) == MiB
         for attempt in range(3):
             assert errno_of(os.fsync, fd) == errno.EIO, f"fsync #{attempt + 1} returned 0"
-        # the disk recovered, a new write succeeds: still not all answered data is there
+        # the sectors hold what was there before the answered write: reading them, or
+        # merging a partial write into them, fails instead of giving those old bytes
+        assert errno_of(os.pread, fd, MiB, 4 * MiB) == errno.EIO
+        assert errno_of(os.pread, fd, 100, 4 * MiB + 1000) == errno.EIO
+        assert errno_of(os.pread, fd, 8 * KiB, 4 * MiB - 4 * KiB) == errno.EIO
+        assert errno_of(os.pwrite, fd, b"rmw", 4 * MiB + 511) == errno.EIO
+        assert os.pread(fd, 4 * KiB, 4 * MiB - 4 * KiB) == data[4 * MiB - 4 * KiB : 4 * MiB]
+        # the disk recovered; rewriting part of the range makes that part readable, the
+        # rest still fails, and so does every fsync: not all answered data is there
         faults.clear()
+        new = os.urandom(256 * KiB)
+        assert os.pwrite(fd, aligned(new), 4 * MiB) == len(new)  # written behind
+        # a partial sector in the lost part: its other bytes are unknown, so it fails
+        assert errno_of(os.pwrite, fd, b"small", 4 * MiB + 256 * KiB + 3) == errno.EIO
+        assert os.pwrite(fd, b"s" * 512, 5 * MiB - 512) == 512  # C, whole sector
+        assert os.pread(fd, len(new), 4 * MiB) == new
+        assert os.pread(fd, 512, 5 * MiB - 512) == b"s" * 512
+        assert errno_of(os.pread, fd, 4096, 4 * MiB + 512 * KiB) == errno.EIO
         os.pwrite(fd, b"later" * 100, 100)
         assert errno_of(os.fsync, fd) == errno.EIO
         assert errno_of(os.fdatasync, fd) == errno.EIO
@@ -234,11 +250,12 @@ def test_lost_written_behind_write_fails_every_fsync(setup: tuple[Mounted, Fault
     assert m.alive()
     assert "every sync fails until remounted" in m.log()
     m.unmount()
-    # after a remount the volume is usable again; the lost write is not there
+    # after a remount the volume is usable again: the rewrites are there, the lost
+    # write is not
     volume = m.mount()
     with open(volume, "rb") as f:
         f.seek(4 * MiB)
-        assert f.read(MiB) == data[4 * MiB : 5 * MiB]
+        assert f.read(MiB) == new + data[4 * MiB + len(new) : 5 * MiB - 512] + b"s" * 512
     fd = os.open(volume, os.O_RDWR)
     try:
         os.pwrite(fd, b"\x5a" * MiB, 4 * MiB)
