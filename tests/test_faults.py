@@ -439,6 +439,16 @@ def test_ext4_on_top_sees_the_errors(
     os.fsync(fd)
     os.close(fd)
     os.sync()
+    # reads of the container fail: a read of the file's data (O_DIRECT: past ext4's
+    # cache and the loop device, to the daemon) fails, it does not return other bytes
+    faults.set(f"read EIO 0 {1 << 62}")
+    fd = os.open(ext / "kept.bin", os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(kept) + 4096)
+        assert errno_of(os.preadv, fd, [buf], 0) == errno.EIO
+    finally:
+        os.close(fd)
+    assert any(op == "read" for op, *_ in faults.hits())
     # from now on no write reaches the container
     faults.set(f"write EIO 0 {1 << 62}")
     failures = 0
@@ -452,7 +462,10 @@ def test_ext4_on_top_sees_the_errors(
                 os.close(fd)
         except OSError as exc:
             assert exc.errno in (errno.EIO, errno.EROFS), exc
+            print(f"ext4: new{i}.bin: {exc}")
             failures += 1
+    options = sh("findmnt", "-n", "-o", "OPTIONS", ext).stdout.decode().strip()
+    print(f"ext4: {failures} of 4 fsync'd files failed; mount options now {options}")
     assert failures > 0, "ext4 reported no error although nothing reached the container"
     assert any(op == "write" for op, *_ in faults.hits())
     faults.clear()
@@ -465,4 +478,7 @@ def test_ext4_on_top_sees_the_errors(
     mount_fs(stack, volume, ext, "-o", "loop")
     assert (ext / "kept.bin").read_bytes() == kept
     stack.pop(f"mount {ext}")
+    fsck = sh("e2fsck", "-fn", volume, check=False)
+    print(f"ext4: e2fsck -fn after the replay: {fsck.returncode}")
+    assert fsck.returncode == 0, fsck.stdout.decode() + fsck.stderr.decode()
     m.unmount()
