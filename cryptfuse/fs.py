@@ -172,14 +172,26 @@ class VolumeFS(pyfuse3.Operations):
             return self.volume.read(off, size)
         raise AssertionError("unreachable")  # pragma: no cover - for mypy
 
-    def write_now(self, off: int, buf: Buffer) -> int:
-        """Encrypt *buf* to *off* in the calling thread (errors as FUSEError)."""
+    def write_now(self, off: int, buf: Buffer, *, writeback: bool = False) -> int:
+        """Encrypt *buf* to *off* in the calling thread (errors as FUSEError).
+
+        *writeback*: the kernel writes back its page cache (``-o page_cache`` and
+        mmap); the application's write was answered long ago, and the kernel reports
+        a failure to one fsync only, so the volume is marked failed: every later sync
+        fails too (docs/reliability.md).
+        """
         length = len(memoryview(buf))
         if self.volume.readonly:
             raise pyfuse3.FUSEError(errno.EROFS)
         try:
             with self._errno_mapping("write", off, length):
-                return self.volume.write(off, buf)
+                try:
+                    return self.volume.write(off, buf)
+                except (CryptfuseError, OSError) as exc:
+                    fail = getattr(self.volume, "fail", None)
+                    if writeback and fail is not None:
+                        fail(f"a written-back write of {length} bytes at {off} failed: {exc}")
+                    raise
         finally:
             self._wrote()
         raise AssertionError("unreachable")  # pragma: no cover - for mypy

@@ -379,6 +379,11 @@ class Volume:
         """Why every sync fails from now on (see :meth:`sync`), or None."""
         return self._failed
 
+    def fail(self, reason: str) -> None:
+        """An answered write was lost (*reason*): every sync fails from now on."""
+        if self._failed is None:
+            self._failed = reason
+
     def sync(self) -> None:
         """Flush everything written so far to the container's disk.
 

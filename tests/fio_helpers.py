@@ -41,6 +41,7 @@ def run_fio(jobfile: Path, *args: str, timeout: float = 300, check: bool = True)
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=jobfile.parent,  # where fio leaves its verify state files, if any
     )
     start = proc.stdout.find("{")
     report: dict[str, Any] = json.loads(proc.stdout[start:]) if start >= 0 else {"jobs": []}

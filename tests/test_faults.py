@@ -59,12 +59,15 @@ class Mounted:
     def __init__(self, cf: Cryptfuse, faults: Faults, container: Path, mnt: Path) -> None:
         self.cf, self.faults, self.container, self.mnt = cf, faults, container, mnt
         self.pids: list[int] = []
+        self.mount_options: list[str] = []
 
     def mount(self) -> Path:
         mnt = self.mnt
         mnt.mkdir(exist_ok=True)
         log = mnt.parent / "daemon.log"
-        self.pids = self.cf.mount(*PLAIN, "--log-file", log, self.container, mountpoint=mnt)
+        self.pids = self.cf.mount(
+            *self.mount_options, *PLAIN, "--log-file", log, self.container, mountpoint=mnt
+        )
         return mnt / "volume"
 
     def unmount(self) -> None:
@@ -280,6 +283,33 @@ def test_failed_container_fsync_sticks(setup: tuple[Mounted, Faults]) -> None:
     finally:
         errno_of(os.close, fd)
     assert [op for op, *_ in faults.hits()] == ["fsync"]
+    m.unmount()
+
+
+def test_failed_writeback_of_an_mmap_sticks(setup: tuple[Mounted, Faults]) -> None:
+    """``-o page_cache``: the kernel writes an mmap's dirty pages back later; the
+    application hears of a failure from one fsync (the kernel's), and of the lost data
+    from every one after it (ours)."""
+    m, faults = setup
+    m.mount_options = ["-o", "page_cache"]
+    volume = m.mount()
+    faults.set(f"write EIO {MiB} {2 * MiB}")
+    with open(volume, "r+b") as f:
+        with mmap.mmap(f.fileno(), 4 * MiB, flags=mmap.MAP_SHARED) as mapping:
+            mapping[MiB : MiB + 8192] = b"m" * 8192
+            mapping[3 * MiB : 3 * MiB + 10] = b"0123456789"
+            assert errno_of(mapping.flush) == errno.EIO
+        for attempt in range(3):
+            assert errno_of(os.fsync, f.fileno()) == errno.EIO, f"fsync #{attempt + 1}"
+        faults.clear()
+        assert errno_of(os.fsync, f.fileno()) == errno.EIO
+        try:
+            f.close()
+        except OSError:
+            pass
+    assert any(op == "write" for op, *_ in faults.hits())
+    assert "written-back write" in m.log()
+    assert m.alive()
     m.unmount()
 
 

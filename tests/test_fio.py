@@ -92,6 +92,7 @@ GLOBAL = {
     "verify_backlog": 64,
     "verify_fatal": 1,
     "verify_dump": 0,
+    "verify_state_save": 0,
     "group_reporting": 0,
 }
 

@@ -52,7 +52,13 @@ SECONDS = 30
 RSS_LIMIT = 150 * MiB
 MAX_LATENCY_S = 10.0
 
-GLOBAL = {"ioengine": "psync", "verify": "crc32c", "verify_fatal": 1, "verify_dump": 0}
+GLOBAL = {
+    "ioengine": "psync",
+    "verify": "crc32c",
+    "verify_fatal": 1,
+    "verify_dump": 0,
+    "verify_state_save": 0,
+}
 WRITERS: dict[str, dict[str, object]] = {
     "w-4k-direct": {"rw": "randwrite", "bs": "4k", "direct": 1, "numjobs": 16, "size": "4m"},
     "w-mixed-direct": {
