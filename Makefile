@@ -60,7 +60,7 @@ test-sanitize: setup
 
 # ThreadSanitizer: the tests that run the C data path from several threads.
 TSAN_TESTS ?= tests/test_fastpath.py tests/test_channel.py tests/test_stress.py \
-	tests/test_e2e_mount.py
+	tests/test_e2e_mount.py tests/test_faults.py
 test-tsan: setup
 	tests/sanitize/run tsan $(VPY) -q $(TSAN_TESTS)
 
