@@ -392,7 +392,10 @@ class VolumeFS(pyfuse3.Operations):
             # pwrite, which Volume.sync waits for): one still in flight now is counted
             # later and makes the next sync happen.
             fast_writes = self.fast.writes if self.fast is not None else 0
-            if not self._dirty and fast_writes == self._synced_fast_writes:
+            # A failed volume fails every sync, with or without new writes
+            # (docs/reliability.md): never the shortcut then.
+            failed = getattr(self.volume, "failed", None) is not None
+            if not failed and not self._dirty and fast_writes == self._synced_fast_writes:
                 return
             self._dirty = False
             self._synced_fast_writes = fast_writes
