@@ -493,6 +493,8 @@ class ControlServer:
         volume = self.served.get()
         if volume.readonly:
             raise UsageError("the container is mounted read-only; remount it read-write")
+        if volume.failed is not None:
+            raise DeviceError(f"{volume.failed}; remount before reencrypting")
         passphrase = base64.b64decode(req["passphrase"])
         key_slot = req.get("key_slot")
         header_path = self.served.header
