@@ -103,9 +103,13 @@ def hasher(name: str) -> Callable[[bytes], bytes]:
     length = entry.length
     if entry.hashlib is not None:
         algorithm = entry.hashlib
-        ctor = getattr(hashlib, algorithm, None) if algorithm in hashlib.algorithms_guaranteed else None
+        ctor = (
+            getattr(hashlib, algorithm, None)
+            if algorithm in hashlib.algorithms_guaranteed
+            else None
+        )
         if ctor is not None and length is None:
-            return lambda data: ctor(data).digest()  # type: ignore[no-any-return]
+            return lambda data: ctor(data).digest()
         return lambda data: hashlib.new(algorithm, data).digest()[:length]
     assert entry.gcrypt is not None and _gcrypt is not None
     gname = entry.gcrypt

@@ -11,14 +11,13 @@ passphrase.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2i, Argon2id
 
-from .errors import InsufficientMemoryError, UnsupportedError, UsageError
 from . import hashes
+from .errors import InsufficientMemoryError, UnsupportedError, UsageError
 from .spec import hashlib_name
 
 __all__ = [

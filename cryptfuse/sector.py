@@ -22,7 +22,6 @@ test oracle.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import threading
 from collections.abc import Callable
@@ -672,6 +671,7 @@ def _gcrypt_engine(
     why = ""
     if _gcrypt is None or name is None:
         why = "libgcrypt (cryptfuse._gcrypt) is not built"
+        name = ""
     else:
         info = _gcrypt.cipher_info(name, data_len)
         if info is None or not info[1]:

@@ -29,7 +29,6 @@ def test_plain_hash_vectors(case: dict[str, Any]) -> None:
     if case["keyfile_size_limit"] is not None:
         passphrase = passphrase[: case["keyfile_size_limit"]]
     key_size = case["key_bits"] // 8
-    name = case["hash"].split(":")[0]
     if case["must_fail"]:
         with pytest.raises(UsageError):
             kdf.plain_hash(case["hash"], key_size, passphrase)
