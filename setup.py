@@ -42,6 +42,7 @@ setup(
         Extension(
             "cryptfuse._fastpath",
             ["cryptfuse/_fastpath.c"],
+            depends=["cryptfuse/_gcrypt.h"],
             libraries=["crypto"],
             optional=True,
             extra_compile_args=[
