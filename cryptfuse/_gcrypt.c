@@ -18,7 +18,8 @@
  *   CBC decryption with IV 0 of C_1..C_n gives D(C_i) ^ C_(i-1), so D(C_i) = out_i ^ C_(i-1);
  *   CFB decryption with IV X_1 of X_2..X_n,0 gives X_(i+1) ^ E(X_i), so E(X_i) = out_i ^ X_(i+1).
  * XTS and LRW are then one bulk ECB pass between two whitening passes, several times
- * faster than libgcrypt's own XTS for Serpent, Twofish and Camellia (docs/ciphers.md).
+ * faster than libgcrypt's own XTS for Serpent, Twofish and Camellia (docs/ciphers.md);
+ * CBC encryption runs block position by block position across the sectors of a run.
  *
  * Engine.c_api is a capsule ("cryptfuse._gcrypt.engine_api") with the C entry point
  * cryptfuse._fastpath calls for volumes whose cipher only this module has.
@@ -361,6 +362,25 @@ static int crypt_ivs(const EngineObject *e, slot_t *s, int k, const unsigned cha
         return 0;
     }
     default:
+        if (e->chain == CH_CBC && enc && n > 1) {
+            /* CBC encryption is serial within a sector, not across sectors: encrypt
+               block j of all n sectors in one bulk pass, j = 0, 1, ... (in place too:
+               column j of src is read before column j of dst is written) */
+            unsigned char col[(CHUNK / 512) * MAX_BS];
+            size_t blocks = ss / bs;
+            for (size_t j = 0; j < blocks; j++) {
+                for (size_t i = 0; i < n; i++) {
+                    const unsigned char *chainv = j == 0 ? ivs + i * bs : dst + i * ss + (j - 1) * bs;
+                    memcpy(col + i * bs, src + i * ss + j * bs, bs);
+                    xor_into(col + i * bs, chainv, bs);
+                }
+                if (ecb_encrypt(e, d, col, col, n * bs, s->tmp))
+                    return -1;
+                for (size_t i = 0; i < n; i++)
+                    memcpy(dst + i * ss + j * bs, col + i * bs, bs);
+            }
+            return 0;
+        }
         for (size_t i = 0; i < n; i++) {
             const unsigned char *in = src + i * ss;
             unsigned char *out = dst + i * ss;
