@@ -484,10 +484,17 @@ def test_hash_names_cryptsetup_uses(name: str, reference: Callable[[bytes], byte
     assert hashes.digest(name, data) == reference(data)
 
 
-def test_pbkdf2_with_libgcrypt_equals_hashlib_where_both_have_it() -> None:
-    # the libgcrypt path (used for whirlpool & co.) agrees with OpenSSL on sha256
-    assert _gcrypt.pbkdf2("SHA256", b"pw", b"salty", 1000, 48) == hashlib.pbkdf2_hmac(
-        "sha256", b"pw", b"salty", 1000, 48
+@pytest.mark.parametrize(
+    ("gcrypt_name", "hashlib_name"),
+    [("SHA256", "sha256"), ("BLAKE2B_512", "blake2b"), ("BLAKE2S_256", "blake2s"),
+     ("SHA3-256", "sha3_256")],
+)  # fmt: skip
+def test_pbkdf2_with_libgcrypt_equals_hashlib_where_both_have_it(
+    gcrypt_name: str, hashlib_name: str
+) -> None:
+    # the libgcrypt path (whirlpool, stribog, blake2 at other lengths) agrees with OpenSSL
+    assert _gcrypt.pbkdf2(gcrypt_name, b"pw", b"salty", 100, 48) == hashlib.pbkdf2_hmac(
+        hashlib_name, b"pw", b"salty", 100, 48
     )
 
 
