@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # libasan8/libubsan1/libtsan2 are gcc 12's sanitizer runtimes (make test-sanitize, test-tsan;
 # gcc-12 already depends on them).
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv \
-	libssl-dev libgcrypt20-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount \
+	libssl-dev libgcrypt20-dev nettle-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount \
 	libasan8 libubsan1 libtsan2
 
 .PHONY: setup debs test test-sanitize test-tsan demo lint bench clean distclean

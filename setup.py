@@ -3,8 +3,8 @@
 ``optional=True``: where no compiler (or, for ``_fastpath``, no OpenSSL headers:
 Debian's ``libssl-dev``) is present the build goes on and cryptfuse uses its
 Python paths instead: the numpy XTS tweak chain and the Python request loop.
-``_gcrypt`` (Debian's ``libgcrypt20-dev``) brings the ciphers and hashes OpenSSL
-lacks (Serpent, Twofish, LRW, lmk/tcw IVs, Whirlpool, Streebog; docs/ciphers.md);
+``_gcrypt`` (Debian's ``libgcrypt20-dev`` and ``nettle-dev``) brings the ciphers and
+hashes OpenSSL lacks (Serpent, Twofish, LRW, lmk/tcw IVs, Whirlpool, Streebog; docs/ciphers.md);
 without it only those are refused.
 
 ``CRYPTFUSE_EXT_FLAGS`` (``make test-sanitize``, ``make test-tsan``; see
@@ -32,7 +32,7 @@ setup(
             "cryptfuse._gcrypt",
             ["cryptfuse/_gcrypt.c"],
             depends=["cryptfuse/_gcrypt.h"],
-            libraries=["gcrypt"],
+            libraries=["gcrypt", "nettle"],
             optional=True,
             extra_compile_args=[
                 "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-Wno-unused-parameter", *EXTRA

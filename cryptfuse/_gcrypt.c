@@ -21,12 +21,16 @@
  * faster than libgcrypt's own XTS for Serpent, Twofish and Camellia (docs/ciphers.md);
  * CBC encryption runs block position by block position across the sectors of a run.
  *
+ * The one key size libgcrypt lacks, 192-bit Twofish (the kernel has it), comes from
+ * nettle (qemu's library): one block at a time, through the same mode code.
+ *
  * Engine.c_api is a capsule ("cryptfuse._gcrypt.engine_api") with the C entry point
  * cryptfuse._fastpath calls for volumes whose cipher only this module has.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <gcrypt.h>
+#include <nettle/twofish.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -45,9 +49,11 @@ enum {
 #define MAX_SECTOR 4096
 #define LMK_SEED_SIZE 64
 
-/* One key's libgcrypt handles: CBC (also bulk decryption), CFB (bulk encryption), CTR. */
+/* One key's libgcrypt handles: CBC (also bulk decryption), CFB (bulk encryption), CTR;
+   or, for 192-bit Twofish, nettle's key schedule instead (tf). */
 typedef struct {
     gcry_cipher_hd_t cbc, cfb, ctr;
+    struct twofish_ctx *tf;
 } kctx_t;
 
 /* One thread's handles for every subkey and its scratch; engines keep a free list. */
@@ -106,6 +112,10 @@ static int ecb_encrypt(const EngineObject *e, kctx_t *k, unsigned char *dst,
                        const unsigned char *src, size_t len, unsigned char *tmp)
 {
     size_t bs = (size_t)e->bs;
+    if (k->tf != NULL) {
+        twofish_encrypt(k->tf, len, dst, src);
+        return 0;
+    }
     while (len > 0) {
         size_t n = len < CHUNK ? len : CHUNK;
         memcpy(tmp, src + bs, n - bs);
@@ -125,6 +135,10 @@ static int ecb_decrypt(const EngineObject *e, kctx_t *k, unsigned char *dst,
 {
     static const unsigned char zero[MAX_BS];
     size_t bs = (size_t)e->bs;
+    if (k->tf != NULL) {
+        twofish_decrypt(k->tf, len, dst, src);
+        return 0;
+    }
     while (len > 0) {
         size_t n = len < CHUNK ? len : CHUNK;
         const unsigned char *in = src;
@@ -362,7 +376,7 @@ static int crypt_ivs(const EngineObject *e, slot_t *s, int k, const unsigned cha
         return 0;
     }
     default:
-        if (e->chain == CH_CBC && enc && n > 1) {
+        if (e->chain == CH_CBC && enc && (n > 1 || d->tf != NULL)) {
             /* CBC encryption is serial within a sector, not across sectors: encrypt
                block j of all n sectors in one bulk pass, j = 0, 1, ... (in place too:
                column j of src is read before column j of dst is written) */
@@ -378,6 +392,36 @@ static int crypt_ivs(const EngineObject *e, slot_t *s, int k, const unsigned cha
                     return -1;
                 for (size_t i = 0; i < n; i++)
                     memcpy(dst + i * ss + j * bs, col + i * bs, bs);
+            }
+            return 0;
+        }
+        if (d->tf != NULL) { /* nettle: CBC decryption and CTR from its block function */
+            for (size_t i = 0; i < n; i++) {
+                const unsigned char *in = src + i * ss;
+                unsigned char *out = dst + i * ss;
+                const unsigned char *iv = ivs + i * bs;
+                if (e->chain == CH_CBC) {
+                    if (in == out) {
+                        memcpy(s->tmp, in, ss);
+                        in = s->tmp;
+                    }
+                    twofish_decrypt(d->tf, ss, out, in);
+                    xor_into(out, iv, bs);
+                    xor_into(out + bs, in, ss - bs);
+                } else { /* CTR: the IV as a big-endian counter, one block per step */
+                    unsigned char ctr[MAX_BS];
+                    memcpy(ctr, iv, bs);
+                    for (size_t j = 0; j < ss / bs; j++) {
+                        memcpy(s->tw + j * bs, ctr, bs);
+                        for (size_t b = bs; b-- > 0;)
+                            if (++ctr[b] != 0)
+                                break;
+                    }
+                    twofish_encrypt(d->tf, ss, s->tw, s->tw);
+                    if (out != in)
+                        memcpy(out, in, ss);
+                    xor_into(out, s->tw, ss);
+                }
             }
             return 0;
         }
@@ -466,10 +510,25 @@ static void kctx_close(kctx_t *k)
     if (k->ctr)
         gcry_cipher_close(k->ctr);
     k->cbc = k->cfb = k->ctr = NULL;
+    wipe_free(k->tf, sizeof(*k->tf));
+    k->tf = NULL;
+}
+
+/* libgcrypt has Twofish with 128- and 256-bit keys only; the kernel and nettle all three */
+static int nettle_twofish192(int algo, int len)
+{
+    return len == 24 && (algo == GCRY_CIPHER_TWOFISH || algo == GCRY_CIPHER_TWOFISH128);
 }
 
 static int kctx_open(kctx_t *k, int algo, const unsigned char *key, int len, int ctr)
 {
+    if (nettle_twofish192(algo, len)) {
+        k->tf = malloc(sizeof(*k->tf));
+        if (k->tf == NULL)
+            return -1;
+        twofish_set_key(k->tf, (size_t)len, key);
+        return 0;
+    }
     if (gcry_cipher_open(&k->cbc, algo, GCRY_CIPHER_MODE_CBC, 0)
         || gcry_cipher_setkey(k->cbc, key, (size_t)len)
         || gcry_cipher_open(&k->cfb, algo, GCRY_CIPHER_MODE_CFB, 0)
@@ -865,7 +924,10 @@ static PyObject *py_cipher_info(PyObject *unused, PyObject *args)
     size_t bs = gcry_cipher_get_algo_blklen(algo);
     int ok = 0;
     gcry_cipher_hd_t h;
-    if (keylen > 0 && keylen <= 64 && !gcry_cipher_open(&h, algo, GCRY_CIPHER_MODE_CBC, 0)) {
+    if (nettle_twofish192(algo, (int)keylen)) {
+        ok = 1;
+    } else if (keylen > 0 && keylen <= 64
+               && !gcry_cipher_open(&h, algo, GCRY_CIPHER_MODE_CBC, 0)) {
         unsigned char key[64];
         /* a key libgcrypt would call weak (DES) is not what is asked: test a pattern */
         for (int i = 0; i < 64; i++)

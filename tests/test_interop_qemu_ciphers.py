@@ -76,6 +76,7 @@ QEMU = [
     pytest.param("serpent-128", "cbc", "essiv:sha256", "sha1", "serpent", id="serpent128-essiv"),
     pytest.param("twofish-256", "xts", "plain64", "sha512", "twofish", id="twofish256-xts"),
     pytest.param("twofish-128", "cbc", "plain", "sha256", "twofish", id="twofish128-cbc-plain"),
+    pytest.param("twofish-192", "xts", "plain64", "sha256", "twofish", id="twofish192-xts"),
     pytest.param("cast5-128", "cbc", "plain64", "sha256", "cast5", id="cast5-cbc"),
     pytest.param("serpent-128", "ecb", None, "sha256", "serpent", id="serpent128-ecb"),
     pytest.param("aes-256", "ctr", "plain64", "sha256", "aes", id="aes256-ctr"),

@@ -173,7 +173,7 @@ def test_unsupported_cipher_and_options(
     before = digest(target)
     for argv, words in (
         (["--cipher", "cast6-xts-plain64"], "cast6"),
-        (["--cipher", "twofish-xts-plain64", "--key-size", "384"], "twofish"),
+        (["--cipher", "serpent-xts-plain64", "--key-size", "1024"], "key size"),
         (["--cipher", "aes-xts-plain64", "--key-size", "128"], "key"),
         (["--hash", "nohash"], "nohash"),
         (["--type", "luks1", "--pbkdf", "argon2id"], "LUKS1"),
