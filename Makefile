@@ -16,8 +16,8 @@ STAMP := $(VENV)/.installed
 # libasan8/libubsan1/libtsan2 are gcc 12's sanitizer runtimes (make test-sanitize, test-tsan;
 # gcc-12 already depends on them); fio is the external oracle of make test-fio/test-load.
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv \
-	libssl-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount \
-	libasan8 libubsan1 libtsan2 fuse2fs dosfstools xfsprogs fio
+	libssl-dev libgcrypt20-dev nettle-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs \
+	xz-utils util-linux mount libasan8 libubsan1 libtsan2 fuse2fs dosfstools xfsprogs fio
 
 .PHONY: setup debs test test-sanitize test-tsan test-fio test-load demo lint bench clean distclean
 

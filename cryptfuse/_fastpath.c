@@ -40,6 +40,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_gcrypt.h"
+
 #define FUSE_READ 15
 #define FUSE_WRITE 16
 #define IN_HEADER 40
@@ -405,6 +407,10 @@ typedef struct FastVolumeObject_ {
     const EVP_CIPHER *essiv_cipher; /* ECB with hash(key), for IV_ESSIV */
     unsigned char essiv_key[32];
     RangeLockObject *lock;
+    /* a cryptfuse._gcrypt.Engine doing the cipher work instead of OpenSSL (or NULL):
+       Serpent, Twofish, ... (docs/ciphers.md); then cipher/key/essiv_* are unused */
+    PyObject *engine;
+    const cryptfuse_engine_api *engine_api;
     _Atomic uint64_t writes;        /* whole-sector writes completed here */
     _Atomic int64_t last_write_ns;  /* CLOCK_REALTIME of the last one */
     _Atomic uint64_t reads;         /* reads answered here */
@@ -513,20 +519,37 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
 {
     static char *kwlist[] = {"fd",      "data_offset", "size",  "sector_size", "readonly",
                              "mode",    "key",         "iv_offset", "iv_shift", "ivmode",
-                             "lock",    "essiv_key",   "direct_fd", NULL};
+                             "lock",    "essiv_key",   "direct_fd", "engine", NULL};
     int direct_fd = -1;
+    PyObject *engine = NULL;
     int fd, readonly, mode, ivmode, sector_size, iv_shift;
     uint64_t data_offset, size, iv_offset;
     Py_buffer key, essiv_key = {0};
     PyObject *lock;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO&O&ipiy*O&iiO!|y*i:FastVolume", kwlist, &fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO&O&ipiy*O&iiO!|y*iO:FastVolume", kwlist, &fd,
                                      to_u64, &data_offset, to_u64, &size, &sector_size,
                                      &readonly, &mode, &key, to_u64, &iv_offset, &iv_shift,
-                                     &ivmode, &RangeLockType, &lock, &essiv_key, &direct_fd))
+                                     &ivmode, &RangeLockType, &lock, &essiv_key, &direct_fd,
+                                     &engine))
         return NULL;
     FastVolumeObject *self = NULL;
     const EVP_CIPHER *cipher = NULL, *essiv_cipher = NULL;
-    if (mode == MODE_XTS && key.len == 32)
+    const cryptfuse_engine_api *engine_api = NULL;
+    if (engine == Py_None)
+        engine = NULL;
+    if (engine != NULL) {
+        PyObject *capsule = PyObject_GetAttrString(engine, "c_api");
+        if (capsule != NULL)
+            engine_api = PyCapsule_GetPointer(capsule, CRYPTFUSE_ENGINE_API_NAME);
+        Py_XDECREF(capsule);
+        if (engine_api == NULL || engine_api->version != CRYPTFUSE_ENGINE_API_VERSION) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "FastVolume: engine is not a cryptfuse._gcrypt.Engine");
+            goto out;
+        }
+        mode = MODE_XTS; /* unused with an engine; keeps the checks below simple */
+        ivmode = IV_NULL;
+    } else if (mode == MODE_XTS && key.len == 32)
         cipher = EVP_aes_128_xts();
     else if (mode == MODE_XTS && key.len == 64)
         cipher = EVP_aes_256_xts();
@@ -536,7 +559,7 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
         cipher = EVP_aes_192_cbc();
     else if (mode == MODE_CBC && key.len == 32)
         cipher = EVP_aes_256_cbc();
-    if (cipher == NULL) {
+    if (cipher == NULL && engine_api == NULL) {
         PyErr_SetString(PyExc_ValueError, "FastVolume: no AES-XTS/AES-CBC for this key size");
         goto out;
     }
@@ -559,7 +582,7 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
         PyErr_SetString(PyExc_ValueError, "FastVolume: invalid geometry or IV mode");
         goto out;
     }
-    if (mode == MODE_XTS
+    if (mode == MODE_XTS && engine_api == NULL
         && CRYPTO_memcmp(key.buf, (const char *)key.buf + key.len / 2, key.len / 2) == 0) {
         /* OpenSSL refuses XTS keys with two equal halves; the Python engine serves them. */
         PyErr_SetString(PyExc_ValueError, "FastVolume: XTS key halves are equal");
@@ -590,6 +613,8 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     if (essiv_cipher != NULL)
         memcpy(self->essiv_key, essiv_key.buf, essiv_key.len);
     self->lock = (RangeLockObject *)Py_NewRef(lock);
+    self->engine = Py_XNewRef(engine);
+    self->engine_api = engine_api;
     atomic_init(&self->writes, 0);
     atomic_init(&self->last_write_ns, 0);
     atomic_init(&self->reads, 0);
@@ -634,6 +659,10 @@ static void contexts_free(contexts_t *c)
 /* Keyed contexts for one thread: 0, or -1 (then *c holds nothing). */
 static int contexts_init(const FastVolumeObject *v, contexts_t *c)
 {
+    if (v->engine_api != NULL) { /* the engine keeps its own per-thread handles */
+        c->enc = c->dec = c->essiv = NULL;
+        return 0;
+    }
     c->enc = EVP_CIPHER_CTX_new();
     c->dec = EVP_CIPHER_CTX_new();
     c->essiv = v->essiv_cipher != NULL ? EVP_CIPHER_CTX_new() : NULL;
@@ -752,6 +781,7 @@ static void FastVolume_dealloc(FastVolumeObject *self)
     OPENSSL_cleanse(self->essiv_key, sizeof(self->essiv_key));
     Py_XDECREF(self->lock);
     Py_XDECREF((PyObject *)atomic_load(&self->partner));
+    Py_XDECREF(self->engine);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -926,6 +956,8 @@ static int make_iv(const FastVolumeObject *v, EVP_CIPHER_CTX *essiv, uint64_t se
 static int crypt_with(const FastVolumeObject *v, contexts_t *c, const unsigned char *src,
                       unsigned char *dst, uint64_t first, size_t count, int encrypt)
 {
+    if (v->engine_api != NULL)
+        return v->engine_api->crypt(v->engine, src, dst, first, count, encrypt) < 0 ? -1 : 0;
     EVP_CIPHER_CTX *ctx = encrypt ? c->enc : c->dec;
     unsigned char iv[16];
     int ss = (int)v->sector_size;

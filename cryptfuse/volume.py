@@ -246,15 +246,17 @@ def fast_path_for(
     """The ``_fastpath.FastVolume`` serving READ/WRITE of this geometry in C, or None.
 
     Only for what it implements bit for bit (AES-XTS and AES-CBC with a sector-number
-    or ESSIV IV, see :meth:`SectorCipher.fast_parameters`); an XTS key that OpenSSL
-    refuses (two equal halves) stays with the Python engine.  *fd* -1 gives one for
+    or ESSIV IV, see :meth:`SectorCipher.fast_parameters`), and for every cipher the
+    libgcrypt engine serves (:attr:`SectorCipher.engine`, called from C); an XTS key
+    that OpenSSL refuses (two equal halves) stays with the Python engine.  *fd* -1 gives one for
     in-memory use (``cryptfuse benchmark``).  With *direct*, large page-aligned
     transfers go through a second, O_DIRECT descriptor of the same file (which the
     ``FastVolume`` owns and closes), with read-ahead for sequential streams; see
     docs/daemon.md.
     """
     params = cipher.fast_parameters()
-    if params is None or _fastpath is None:
+    engine = cipher.engine  # libgcrypt ciphers: the C path calls the engine (docs/ciphers.md)
+    if (params is None and engine is None) or _fastpath is None:
         return None
     ivmodes = {
         "plain64": _fastpath.IV_PLAIN64,
@@ -266,6 +268,22 @@ def fast_path_for(
     modes = {"xts": _fastpath.MODE_XTS, "cbc": _fastpath.MODE_CBC}
     direct_fd = _open_direct(fd, readonly) if direct else -1
     try:
+        if params is None:
+            return _fastpath.FastVolume(
+                fd=fd,
+                data_offset=data_offset,
+                size=size,
+                sector_size=cipher.sector_size,
+                readonly=readonly,
+                mode=_fastpath.MODE_XTS,  # unused: the engine does the cipher work
+                key=b"",
+                iv_offset=cipher.iv_offset,
+                iv_shift=cipher.iv_shift,
+                ivmode=_fastpath.IV_NULL,
+                lock=lock if lock is not None else _fastpath.RangeLock(),
+                direct_fd=direct_fd,
+                engine=engine,
+            )
         return _fastpath.FastVolume(
             fd=fd,
             data_offset=data_offset,
