@@ -42,6 +42,7 @@ class FastVolume:
     direct: int
     behind: int
     direct_active: bool
+    key_locked: bool
     last_write_ns: int
     def __init__(
         self,
