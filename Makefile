@@ -75,7 +75,7 @@ test-kill: setup
 # Coverage-guided fuzzing with atheris, FUZZ_SECONDS per target (docs/reliability.md).
 # A crash fails the target; its input is in build/fuzz/TARGET-crash-*: add it to
 # tests/fuzz_regressions/TARGET/ and fix the bug.
-FUZZ_SECONDS ?= 25
+FUZZ_SECONDS ?= 22
 FUZZ_TARGETS ?= luks1 luks2 luks2_json cipher_spec plain channel
 .PHONY: fuzz
 fuzz: setup
