@@ -43,6 +43,10 @@ from cryptfuse.hygiene import PR_SET_DUMPABLE, is_dumpable, protect_process
 
 NOBODY = 65534
 
+#: The sanitizer runtimes (make test-sanitize/test-tsan) intercept mlock() and make it a
+#: no-op that returns 0: nothing is locked then, and the tests do not look for it.
+MLOCK_WORKS = not os.environ.get("CRYPTFUSE_SANITIZER")
+
 
 def vm_locked_kib(pid: int | str = "self") -> int:
     match = re.search(r"^VmLck:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
@@ -267,14 +271,15 @@ def test_fast_path_keys_locked_and_wiped() -> None:
     key[:] = bytes(64)
     essiv[:] = bytes(32)
     assert fast.key_locked and cbc.key_locked
-    assert vm_locked_kib() >= locked_before + 8
+    assert vm_locked_kib() >= locked_before + 8 or not MLOCK_WORKS
     worker = fast.worker()  # OpenSSL contexts: the expanded keys, on OpenSSL's heap
     assert worker.encrypt(bytes(512), 0) != bytes(512)
     cbc_worker = cbc.worker()
     cbc_worker.encrypt(bytes(512), 0)
     for piece, hits in zip(pieces, find_in_memory(pieces), strict=True):
         # the scan finds them, and one place is the locked, not-dumped key page
-        assert any({"lo", "dd"} <= flags for _, flags in hits), piece.hex()
+        wanted = {"lo", "dd"} if MLOCK_WORKS else {"dd"}
+        assert any(wanted <= flags for _, flags in hits), piece.hex()
     fast.close()
     cbc.close()
     late = fast.worker()  # made after close(): no keys to make contexts from
@@ -351,7 +356,8 @@ def test_daemon_hides_the_volume_key(cf: Cryptfuse, tmp_path: Path) -> None:  # 
     assert second.returncode != 0
 
     status = Path(f"/proc/{pid}/status").read_text()
-    assert int(re.search(r"^VmLck:\s+(\d+)", status, re.M).group(1)) >= 4  # type: ignore[union-attr]
+    locked = re.search(r"^VmLck:\s+(\d+)", status, re.M)
+    assert locked is not None and (int(locked.group(1)) >= 4 or not MLOCK_WORKS)
     core = [ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if "core" in ln]
     assert core and core[0].split()[4:6] == ["0", "0"], core
     assert not leaks(Path(f"/proc/{pid}/cmdline").read_bytes())
