@@ -49,7 +49,6 @@ from test_e2e_mount import (  # noqa: F401 - fixtures
     need,
     sh,
     stack,
-    wait_gone,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -128,6 +127,24 @@ def check_and_settle(root: Path, model: dict[str, Expect], iteration: int) -> No
     sh("sync", "-f", root)
 
 
+def wait_dead(pids: list[int], timeout: float = 15.0) -> bool:
+    """Until every process of *pids* is gone or a zombie: dead, its descriptors closed
+    (the FUSE connection with them).  The daemon's parent exited long ago, and whoever
+    reaps orphans here (PID 1 of a container) may take a second or two."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for pid in pids:
+            try:
+                states.append(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                states.append("gone")
+        if all(state in ("gone", "Z", "X") for state in states):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def mounted(path: Path) -> bool:
     """Whether *path* is a mount point (by the mount table: works for dead FUSE mounts)."""
     target = os.fsencode(str(path)).replace(b" ", b"\\040")
@@ -199,7 +216,7 @@ def run_iteration(
     killed_at = time.monotonic()
     for pid in rig.pids:
         os.kill(pid, signal.SIGKILL)
-    assert wait_gone(rig.pids)
+    assert wait_dead(rig.pids)
     try:
         work.wait(60)
     except subprocess.TimeoutExpired:  # pragma: no cover - would be a kernel hang
