@@ -41,13 +41,16 @@ def _prctl(option: int, arg2: int = 0) -> int:
 
 
 def protect_process() -> None:
-    """Make this process (and the children it forks) undumpable, core size 0.
+    """Make this process (and the children it forks) undumpable, core size limit 0.
 
     Idempotent.  Raises :class:`OSError` only when the kernel refuses both, which
     Linux never does for an unprivileged process lowering its own limits.
     """
     _prctl(PR_SET_DUMPABLE, 0)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # The soft limit only: lowering the hard one cannot be undone without
+    # CAP_SYS_RESOURCE, which would also bind a test suite calling the CLI in-process;
+    # the dumpable flag is the lock that matters.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 
 def is_dumpable() -> bool:

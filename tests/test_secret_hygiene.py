@@ -3,17 +3,17 @@
 Checked, each for real:
 
 * ``hygiene.protect_process`` (every command calls it before reading a passphrase):
-  the process is not dumpable, its core limit is 0; another process of the *same*
+  the process is not dumpable, its (soft) core limit is 0; another process of the *same*
   user cannot read its ``/proc/PID/environ`` (the kernel's ptrace "read" check)
   while it can read an unprotected sibling's; a protected process killed by SIGSEGV
-  leaves no core file even after root raised its core limit again, while a shell
-  does (the control);
+  leaves no core file even with its core limit raised again, while a shell does
+  (the control);
 * the C data path keeps the keys in one page that is locked (``VmLck``, the
   mapping's ``lo`` flag) and left out of core dumps (``dd``), and after
   ``close()`` plus the release of the workers no 16-byte piece of the key is left
   anywhere in the process's readable memory (found there before: the scan works);
 * the real daemon (root + FUSE): a locked page (``VmLck`` > 0 after the fork), core
-  limit 0, no core file after SIGSEGV with the limit raised by root, and the volume
+  limit 0, no core file after SIGSEGV with the limit raised by prlimit, and the volume
   key (raw, hex either case, base64, either XTS half) and the passphrase are in
   none of: its ``--debug`` log, its ``/proc/PID/cmdline`` and ``environ``, the
   command's stderr, including the one-line error and the ``--debug`` traceback of
@@ -184,10 +184,11 @@ def test_protect_process_flags_in_a_child() -> None:
     if pid == 0:
         ok = False
         try:
+            set_dumpable(1)  # an in-process CLI test may have protected pytest already
             before = is_dumpable()
             protect_process()
             protect_process()  # idempotent
-            ok = before and not is_dumpable() and resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)
+            ok = before and not is_dumpable() and resource.getrlimit(resource.RLIMIT_CORE)[0] == 0
         finally:
             os.write(write_end, b"y" if ok else b"n")
             os._exit(0)
@@ -209,10 +210,9 @@ def relative_core_pattern() -> None:
         pytest.skip(f"core_pattern is {pattern!r}: cannot look for the core file")
 
 
-def test_undumpable_leaves_no_core_file_whatever_the_limit(tmp_path: Path) -> None:
-    """protect_process sets two locks (checked above); here the first alone holds:
-    with RLIMIT_CORE unlimited, the undumpable process leaves no core file while a
-    shell killed the same way does (the control)."""
+def cores_are_written(tmp_path: Path) -> None:
+    """Skip unless a shell killed by SIGSEGV leaves a core file in its cwd (the
+    control: then a missing core file means something)."""
     relative_core_pattern()
     if resource.getrlimit(resource.RLIMIT_CORE)[1] != resource.RLIM_INFINITY:
         pytest.skip("the hard core-size limit is not unlimited here")
@@ -224,11 +224,17 @@ def test_undumpable_leaves_no_core_file_whatever_the_limit(tmp_path: Path) -> No
         pytest.skip("the kernel writes no core file for an ordinary process here")
     for core in tmp_path.glob("core*"):
         core.unlink()
+
+
+def test_protected_process_leaves_no_core_file_whatever_the_limit(tmp_path: Path) -> None:
+    """protect_process sets two locks; with the soft core limit raised again (any
+    process may, up to the hard limit), the dumpable flag alone still holds."""
+    cores_are_written(tmp_path)
     script = (
         "import os, resource, signal\n"
-        "from cryptfuse.hygiene import PR_SET_DUMPABLE, _prctl\n"
+        "from cryptfuse.hygiene import protect_process\n"
+        "protect_process()\n"
         "resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)\n"
-        "_prctl(PR_SET_DUMPABLE, 0)  # what protect_process does first\n"
         "os.kill(os.getpid(), signal.SIGSEGV)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -359,7 +365,7 @@ def test_daemon_hides_the_volume_key(cf: Cryptfuse, tmp_path: Path) -> None:  # 
     locked = re.search(r"^VmLck:\s+(\d+)", status, re.M)
     assert locked is not None and (int(locked.group(1)) >= 4 or not MLOCK_WORKS)
     core = [ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if "core" in ln]
-    assert core and core[0].split()[4:6] == ["0", "0"], core
+    assert core and core[0].split()[4] == "0", core  # the soft limit
     assert not leaks(Path(f"/proc/{pid}/cmdline").read_bytes())
     assert not leaks(Path(f"/proc/{pid}/environ").read_bytes())
     assert not leaks(second.stdout + second.stderr), second.stderr.decode()
@@ -368,3 +374,36 @@ def test_daemon_hides_the_volume_key(cf: Cryptfuse, tmp_path: Path) -> None:  # 
     assert b"DEBUG" in text
     assert not leaks(text)
     assert not leaks(first.stderr)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+def test_daemon_leaves_no_core_file(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: F811 - fixture
+    """The real daemon is undumpable: with its core limit raised from outside (prlimit)
+    and killed by SIGSEGV, it leaves no core file in its working directory (``/``).
+    Root passes every ptrace check, so this is how a root test can see the flag."""
+    cores_are_written(tmp_path)
+    container, mnt = tmp_path / "plain.img", tmp_path / "mnt"
+    with open(container, "wb") as f:
+        f.truncate(1 << 20)
+    mnt.mkdir()
+    pids = cf.mount(
+        "--type", "plain", "-c", "aes-xts-plain64", "-s", "512", "-h", "sha256", container,
+        mountpoint=mnt, input=b"core\n",
+    )  # fmt: skip
+    assert len(pids) == 1
+    pid = pids[0]
+    assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
+    cores = [Path("/core"), Path(f"/core.{pid}")]
+    assert not any(c.exists() for c in cores), "a core file is already in /"
+    hard = resource.prlimit(pid, resource.RLIMIT_CORE)[1]
+    resource.prlimit(pid, resource.RLIMIT_CORE, (hard, hard))
+    os.kill(pid, signal.SIGSEGV)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and Path(f"/proc/{pid}/cwd").exists():
+        time.sleep(0.05)
+    subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)  # a dead mount
+    left = [c for c in cores if c.exists()]
+    for c in left:
+        c.unlink()
+    assert not left, "the daemon dumped core"
