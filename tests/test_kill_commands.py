@@ -128,6 +128,19 @@ def run(
     return False, first, end - (changed or end)
 
 
+def completed(op: str, img: Path, work: Path) -> None:
+    """The end state of a run that was not killed."""
+    if op == "format":
+        assert opens(img, F) and not opens(img, A) and cryptsetup_opens(img, F, work)
+    elif op == "add-key":
+        assert opens(img, C)
+    elif op == "change-key":
+        assert opens(img, C) and not opens(img, B)
+    else:
+        version = 1 if op == "convert-to-luks1" else 2
+        assert img.read_bytes()[6:8] == version.to_bytes(2, "big")
+
+
 def check(op: str, img: Path, before: bytes, work: Path) -> None:
     if op == "format":
         try:
@@ -163,7 +176,8 @@ def test_killed_command(
     before = plaintext(bases[luks], A)
     shutil.copyfile(bases[luks], img)
     _, first, writing = run(argv, cli_env, img, None, False)  # the whole run, timed
-    check(op, img, before, tmp_path) if op == "format" else None
+    check(op, img, before, tmp_path)
+    completed(op, img, tmp_path)
     rounds = int(os.environ.get("KILL_COMMAND_ROUNDS", "1"))
     rng = random.Random(os.environ.get("KILL_SEED", op))
     killed = 0
@@ -171,7 +185,10 @@ def test_killed_command(
         shutil.copyfile(bases[luks], img)
         in_writes = n % 2 == 0
         delay = rng.uniform(0, writing) if in_writes else rng.uniform(0, first + writing)
-        killed += run(argv, cli_env, img, delay, in_writes)[0]
+        was_killed = run(argv, cli_env, img, delay, in_writes)[0]
         check(op, img, before, tmp_path)
+        if not was_killed:
+            completed(op, img, tmp_path)
+        killed += was_killed
     print(f"{op}: {killed}/{rounds} runs killed (first write after {first:.2f} s, "
           f"writing for {writing * 1000:.0f} ms)")  # fmt: skip
