@@ -65,11 +65,11 @@ test-tsan: setup
 	tests/sanitize/run tsan $(VPY) -q $(TSAN_TESTS)
 
 # Kill campaigns (docs/reliability.md): the daemon SIGKILLed KILL_ITERATIONS times under
-# ext4 workloads, then format/add-key/change-key/convert SIGKILLed six times each.
+# ext4 workloads, then format/add-key/change-key/convert SIGKILLed four times each.
 KILL_ITERATIONS ?= 50
 .PHONY: test-kill
 test-kill: setup
-	KILL_ITERATIONS=$(KILL_ITERATIONS) KILL_COMMAND_ROUNDS=6 $(VPY) -m pytest -q -s \
+	KILL_ITERATIONS=$(KILL_ITERATIONS) KILL_COMMAND_ROUNDS=4 $(VPY) -m pytest -q -s \
 		tests/test_kill_campaign.py tests/test_kill_commands.py
 
 # Coverage-guided fuzzing with atheris, FUZZ_SECONDS per target (docs/reliability.md).
