@@ -266,6 +266,7 @@ def test_fast_path_keys_locked_and_wiped() -> None:
     # them too), copied without Python temporaries
     pieces = [bytearray(memoryview(key)[i : i + 16]) for i in range(0, 64, 16)]
     pieces += [bytearray(memoryview(essiv)[i : i + 16]) for i in range(0, 32, 16)]
+    gc.collect()  # FastVolumes other tests left for the collector: freed (unlocked) now
     locked_before = vm_locked_kib()
     fast = _fastpath.FastVolume(
         fd=-1, data_offset=0, size=1 << 20, sector_size=512, readonly=True,
