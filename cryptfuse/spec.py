@@ -8,13 +8,21 @@ The grammar, as dm-crypt's table and cryptsetup's ``--cipher`` accept it::
                  used for a sector is selected by the sector number)
     chainmode := "xts" | "cbc" | "ecb"
     ivmode    := "plain" | "plain64" | "plain64be" | "essiv" | "benbi" | "null"
+                 | "eboiv" | "elephant"
     ivopts    := the hash of ESSIV ("essiv:sha256")
 
 A bare cipher (``aes``) and ``aes-plain`` mean ``aes-cbc-plain`` (cryptsetup's
 legacy shorthand).  ``ecb`` takes no IV; every other chain mode requires one,
 as the kernel does ("IV mechanism required").  Names cryptfuse does not
-implement (lmk, tcw, random, eboiv, elephant, lrw, ``capi:`` forms, ...) raise
+implement (lmk, tcw, random, lrw, ``capi:`` forms, ...) raise
 :class:`UnsupportedError` naming the part that is unsupported.
+
+BitLocker's IVs (kernel 5.6+): ``eboiv`` encrypts the byte offset of the sector
+with the data key; ``elephant`` is eboiv plus the Elephant diffuser, whose AES key
+is the second half of the key (``aes-cbc-elephant`` takes 256, 384 or 512 bits).
+The kernel derives the eboiv IV through the chain mode itself; cryptfuse accepts
+both with ``cbc`` only (BitLocker's use) and refuses other chain modes as
+unsupported.
 """
 
 from __future__ import annotations
@@ -38,9 +46,13 @@ CIPHERS: dict[str, tuple[int, tuple[int, ...]]] = {
 CIPHER_ALIASES = {"des3": "des3_ede", "3des": "des3_ede", "tripledes": "des3_ede"}
 
 CHAIN_MODES = ("xts", "cbc", "ecb")
-IV_MODES = ("plain", "plain64", "plain64be", "essiv", "benbi", "null")
+#: BitLocker's IV generators (encrypted byte offset; plus the Elephant diffuser)
+BITLK_IV_MODES = ("eboiv", "elephant")
+#: key sizes in bytes of the Elephant diffuser's AES key (the kernel's ecb(aes))
+ELEPHANT_KEY_SIZES = (16, 24, 32)
+IV_MODES = ("plain", "plain64", "plain64be", "essiv", "benbi", "null", *BITLK_IV_MODES)
 #: known dm-crypt names that cryptfuse refuses, with why
-UNSUPPORTED_IV_MODES = ("lmk", "tcw", "random", "eboiv", "elephant")
+UNSUPPORTED_IV_MODES = ("lmk", "tcw", "random")
 UNSUPPORTED_CHAIN_MODES = ("lrw", "ctr", "pcbc", "cfb", "ofb", "gcm", "ccm", "adiantum")
 
 _SPEC_RE = re.compile(
@@ -83,6 +95,8 @@ class CipherSpec:
     def subkey_sizes(self) -> tuple[int, ...]:
         """Allowed sizes in bytes of one of the ``keycount`` subkeys."""
         sizes = CIPHERS[self.cipher][1]
+        if self.ivmode == "elephant":  # data key || diffuser key, equal halves
+            return tuple(2 * s for s in sizes if s in ELEPHANT_KEY_SIZES)
         if self.chainmode == "xts":
             return tuple(2 * s for s in sizes)
         return sizes
@@ -141,6 +155,8 @@ def parse_cipher_spec(text: str) -> CipherSpec:
     elif iv not in IV_MODES:
         raise UsageError(f"unknown iv mode {iv!r} in {text!r}")
 
+    if iv in BITLK_IV_MODES:
+        _check_bitlk_iv(iv, chain, keycount)
     if iv == "essiv":
         if not ivopts:
             raise UsageError(f"essiv needs a hash ({text!r}: use essiv:sha256)")
@@ -151,6 +167,14 @@ def parse_cipher_spec(text: str) -> CipherSpec:
     if iv == "benbi" and CIPHERS[cipher][0] > 512 // 8:
         raise UsageError("benbi needs a block size of at most 64 bytes")
     return CipherSpec(cipher, keycount, chain, iv, ivopts)
+
+
+def _check_bitlk_iv(iv: str, chain: str, keycount: int) -> None:
+    """eboiv/elephant as dm-crypt takes them, limited to what cryptfuse implements."""
+    if chain != "cbc":
+        raise UnsupportedError(f"iv mode {iv!r} with chain mode {chain!r} is not supported")
+    if iv == "elephant" and keycount != 1:
+        raise UnsupportedError("iv mode 'elephant' with a key count is not supported")
 
 
 # cryptsetup / gcrypt / kernel spellings -> hashlib names

@@ -38,6 +38,7 @@ LAYERS: dict[str, float] = {
     "sector": 2,
     "_fastpath": 2.5,  # C READ/WRITE loop for AES-XTS/CBC volumes, Volume's range lock
     "kdf": 2,
+    "foreign_crypto": 2.2,  # AES-CCM, key unwrap, BitLocker stretching for formats/
     "volume": 3,
     "benchmark": 3.5,  # `cryptfuse benchmark`: engine + KDF timings; no I/O layer above it
     "formats": 4,  # and every formats.* submodule
@@ -56,7 +57,7 @@ LAYERS: dict[str, float] = {
 
 # Third-party distributions (top-level import names) and who may import them.
 THIRD_PARTY: dict[str, set[str]] = {
-    "cryptography": {"sector", "kdf"},
+    "cryptography": {"sector", "kdf", "foreign_crypto"},
     "numpy": {"sector", "kdf"},
     "trio": {"fs", "channel", "mount", "cli"},
     "pyfuse3": {"fs", "channel", "mount", "cli"},

@@ -29,9 +29,7 @@ def _iv_vectors() -> list[Any]:
     for case in json.loads(path.read_text()):
         for sector_size, large, digest in case["out"]:
             spec = f"{case['cipher']}-{case['mode']}-{case['iv']}"
-            marks = []
-            if case["iv"] == "eboiv":
-                marks.append(pytest.mark.skip(reason="eboiv is refused by design (issue 2)"))
+            marks: list[Any] = []
             params.append(
                 pytest.param(
                     spec,
