@@ -73,7 +73,7 @@ def crc32c(seed: int, data: bytes) -> int:
 
 def _crc_ok(block: bytes) -> bool:
     value, seed = struct.unpack_from("<II", block)
-    return seed == 0xFFFFFFFF and crc32c(seed, block[8:]) == value
+    return bool(seed == 0xFFFFFFFF and crc32c(seed, block[8:]) == value)
 
 
 @dataclass(repr=False)
