@@ -34,6 +34,7 @@ __all__ = [
     "aes_ccm_decrypt",
     "aes_unwrap",
     "bitlk_stretch",
+    "has_cipher",
     "xts_decrypt_unit",
 ]
 
@@ -76,6 +77,17 @@ def aes_unwrap(kek: bytes, wrapped: bytes) -> bytes | None:
         return aes_key_unwrap(kek, wrapped)
     except (InvalidUnwrap, ValueError):
         return None
+
+
+def has_cipher(name: str) -> bool:
+    """True when :func:`xts_decrypt_unit` (and the sector engine) know block cipher *name*."""
+    try:
+        block_cipher(name, bytes(32))
+    except KeyError:
+        return False
+    except Exception:  # the name is known; this probe key size is not  # noqa: BLE001
+        return True
+    return True
 
 
 def xts_decrypt_unit(cipher: str, key: bytes, tweak: bytes, data: bytes) -> bytes:
