@@ -33,6 +33,14 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .cli_convert import CONVERT_SUBCOMMANDS
+from .cli_foreign import (
+    FOREIGN_SUBCOMMANDS,
+    add_foreign_options,
+    check_options,
+    foreign_kind,
+    open_foreign_volume,
+)
+from .cli_foreign import dump_command as foreign_dump_command
 from .cli_input import (
     PROG,
     _nonneg_int,
@@ -42,7 +50,7 @@ from .cli_input import (
     read_key_file,
     read_passphrase_line,
 )
-from .cli_luks import LUKS_SUBCOMMANDS
+from .cli_luks import LUKS_SUBCOMMANDS, dump_command
 from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
@@ -63,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         usage=f"{PROG} [options] CONTAINER MOUNTPOINT\n       {PROG} COMMAND [options]",
         description=(
-            "Open a LUKS1, LUKS2 or plain dm-crypt container and mount a directory holding "
+            "Open a LUKS1, LUKS2, plain dm-crypt, TrueCrypt/VeraCrypt, BitLocker or FileVault 2 "
+            "container and mount a directory holding "
             "one file, the decrypted volume (like /dev/mapper/NAME), without device-mapper."
         ),
         epilog=(
@@ -84,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--type",
         "-M",
         choices=TYPES,
-        help="container type (default: LUKS if the header says so; plain must be asked for)",
+        help=(
+            "container type (default: LUKS, BitLocker or FileVault 2 if a header says so; "
+            "plain and tcrypt must be asked for)"
+        ),
     )
     g.add_argument("--header", metavar="FILE", help="detached LUKS header")
     g.add_argument(
@@ -93,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--key-file",
         "-d",
+        action="append",
         metavar="FILE",
-        help="read the passphrase (LUKS) or raw key (plain) from FILE; '-' reads stdin",
+        help=(
+            "read the passphrase (LUKS) or raw key (plain) from FILE; '-' reads stdin; "
+            "tcrypt: a TrueCrypt key file (repeatable)"
+        ),
     )
     g.add_argument(
         "--keyfile-offset",
@@ -156,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="IVs count --sector-size sectors, not 512-byte ones",
     )
+
+    add_foreign_options(p)
 
     g = p.add_argument_group("mount")
     g.add_argument(
@@ -392,8 +410,14 @@ def mount_command(argv: Sequence[str]) -> int:
         check_container(args.header, True)
     check_mountpoint(args.mountpoint)
     check_fuse()
+    foreign = foreign_kind(kind, args.header or args.container)
+    check_options(args, foreign)
+    if foreign is None and args.key_file is not None:
+        args.key_file = args.key_file[0]
     plain_key_bytes: int | None = None
-    if kind == "plain":
+    if foreign is not None:
+        pass
+    elif kind == "plain":
         spec = parse_cipher_spec(args.cipher or DEFAULT_CIPHER)
         bits = args.key_size if args.key_size is not None else DEFAULT_KEY_SIZE
         if bits % 8:
@@ -423,10 +447,13 @@ def mount_command(argv: Sequence[str]) -> int:
         if ignored:
             log.warning("%s ignored: the LUKS header defines the encryption", ", ".join(ignored))
 
-    secret = get_secret(args, plain_key_bytes)
-    with unlock_progress(args.container, sys.stderr.isatty() and kind != "plain"):
-        volume = open_volume(args.container, _open_options(args, kind), secret)
-    del secret
+    with unlock_progress(args.container, sys.stderr.isatty() and kind != "plain" and not foreign):
+        if foreign is not None:
+            volume = open_foreign_volume(args, foreign)
+        else:
+            secret = get_secret(args, plain_key_bytes)
+            volume = open_volume(args.container, _open_options(args, kind), secret)
+            del secret
     try:
         volume_spec = getattr(getattr(volume, "cipher", None), "spec", None)
         if isinstance(volume_spec, CipherSpec):
@@ -485,6 +512,8 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **LUKS_SUBCOMMANDS,
     **REENCRYPT_SUBCOMMANDS,
     **CONVERT_SUBCOMMANDS,
+    **FOREIGN_SUBCOMMANDS,
+    "dump": lambda argv: foreign_dump_command(argv, dump_command),
 }
 
 

@@ -51,6 +51,7 @@ LAYERS: dict[str, float] = {
     "cli_luks": 5.95,  # the LUKS management subcommands; cli dispatches to them
     "cli_convert": 5.96,  # cryptfuse convert: reuses cli_luks's option helpers
     "cli_reencrypt": 5.97,  # reencrypt and repair: reuses cli_luks's option helpers
+    "cli_foreign": 5.98,  # tcrypt/bitlk/fvault2: mount options, dump, detect
     "cli": 6,
     "__main__": 7,
 }
@@ -65,7 +66,7 @@ THIRD_PARTY: dict[str, set[str]] = {
 }
 
 # The command line: the modules that may read passphrases and parse options.
-CLI_MODULES = {"cli", "cli_convert", "cli_input", "cli_luks", "cli_reencrypt"}
+CLI_MODULES = {"cli", "cli_convert", "cli_input", "cli_luks", "cli_reencrypt", "cli_foreign"}
 
 # Standard library modules that belong to the command line only.
 CLI_ONLY_STDLIB = {"argparse", "getpass", "logging.config"}
