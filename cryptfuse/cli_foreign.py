@@ -224,14 +224,8 @@ def foreign_dump(args: argparse.Namespace, kind: str) -> str:
             if not args.dump_volume_key:
                 return fvault2.dump(fmeta, path)
             key = fvault2.fvault2_volume_key(fmeta, _secret_bytes(args, kind))
-            return "\n".join(
-                [
-                    f"Header information for FVAULT2 device {path}.",
-                    f"Family UUID:          \t{fmeta.family_uuid}",
-                    f"MK bits:       \t{len(key) * 8}",
-                    _hex_rows(key),
-                ]
-            )
+            hexkey = " ".join(f"{b:02x}" for b in key)
+            return fvault2.dump(fmeta, path) + f"\nVolume key:       \t{hexkey} "
         # TCRYPT: the header is encrypted, so every dump needs the passphrase
         options = tcrypt_options(args)
         keyfiles = tcrypt.read_keyfiles(options.keyfiles)
