@@ -15,17 +15,23 @@ subset; ``make test-foreign`` (``CRYPTFUSE_FOREIGN_FULL=1``) runs every image.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import random
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from cryptfuse.errors import (
     CryptfuseError,
@@ -45,7 +51,8 @@ from cryptfuse.formats import (
     tcrypt,
 )
 from cryptfuse.formats.tcrypt import TcryptOptions
-from cryptfuse.spec import hashlib_name
+from cryptfuse.sector import SectorCipher
+from cryptfuse.spec import hashlib_name, parse_cipher_spec
 from cryptfuse.volume import Volume
 
 FULL = os.environ.get("CRYPTFUSE_FOREIGN_FULL") == "1"
@@ -459,9 +466,6 @@ def test_tcrypt_volume_key_matches_cryptsetup(images: Path, name: str) -> None:
 
 def test_cascade_stacks_layers_like_dm_devices() -> None:
     """A chain is dm-crypt devices stacked: the first cipher is the outermost."""
-    from cryptfuse.sector import SectorCipher
-    from cryptfuse.spec import parse_cipher_spec
-
     outer = SectorCipher(parse_cipher_spec("aes-xts-plain64"), bytes(range(64)), 512, 7)
     inner = SectorCipher(parse_cipher_spec("camellia-xts-plain64"), bytes(range(64, 128)), 512, 7)
     cascade = tcrypt.CascadeCipher([outer, inner], "aes-camellia-xts-plain64")
@@ -476,7 +480,6 @@ SEED = 16
 
 
 def _mutations(size: int, count: int, seed: int) -> Iterator[tuple[int, int]]:
-    import random
 
     rng = random.Random(seed)
     for _ in range(count):
@@ -487,7 +490,6 @@ def test_bitlk_mutated_metadata(images: Path, tmp_path: Path) -> None:
     """Bytes of sector 0 and of every FVE copy flipped (half of the time with the CRC
     fixed up, so the parser goes deeper), and truncations: parsing raises a
     CryptfuseError or succeeds, never more; an open writes nothing."""
-    import zlib
 
     src = images / "bitlk-images" / "bitlk-aes-xts-128.img"
     path = tmp_path / "m.img"
@@ -534,7 +536,6 @@ def test_bitlk_mutated_metadata(images: Path, tmp_path: Path) -> None:
 def test_bitlk_tampered_entries_fail_validation(images: Path, tmp_path: Path) -> None:
     """A change inside the FVE metadata with a recomputed CRC still fails the
     AES-CCM-protected SHA-256 of the metadata once the VMK is unwrapped."""
-    import zlib
 
     src = images / "bitlk-images" / "bitlk-aes-xts-128.img"
     data = bytearray(src.read_bytes())
@@ -554,7 +555,6 @@ def test_bitlk_tampered_entries_fail_validation(images: Path, tmp_path: Path) ->
 
 def _fv_layout(fd: int) -> tuple[bytes, int, int]:
     """(metadata XTS key, byte offset of the first encrypted block, block count)."""
-    import struct
 
     head = os.pread(fd, 512, 0)
     block_size = struct.unpack_from("<I", head, 96)[0]
@@ -567,9 +567,6 @@ def _fv_layout(fd: int) -> tuple[bytes, int, int]:
 def _fv_rewrite(fd: int, block_type: int, edit: object) -> None:
     """Decrypt the first encrypted metadata block of *block_type*, apply *edit*, fix its
     CRC-32C and encrypt it back (the key is in the plaintext volume header)."""
-    import struct
-
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     key, first, count = _fv_layout(fd)
     for i in range(count):
@@ -635,7 +632,6 @@ def test_fvault2_constructed_metadata_is_refused(
 def test_fvault2_mutated_headers(images: Path, tmp_path: Path) -> None:
     """Random byte flips of the volume header and disk label (CRC fixed up half of the
     time) and truncations are refused with a CryptfuseError; nothing is written."""
-    import struct
 
     src = images / "fvault2-images" / "small"
     path = tmp_path / "fv.img"
@@ -688,3 +684,48 @@ def test_tcrypt_mutated_headers(images: Path, tmp_path: Path) -> None:
         path.write_bytes(raw[:cut])
         with unchanged(path), pytest.raises(CryptfuseError):
             open_volume(str(path), options, Secret(b"aaaaaaaaaaaa"))
+
+
+# -- end to end -----------------------------------------------------------------------------
+
+
+@pytest.mark.fuse
+def test_bitlk_and_tcrypt_mounted_through_fuse(images: Path, tmp_path: Path) -> None:
+    """The mount command: BITLK detected from its signature, TCRYPT asked for with
+    cryptsetup's options; the exposed files hold what upstream recorded."""
+    bitlk_img = images / "bitlk-images" / "bitlk-aes-xts-128.img"
+    tc_img = tmp_path / "tc.img"
+    shutil.copyfile(images / "tcrypt-images" / "tc_4-sha512-xts-aes-hidden", tc_img)
+    mnt1, mnt2 = tmp_path / "m1", tmp_path / "m2"
+    mnt1.mkdir()
+    mnt2.mkdir()
+    try:
+        r = run_cli("-r", str(bitlk_img), str(mnt1), stdin=b"anaconda\n")
+        assert r.returncode == 0, r.stderr
+        conf = dict(BITLK)["bitlk-aes-xts-128"]
+        assert sha256_file(mnt1 / "volume") == conf["SHA256SUM"]
+        args = ["--type", "tcrypt", "--tcrypt-hidden", "-h", "sha512", str(tc_img), str(mnt2)]
+        r = run_cli(*args, stdin=b"bbbbbbbbbbbb\n")
+        assert r.returncode == 0, r.stderr
+        with open(mnt2 / "volume", "r+b") as f:
+            assert f.read(512)[39:43] == bytes.fromhex("BEBAFECA")
+            f.seek(4096)
+            f.write(b"written through the hidden volume")
+    finally:
+        for m in (mnt1, mnt2):
+            subprocess.run(["fusermount3", "-u", str(m)], check=False, capture_output=True)
+
+    with open(tc_img, "rb") as f:  # the daemon flushes and exits after the unmount
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "daemon still holds the container"
+                time.sleep(0.1)
+    opts = OpenOptions(
+        type="tcrypt", readonly=True, tcrypt=TcryptOptions(hidden=True, hash="sha512")
+    )
+    with open_volume(str(tc_img), opts, Secret(b"bbbbbbbbbbbb")) as vol:
+        assert vol.read(4096, 33) == b"written through the hidden volume"
