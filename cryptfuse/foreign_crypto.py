@@ -8,9 +8,7 @@ metadata needs beyond PBKDF2/Argon2 (:mod:`cryptfuse.kdf`) and the sector engine
   and metadata validation datum);
 * BitLocker's SHA-256 key stretching (2**20 rounds over a 88-byte record);
 * AES key unwrap (RFC 3394 / NIST SP 800-38F KW, FileVault 2's KEK and volume key);
-* one XTS data unit of any length (TCRYPT's 448-byte header, FileVault 2's 8 KiB
-  metadata blocks), by block-cipher name so that ciphers added to the sector
-  engine serve the TCRYPT header too.
+* one AES-XTS data unit of any length (FileVault 2's 8 KiB metadata blocks).
 
 Every decryption that authenticates returns None on a wrong key instead of raising:
 callers try several keys.
@@ -27,14 +25,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from .errors import UnsupportedError
-from .sector import block_cipher
 
 __all__ = [
     "BITLK_STRETCH_ROUNDS",
     "aes_ccm_decrypt",
     "aes_unwrap",
     "bitlk_stretch",
-    "has_cipher",
     "xts_decrypt_unit",
 ]
 
@@ -79,41 +75,17 @@ def aes_unwrap(kek: bytes, wrapped: bytes) -> bytes | None:
         return None
 
 
-def has_cipher(name: str) -> bool:
-    """True when :func:`xts_decrypt_unit` (and the sector engine) know block cipher *name*."""
-    try:
-        block_cipher(name, bytes(32))
-    except KeyError:
-        return False
-    except Exception:  # the name is known; this probe key size is not  # noqa: BLE001
-        return True
-    return True
-
-
 def xts_decrypt_unit(cipher: str, key: bytes, tweak: bytes, data: bytes) -> bytes:
-    """Decrypt one XTS data unit (whole blocks, tweak = the 16-byte unit number).
+    """Decrypt one AES-XTS data unit (whole blocks; *key* = both XTS keys, data key first).
 
-    *key* is both XTS keys (data key first).  AES goes through OpenSSL (which also
-    takes a key whose halves are equal, as TCRYPT never has); other ciphers through
-    the sector engine's block ciphers.
+    FileVault 2's 8 KiB metadata blocks are one unit each, with the block index as tweak.
     """
+    if cipher != "aes":
+        raise UnsupportedError(f"cipher {cipher!r} is not supported for metadata")
     if len(data) % 16 or not data:
         raise ValueError("an XTS unit is a positive number of 16-byte blocks")
     half = len(key) // 2
-    if cipher == "aes" and key[:half] != key[half:]:
-        ctx = Cipher(algorithms.AES(key), modes.XTS(tweak)).decryptor()
-        return ctx.update(data) + ctx.finalize()
-    try:
-        data_cipher = block_cipher(cipher, key[:half])
-        tweak_cipher = block_cipher(cipher, key[half:])
-    except KeyError:
-        raise UnsupportedError(f"cipher {cipher!r} is not supported") from None
-    t = int.from_bytes(tweak_cipher.encrypt(tweak), "little")
-    masks = bytearray()
-    for _ in range(len(data) // 16):
-        masks += t.to_bytes(16, "little")
-        t <<= 1
-        if t >> 128:
-            t = (t & ((1 << 128) - 1)) ^ 0x87
-    whitened = bytes(a ^ b for a, b in zip(data, masks, strict=True))
-    return bytes(a ^ b for a, b in zip(data_cipher.decrypt(whitened), masks, strict=True))
+    if key[:half] == key[half:]:  # OpenSSL refuses such keys; they are corrupt metadata
+        raise ValueError("XTS key halves are equal")
+    ctx = Cipher(algorithms.AES(key), modes.XTS(tweak)).decryptor()
+    return ctx.update(data) + ctx.finalize()

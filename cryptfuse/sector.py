@@ -104,16 +104,6 @@ class _Ecb:
         self._contexts()[1].update_into(src, dst)
 
 
-def block_cipher(name: str, key: bytes) -> _Ecb:
-    """Block cipher *name* keyed with *key*, in ECB mode (KeyError for an unknown name).
-
-    For metadata that is not sector data: TCRYPT headers of non-AES ciphers.
-    """
-    if name not in _ALGORITHMS:
-        raise KeyError(name)
-    return _Ecb(name, key)
-
-
 # OpenSSL's update wants room for one more block than it writes; separate
 # source and destination buffers (never aliased) carry that slack.
 PAD = 16

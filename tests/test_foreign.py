@@ -40,7 +40,6 @@ from cryptfuse.errors import (
     UsageError,
     WrongPassphraseError,
 )
-from cryptfuse.foreign_crypto import has_cipher
 from cryptfuse.formats import (
     OpenOptions,
     Secret,
@@ -364,11 +363,15 @@ def tcrypt_case(name: str) -> tuple[bytes, TcryptOptions, str | None]:
         keyfiles=keyfiles,
     )
     why = None
-    missing = [c for c in chain.split("-") if not has_cipher(c)]
-    if mode != "xts":
-        why = f"{mode} mode (needs the LRW/tcw engine)"
-    elif missing:
-        why = f"cipher {', '.join(missing)} not in this build"
+    modes_ = {"xts": "xts-plain64", "lrw": "lrw-benbi"}
+    rows = [
+        c
+        for c in tcrypt.CHAINS
+        if c.long_name == chain and c.mode.startswith(modes_.get(mode, "cbc"))
+    ]
+    missing = tcrypt.chain_supported(rows[0]) if rows else [f"{chain}-{mode}"]
+    if missing:
+        why = f"{', '.join(missing)} not in this build (or no dm-crypt mode)"
     elif prf not in ("argon2id",):
         try:
             hashlib_name({"blake2s": "blake2s-256", "stribog512": "stribog512"}.get(prf, prf))

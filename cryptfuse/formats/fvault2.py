@@ -193,7 +193,10 @@ def read_fvault2_metadata(fd: int, path: str) -> Fvault2Metadata:
             raise FormatError(f"{path}: FVAULT2 encrypted metadata is truncated") from None
         if not any(encrypted):
             break
-        block = xts_decrypt_unit("aes", md_key, struct.pack("<Q8x", i), encrypted)
+        try:
+            block = xts_decrypt_unit("aes", md_key, struct.pack("<Q8x", i), encrypted)
+        except ValueError:
+            raise FormatError(f"{path}: FVAULT2 metadata key is invalid") from None
         if not _crc_ok(block):
             raise FormatError(f"{path}: FVAULT2 encrypted metadata block {i} checksum mismatch")
         block_type = struct.unpack_from("<H", block, 10)[0]

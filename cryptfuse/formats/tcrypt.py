@@ -23,9 +23,11 @@ are on, the default).  Learned from cryptsetup's ``lib/tcrypt``:
 * the volume: one dm-crypt layer per cipher of the chain (``aes-twofish-serpent``
   = aes outermost), all with the same sector numbering.
 
-cryptfuse implements the XTS chains of the ciphers its sector engine has; LRW and
-the CBC (``tcw``/``cbci``) modes are tried only when their ciphers and IV modes
-exist in the engine, and are otherwise reported as not tried.
+Header and data go through the sector engine by name (``serpent-xts-plain64``,
+``aes-lrw-benbi``, ``cast5-cbc-tcw``, ...): a chain is tried when the engine knows
+its ciphers and mode, and reported as not tried otherwise.  The CBC cascades
+(``cbci-tcrypt``) and Blowfish (``cbc-tcrypt``) have no dm-crypt mode; cryptsetup
+cannot activate them and cryptfuse does not try them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from ..errors import (
     UsageError,
     WrongPassphraseError,
 )
-from ..foreign_crypto import has_cipher, xts_decrypt_unit
 from ..kdf import argon2, pbkdf2
 from ..sector import Buffer, SectorCipher
 from ..spec import parse_cipher_spec
@@ -321,13 +322,57 @@ def _cipher_key(chain: Chain, alg: Alg, key: bytes) -> bytes:
     )
 
 
+def _engine(spec: str, key: bytes) -> SectorCipher:
+    """The sector engine for *spec* (512-byte sectors, IV sector 0 = the header)."""
+    return SectorCipher(parse_cipher_spec(spec), key, 512)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+def _whiten(buf: bytes, key: bytes) -> bytes:
+    """TCRYPT's CBC header whitening: the 8 key bytes from offset 8, repeated."""
+    whitening = key[8:16]
+    return bytes(b ^ whitening[i % 8] for i, b in enumerate(buf))
+
+
+def _cbc_decrypt(alg: Alg, key: bytes, buf: bytes) -> bytes:
+    """CBC over the header with the IV from the key area, through the engine's ECB."""
+    ecb = _engine(f"{alg.name}-ecb", key[alg.key_offset : alg.key_offset + alg.key_size])
+    plain = ecb.decrypt(_padded(buf), 0)[: len(buf)]
+    bs = alg.iv_size
+    chain = key[alg.iv_offset : alg.iv_offset + bs] + buf[:-bs]
+    return bytes(a ^ b for a, b in zip(plain, chain, strict=True))
+
+
+def chain_supported(chain: Chain) -> list[str]:
+    """What the sector engine lacks for *chain* (empty when it can be tried)."""
+    if chain.mode.startswith("cbc") and chain.mode != "cbc-tcw":
+        return [chain.mode]  # cbci-tcrypt and blowfish_le: no kernel mode either
+    missing = []
+    for alg in chain.algs:
+        try:
+            parse_cipher_spec(f"{alg.name}-{chain.mode}")
+        except UnsupportedError as exc:
+            missing.append(str(exc).removesuffix(" is not supported"))
+    return missing
+
+
 def _decrypt_header(chain: Chain, key: bytes, encrypted: bytes) -> bytes:
-    """The 448 bytes decrypted with *chain* (UnsupportedError when it is not implemented)."""
-    if not chain.mode.startswith("xts"):
-        raise UnsupportedError(f"TCRYPT mode {chain.mode} is not supported")
+    """The 448 bytes decrypted with *chain*, last cipher first.
+
+    XTS: one 448-byte data unit with tweak 0, which is the first 448 bytes of a
+    512-byte sector 0; LRW: block index 1 on, i.e. benbi's sector 0; CBC: the IV
+    from the key area, after removing the whitening.
+    """
     buf = encrypted
     for alg in reversed(chain.algs):
-        buf = xts_decrypt_unit(alg.name, _cipher_key(chain, alg, key), bytes(16), buf)
+        if chain.mode.startswith("cbc"):
+            buf = _cbc_decrypt(alg, key, _whiten(buf, key))
+        else:
+            engine = _engine(f"{alg.name}-{chain.mode}", _cipher_key(chain, alg, key))
+            buf = bytes(engine.decrypt(_padded(buf), 0)[: len(buf)])
     return buf
 
 
@@ -390,11 +435,14 @@ def _try_header(
         for chain in CHAINS:
             if options.cipher and chain.long_name.find(options.cipher) < 0:
                 continue
-            missing = [a.name for a in chain.algs if not has_cipher(a.name)]
-            if missing or not chain.mode.startswith("xts"):
-                skipped.update(missing or [chain.mode])
+            missing = chain_supported(chain)
+            if missing:
+                skipped.update(missing)
                 continue
-            plain = _decrypt_header(chain, key, encrypted)
+            try:
+                plain = _decrypt_header(chain, key, encrypted)
+            except UsageError:  # e.g. an XTS key with equal halves: not this chain
+                continue
             if plain[:4] == b"TRUE" or (options.veracrypt and plain[:4] == b"VERA"):
                 return _parse(plain, kdf, chain)
     return None
