@@ -359,15 +359,18 @@ def tcrypt_case(name: str) -> tuple[bytes, TcryptOptions, str | None]:
         hidden=hidden,
         system=version.startswith("sys_"),
         hash=hash_hint,
-        cipher=chain,
+        cipher=chain_parts[0],  # upstream's speed-up: the first cipher only
         keyfiles=keyfiles,
     )
     why = None
     modes_ = {"xts": "xts-plain64", "lrw": "lrw-benbi"}
+    # TrueCrypt names cascades the other way round from cryptsetup (AES-Twofish is
+    # cryptsetup's twofish-aes): match the set of ciphers
     rows = [
         c
         for c in tcrypt.CHAINS
-        if c.long_name == chain and c.mode.startswith(modes_.get(mode, "cbc"))
+        if sorted(c.long_name.split("-")) == sorted(chain_parts)
+        and c.mode.startswith(modes_.get(mode, "cbc"))
     ]
     missing = tcrypt.chain_supported(rows[0]) if rows else [f"{chain}-{mode}"]
     if missing:
