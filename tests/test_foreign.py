@@ -50,8 +50,9 @@ from cryptfuse.formats import (
     tcrypt,
 )
 from cryptfuse.formats.tcrypt import TcryptOptions
+from cryptfuse.kdf import hash_size
 from cryptfuse.sector import SectorCipher
-from cryptfuse.spec import hashlib_name, parse_cipher_spec
+from cryptfuse.spec import parse_cipher_spec
 from cryptfuse.volume import Volume
 
 FULL = os.environ.get("CRYPTFUSE_FOREIGN_FULL") == "1"
@@ -377,7 +378,7 @@ def tcrypt_case(name: str) -> tuple[bytes, TcryptOptions, str | None]:
         why = f"{', '.join(missing)} not in this build (or no dm-crypt mode)"
     elif prf not in ("argon2id",):
         try:
-            hashlib_name({"blake2s": "blake2s-256", "stribog512": "stribog512"}.get(prf, prf))
+            hash_size({"blake2s": "blake2s-256"}.get(prf, prf))
         except UnsupportedError:
             why = f"PRF {prf} not in this build"
     return passphrase, options, why
