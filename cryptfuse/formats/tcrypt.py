@@ -513,7 +513,10 @@ def geometry(header: TcryptHeader, options: TcryptOptions, total: int) -> tuple[
         size = header.hidden_volume_size
     else:
         size = header.volume_size
-    # cryptsetup >= 2.7 maps the encrypted area of a system volume (2.6 to the end)
+    # cryptsetup >= 2.7 maps the encrypted area of a system volume (2.6 to the end);
+    # old headers (version 1/2) record no size: like dm's size 0, the rest of the device
+    if size == 0:
+        size = max(0, total - offset * 512)
     return offset, iv_offset, size - size % 512
 
 
@@ -528,6 +531,7 @@ class CascadeCipher:
         self.spec = name
         self.iv_offset = self.layers[0].iv_offset
         self.iv_shift = self.layers[0].iv_shift
+        self.engine = None  # no single engine serves a cascade (nor the C data path)
 
     def fast_parameters(self) -> None:
         return None
