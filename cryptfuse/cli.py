@@ -431,7 +431,8 @@ def mount_command(argv: Sequence[str]) -> int:
         found = detect_type(where)
         if found is None:
             raise FormatError(
-                f"{where} has no LUKS header; use --type plain to open a plain dm-crypt container"
+                f"{where} has no LUKS header (nor a BitLocker or FileVault 2 one); use --type "
+                "plain or --type tcrypt for a plain dm-crypt or TrueCrypt/VeraCrypt container"
             )
         if kind in ("luks1", "luks2") and found != kind:
             raise FormatError(f"{where} is {found.upper()}, not {kind.upper()}")
