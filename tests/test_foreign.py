@@ -298,6 +298,23 @@ def test_fvault2_image_opens_to_upstream_sha256(images: Path) -> None:
             open_volume(str(path), OpenOptions(type="fvault2", readonly=True), Secret(b"heslo12"))
 
 
+def test_fvault2_read_write(images: Path, tmp_path: Path) -> None:
+    """Written data reads back after a reopen; the Core Storage metadata is untouched."""
+    path = tmp_path / "fv.img"
+    subprocess.run(
+        ["cp", "--sparse=always", str(images / "fvault2-images" / "small"), str(path)], check=True
+    )
+    head = path.read_bytes()[: 1 << 20]
+    with open_volume(str(path), OpenOptions(type="fvault2"), Secret(b"heslo123")) as vol:
+        vol.write(vol.size - 700, b"\x5a" * 700)
+        vol.write(12345, b"written through FileVault 2")
+    assert path.read_bytes()[: 1 << 20] == head
+    opts = OpenOptions(type="fvault2", readonly=True)
+    with open_volume(str(path), opts, Secret(b"heslo123")) as vol:
+        assert vol.read(12345, 27) == b"written through FileVault 2"
+        assert vol.read(vol.size - 700, 800) == b"\x5a" * 700
+
+
 @needs_cryptsetup
 def test_fvault2_volume_key_matches_cryptsetup(images: Path) -> None:
     path = images / "fvault2-images" / "small"
