@@ -9,13 +9,15 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# fuse2fs/dosfstools/xfsprogs: --mount-fs as an ordinary user (fuse2fs), with vfat or
+# xfs (tests: whichever the kernel has).
 # fuse3/libfuse3-dev/pkg-config/gcc/python3-dev build and run pyfuse3; the rest is what the
 # demo and the end-to-end tests drive (cryptsetup, qemu-img, mkfs.ext4, losetup, xz);
 # libasan8/libubsan1/libtsan2 are gcc 12's sanitizer runtimes (make test-sanitize, test-tsan;
 # gcc-12 already depends on them).
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-venv \
 	libssl-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs xz-utils util-linux mount \
-	libasan8 libubsan1 libtsan2
+	libasan8 libubsan1 libtsan2 fuse2fs dosfstools xfsprogs
 
 .PHONY: setup debs test test-foreign test-sanitize test-tsan demo lint bench clean distclean
 
@@ -65,12 +67,34 @@ test-sanitize: setup
 
 # ThreadSanitizer: the tests that run the C data path from several threads.
 TSAN_TESTS ?= tests/test_fastpath.py tests/test_channel.py tests/test_stress.py \
-	tests/test_e2e_mount.py
+	tests/test_reencrypt_online.py::test_online_key_change_served_in_c \
+	tests/test_e2e_mount.py tests/test_volume_lifecycle.py
 test-tsan: setup
 	tests/sanitize/run tsan $(VPY) -q $(TSAN_TESTS)
 
 demo: setup
 	examples/demo.sh
+
+# mount(8) runs mount.fuse3, which runs `cryptfuse` with a fixed PATH
+# (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin): a virtualenv's cryptfuse
+# is found only through a link there.  Also the man page and the bash completion.
+PREFIX ?= /usr/local
+.PHONY: install uninstall man
+install: setup
+	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share/man/man8 \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions
+	ln -sfn $(abspath $(VENV))/bin/cryptfuse $(DESTDIR)$(PREFIX)/sbin/cryptfuse
+	install -m 0644 man/cryptfuse.8 $(DESTDIR)$(PREFIX)/share/man/man8/cryptfuse.8
+	install -m 0644 completion/cryptfuse $(DESTDIR)$(PREFIX)/share/bash-completion/completions/cryptfuse
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/sbin/cryptfuse $(DESTDIR)$(PREFIX)/share/man/man8/cryptfuse.8 \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions/cryptfuse
+
+# man/cryptfuse.8 is generated from the parser behind --help (argparse-manpage, a test
+# extra) plus man/cryptfuse.8.include; tests/test_manpage.py fails when it is stale.
+man: setup
+	$(VPY) man/generate.py > man/cryptfuse.8.tmp && mv man/cryptfuse.8.tmp man/cryptfuse.8
 
 lint: setup
 	$(VENV)/bin/ruff check cryptfuse tests examples bench cryptfuse.py

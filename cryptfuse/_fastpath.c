@@ -372,7 +372,7 @@ typedef struct {
 
 /* -- the volume ------------------------------------------------------------------------------ */
 
-typedef struct {
+typedef struct FastVolumeObject_ {
     PyObject_HEAD
     int fd;
     int direct_owned;      /* the container opened O_DIRECT (ours to close), or -1 */
@@ -382,7 +382,8 @@ typedef struct {
     pthread_rwlock_t io_lock;
     _Atomic int closed; /* set under io_lock held exclusive; read under it shared */
     uint64_t data_offset;
-    uint64_t size;
+    _Atomic uint64_t size; /* changed by set_size() (cryptfuse resize) while serving */
+    _Atomic int discards;  /* set_discards(): holes of the container read as zeros */
     uint32_t sector_size;
     uint32_t spb; /* 512-byte units per sector */
     uint32_t iv_shift;
@@ -405,9 +406,19 @@ typedef struct {
     _Atomic uint64_t prefetched;    /* reads answered from the read-ahead buffer */
     _Atomic uint64_t direct;        /* container transfers through the O_DIRECT fd */
     _Atomic uint64_t behind;        /* writes answered before their pwrite (write-behind) */
+    _Atomic uint64_t partnered;     /* requests the partner answered (also in reads/writes) */
     helper_t helper;
     prefetch_t ra;
     writeback_t wb;
+    /* Sectors [win_lo, win_hi) are served here, the rest declined (to the partner, else
+       to Python): an online reencryption serves the converted part of the volume with
+       the new key's FastVolume (the partner) and the rest with this one.  Changed only
+       while the range lock of what moves is held; requests check it again once they
+       hold their range. */
+    _Atomic uint64_t win_lo, win_hi;
+    /* The FastVolume (same fd, geometry and range lock, another key) for requests
+       outside the window; set once, kept until dealloc. */
+    _Atomic(struct FastVolumeObject_ *) partner;
 } FastVolumeObject;
 
 static PyTypeObject FastVolumeType;
@@ -477,7 +488,8 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     pthread_rwlock_init(&self->io_lock, NULL);
     atomic_init(&self->closed, 0);
     self->data_offset = data_offset;
-    self->size = size;
+    atomic_init(&self->size, size);
+    atomic_init(&self->discards, 0);
     self->sector_size = sector_size;
     self->spb = sector_size / 512;
     self->iv_shift = iv_shift;
@@ -510,6 +522,10 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     pthread_cond_init(&self->ra.wake, NULL);
     pthread_cond_init(&self->ra.ready_cv, NULL);
     atomic_init(&self->behind, 0);
+    atomic_init(&self->partnered, 0);
+    atomic_init(&self->win_lo, 0);
+    atomic_init(&self->win_hi, UINT64_MAX);
+    atomic_init(&self->partner, NULL);
     memset(&self->wb, 0, sizeof(self->wb));
     pthread_mutex_init(&self->wb.mu, NULL);
     pthread_cond_init(&self->wb.wake, NULL);
@@ -649,6 +665,7 @@ static void FastVolume_dealloc(FastVolumeObject *self)
     OPENSSL_cleanse(self->key, sizeof(self->key));
     OPENSSL_cleanse(self->essiv_key, sizeof(self->essiv_key));
     Py_XDECREF(self->lock);
+    Py_XDECREF((PyObject *)atomic_load(&self->partner));
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -666,6 +683,7 @@ COUNTER_GETTER(prefetched)
 COUNTER_GETTER(direct)
 COUNTER_GETTER(behind)
 COUNTER_GETTER(split)
+COUNTER_GETTER(partnered)
 
 static PyObject *FastVolume_get_direct_active(FastVolumeObject *self, void *c)
 {
@@ -690,6 +708,8 @@ static PyGetSetDef FastVolume_getset[] = {
      "reads answered from the read-ahead buffer", NULL},
     {"direct", (getter)FastVolume_get_direct, NULL,
      "container transfers (preads/pwrites) through the O_DIRECT descriptor", NULL},
+    {"partnered", (getter)FastVolume_get_partnered, NULL,
+     "READ/WRITE requests answered by the partner (counted in reads/writes too)", NULL},
     {"behind", (getter)FastVolume_get_behind, NULL,
      "writes answered before their container write (write-behind)", NULL},
     {"split", (getter)FastVolume_get_split, NULL,
@@ -710,7 +730,16 @@ typedef struct {
     unsigned char *buf; /* MAX_IO plus two sectors: a read's covering sectors */
     size_t buf_len;
     _Atomic int busy; /* one thread at a time: the buffer and contexts are not shared */
+    /* contexts for the volume's partner (pvol: the one they are for), made on first use */
+    contexts_t pctx;
+    FastVolumeObject *pvol;
 } WorkerObject;
+
+/* Sectors [first, last) lie in the volume's window. */
+static int in_window(FastVolumeObject *v, uint64_t first, uint64_t last)
+{
+    return first >= atomic_load(&v->win_lo) && last <= atomic_load(&v->win_hi);
+}
 
 static int worker_enter(WorkerObject *w)
 {
@@ -724,6 +753,8 @@ static int worker_enter(WorkerObject *w)
 static void Worker_dealloc(WorkerObject *self)
 {
     contexts_free(&self->ctx);
+    if (self->pvol != NULL)
+        contexts_free(&self->pctx);
     if (self->buf != NULL) {
         OPENSSL_cleanse(self->buf, self->buf_len);
         free(self->buf);
@@ -812,8 +843,19 @@ static int crypt_with(const FastVolumeObject *v, contexts_t *c, const unsigned c
     EVP_CIPHER_CTX *ctx = encrypt ? c->enc : c->dec;
     unsigned char iv[16];
     int ss = (int)v->sector_size;
+    /* Discards on: a sector whose ciphertext is all zeros (a hole of the container, or
+       the zeros a file system fills a partly written block with) reads as zeros, not as
+       the noise decrypting it gives.  A real ciphertext sector is all zeros with
+       probability 2^-4096; nearly every sector is told apart by its first byte. */
+    int zeros_read_as_zeros = !encrypt && atomic_load(&((FastVolumeObject *)v)->discards);
     for (size_t i = 0; i < count; i++) {
         int outl;
+        const unsigned char *in = src + i * ss;
+        if (zeros_read_as_zeros && in[0] == 0 && memcmp(in, in + 1, (size_t)ss - 1) == 0) {
+            if (dst + i * ss != in)
+                memset(dst + i * ss, 0, (size_t)ss);
+            continue;
+        }
         if (make_iv(v, c->essiv, first + i, iv) < 0
             || EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1) != 1
             || EVP_CipherUpdate(ctx, dst + i * ss, &outl, src + i * ss, ss) != 1
@@ -925,18 +967,25 @@ static void *helper_main(void *arg)
     return NULL;
 }
 
-/* Hand a job to the helper: 1 when it took it (collect with helper_collect), else 0. */
-static int helper_submit(FastVolumeObject *v, const job_t *job)
+/* h->mu held: start the helper thread unless it runs (or could not be started). */
+static void helper_start(FastVolumeObject *v)
 {
     helper_t *h = &v->helper;
-    int taken = 0;
-    pthread_mutex_lock(&h->mu);
     if (h->pid == 0 && !h->failed_start && !h->stop) {
         if (contexts_init(v, &h->ctx) == 0 && pthread_create(&h->thread, NULL, helper_main, v) == 0)
             h->pid = getpid();
         else
             h->failed_start = 1;
     }
+}
+
+/* Hand a job to the helper: 1 when it took it (collect with helper_collect), else 0. */
+static int helper_submit(FastVolumeObject *v, const job_t *job)
+{
+    helper_t *h = &v->helper;
+    int taken = 0;
+    pthread_mutex_lock(&h->mu);
+    helper_start(v);
     if (h->pid == getpid() && !h->busy && !h->stop) {
         h->busy = h->pending = 1;
         h->finished = 0;
@@ -1046,7 +1095,8 @@ static void *prefetch_main(void *arg)
         int rc = -1;
         pthread_rwlock_rdlock(&v->io_lock);
         if (have_ctx && !v->closed && range_acquire(v->lock, first, first + count) == 0) {
-            rc = io_full(v->fd, buf, (size_t)(count * ss), v->data_offset + first * ss, 0);
+            if (in_window(v, first, first + count)) /* else: under another key by now */
+                rc = io_full(v->fd, buf, (size_t)(count * ss), v->data_offset + first * ss, 0);
             range_release(v->lock, first, first + count);
             stretch_drop(v, v->data_offset + first * ss, count * ss);
         }
@@ -1237,13 +1287,10 @@ static void *writeback_main(void *arg)
     return NULL;
 }
 
-/* A free slot, now WB_FILLING, for a write of *len* bytes (waiting for one if all are
-   busy), or NULL: no write-behind here. */
-static wb_slot_t *writeback_slot(FastVolumeObject *v)
+/* wb->mu held: allocate the slots and start the threads, once. */
+static void writeback_start(FastVolumeObject *v)
 {
     writeback_t *wb = &v->wb;
-    wb_slot_t *got = NULL;
-    pthread_mutex_lock(&wb->mu);
     if (wb->pid == 0 && !wb->failed_start) {
         int ok = 1;
         for (int i = 0; i < WB_SLOTS && ok; i++)
@@ -1251,6 +1298,16 @@ static wb_slot_t *writeback_slot(FastVolumeObject *v)
         threads_start(wb->thread, WB_THREADS, &wb->threads, &wb->pid, &wb->failed_start,
                       writeback_main, v, ok);
     }
+}
+
+/* A free slot, now WB_FILLING, for a write of *len* bytes (waiting for one if all are
+   busy), or NULL: no write-behind here. */
+static wb_slot_t *writeback_slot(FastVolumeObject *v)
+{
+    writeback_t *wb = &v->wb;
+    wb_slot_t *got = NULL;
+    pthread_mutex_lock(&wb->mu);
+    writeback_start(v);
     while (wb->pid == getpid() && !wb->stop && got == NULL) {
         for (int i = 0; i < WB_SLOTS && got == NULL; i++)
             if (wb->slot[i].state == WB_FREE)
@@ -1305,7 +1362,9 @@ static int write_behind(WorkerObject *w, const unsigned char *data, uint64_t fir
             /* Now, not once written: the answer goes out first, and a read after it
                must not be served a stretch read ahead before this write. */
             prefetch_invalidate(v, first, last);
-            if (transfer(w, data, sl->buf, first, count, 1, IO_NONE, 0) == 0) {
+            if (last * v->sector_size <= atomic_load(&v->size) /* not shrunk meanwhile */
+                && in_window(v, first, last) /* nor moved to the partner's key */
+                && transfer(w, data, sl->buf, first, count, 1, IO_NONE, 0) == 0) {
                 writeback_queue(v, sl, first, count, lo, hi);
                 queued = 1;
             } else
@@ -1338,7 +1397,8 @@ static void reply(FastVolumeObject *v, int fuse_fd, uint64_t unique, const void 
 }
 
 /* Sectors [first, first + count) with their container I/O, under the range lock and
-   unless the volume is closing: 0, or -1 (the request goes back to Python). */
+   unless the volume is closing: 0, or -1 (the request goes back to Python, also when
+   a resize shrank the volume below it meanwhile). */
 static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t first,
                            size_t count, int write)
 {
@@ -1350,9 +1410,13 @@ static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t f
         write_lock_range(v, first, last, 1, &lo, &hi);
     pthread_rwlock_rdlock(&v->io_lock);
     if (!v->closed && range_acquire(v->lock, lo, hi) == 0) {
-        failed = transfer(w, src, w->buf, first, count, write, write ? IO_WRITE : IO_READ, pos);
-        if (write)
-            prefetch_invalidate(v, first, last); /* even after a failure: part may be written */
+        /* not shrunk, nor moved to the partner's key, while this waited for the lock */
+        if (last * v->sector_size <= atomic_load(&v->size) && in_window(v, first, last)) {
+            failed = transfer(w, src, w->buf, first, count, write, write ? IO_WRITE : IO_READ,
+                              pos);
+            if (write) /* even after a failure: part may be written */
+                prefetch_invalidate(v, first, last);
+        }
         range_release(v->lock, lo, hi);
     }
     pthread_rwlock_unlock(&v->io_lock);
@@ -1373,6 +1437,8 @@ static int fast_read(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t off
     uint64_t end = offset + size < v->size ? offset + size : v->size;
     uint64_t ss = v->sector_size;
     uint64_t first = offset / ss, last = (end + ss - 1) / ss;
+    if (!in_window(v, first, last))
+        return 0;
     if (prefetch_wanted(v, first, last - first) && prefetch_take(w, first, last - first))
         atomic_fetch_add(&v->prefetched, 1); /* the plaintext is in w->buf */
     else if (locked_transfer(w, w->buf, first, (size_t)(last - first), 0) < 0)
@@ -1390,7 +1456,8 @@ static int fast_write(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t of
     /* Partial sectors (read-modify-write), short writes at the end, ENOSPC and EROFS
        are Python's. */
     if (v->readonly || size == 0 || size > MAX_IO || offset % ss || size % ss
-        || offset >= v->size || size > v->size - offset)
+        || offset >= v->size || size > v->size - offset
+        || !in_window(v, offset / ss, (offset + size) / ss))
         return 0;
     if (size >= BEHIND_MIN && write_behind(w, data, offset / ss, size / ss))
         atomic_fetch_add(&v->behind, 1);
@@ -1423,6 +1490,44 @@ static uint64_t get_u64(const unsigned char *p)
     uint64_t x;
     memcpy(&x, p, 8);
     return x;
+}
+
+/*
+ * A READ/WRITE this worker's volume declined, tried on its partner (an online
+ * reencryption's other key) with contexts made for it on first use: 1 when answered.
+ * What the partner answers counts as this volume's too (VolumeFS polls the writes for
+ * fsync; the reads and writes are what the daemon logs).
+ */
+static int partner_serve(WorkerObject *self, FastVolumeObject *p, int fuse_fd, uint32_t opcode,
+                         uint64_t unique, uint64_t offset, uint32_t size,
+                         const unsigned char *data)
+{
+    if (self->pvol != p) {
+        if (self->pvol != NULL)
+            contexts_free(&self->pctx);
+        self->pvol = NULL;
+        if (contexts_init(p, &self->pctx) < 0)
+            return 0;
+        self->pvol = p;
+    }
+    WorkerObject as = *self; /* the same thread's buffer, the partner's volume and contexts */
+    as.volume = p;
+    as.ctx = self->pctx;
+    int handled = opcode == FUSE_READ ? fast_read(&as, fuse_fd, unique, offset, size)
+                                      : fast_write(&as, fuse_fd, unique, offset, size, data);
+    self->buf = as.buf; /* a read may have swapped it with a read-ahead buffer */
+    FastVolumeObject *v = self->volume;
+    if (handled)
+        atomic_fetch_add(&v->partnered, 1);
+    if (handled && opcode == FUSE_READ)
+        atomic_fetch_add(&v->reads, 1);
+    if (handled && opcode == FUSE_WRITE) {
+        int64_t ns = atomic_load(&p->last_write_ns), seen = atomic_load(&v->last_write_ns);
+        while (seen < ns && !atomic_compare_exchange_weak(&v->last_write_ns, &seen, ns))
+            ;
+        atomic_fetch_add(&v->writes, 1);
+    }
+    return handled;
 }
 
 static PyObject *Worker_serve(WorkerObject *self, PyObject *args)
@@ -1464,6 +1569,9 @@ static PyObject *Worker_serve(WorkerObject *self, PyObject *args)
                       && fast_write(self, fuse_fd, unique, offset, size, body + RW_IN);
         else
             break;
+        FastVolumeObject *p = atomic_load(&v->partner);
+        if (!handled && p != NULL && (opcode == FUSE_READ || (size_t)length >= IN_HEADER + RW_IN + (size_t)size))
+            handled = partner_serve(self, p, fuse_fd, opcode, unique, offset, size, body + RW_IN);
         if (!handled) {
             atomic_fetch_add(&v->declined, 1);
             break;
@@ -1512,6 +1620,46 @@ out:
     return result;
 }
 
+/* crypt_into(src, first_sector, dst, encrypt): any number of whole sectors from *src*
+ * into the caller's *dst* (same length; the same buffer, or not overlapping: EVP works
+ * in place), with the GIL released and no
+ * copy through the worker's buffer: the reencryption's hot zones, tens of MiB a call. */
+static PyObject *Worker_crypt_into(WorkerObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    uint64_t first;
+    int encrypt;
+    if (!PyArg_ParseTuple(args, "y*O&w*p", &src, to_u64, &first, &dst, &encrypt))
+        return NULL;
+    PyObject *result = NULL;
+    size_t ss = self->volume->sector_size;
+    const unsigned char *s = src.buf;
+    unsigned char *d = dst.buf;
+    if ((size_t)src.len % ss || dst.len != src.len) {
+        PyErr_SetString(PyExc_ValueError, "whole sectors, and a destination of the same length");
+        goto out;
+    }
+    if (src.len && s != d && s < d + dst.len && d < s + src.len) {
+        PyErr_SetString(PyExc_ValueError, "source and destination overlap in part");
+        goto out;
+    }
+    if (worker_enter(self) < 0)
+        goto out;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = crypt_with(self->volume, &self->ctx, s, d, first, (size_t)src.len / ss, encrypt);
+    Py_END_ALLOW_THREADS
+    atomic_store(&self->busy, 0);
+    if (rc < 0)
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed");
+    else
+        result = Py_NewRef(Py_None);
+out:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
 static PyObject *Worker_encrypt(WorkerObject *self, PyObject *args)
 {
     return Worker_crypt(self, args, 1);
@@ -1529,6 +1677,9 @@ static PyMethodDef Worker_methods[] = {
     {"encrypt", (PyCFunction)Worker_encrypt, METH_VARARGS,
      "encrypt(data, first_sector, parallel=False) -> bytes: the sectors as the fast path "
      "writes them; parallel: shared with the helper thread as large requests are."},
+    {"crypt_into", (PyCFunction)Worker_crypt_into, METH_VARARGS,
+     "crypt_into(src, first_sector, dst, encrypt) -> None: whole sectors of src, any "
+     "number, encrypted or decrypted into dst (same length; the same buffer or apart)."},
     {"decrypt", (PyCFunction)Worker_decrypt, METH_VARARGS,
      "decrypt(data, first_sector, parallel=False) -> bytes: the sectors as the fast path "
      "reads them."},
@@ -1576,6 +1727,89 @@ static PyObject *FastVolume_drain(FastVolumeObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *FastVolume_set_window(FastVolumeObject *self, PyObject *args)
+{
+    uint64_t lo, hi;
+    if (!PyArg_ParseTuple(args, "O&O&:set_window", to_u64, &lo, to_u64, &hi))
+        return NULL;
+    if (lo > hi) {
+        PyErr_SetString(PyExc_ValueError, "window start after its end");
+        return NULL;
+    }
+    atomic_store(&self->win_lo, lo);
+    atomic_store(&self->win_hi, hi);
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastVolume_set_partner(FastVolumeObject *self, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &FastVolumeType) || arg == (PyObject *)self) {
+        PyErr_SetString(PyExc_TypeError, "set_partner() takes another FastVolume");
+        return NULL;
+    }
+    FastVolumeObject *p = (FastVolumeObject *)arg;
+    if (p->lock != self->lock || p->fd != self->fd || p->size != self->size
+        || p->sector_size != self->sector_size || p->data_offset != self->data_offset) {
+        PyErr_SetString(PyExc_ValueError,
+                        "a partner has the same fd, geometry and range lock");
+        return NULL;
+    }
+    FastVolumeObject *none = NULL;
+    Py_INCREF(arg);
+    if (!atomic_compare_exchange_strong(&self->partner, &none, p)) {
+        Py_DECREF(arg);
+        PyErr_SetString(PyExc_ValueError, "this FastVolume has a partner already");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastVolume_set_size(FastVolumeObject *self, PyObject *args)
+{
+    uint64_t size;
+    if (!PyArg_ParseTuple(args, "O&:set_size", to_u64, &size))
+        return NULL;
+    if (size % self->sector_size || size > INT64_MAX - self->data_offset) {
+        PyErr_SetString(PyExc_ValueError, "size is not a whole number of sectors");
+        return NULL;
+    }
+    atomic_store(&self->size, size);
+    Py_RETURN_NONE;
+}
+
+/* start_threads(): what the data path would otherwise start and allocate on first use
+   (--lock-memory: before the first request, so it is locked and never allocated under
+   memory pressure). */
+static PyObject *FastVolume_start_threads(FastVolumeObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (atomic_load(&self->closed))
+        Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->helper.mu);
+    helper_start(self);
+    pthread_mutex_unlock(&self->helper.mu);
+    pthread_mutex_lock(&self->ra.mu);
+    (void)prefetch_started(self);
+    pthread_mutex_unlock(&self->ra.mu);
+    if (!self->readonly) {
+        pthread_mutex_lock(&self->wb.mu);
+        writeback_start(self);
+        pthread_mutex_unlock(&self->wb.mu);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastVolume_set_discards(FastVolumeObject *self, PyObject *args)
+{
+    int on;
+    if (!PyArg_ParseTuple(args, "p:set_discards", &on))
+        return NULL;
+    atomic_store(&self->discards, on);
+    Py_RETURN_NONE;
+}
+
 static PyObject *FastVolume_write_lock_range(FastVolumeObject *self, PyObject *args)
 {
     uint64_t first, last, lo, hi;
@@ -1590,6 +1824,20 @@ static PyObject *FastVolume_write_lock_range(FastVolumeObject *self, PyObject *a
 }
 
 static PyMethodDef FastVolume_methods[] = {
+    {"set_window", (PyCFunction)FastVolume_set_window, METH_VARARGS,
+     "set_window(lo, hi): serve sectors [lo, hi) only, decline the rest (hold the range "
+     "lock of what changes meanwhile)."},
+    {"set_partner", (PyCFunction)FastVolume_set_partner, METH_O,
+     "set_partner(other): requests this one declines are tried on *other* (same fd, "
+     "geometry and range lock, another key); once."},
+    {"set_size", (PyCFunction)FastVolume_set_size, METH_VARARGS,
+     "set_size(bytes): the volume's new size (call holding the range lock of every "
+     "sector up to the larger of both sizes: no request is under way then)."},
+    {"start_threads", (PyCFunction)FastVolume_start_threads, METH_NOARGS,
+     "start_threads(): start the helper, read-ahead and write-behind threads and "
+     "allocate their buffers now rather than on first use (--lock-memory)."},
+    {"set_discards", (PyCFunction)FastVolume_set_discards, METH_VARARGS,
+     "set_discards(on): sectors whose ciphertext is all zeros (holes) decrypt to zeros."},
     {"write_lock_range", (PyCFunction)FastVolume_write_lock_range, METH_VARARGS,
      "write_lock_range(first, last) -> (lo, hi): the sectors a write of [first, last) "
      "through the page cache locks (more than its own while O_DIRECT is in use)."},

@@ -61,7 +61,10 @@ READLINK, SYMLINK, MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK = 5, 6, 8, 9, 10, 1
 OPEN, READ, WRITE, STATFS, RELEASE, FSYNC = 14, 15, 16, 17, 18, 20
 FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR, FSYNCDIR = 25, 26, 27, 28, 29, 30
 ACCESS, CREATE, INTERRUPT, DESTROY, NOTIFY_REPLY, BATCH_FORGET = 34, 35, 36, 38, 41, 42
-RENAME2, TMPFILE = 45, 51
+FALLOCATE, RENAME2, LSEEK, TMPFILE = 43, 45, 46, 51
+
+#: fuse_notify_code: the kernel drops its cached attributes of an inode
+NOTIFY_INVAL_INODE = 2
 
 #: requests that would add, remove or rename directory entries: all refused
 DIRECTORY_CHANGES = frozenset({SYMLINK, MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK})
@@ -113,6 +116,10 @@ WRITE_IN = READ_IN  # fh offset size write_flags lock_owner flags padding
 WRITE_OUT = struct.Struct("=II")
 FH_IN = struct.Struct("=Q")  # the leading fh of release/flush/releasedir
 FSYNC_IN = struct.Struct("=QII")  # fh fsync_flags padding
+FALLOCATE_IN = struct.Struct("=QQQII")  # fh offset length mode padding
+LSEEK_IN = struct.Struct("=QQII")  # fh offset whence padding
+LSEEK_OUT = struct.Struct("=Q")
+NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")  # ino off len
 KSTATFS = struct.Struct("=QQQQQIIII6I")
 DIRENT = struct.Struct("=QQII")  # ino off namelen type, then the name padded to 8
 
@@ -406,6 +413,8 @@ class Channel:
             fast.direct,
             fast.declined,
         )
+        if fast.partnered:
+            log.info("of them, %d served under an online reencryption's new key", fast.partnered)
         if fast.reply_errors:
             log.warning("the kernel refused %d replies of the C data path", fast.reply_errors)
 
@@ -413,6 +422,8 @@ class Channel:
         buf = bytearray(REQUEST_BUFFER)
         view = memoryview(buf)
         fd = self.fd
+        if self.ops.options.preallocate:
+            self.ops.prepare_thread(MAX_WRITE)
         # The C worker answers READ and WRITE itself and returns with any other
         # request (or one it declines) in buf, as readv() would have.
         fast = self.fast.worker() if self.fast is not None else None
@@ -442,6 +453,15 @@ class Channel:
                     continue
                 if opcode == WRITE:
                     self._write(unique, body)
+                    continue
+                if opcode == FALLOCATE:  # discards: in this thread, like a WRITE
+                    _fh, off, size, mode, _pad = FALLOCATE_IN.unpack_from(body)
+                    self.ops.fallocate_now(off, size, mode)
+                    self._send(unique, 0)
+                    continue
+                if opcode == LSEEK:
+                    _fh, off, whence, _pad = LSEEK_IN.unpack_from(body)
+                    self._send(unique, 0, LSEEK_OUT.pack(self.ops.lseek_now(off, whence)))
                     continue
                 if opcode in NO_REPLY:
                     continue
@@ -475,6 +495,18 @@ class Channel:
             # ENODEV: the file system is gone.  Neither concerns the other requests.
             if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.ECONNABORTED):
                 log.error("cannot answer FUSE request %d: %s", unique, exc.strerror)
+
+    def invalidate_attributes(self, inode: int) -> None:
+        """Make the kernel drop its cached attributes of *inode* (FUSE_NOTIFY_INVAL_INODE),
+        so that the next ``stat`` or a loop device's size check asks us: how a resize
+        reaches the kernel's idea of the file's size."""
+        payload = NOTIFY_INVAL_INODE_OUT.pack(inode, -1, 0)  # off -1: attributes only
+        header = OUT_HEADER.pack(OUT_HEADER.size + len(payload), NOTIFY_INVAL_INODE, 0)
+        try:
+            os.write(self.fd, header + payload)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel has not looked it up yet
+                raise
 
     def _call(self, afn: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run the VolumeFS coroutine *afn* on the trio loop and return its result."""

@@ -32,12 +32,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .cli_close import CLOSE_SUBCOMMANDS
 from .cli_convert import CONVERT_SUBCOMMANDS
 from .cli_foreign import (
     FOREIGN_SUBCOMMANDS,
     add_foreign_options,
     check_options,
     foreign_kind,
+    key_files,
     open_foreign_volume,
 )
 from .cli_foreign import dump_command as foreign_dump_command
@@ -50,11 +52,14 @@ from .cli_input import (
     read_key_file,
     read_passphrase_line,
 )
+from .cli_lifecycle import LIFECYCLE_SUBCOMMANDS, setup_volume, volume_info
 from .cli_luks import LUKS_SUBCOMMANDS, dump_command
 from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
 from .formats.plain import DEFAULT_CIPHER, DEFAULT_KEY_SIZE
+from .mount_options import apply as apply_mount_options
+from .mount_options import parse as parse_mount_options
 from .spec import CipherSpec, parse_cipher_spec
 from .volume import open_device
 
@@ -80,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Option names are cryptsetup's, except that -o passes FUSE mount options "
             "(e.g. -o allow_other) and the data offset is --offset only. "
             "Sizes and offsets count 512-byte sectors. "
-            "Unmount with: fusermount3 -u MOUNTPOINT."
+            "Unmount with: cryptfuse close MOUNTPOINT (or fusermount3 -u MOUNTPOINT)."
         ),
         add_help=False,
         allow_abbrev=False,
@@ -135,7 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--allow-discards",
         action="store_true",
-        help="accepted and recorded (discards are not passed down yet)",
+        help=(
+            "pass discards (fallocate PUNCH_HOLE/ZERO_RANGE, fstrim through a loop device) "
+            "down as holes in the container; see the README on what they reveal"
+        ),
+    )
+    g.add_argument(
+        "--lock-memory",
+        action="store_true",
+        help="lock the daemon in memory (mlockall): for swap on the volume",
     )
 
     g = p.add_argument_group(
@@ -196,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")
     g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     g.add_argument("--help", action="help", help="show this help and exit")
+
+    g = p.add_argument_group("filesystem (see docs/mount-fs.md; close with: cryptfuse close)")
+    g.add_argument(
+        "--mount-fs",
+        metavar="DIR",
+        help="also mount the filesystem inside the volume at DIR (root: loop device; "
+        "others: fuse2fs for ext2/3/4)",
+    )
+    g.add_argument("--fs-type", metavar="TYPE", help="its type (default: what blkid finds)")
+    g.add_argument("--fs-options", metavar="OPTS", help="its mount options (comma separated)")
     return p
 
 
@@ -398,8 +421,12 @@ def unlock_progress(container: str, enabled: bool) -> Iterator[None]:
 
 def mount_command(argv: Sequence[str]) -> int:
     """``cryptfuse [options] CONTAINER MOUNTPOINT``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.verbose, args.debug, args.log_file)
+    # crypttab's names inside -o (mount -t fuse.cryptfuse, fstab): see mount_options.py
+    defaults = parser.parse_args([args.container, args.mountpoint])
+    apply_mount_options(args, parse_mount_options(args.fuse_options), defaults, TYPES)
     fs_options, fuse_options = _fs_options(args)
     kind: str | None = args.type
 
@@ -412,8 +439,15 @@ def mount_command(argv: Sequence[str]) -> int:
     check_fuse()
     foreign = foreign_kind(kind, args.header or args.container)
     check_options(args, foreign)
-    if foreign is None and args.key_file is not None:
-        args.key_file = args.key_file[0]
+    if foreign is None:  # repeatable for TCRYPT only (-o key-file= gives a string)
+        files = key_files(args)
+        args.key_file = files[0] if files else None
+    if args.mount_fs is not None:
+        from .mountfs import check_target
+
+        if args.foreground:
+            raise UsageError("--mount-fs cannot be combined with --foreground")
+        args.mount_fs = check_target(args.mount_fs, args.mountpoint, args.fs_type)
     plain_key_bytes: int | None = None
     if foreign is not None:
         pass
@@ -456,6 +490,7 @@ def mount_command(argv: Sequence[str]) -> int:
             volume = open_volume(args.container, _open_options(args, kind), secret)
             del secret
     try:
+        setup_volume(volume, args.allow_discards)
         volume_spec = getattr(getattr(volume, "cipher", None), "spec", None)
         if isinstance(volume_spec, CipherSpec):
             warning = weak_spec_warning(volume_spec, volume.readonly)
@@ -473,13 +508,46 @@ def mount_command(argv: Sequence[str]) -> int:
             fsname=fsname_for(args.container),
             container=os.path.abspath(args.container),
             header=os.path.abspath(args.header) if args.header else None,
+            info=volume_info(
+                volume,
+                kind
+                if kind == "plain"
+                else foreign or detect_type(args.header or args.container) or "luks",
+                args.container,
+                args.header,
+                volume.readonly,
+            ),
+            lock_memory=args.lock_memory,
         )
     except BaseException:
         volume.close()
         raise
     from .mount import run
 
-    return run(volume, config)  # owns the volume from here on
+    readonly = volume.readonly
+    code = run(volume, config)  # owns the volume from here on
+    if code != 0 or args.mount_fs is None:
+        return code
+    return mount_filesystem(args, config.mountpoint, readonly)
+
+
+def mount_filesystem(args: argparse.Namespace, mountpoint: str, readonly: bool) -> int:
+    """``--mount-fs``: the filesystem after the volume; when it fails, the volume is
+    unmounted again and the daemon gone before the error (exit 32) is reported."""
+    from .mountfs import mount_filesystem as mount_fs
+    from .mountfs import undo_volume
+
+    container = os.path.abspath(args.container)
+    volume = os.path.join(mountpoint, args.name)
+    try:
+        mount_fs(mountpoint, volume, args.mount_fs, args.fs_type, args.fs_options, readonly)
+    except BaseException:
+        try:
+            undo_volume(mountpoint, container)
+        except CryptfuseError as exc:
+            print(f"{PROG}: undoing the volume mount: {exc}", file=sys.stderr)
+        raise
+    return 0
 
 
 # -- subcommands ------------------------------------------------------------------------
@@ -513,6 +581,8 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **LUKS_SUBCOMMANDS,
     **REENCRYPT_SUBCOMMANDS,
     **CONVERT_SUBCOMMANDS,
+    **CLOSE_SUBCOMMANDS,
+    **LIFECYCLE_SUBCOMMANDS,
     **FOREIGN_SUBCOMMANDS,
     "dump": lambda argv: foreign_dump_command(argv, dump_command),
 }

@@ -17,6 +17,12 @@ does it on its own descriptors, under the same range lock its FUSE I/O takes.
 * The passphrase travels in the request (base64) from the command to the daemon,
   never on a command line, never logged.
 
+Every daemon also listens on a second socket named after its mount (the FUSE
+mount's device number, as ``/proc/self/mountinfo`` shows it), read-only mounts
+included: ``cryptfuse status`` and ``cryptfuse resize`` name a MOUNTPOINT, and
+their requests (``{"op": "status"}``, ``{"op": "resize", "size": sectors}``) are
+answered by handlers the daemon registers in :attr:`Served.handlers`.
+
 Synchronous, threads only: no trio here (the daemon's trio loop is busy serving FUSE).
 """
 
@@ -33,16 +39,29 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .errors import BusyError, CryptfuseError, DeviceError, UsageError
 from .formats import luks2_reencrypt as reenc
 from .formats.luks2 import read_luks2_header
 from .formats.luks_write import KdfParams
-from .volume import ExtentMap, SegmentedVolume, Volume, open_device
+from .sector import SectorCipher
+from .volume import ExtentMap, SegmentedVolume, Volume, fast_path_for, open_device
 
-__all__ = ["ControlServer", "control_path", "request"]
+if TYPE_CHECKING:
+    from . import _fastpath
+
+__all__ = [
+    "ControlServer",
+    "MountEntry",
+    "connect_mount",
+    "control_path",
+    "find_mount",
+    "mount_socket_path",
+    "mounts",
+    "request",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +89,92 @@ def control_path(container: str, create: bool = False) -> str:
     """The control socket of the daemon that mounts *container* (by device and inode)."""
     st = os.stat(container)
     return os.path.join(control_dir(create), f"{st.st_dev:x}-{st.st_ino:x}.sock")
+
+
+def mount_socket_path(device: str, create: bool = False) -> str:
+    """The control socket of the daemon serving the FUSE mount of *device* ("major:minor")."""
+    return os.path.join(control_dir(create), f"mnt-{device.replace(':', '-')}.sock")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of ``/proc/self/mountinfo``."""
+
+    device: str  # "major:minor" of the mounted file system
+    mountpoint: str
+    fstype: str
+    source: str
+    super_options: str
+
+    @property
+    def is_cryptfuse(self) -> bool:
+        return self.fstype == "fuse.cryptfuse"
+
+    @property
+    def user_id(self) -> int | None:
+        """The mounting user (FUSE's ``user_id=`` super option)."""
+        for option in self.super_options.split(","):
+            if option.startswith("user_id="):
+                return int(option[8:])
+        return None
+
+
+def _unescape(field_text: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as ``\\ooo``."""
+    out, i = [], 0
+    while i < len(field_text):
+        if field_text[i] == "\\" and field_text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field_text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_text[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[MountEntry]:
+    """The mounts this process sees, in mount order (later ones cover earlier ones)."""
+    entries = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                dash = fields.index("-", 6)
+            except ValueError:
+                continue
+            entries.append(
+                MountEntry(
+                    device=fields[2],
+                    mountpoint=_unescape(fields[4]),
+                    fstype=fields[dash + 1],
+                    source=_unescape(fields[dash + 2]) if len(fields) > dash + 2 else "",
+                    super_options=fields[dash + 3] if len(fields) > dash + 3 else "",
+                )
+            )
+    return entries
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    """The mount visible at *mountpoint* (an absolute, normalised path), if any."""
+    found = None
+    for entry in mounts():
+        if entry.mountpoint == mountpoint:
+            found = entry
+    return found
+
+
+def connect_mount(device: str) -> socket.socket | None:
+    """A connection to the daemon serving the mount of *device*, or None."""
+    path = mount_socket_path(device)
+    if not os.path.exists(path):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -156,19 +261,95 @@ class Served:
     header: str | None
     get: Callable[[], Volume]
     set: Callable[[Volume], None]
+    #: other requests the daemon answers: op -> handler(request) -> result
+    handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
 
 
 class _LiveAdapter:
-    """:class:`reenc.Live` over a :class:`SegmentedVolume` (extents -> file extents)."""
+    """:class:`reenc.Live` over a :class:`SegmentedVolume` (extents -> file extents),
+    with the C data path of the old key and its partner of the new key (*pair*) when
+    they serve the parts of the volume under one key each."""
 
-    def __init__(self, volume: SegmentedVolume, data_fd: int, header_fd: int) -> None:
+    def __init__(
+        self,
+        volume: SegmentedVolume,
+        data_fd: int,
+        header_fd: int,
+        pair: _FastPair | None = None,
+    ) -> None:
         self.volume, self.data_fd, self.header_fd = volume, data_fd, header_fd
+        self.pair = pair
 
     def hold(self, start: int, end: int) -> contextlib.AbstractContextManager[None]:
+        if self.pair is not None:
+            # The step writes the zone through the page cache: lock the stretches a
+            # concurrent O_DIRECT transfer must not share (FastVolume.write_lock_range).
+            ss = self.volume.sector_size
+            lo, hi = self.pair.old.write_lock_range(start // ss, -(-end // ss))
+            start, end = lo * ss, hi * ss
         return self.volume.hold(start, end)
 
     def update(self, extents: list[reenc.Extent]) -> None:
+        """Called while the zone that changed is held: serve from *extents* now."""
         self.volume.replace_extents(_maps(extents, self.data_fd, self.header_fd))
+        if self.pair is not None:
+            self.pair.route(extents, self.volume.sector_size)
+
+
+def _cipher_id(cipher: SectorCipher | None) -> tuple[object, ...] | None:
+    if cipher is None:
+        return None
+    return (
+        str(cipher.spec),
+        cipher.fast_parameters(),
+        cipher.sector_size,
+        cipher.iv_offset,
+        cipher.iv_shift,
+    )
+
+
+@dataclass
+class _FastPair:
+    """The C data path during an online key change: *old* (the mount's FastVolume) serves
+    the sectors still under the old key, *new* (its partner) those converted, each
+    through its window; what straddles them, or the hot zone, goes to Python."""
+
+    old: _fastpath.FastVolume
+    new: _fastpath.FastVolume
+    old_id: tuple[object, ...]
+    new_id: tuple[object, ...]
+    data_offset: int
+
+    def route(self, extents: list[reenc.Extent], sector_size: int) -> None:
+        windows: dict[tuple[object, ...] | None, list[tuple[int, int]]] = {}
+        for e in extents:
+            where = _cipher_id(e.cipher)
+            if e.on_header or e.position != self.data_offset + e.start:
+                where = None  # stored elsewhere (a journal): Python's
+            windows.setdefault(where, []).append((e.start, e.start + e.length))
+        for fast, ident in ((self.old, self.old_id), (self.new, self.new_id)):
+            runs = sorted(windows.get(ident, []))
+            lo, hi = (runs[0][0], runs[-1][1]) if runs else (0, 0)
+            if sum(b - a for a, b in runs) != hi - lo:
+                lo = hi = 0  # not one stretch: Python serves it all
+            fast.set_window(lo // sector_size, hi // sector_size)
+            fast.invalidate(0, 1 << 62)  # read ahead before the move: dropped, all of it
+
+    def serves(self, obj: dict[str, Any], keys: dict[int, bytes]) -> bool:
+        """True when the reencryption in header *obj* is the one this pair serves."""
+        rh = reenc.Reencryption.from_json(obj)
+        rh.keys = keys
+        try:
+            ids = (_cipher_id(rh.storage(new=False)[1]), _cipher_id(rh.storage(new=True)[1]))
+        except KeyError:
+            return False
+        return ids == (self.old_id, self.new_id) and not rh.shift and rh.mode == "reencrypt"
+
+    def stop(self) -> None:
+        """Serve nothing in C from now on (safe at any time: a request re-checks its
+        window once it holds its range)."""
+        self.old.set_window(0, 0)
+        self.new.set_window(0, 0)
 
 
 def _maps(extents: list[reenc.Extent], data_fd: int, header_fd: int) -> list[ExtentMap]:
@@ -179,49 +360,86 @@ def _maps(extents: list[reenc.Extent], data_fd: int, header_fd: int) -> list[Ext
 
 
 class ControlServer:
-    """Listens on the control socket of a mounted container; one thread per client."""
+    """Listens on the control sockets of a mounted container; one thread per client.
 
-    def __init__(self, served: Served) -> None:
+    *by_container*: the socket named after the container (online reencryption; only
+    for writable mounts); *mount_device*: the one named after the FUSE mount.
+    """
+
+    def __init__(
+        self, served: Served, *, by_container: bool = True, mount_device: str | None = None
+    ) -> None:
         self.served = served
-        self.path = control_path(served.container, create=True)
+        self.by_container = by_container
+        paths = [control_path(served.container, create=True)] if by_container else []
+        if mount_device is not None:
+            paths.append(mount_socket_path(mount_device, create=True))
+        self.paths: list[str] = []
+        self.socks: list[socket.socket] = []
+        self._closing = threading.Event()
+        self._work = threading.Lock()  # one reencryption at a time
+        #: the C data path of both keys of this mount's online key change, if any
+        self._pair: _FastPair | None = None
+        self._threads: list[threading.Thread] = []
+        try:
+            for path in paths:
+                self.socks.append(self._listen(path))
+                self.paths.append(path)
+        except BaseException:
+            self.close()
+            raise
+        for sock in self.socks:
+            threading.Thread(target=self._accept, args=(sock,), name="control", daemon=True).start()
+
+    @property
+    def path(self) -> str:
+        """The first socket's path."""
+        return self.paths[0]
+
+    @property
+    def reencrypting(self) -> bool:
+        """True while an online reencryption runs."""
+        return self._work.locked()
+
+    def _listen(self, path: str) -> socket.socket:
         with contextlib.suppress(FileNotFoundError):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                probe.connect(self.path)
+                probe.connect(path)
             except ConnectionRefusedError:
-                os.unlink(self.path)  # left by a daemon that died
+                os.unlink(path)  # left by a daemon that died
             else:
-                raise BusyError(f"another cryptfuse daemon serves {served.container}")
+                raise BusyError(f"another cryptfuse daemon serves {self.served.container}")
             finally:
                 probe.close()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o077)
         try:
-            self.sock.bind(self.path)
+            sock.bind(path)
+        except BaseException:
+            sock.close()
+            raise
         finally:
             os.umask(old)
-        self.sock.listen(4)
-        self._closing = threading.Event()
-        self._work = threading.Lock()  # one reencryption at a time
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, name="control", daemon=True)
-        self._accepter.start()
+        sock.listen(4)
+        return sock
 
     def close(self) -> None:
-        """Stop at the next hot-zone boundary, wait for the work, remove the socket."""
+        """Stop at the next hot-zone boundary, wait for the work, remove the sockets."""
         self._closing.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        for t in self._threads:
+        for sock, path in zip(self.socks, self.paths, strict=True):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for t in list(self._threads):
             t.join()
 
-    def _accept(self) -> None:
+    def _accept(self, sock: socket.socket) -> None:
         while not self._closing.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return
             t = threading.Thread(target=self._client, args=(conn,), name="control-client")
@@ -237,20 +455,25 @@ class ControlServer:
                 log.warning("control: refused a client of uid %d (pid %d)", uid, pid)
                 return
             lines = _lines(conn)
+            op: object = None
             try:
                 req = next(lines)
-                if req.get("op") != "reencrypt":
-                    raise UsageError(f"unknown control request {req.get('op')!r}")
-                result = self._reencrypt(conn, lines, req)
+                op = req.get("op")
+                if op == "reencrypt" and self.by_container:
+                    result = self._reencrypt(conn, lines, req)
+                elif isinstance(op, str) and op in self.served.handlers:
+                    result = self.served.handlers[op](req)
+                else:
+                    raise UsageError(f"unknown control request {op!r}")
                 _send(conn, {"result": result})
             except CryptfuseError as exc:
-                log.error("online reencryption: %s", exc)
+                log.error("control request %r: %s", op, exc)
                 with contextlib.suppress(OSError):
                     _send(conn, {"error": str(exc), "code": exc.exit_code})
             except (StopIteration, OSError, ValueError) as exc:
                 log.warning("control client went away: %s", exc)
             except Exception as exc:  # noqa: BLE001 - never take the daemon down
-                log.exception("online reencryption failed")
+                log.exception("control request %r failed", op)
                 with contextlib.suppress(OSError):
                     _send(conn, {"error": f"internal error: {exc}", "code": 1})
 
@@ -307,29 +530,38 @@ class ControlServer:
                             break
                 stop.set()
 
-            threading.Thread(target=watch, name="control-watch", daemon=True).start()
+            watcher = threading.Thread(target=watch, name="control-watch", daemon=True)
+            watcher.start()
 
             def progress(done: int, total: int) -> None:
                 with contextlib.suppress(OSError):
                     _send(conn, {"progress": [done, total]})
 
-            result = reenc.run_on(
-                devices,
-                passphrase,
-                key_slot=key_slot,
-                max_hotzone=int(req.get("hotzone", 0)),
-                progress=progress,
-                stop=lambda: stop.is_set() or self._closing.is_set(),
-                live=live,
-                keys=keys,
-            )
+            try:
+                result = reenc.run_on(
+                    devices,
+                    passphrase,
+                    key_slot=key_slot,
+                    max_hotzone=int(req.get("hotzone", 0)),
+                    progress=progress,
+                    stop=lambda: stop.is_set() or self._closing.is_set(),
+                    live=live,
+                    keys=keys,
+                )
+            finally:
+                # The watcher reads the socket: end its reading and wait for it before
+                # the socket is closed (never a recv on a closed, reused descriptor);
+                # the answer still goes out on the write side.
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RD)
+                watcher.join()
             log.info(
                 "online reencryption %s at %d of %d bytes",
                 "finished" if result.finished else "stopped",
                 result.done,
                 result.total,
             )
-            if result.finished:
+            if result.finished and live.pair is None:
                 log.warning(
                     "the mount serves through the Python engine until it is remounted "
                     "(the C data path is not rebuilt under a running mount)"
@@ -368,6 +600,16 @@ class ControlServer:
             )
         maps = _maps(extents, devices.data_fd, devices.header_fd)
         if isinstance(volume, SegmentedVolume):
+            pair = self._pair
+            if pair is not None and pair.serves(header.json, keys):
+                # the same reencryption again (stopped, now resumed): same windows
+                volume.replace_extents(maps)
+                pair.route(extents, volume.sector_size)
+                return _LiveAdapter(volume, devices.data_fd, devices.header_fd, pair)
+            # another reencryption in this mount: its C data path, if any, stops
+            if pair is not None:
+                pair.stop()
+            self._pair = None
             volume.replace_extents(maps)
             return _LiveAdapter(volume, devices.data_fd, devices.header_fd)
         granule = max(
@@ -378,6 +620,7 @@ class ControlServer:
                 if seg.get("type") == "crypt"
             ]
         )
+        pair = self._fast_pair(volume, header.json, keys, extents)
         live = SegmentedVolume(
             volume.fd,
             maps,
@@ -385,8 +628,15 @@ class ControlServer:
             description=f"{volume.description} (in reencryption)",
             owns_fd=False,
             shared_lock=(volume._lock, volume.sector_size),  # noqa: SLF001 - the same volume
+            fast_volumes=(pair.old, pair.new) if pair is not None else (),
         )
+        live.discards = volume.discards  # (zeros written, no holes: SegmentedVolume.discard)
         self.served.set(live)
+        if pair is not None:
+            self._pair = pair
+            pair.route(extents, volume.sector_size)
+            log.info("serving through the reencryption's segments, in C under both keys")
+            return _LiveAdapter(live, devices.data_fd, devices.header_fd, pair)
         if volume.fast is not None:
             # Requests already in C finish with the old key (no hot zone exists yet);
             # from now on every READ/WRITE is declined to Python, which serves `live`.
@@ -394,3 +644,51 @@ class ControlServer:
             volume.fast.close()
         log.info("serving through the reencryption's segments from now on")
         return _LiveAdapter(live, devices.data_fd, devices.header_fd)
+
+    @staticmethod
+    def _fast_pair(
+        volume: Volume,
+        obj: dict[str, Any],
+        keys: dict[int, bytes],
+        extents: list[reenc.Extent],
+    ) -> _FastPair | None:
+        """The mount's C data path and a partner under the new key, when a key change
+        keeps the geometry (same data offset and sector size, no data shift) and both
+        ciphers are ones the C path serves; None otherwise (Python serves it all)."""
+        old = volume.fast
+        if old is None:
+            return None
+        rh = reenc.Reencryption.from_json(obj)
+        rh.keys = keys
+        if rh.mode != "reencrypt" or rh.shift or rh.data_offset_new != volume.data_offset:
+            return None
+        try:
+            _, new_cipher = rh.storage(new=True)
+        except KeyError:
+            return None
+        if new_cipher is None or new_cipher.sector_size != volume.sector_size:
+            return None
+        old_id, new_id = _cipher_id(volume.cipher), _cipher_id(new_cipher)
+        if old_id is None or new_id is None or old_id == new_id:
+            return None
+        # Only from a volume all under the old key (the usual start): the C path
+        # served all of it until now.
+        if any(_cipher_id(e.cipher) != old_id for e in extents):
+            return None
+        new = fast_path_for(
+            new_cipher,
+            fd=volume.fd,
+            data_offset=volume.data_offset,
+            size=volume.size,
+            readonly=False,
+            lock=volume._lock.native,  # noqa: SLF001 - the same volume
+            direct=True,
+        )
+        if new is None:
+            return None
+        new.set_window(0, 0)  # nothing is under the new key yet
+        if volume.discards:
+            new.set_discards(True)
+        old.set_partner(new)
+        volume.fast_partners.append(new)  # drained and closed with the mount's volume
+        return _FastPair(old, new, old_id, new_id, volume.data_offset)

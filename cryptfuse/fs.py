@@ -46,6 +46,12 @@ FILE_INODE: int = ROOT_INODE + 1
 #: (the size is fixed, the only writer of metadata is this process), so long timeouts
 #: save a round trip per ``stat``.
 ENTRY_TIMEOUT = 300.0
+
+# fallocate(2) modes (linux/falloc.h)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_KNOWN = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 ATTR_TIMEOUT = 60.0
 
 
@@ -76,6 +82,8 @@ class FSOptions:
     direct_io: bool = True
     #: threads serving FUSE requests at once (cryptfuse.channel)
     threads: int = 4
+    #: --lock-memory: each worker grows its buffers before serving (VolumeFS.prepare_thread)
+    preallocate: bool = False
 
 
 def errno_for(exc: BaseException) -> int:
@@ -125,6 +133,8 @@ class VolumeFS(pyfuse3.Operations):
         self._seen_fast_write_ns = 0
         self._sync_lock = trio.Lock()
         self._next_fh = 1
+        #: requests served through Python (the C path counts its own), for ``status``
+        self.counters = {"reads": 0, "writes": 0, "discards": 0, "discarded_bytes": 0}
 
     # -- the one place where volume errors become errno values -----------------
 
@@ -169,7 +179,55 @@ class VolumeFS(pyfuse3.Operations):
     def read_now(self, off: int, size: int) -> bytes:
         """Decrypt *size* bytes at *off* in the calling thread (errors as FUSEError)."""
         with self._errno_mapping("read", off, size):
-            return self.volume.read(off, size)
+            data = self.volume.read(off, size)
+            self.counters["reads"] += 1
+            return data
+        raise AssertionError("unreachable")  # pragma: no cover - for mypy
+
+    def prepare_thread(self, max_request: int) -> None:
+        """Allocate the calling worker thread's buffers for requests up to *max_request*."""
+        prepare = getattr(self.volume, "prepare_thread", None)
+        if prepare is not None:
+            prepare(max_request)
+
+    def fallocate_now(self, off: int, length: int, mode: int) -> None:
+        """``fallocate(2)`` on the volume: PUNCH_HOLE and ZERO_RANGE discard the range
+        when discards are on (docs/lifecycle.md); EOPNOTSUPP otherwise and for
+        allocation (mode 0), as dm-crypt without ``--allow-discards`` refuses them."""
+        if not getattr(self.volume, "discards", False):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if mode & ~FALLOC_KNOWN or not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if self.volume.readonly:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if off < 0 or length <= 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if not mode & FALLOC_FL_KEEP_SIZE and off + length > self.volume.size:
+            raise pyfuse3.FUSEError(errno.EFBIG)  # the volume cannot grow by itself
+        discard: Callable[[int, int], None] = getattr(self.volume, "discard")  # noqa: B009
+        try:
+            with self._errno_mapping("discard", off, length):
+                discard(off, length)
+                self.counters["discards"] += 1
+                self.counters["discarded_bytes"] += max(0, min(length, self.volume.size - off))
+        finally:
+            self._wrote()
+
+    def lseek_now(self, off: int, whence: int) -> int:
+        """``SEEK_DATA``/``SEEK_HOLE``: the container's holes with discards on (ENOSYS
+        without: the kernel then treats the whole file as data, as it does anyway)."""
+        if not getattr(self.volume, "discards", False):
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        seek: Callable[[int, int], int] = getattr(self.volume, "seek")  # noqa: B009
+        with self._errno_mapping("seek", off, 0):
+            try:
+                return int(seek(off, whence))
+            except OSError as exc:  # ENXIO: at or past the end, or only holes after off
+                if exc.errno == errno.ENXIO:
+                    raise pyfuse3.FUSEError(errno.ENXIO) from None
+                raise
         raise AssertionError("unreachable")  # pragma: no cover - for mypy
 
     def write_now(self, off: int, buf: Buffer) -> int:
@@ -179,7 +237,9 @@ class VolumeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         try:
             with self._errno_mapping("write", off, length):
-                return self.volume.write(off, buf)
+                written = self.volume.write(off, buf)
+                self.counters["writes"] += 1
+                return written
         finally:
             self._wrote()
         raise AssertionError("unreachable")  # pragma: no cover - for mypy

@@ -24,15 +24,15 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyfuse3
 import trio
 
 from .channel import Channel, find_fuse_fds
-from .control import ControlServer, Served
 from .errors import CryptfuseError
 from .fs import FSOptions, VolumeFS, VolumeLike
+from .lifecycle import lock_memory, start_control
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,10 @@ class MountConfig:
     #: reencryption, see :mod:`cryptfuse.control`) is found by the container's inode
     container: str | None = None
     header: str | None = None
+    #: what ``cryptfuse status`` reports besides the live values (cli_lifecycle.volume_info)
+    info: dict[str, Any] = field(default_factory=dict)
+    #: --lock-memory: mlockall in the daemon (cryptfuse.lifecycle.lock_memory)
+    lock_memory: bool = False
 
 
 def fsname_for(container: str) -> str:
@@ -243,11 +247,17 @@ def serve(
     """
     readonly = volume.readonly
     options = build_fuse_options(config.fuse_options, readonly, config.fsname)
+    config.fs.preallocate = config.fs.preallocate or config.lock_memory
     ops = VolumeFS(volume, config.fs)
     pending: list[int] = []
     with contextlib.ExitStack() as stack:
         # Registered first, so it runs last: the container closes after the unmount.
         stack.callback(_close_volume, volume)
+        if config.lock_memory:
+            lock_memory()
+            fast = getattr(volume, "fast", None)
+            if fast is not None:
+                fast.start_threads()
         # Until trio owns the signal handlers, remember stop signals instead of dying
         # with the mount half set up (SIGTERM's default) or a KeyboardInterrupt.
         for signum in STOP_SIGNALS:
@@ -263,10 +273,18 @@ def serve(
         # libfuse's, and a worker must never read a number that was closed and reused.
         channel = Channel(os.dup(session_fd), ops, workers=config.fs.threads)
         stack.callback(_finish_channel, channel, config.mountpoint)
-        if config.container is not None and not readonly:
-            control = ControlServer(
-                Served(config.container, config.header, _getter(ops), _setter(ops))
-            )
+        control = start_control(
+            ops,
+            channel,
+            mountpoint=config.mountpoint,
+            container=config.container,
+            header=config.header,
+            info=config.info,
+            memory_locked=config.lock_memory,
+            getter=_getter(ops),
+            setter=_setter(ops),
+        )
+        if control is not None:
             # runs before the container closes: a reencryption stops at a hot-zone boundary
             stack.callback(control.close)
         log.info("mounted %s on %s", volume.description or "volume", config.mountpoint)

@@ -302,6 +302,11 @@ class SectorCipher:
             _SubKey(spec, bytes(key[i * part : (i + 1) * part])) for i in range(spec.keycount)
         ]
 
+    @property
+    def key_size(self) -> int:
+        """Bytes of the whole key (not secret: ``cryptfuse status`` shows it)."""
+        return sum(len(sub.key) for sub in self._subkeys)
+
     def fast_parameters(self) -> FastParameters | None:
         """What :mod:`cryptfuse._fastpath` needs to serve these sectors in C, or None.
 

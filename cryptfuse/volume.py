@@ -10,6 +10,8 @@ the FUSE layer runs it in worker threads.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 import stat
@@ -79,6 +81,77 @@ def pwrite_all(fd: int, data: Buffer, offset: int, what: str) -> None:
 def device_size(fd: int) -> int:
     """Size in bytes of an open regular file or block device."""
     return os.lseek(fd, 0, os.SEEK_END)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+#: encrypted zeros are written from this many plaintext zeros at a time
+_ZEROS_LEN = 1 << 20
+_ZEROS = bytes(_ZEROS_LEN)
+_libc: ctypes.CDLL | None = None
+
+
+def _punch_hole(fd: int, position: int, length: int) -> bool:
+    """Punch [position, position + length) out of the file, or discard it on a block
+    device (which then reads as zeros); False where that is not supported."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, position, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    # EINVAL: a block device's alignment rules; the caller writes encrypted zeros then
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise DeviceError(f"cannot punch {length} bytes at {position}: {os.strerror(err)}")
+
+
+def _hole_block(fd: int) -> int:
+    """The unit a hole or a device discard comes in: the file system's block, or the
+    block device's (st_blksize: its page-sized buffer block, a multiple of the logical
+    block size)."""
+    return max(0, os.fstat(fd).st_blksize)
+
+
+def container_holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The holes of the file in [start, end), as (start, end) byte ranges."""
+    holes: list[tuple[int, int]] = []
+    position = start
+    while position < end:
+        try:
+            hole = os.lseek(fd, position, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno in (errno.ENXIO, errno.EINVAL):  # past the end, or no holes here
+                break
+            raise DeviceError(f"lseek of the container failed: {exc.strerror}") from exc
+        if hole >= end:
+            break
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise DeviceError(f"lseek of the container failed: {exc.strerror}") from exc
+            data = end
+        holes.append((hole, min(data, end)))
+        position = data
+    return holes
+
+
+def _zeros_read_as_zeros(raw: memoryview, out: memoryview, ss: int) -> None:
+    """Discards on: a sector whose ciphertext is all zeros -- a hole of the container,
+    or the zeros a file system fills the rest of a partly written block with -- reads as
+    zeros, not as the noise that decrypting zeros gives (dm-crypt's answer).  A real
+    ciphertext sector is all zeros with probability 2^-(8 * ss), and its first byte
+    alone rules out nearly every sector."""
+    starts = bytes(raw[::ss])
+    index = starts.find(0)
+    while index >= 0:
+        sector = raw[index * ss : (index + 1) * ss]
+        if sector == _ZEROS[:ss]:
+            out[index * ss : (index + 1) * ss] = _ZEROS[:ss]
+        index = starts.find(0, index + 1)
 
 
 class _RangeLock:
@@ -250,6 +323,17 @@ class Volume:
         self.description = description
         self._lock = _RangeLock()
         self._closed = False
+        #: more FastVolumes on this fd (an online reencryption's new key): drained by
+        #: sync() and closed by close() with ``fast``
+        self.fast_partners: list[_fastpath.FastVolume] = []
+        #: discards on (--allow-discards or the LUKS2 flag): see :meth:`discard`
+        self.discards = False
+        #: what the opening found out, for ``cryptfuse status`` and ``resize``: the keyslot
+        #: that opened it, whether the size follows the container (False: a LUKS2
+        #: segment of fixed size) and the LUKS2 persistent flags
+        self.key_slot: int | None = None
+        self.dynamic_size = True
+        self.persistent_flags: tuple[str, ...] = ()
         self.fast = (
             None
             if not fast
@@ -286,6 +370,8 @@ class Volume:
         if got != length:
             raise DeviceError(f"container ends early: short read of {length} bytes at {position}")
         self.cipher.decrypt_into(raw, first, out)
+        if self.discards:
+            _zeros_read_as_zeros(raw, out, self.sector_size)
 
     def _write_sectors(self, first: int, plain: memoryview) -> None:
         """Encrypt whole sectors starting at *first* and write them to the container."""
@@ -312,6 +398,8 @@ class Volume:
         last = -(-end // ss)
         start = offset - first * ss
         with self._lock.hold(first, last):
+            if end > self.size:  # shrunk (resize) while this read waited for the lock
+                return self.read(offset, min(length, max(0, self.size - offset)))
             plain = _SCRATCH.get(2, (last - first) * ss)
             self._read_sectors_into(first, plain)
             return bytes(plain[start : start + end - offset])
@@ -335,28 +423,151 @@ class Volume:
         first = offset // ss
         last = -(-end // ss)
         head = offset - first * ss
+        shrunk = False
         # Through the page cache: while the C path uses O_DIRECT, more than our sectors
         # (see FastVolume.write_lock_range).
-        lo, hi = (first, last) if self.fast is None else self.fast.write_lock_range(first, last)
+        try:
+            lo, hi = (first, last) if self.fast is None else self.fast.write_lock_range(first, last)
+        except ValueError:  # a resize shrank the volume since the check above
+            return self.write(offset, view)
         with self._lock.hold(lo, hi):
-            if head == 0 and end % ss == 0:
+            if end > self.size:  # shrunk (resize) while this write waited for the lock
+                shrunk = True
+            elif head == 0 and end % ss == 0:
                 self._write_sectors(first, view[:count])
                 return count
-            # Read-modify-write: only the partial boundary sectors need their old contents.
-            buf = _SCRATCH.get(2, (last - first) * ss)
-            if head:
-                self._read_sectors_into(first, buf[:ss])
-            if end % ss and (last - 1 > first or not head):
-                self._read_sectors_into(last - 1, buf[-ss:])
-            buf[head : head + count] = view[:count]
-            self._write_sectors(first, buf)
+            else:
+                # Read-modify-write: only the partial boundary sectors need their old contents.
+                buf = _SCRATCH.get(2, (last - first) * ss)
+                if head:
+                    self._read_sectors_into(first, buf[:ss])
+                if end % ss and (last - 1 > first or not head):
+                    self._read_sectors_into(last - 1, buf[-ss:])
+                buf[head : head + count] = view[:count]
+                self._write_sectors(first, buf)
+        if shrunk:
+            return self.write(offset, view)
         return count
+
+    # -- the mounted volume's life: resize, discards, holes (docs/lifecycle.md) ------------
+
+    def prepare_thread(self, max_request: int) -> None:
+        """Grow this thread's scratch buffers now to what a request of *max_request*
+        bytes needs (--lock-memory: no allocation on the data path later)."""
+        for index in range(3):
+            _SCRATCH.get(index, max_request + 2 * self.sector_size)
+
+    def enable_discards(self) -> None:
+        """Discards on: fallocate punches/zeroes (:meth:`discard`) and holes read as zeros."""
+        self.discards = True
+        if self.fast is not None:
+            self.fast.set_discards(True)
+
+    def container_size(self) -> int:
+        """Bytes of the container now (a file may have grown since the volume opened)."""
+        return device_size(self.fd)
+
+    def resize(self, size: int) -> None:
+        """Give the volume *size* bytes from now on, with no request in flight meanwhile."""
+        if self.readonly:
+            raise ReadOnlyError("the volume is read-only")
+        ss = self.sector_size
+        if size < 0 or size % ss:
+            raise UsageError("Device size is not aligned to requested sector size.")
+        room = self.container_size() - self.data_offset
+        if size > room:
+            raise DeviceError(
+                f"the container is too small: {size // 512} sectors do not fit after the "
+                f"data offset (room for {max(room, 0) // 512})"
+            )
+        top = max(size, self.size) // ss
+        with self._lock.hold(0, top):  # waits for every read and write under way
+            for fast in [self.fast, *self.fast_partners]:
+                if fast is not None:
+                    fast.set_size(size)
+                    fast.invalidate(0, top)
+            self.size = size
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros, returning what space it can.
+
+        Whole sectors lying on whole allocation blocks of the container are punched
+        out of it (``FALLOC_FL_PUNCH_HOLE``); partial sectors at the edges, and whole
+        sectors sharing a block with data, are written as encrypted zeros, so that
+        every hole of the container covers whole discarded sectors only.
+        """
+        if self.readonly:
+            raise ReadOnlyError("the volume is read-only")
+        end = min(offset + length, self.size)
+        if offset < 0 or offset >= end:
+            return
+        ss = self.sector_size
+        a, b = -(-offset // ss), end // ss
+        if a >= b:
+            self.write(offset, bytes(end - offset))
+            return
+        if offset < a * ss:
+            self.write(offset, bytes(a * ss - offset))
+        if end > b * ss:
+            self.write(b * ss, bytes(end - b * ss))
+        block = _hole_block(self.fd)
+        p = q = a
+        if block:
+            aligned = [k for k in range(a, min(b, a + block // ss + 1)) if self._on_block(k, block)]
+            if aligned:
+                p = aligned[0]
+                q = next(k for k in range(b, p - 1, -1) if self._on_block(k, block))
+        try:
+            lo, hi = (a, b) if self.fast is None else self.fast.write_lock_range(a, b)
+        except ValueError:  # a resize shrank the volume meanwhile
+            return self.discard(offset, length)
+        with self._lock.hold(lo, hi):
+            if q > p:
+                position = self.data_offset + p * ss
+                if not _punch_hole(self.fd, position, (q - p) * ss):
+                    p = q = a  # the container's file system cannot: zeros everywhere
+            for first, last in ((a, p), (q, b)):
+                for k in range(first, last, _ZEROS_LEN // ss):
+                    n = min(last - k, _ZEROS_LEN // ss)
+                    self._write_sectors(k, memoryview(_ZEROS)[: n * ss])
+            if self.fast is not None:
+                self.fast.invalidate(a, b - a)
+
+    def _on_block(self, sector: int, block: int) -> bool:
+        return (self.data_offset + sector * self.sector_size) % block == 0
+
+    def seek(self, offset: int, whence: int) -> int:
+        """``lseek(SEEK_DATA/SEEK_HOLE)`` on the volume: with discards on, the container's
+        holes (whole sectors); otherwise all data, the one hole at the end.  Raises
+        ``OSError(ENXIO)`` at or after the end, as lseek does."""
+        if offset < 0 or offset >= self.size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        if not self.discards:
+            return offset if whence == os.SEEK_DATA else self.size
+        ss = self.sector_size
+        position = self.data_offset + offset
+        try:
+            found = os.lseek(self.fd, position, whence) - self.data_offset
+        except OSError as exc:
+            if exc.errno == errno.ENXIO and whence == os.SEEK_DATA:
+                raise  # only holes from here to the container's end
+            if exc.errno in (errno.EINVAL, errno.ENXIO):  # no hole support (block devices)
+                return offset if whence == os.SEEK_DATA else self.size
+            raise DeviceError(f"lseek of the container failed: {exc.strerror}") from exc
+        if whence == os.SEEK_DATA:
+            found = max(offset, found // ss * ss)
+            if found >= self.size:
+                raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+            return found
+        return min(self.size, max(offset, -(-found // ss) * ss))
 
     def sync(self) -> None:
         """Flush everything written so far to the container's disk."""
-        if self.fast is not None:
+        for fast in [self.fast, *self.fast_partners]:
+            if fast is None:
+                continue
             try:
-                self.fast.drain()  # the C path's writes answered before their pwrite
+                fast.drain()  # the C path's writes answered before their pwrite
             except OSError as exc:
                 raise DeviceError(f"a write to the container failed: {exc.strerror}") from exc
         try:
@@ -369,9 +580,10 @@ class Volume:
         if self._closed:
             return
         self._closed = True
-        if self.fast is not None:
+        for fast in [*self.fast_partners, self.fast]:
             # No C read or write reaches the fd from here on (nor after the sync).
-            self.fast.close()
+            if fast is not None:
+                fast.close()
         try:
             if not self.readonly:
                 self.sync()
@@ -425,6 +637,7 @@ class SegmentedVolume(Volume):
         owns_fd: bool = True,
         shared_lock: tuple[_RangeLock, int] | None = None,
         granule: int = 512,
+        fast_volumes: tuple[_fastpath.FastVolume, ...] = (),
     ) -> None:
         size = sum(e.length for e in extents)
         # the read-modify-write unit: every sector size the volume has or will have
@@ -453,6 +666,23 @@ class SegmentedVolume(Volume):
             raise UsageError("shared range lock unit does not divide the sector size")
         self._base_lock, self._unit = base, unit
         self._lock = _ScaledLock(base, granule // unit)  # type: ignore[assignment]
+        # The C data path of the volume it stands in for, and its partner under the new
+        # key, serving what lies wholly in their windows (docs/reencryption.md): the
+        # first gives the write-lock ranges, all are drained by sync() and told of
+        # every write here.  Their sectors are this volume's (same size, same lock).
+        if fast_volumes and granule != unit:
+            raise UsageError("a C data path needs the lock's own sector size")
+        self.fast_partners = list(fast_volumes[1:])
+        self.fast = fast_volumes[0] if fast_volumes else None
+
+    def enable_discards(self) -> None:
+        raise UsageError("discards are not supported while a LUKS2 reencryption is under way")
+
+    def resize(self, size: int) -> None:
+        raise UsageError(
+            "the volume cannot be resized while it is served through a LUKS2 "
+            "reencryption's segments (remount it once the reencryption has finished)"
+        )
 
     def hold(self, start: int, end: int) -> AbstractContextManager[None]:
         """Exclude every read and write of volume bytes [start, end) meanwhile."""
@@ -495,13 +725,37 @@ class SegmentedVolume(Volume):
                 e.cipher.decrypt_into(raw, at // e.cipher.sector_size, out[into : into + length])
 
     def _write_sectors(self, first: int, plain: memoryview) -> None:
-        for e, at, into, length in self._pieces(first, len(plain)):
-            piece = plain[into : into + length]
-            data = (
-                piece if e.cipher is None else e.cipher.encrypt(piece, at // e.cipher.sector_size)
-            )
-            position = e.position + at
-            pwrite_all(e.fd, data, position, f"{length} bytes at {position}")
+        try:
+            for e, at, into, length in self._pieces(first, len(plain)):
+                piece = plain[into : into + length]
+                data = (
+                    piece
+                    if e.cipher is None
+                    else e.cipher.encrypt(piece, at // e.cipher.sector_size)
+                )
+                position = e.position + at
+                pwrite_all(e.fd, data, position, f"{length} bytes at {position}")
+        finally:  # even after a failure: part of it may be on disk
+            for fast in [self.fast, *self.fast_partners]:
+                if fast is not None:  # read-ahead of these sectors is stale
+                    fast.invalidate(first, len(plain) // self.sector_size)
+
+    # Discards and holes need one data area under one key: not here.
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros: written as encrypted zeros
+        through the extents (no hole is punched while the volume has several keys)."""
+        if self.readonly:
+            raise ReadOnlyError("the volume is read-only")
+        end = min(offset + length, self.size)
+        for at in range(max(offset, 0), end, _ZEROS_LEN):
+            self.write(at, memoryview(_ZEROS)[: min(_ZEROS_LEN, end - at)])
+
+    def seek(self, offset: int, whence: int) -> int:
+        """All data (holes are not tracked across several keys), the one hole at the end."""
+        if offset < 0 or offset >= self.size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        return offset if whence == os.SEEK_DATA else self.size
 
     def close(self) -> None:
         if not self._owns_fd:  # the volume it stands in for syncs and closes the fd

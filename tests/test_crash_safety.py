@@ -15,6 +15,7 @@ every operation is covered (LUKS1 and LUKS2).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -71,7 +72,12 @@ def run_killed(action: Callable[[], object], kill_at: int | None, torn: bool) ->
         def pwrite(fd: int, data: bytes, offset: int) -> int:
             if event("w"):
                 if torn and len(data) > 1:
-                    real_pwrite(fd, bytes(memoryview(data)[: len(data) // 2]), offset)
+                    # the first half (whole pages of it, from the caller's own buffer:
+                    # an O_DIRECT descriptor takes nothing else); none if refused
+                    half = len(data) // 2
+                    half -= half % 4096 if half >= 4096 else 0
+                    with contextlib.suppress(OSError):
+                        real_pwrite(fd, memoryview(data).cast("B")[:half], offset)
                 os._exit(KILLED)
             return real_pwrite(fd, data, offset)
 

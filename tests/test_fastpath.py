@@ -196,6 +196,31 @@ def test_large_requests_shared_with_the_helper_thread(tmp_path: Path, sector_siz
 
 
 @pytest.mark.parametrize(
+    ("spec", "sector_size"), [("aes-xts-plain64", 4096), ("aes-cbc-essiv:sha256", 512)]
+)
+def test_crypt_into_the_callers_buffer(tmp_path: Path, spec: str, sector_size: int) -> None:
+    """Worker.crypt_into: any length (beyond the 1 MiB of encrypt/decrypt) straight into
+    the caller's buffer, in place too; partial overlaps and odd lengths refused."""
+    key = KEY512 if "xts" in spec else KEY512[:32]
+    with make_volume(tmp_path / "c.img", spec, key, sector_size) as vol:
+        worker = vol.fast.worker()
+        data = os.urandom(3 * MiB + sector_size)
+        expected = vol.cipher.encrypt(data, 77)
+        out = bytearray(len(data))
+        assert worker.crypt_into(data, 77, out, True) is None
+        assert out == expected
+        worker.crypt_into(out, 77, out, False)  # in place
+        assert out == data
+        with pytest.raises(ValueError, match="overlap"):
+            view = memoryview(out)
+            worker.crypt_into(view[: 2 * sector_size], 0, view[sector_size : 3 * sector_size], True)
+        with pytest.raises(ValueError, match="whole sectors"):
+            worker.crypt_into(data[:100], 0, bytearray(100), True)
+        with pytest.raises(ValueError, match="same length"):
+            worker.crypt_into(data, 0, bytearray(len(data) - sector_size), True)
+
+
+@pytest.mark.parametrize(
     ("spec", "key"),
     [
         pytest.param("aes-cbc-benbi", KEY512[:32], id="cbc-benbi"),

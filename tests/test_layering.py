@@ -43,14 +43,19 @@ LAYERS: dict[str, float] = {
     "benchmark": 3.5,  # `cryptfuse benchmark`: engine + KDF timings; no I/O layer above it
     "formats": 4,  # and every formats.* submodule
     "control": 4.8,  # the daemon's control socket: online reencryption (no trio/pyfuse3)
+    "mountfs": 4.9,  # --mount-fs and close: mount(8), fuse2fs, /proc and /sys inspection
     "fs": 5,
     "channel": 5.2,  # the FUSE request loop: threads on /dev/fuse, VolumeFS for the rules
+    "lifecycle": 5.4,  # status/resize handlers of the daemon, --lock-memory
     "mount": 5.5,
     "": 5.9,  # the facade re-exports everything: only cli and __main__ may import it
+    "mount_options": 5.91,  # crypttab-style -o options of mount(8)/fstab (pure)
     "cli_input": 5.92,  # passphrase/key-file input and option types shared by subcommands
     "cli_luks": 5.95,  # the LUKS management subcommands; cli dispatches to them
     "cli_convert": 5.96,  # cryptfuse convert: reuses cli_luks's option helpers
     "cli_reencrypt": 5.97,  # reencrypt and repair: reuses cli_luks's option helpers
+    "cli_close": 5.975,  # cryptfuse close
+    "cli_lifecycle": 5.975,  # status and resize of a mounted volume (control socket)
     "cli_foreign": 5.98,  # tcrypt/bitlk/fvault2: mount options, dump, detect
     "cli": 6,
     "__main__": 7,
@@ -66,7 +71,16 @@ THIRD_PARTY: dict[str, set[str]] = {
 }
 
 # The command line: the modules that may read passphrases and parse options.
-CLI_MODULES = {"cli", "cli_convert", "cli_input", "cli_luks", "cli_reencrypt", "cli_foreign"}
+CLI_MODULES = {
+    "cli",
+    "cli_close",
+    "cli_convert",
+    "cli_input",
+    "cli_luks",
+    "cli_reencrypt",
+    "cli_lifecycle",
+    "cli_foreign",
+}
 
 # Standard library modules that belong to the command line only.
 CLI_ONLY_STDLIB = {"argparse", "getpass", "logging.config"}

@@ -20,6 +20,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -470,6 +471,46 @@ def test_decrypt_detached(tmp_path: Path, finisher: str) -> None:
     else:
         resume_with_cryptsetup(img, tmp_path / "pass", hdr)
     assert img.read_bytes() == data
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_next_zone_read_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str
+) -> None:
+    """Offline, each hot zone after the first is read while the one before it is
+    converted and written: every zone once, in order, on the read-ahead thread."""
+    if direction == "forward":  # a key change goes forward
+        img, key, data = make(tmp_path, data_mib=3)
+        hdr = None
+        reenc.initialize(
+            str(img), None, PASS, reenc.ReencryptOptions(resilience="checksum"),
+            KdfParams("pbkdf2", iterations=1000),
+        )  # fmt: skip
+    else:  # decrypting with a detached header goes backward
+        img, hdr, data = detached_luks(tmp_path, 3)
+        reenc.initialize_decrypt(str(img), str(hdr), PASS, resilience="journal")
+    reads: list[tuple[str, int, int]] = []
+    real = reenc._Devices.read_zone
+
+    def spy(self: reenc._Devices, view: memoryview, position: int) -> None:
+        reads.append((threading.current_thread().name, position, len(view)))
+        real(self, view, position)
+
+    monkeypatch.setattr(reenc._Devices, "read_zone", spy)
+    zone = 256 * 1024
+    assert reenc.run(str(img), str(hdr) if hdr else None, PASS, max_hotzone=zone).finished
+    base = MiB if hdr is None else 0
+    starts = [p - base for _, p, _ in reads]
+    step = zone if direction == "forward" else -zone
+    first = 0 if direction == "forward" else len(data) - zone
+    assert starts == list(range(first, first + step * (len(data) // zone), step))
+    assert all(n == zone for _, _, n in reads)
+    assert [t for t, _, _ in reads[1:]] == ["reencrypt-read-ahead"] * (len(reads) - 1)
+    if hdr is None:
+        assert read_all(img) == data
+        cryptsetup_checks(img, key, data)
+    else:
+        assert img.read_bytes() == data
 
 
 def test_cli_encrypt_then_decrypt(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ the volume.  Checked here, through the kernel (root + FUSE):
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -74,9 +76,13 @@ def reencrypt(cf: Cryptfuse, img: Path, key: Path, *extra: object) -> subprocess
 class Writer(threading.Thread):
     """Random writes through the mount, each fsync'd, against a byte model."""
 
-    def __init__(self, path: Path, model: bytearray, seed: int) -> None:
+    def __init__(
+        self, path: Path, model: bytearray, seed: int, span: tuple[int, int] | None = None
+    ) -> None:
         super().__init__(daemon=True)
         self.path, self.model, self.rng = path, model, random.Random(seed)
+        #: the volume bytes it writes (all by default)
+        self.span = span or (0, len(model))
         self.stop = threading.Event()
         self.count = 0
         self.error: BaseException | None = None
@@ -89,9 +95,9 @@ class Writer(threading.Thread):
             try:
                 while not self.stop.is_set():
                     length = self.rng.choice([1, 100, 512, 4096, 4096, 65536, 300_000])
-                    offset = self.rng.randrange(0, len(self.model) - length)
+                    offset = self.rng.randrange(self.span[0], self.span[1] - length)
                     if self.rng.random() < 0.5:
-                        offset -= offset % 4096
+                        offset = max(self.span[0], offset - offset % 4096)
                     data = self.rng.randbytes(length)
                     self.pending = (offset, data)
                     os.pwrite(fd, data, offset)
@@ -170,6 +176,104 @@ def test_online_under_a_writer(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: 
     assert offline(img) == model
     hdr = header_json(img)
     assert "requirements" not in hdr["config"] and hdr["segments"]["0"]["sector_size"] == 512
+    cryptsetup_checks(img, key, bytes(model))
+
+
+class DirectIO(threading.Thread):
+    """O_DIRECT transfers of 256 KiB to 1 MiB at page-aligned offsets of *span* (what the
+    C data path writes behind and reads ahead): writes (each fsync'd, into *model*)
+    or reads checked against *model* (a span nobody writes)."""
+
+    def __init__(
+        self, path: Path, model: bytearray, span: tuple[int, int], write: bool, seed: int
+    ) -> None:
+        super().__init__(daemon=True)
+        self.path, self.model, self.span, self.write = path, model, span, write
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        buf = mmap.mmap(-1, MiB)
+        fd = os.open(self.path, (os.O_RDWR if self.write else os.O_RDONLY) | os.O_DIRECT)
+        try:
+            at = self.span[0]
+            while not self.stop.is_set():
+                length = self.rng.choice([256 * 1024, 512 * 1024, MiB])
+                if self.write:
+                    at = (
+                        self.span[0]
+                        + self.rng.randrange(0, (self.span[1] - self.span[0] - length) // 4096)
+                        * 4096
+                    )
+                    data = self.rng.randbytes(length)
+                    buf[:length] = data
+                    assert os.pwritev(fd, [memoryview(buf)[:length]], at) == length
+                    os.fsync(fd)
+                    self.model[at : at + length] = data
+                else:  # sequential, round and round
+                    if at + length > self.span[1]:
+                        at = self.span[0]
+                    assert os.preadv(fd, [memoryview(buf)[:length]], at) == length
+                    assert buf[:length] == self.model[at : at + length], f"read at {at}"
+                    at += length
+                self.count += 1
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            os.close(fd)
+            buf.close()
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(30)
+        assert not self.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def test_online_key_change_served_in_c(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: F811 - fixtures
+    """A key change that keeps the geometry is served by the C data path all along: the
+    old key's where the data is still old, the new key's where it is converted (each
+    request re-checks under its range lock), and the new key's alone afterwards."""
+    size = 48 * MiB
+    img, key = make(tmp_path, 48)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "daemon.log"
+    pids = cf.mount("-v", "--log-file", log, "--key-file", key, img, mountpoint=mnt, input=b"")
+    volume = mnt / "volume"
+    model = fill(volume, size)
+    quarter = size // 4
+    threads = [
+        Writer(volume, model, 4, span=(0, quarter)),
+        DirectIO(volume, model, (quarter, 3 * quarter), True, 5),
+        DirectIO(volume, model, (3 * quarter, size), False, 6),  # nobody writes there
+    ]
+    for t in threads:
+        t.start()
+    proc = reencrypt(cf, img, key, "--hotzone-size", "512k", "--resilience", "checksum")
+    _, err = proc.communicate(timeout=300)
+    for t in threads:
+        t.finish()
+    assert proc.returncode == 0, err.decode()
+    assert all(t.count > 2 for t in threads), [t.count for t in threads]
+    buf = mmap.mmap(-1, MiB)
+    fd = os.open(volume, os.O_RDONLY | os.O_DIRECT)
+    try:
+        for at in range(0, size, MiB):  # after: through the new key's C path
+            assert os.preadv(fd, [buf], at) == MiB
+            assert buf[:] == model[at : at + MiB], at
+    finally:
+        os.close(fd)
+    assert volume.read_bytes() == model
+    cf.unmount(mnt, pids)
+    text = log.read_text()
+    assert "in C under both keys" in text, text
+    served = re.search(r"of them, (\d+) served under an online reencryption's new key", text)
+    assert served is not None and int(served.group(1)) >= size // MiB, text
+    assert offline(img) == model
     cryptsetup_checks(img, key, bytes(model))
 
 

@@ -507,6 +507,12 @@ class BitlkVolume(SegmentedVolume):
     """A BITLK device: encrypted extents plus zero extents (``fd`` -1) whose writes
     are dropped, as dm-zero does."""
 
+    def enable_discards(self) -> None:
+        raise UsageError("discards are not supported on BITLK volumes")
+
+    def resize(self, size: int) -> None:
+        raise UsageError("BITLK volumes cannot be resized")
+
     def _read_sectors_into(self, first: int, out: memoryview) -> None:
         for e, at, into, length in self._pieces(first, len(out)):
             if e.fd < 0:

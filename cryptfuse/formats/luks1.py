@@ -325,11 +325,11 @@ def open_luks1(
     with open_devices(data_path, header_path, readonly) as dev:
         header = read_luks1_header(dev.header_fd, dev.header_path)
         spec = header.check_supported()
-        _, key = header.unlock(dev.header_fd, passphrase, key_slot)
+        slot, key = header.unlock(dev.header_fd, passphrase, key_slot)
         offset = header.payload_offset * 512
         size = data_area_size(dev.data_size, offset, 512, None, data_path)
         cipher = SectorCipher(spec, key, 512, iv_offset=0)
-        return Volume(
+        volume = Volume(
             dev.data_fd,
             cipher,
             offset,
@@ -337,3 +337,5 @@ def open_luks1(
             readonly=readonly,
             description=f"LUKS1 {data_path}",
         )
+        volume.key_slot = slot
+        return volume

@@ -1314,7 +1314,7 @@ def open_luks2(
         if any(_reencrypt_candidate(r) for r in header.metadata.config.requirements):
             return _open_in_reencryption(header, dev, passphrase, key_slot, readonly)
         segment, spec, _ = header.data_segment()
-        _, key = header.unlock(dev.header_fd, passphrase, key_slot)
+        slot, key = header.unlock(dev.header_fd, passphrase, key_slot)
         assert segment.sector_size is not None and segment.iv_tweak is not None
         size = data_area_size(
             dev.data_size, segment.offset, segment.sector_size, segment.size, data_path
@@ -1322,7 +1322,7 @@ def open_luks2(
         # LUKS2 never sets iv_large_sectors: a 4 KiB sector's IV is its first
         # 512-byte sector number, and iv_tweak counts 512-byte sectors too.
         cipher = SectorCipher(spec, key, segment.sector_size, iv_offset=segment.iv_tweak)
-        return Volume(
+        volume = Volume(
             dev.data_fd,
             cipher,
             segment.offset,
@@ -1330,6 +1330,10 @@ def open_luks2(
             readonly=readonly,
             description=f"LUKS2 {data_path}",
         )
+        volume.key_slot = slot
+        volume.dynamic_size = segment.size is None
+        volume.persistent_flags = tuple(header.metadata.config.flags)
+        return volume
 
 
 def _interrupted_reencryption(path: str) -> bool:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -889,30 +891,24 @@ class _Crypter:
             else:
                 cipher.decrypt_into(src, first, dst)
             return dst
-        chunks = list(range(0, len(src), _CHUNK))
-
-        def work(worker: Any, mine: list[int]) -> None:
-            call = worker.encrypt if encrypt else worker.decrypt
-            for at in mine:
-                piece = src[at : at + _CHUNK]
-                dst[at : at + len(piece)] = call(piece, first + at // ss, False)
-
-        half = (len(chunks) + 1) // 2
-        if len(pool) < 2 or half < 2:
-            work(pool[0], chunks)
+        sectors = len(src) // ss
+        # two halves, one per worker, straight into dst (no copy through the worker)
+        half = (sectors + 1) // 2 * ss if len(pool) > 1 and len(src) >= 2 * _CHUNK else len(src)
+        if half == len(src):
+            pool[0].crypt_into(src, first, dst, encrypt)
             return dst
         errors: list[BaseException] = []
 
         def second() -> None:
             try:
-                work(pool[1], chunks[half:])
+                pool[1].crypt_into(src[half:], first + half // ss, dst[half:], encrypt)
             except BaseException as exc:  # re-raised in the caller's thread
                 errors.append(exc)
 
         helper = threading.Thread(target=second, name="reencrypt-cipher-2")
         helper.start()
         try:
-            work(pool[0], chunks[:half])
+            pool[0].crypt_into(src[:half], first, dst[:half], encrypt)
         finally:
             helper.join()
         if errors:
@@ -946,32 +942,126 @@ def _big_buffer(length: int) -> mmap.mmap:
 
 
 @dataclass
+class _ReadAhead:
+    index: int
+    position: int
+    length: int
+    ok: bool = False
+    thread: threading.Thread = field(default_factory=threading.Thread)
+
+
+def _next_zone(rh: Reencryption) -> tuple[int, int] | None:
+    """(container position, length) of the hot zone after this one when it can be read
+    before this one is written: no data shift (the source then never moves) and no
+    overlap with this zone's write; None otherwise."""
+    if rh.shift or rh.seg_moved is not None or rh.protection.type == "datashift":
+        return None
+    probe = copy.copy(rh)  # _update changes only the scalar position fields
+    probe.read = rh.length
+    try:
+        _update(probe)
+    except FormatError:
+        return None
+    if probe.length <= 0 or probe.progress >= rh.device_size:
+        return None
+    start = rh.data_offset_old + probe.offset
+    written = rh.data_offset_new + rh.offset
+    if start < written + rh.length and written < start + probe.length:
+        return None
+    return start, probe.length
+
+
+@dataclass
 class _Devices:
     data_fd: int
     header_fd: int
     writer: Luks2Writer
     crypter: _Crypter = field(default_factory=_Crypter)
-    buffers: list[mmap.mmap | None] = field(default_factory=lambda: [None, None])
+    #: 0 and 2: hot zones as read (in turn: one is converted while the next is read
+    #: ahead), 1: the zone as converted
+    buffers: list[mmap.mmap | None] = field(default_factory=lambda: [None, None, None])
+    #: the buffer the current hot zone was read into
+    current: int = 2
+    ahead: _ReadAhead | None = None
 
-    #: the data device again with O_DIRECT (-1: none): hot zones are read straight into
-    #: the buffer, as cryptsetup does (buffered reads of a cold 1 GiB ran at a third of
-    #: the disk's speed here); the kernel writes back dirty cached pages of the range first
+    #: the data device again with O_DIRECT (-1: none): hot zones are read and written
+    #: straight from and to the buffers, as cryptsetup does (buffered reads of a cold
+    #: 1 GiB ran at a third of the disk's speed here; buffered writes cost a copy into
+    #: the page cache and its write-back); the kernel writes back and drops cached pages
+    #: of the range first
     direct_fd: int = -2
 
     def direct(self) -> int:
         if self.direct_fd == -2:
             try:
+                mode = fcntl.fcntl(self.data_fd, fcntl.F_GETFL) & os.O_ACCMODE
                 self.direct_fd = os.open(
-                    f"/proc/self/fd/{self.data_fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC
+                    f"/proc/self/fd/{self.data_fd}",
+                    (os.O_RDONLY if mode == os.O_RDONLY else os.O_RDWR)
+                    | os.O_DIRECT
+                    | os.O_CLOEXEC,
                 )
             except (OSError, AttributeError):
                 self.direct_fd = -1
         return self.direct_fd
 
+    def write_zone(self, view: memoryview, position: int) -> None:
+        """Write a converted hot zone at *position* (O_DIRECT where all is aligned)."""
+        fd = self.direct()
+        if fd >= 0 and not position % 4096 and not len(view) % 4096:
+            try:
+                pwrite_all(fd, view, position, "hot zone")
+                return
+            except DeviceError as exc:
+                cause = exc.__cause__
+                if not isinstance(cause, OSError) or cause.errno != errno.EINVAL:
+                    raise
+                # a file system that refuses O_DIRECT writes: through the cache
+        pwrite_all(self.data_fd, view, position, "hot zone")
+
     def close(self) -> None:
+        self._join_ahead()
         if self.direct_fd >= 0:
             os.close(self.direct_fd)
         self.direct_fd = -1
+
+    def _join_ahead(self) -> _ReadAhead | None:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.thread.join()
+        return ahead
+
+    def zone(self, position: int, length: int) -> memoryview:
+        """The hot zone at *position*: the one read ahead when it is that one, else read
+        now, into the raw buffer the previous zone did not use."""
+        ahead = self._join_ahead()
+        if ahead is not None and (ahead.position, ahead.length) == (position, length):
+            if ahead.ok:
+                self.current = ahead.index
+                return self.buffer(ahead.index, length)
+        self.current = 2 - self.current
+        view = self.buffer(self.current, length)
+        self.read_zone(view, position)
+        return view
+
+    def read_ahead(self, position: int, length: int) -> None:
+        """Start reading the next hot zone into the other raw buffer (a thread: the disk
+        reads while this zone is protected, converted and written).  Only for a zone
+        that this one's write does not touch and nothing else writes (offline)."""
+        index = 2 - self.current
+        view = self.buffer(index, length)
+        ahead = _ReadAhead(index, position, length)
+
+        def read() -> None:
+            try:
+                self.read_zone(view, position)
+                ahead.ok = True
+            except (DeviceError, OSError):
+                pass  # zone() reads it again and reports the error where it belongs
+
+        ahead.thread = threading.Thread(target=read, name="reencrypt-read-ahead")
+        ahead.thread.start()
+        self.ahead = ahead
 
     def read_zone(self, view: memoryview, position: int) -> None:
         """Read a hot zone into *view* (O_DIRECT where everything is 4 KiB aligned)."""
@@ -985,7 +1075,7 @@ class _Devices:
         _read_into(self.data_fd, view, position, "reencryption hot zone")
 
     def buffer(self, index: int, length: int) -> memoryview:
-        """A reused buffer of *length* bytes (two: the hot zone as read, and as converted)."""
+        """A reused buffer of *length* bytes (see ``buffers``)."""
         buf = self.buffers[index]
         if buf is None or len(buf) < length:
             buf = self.buffers[index] = _big_buffer(length)
@@ -997,7 +1087,7 @@ def _commit(dev: _Devices, rh: Reencryption) -> None:
     dev.writer.commit()
 
 
-def _step(dev: _Devices, rh: Reencryption) -> None:
+def _step(dev: _Devices, rh: Reencryption, ahead: tuple[int, int] | None = None) -> None:
     """Reencrypt one hot zone, committing the metadata as cryptsetup's ``reencrypt_step``."""
     hot_segs = _hot_segments(rh)
     post = _post_segments(rh, hot_segs)
@@ -1009,9 +1099,10 @@ def _step(dev: _Devices, rh: Reencryption) -> None:
         if rh.moved_protection is not None:
             prot = rh.moved_protection
     _assign(rh, hot_segs, hot=True)
-    raw = dev.buffer(0, rh.length)
-    dev.read_zone(raw, old_base + rh.offset)
+    raw = dev.zone(old_base + rh.offset, rh.length)
     rh.read = len(raw)
+    if ahead is not None:
+        dev.read_ahead(*ahead)
     # The new ciphertext is computed meanwhile (into memory only, raw stays untouched):
     # the cipher runs in the C data path's threads while this thread hashes or journals.
     converted: list[memoryview] = []
@@ -1044,7 +1135,7 @@ def _step(dev: _Devices, rh: Reencryption) -> None:
         worker.join()
     if failed:
         raise failed[0]
-    pwrite_all(dev.data_fd, converted[0], new_base + rh.offset, "hot zone")
+    dev.write_zone(converted[0], new_base + rh.offset)
     if prot.type != "none":
         sync(dev.data_fd)
     # metadata commit safe point: the caller commits, together with the finish after
@@ -1457,7 +1548,7 @@ def _run_on(
                 os.fdatasync(dev.data_fd)
         hold = live.hold(rh.offset, rh.offset + rh.length) if live else contextlib.nullcontext()
         with hold:
-            _step(dev, rh)
+            _step(dev, rh, _next_zone(rh) if live is None else None)
             _update(rh)
             last = rh.progress >= rh.device_size
             if live is not None:
