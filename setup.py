@@ -3,6 +3,9 @@
 ``optional=True``: where no compiler (or, for ``_fastpath``, no OpenSSL headers:
 Debian's ``libssl-dev``) is present the build goes on and cryptfuse uses its
 Python paths instead: the numpy XTS tweak chain and the Python request loop.
+``_gcrypt`` (Debian's ``libgcrypt20-dev`` and ``nettle-dev``) brings the ciphers and
+hashes OpenSSL lacks (Serpent, Twofish, LRW, lmk/tcw IVs, Whirlpool, Streebog; docs/ciphers.md);
+without it only those are refused.
 
 ``CRYPTFUSE_EXT_FLAGS`` (``make test-sanitize``, ``make test-tsan``; see
 docs/sanitizers.md) is added to both extensions' compile and link flags.  It goes
@@ -26,8 +29,20 @@ setup(
             extra_link_args=EXTRA,
         ),
         Extension(
+            "cryptfuse._gcrypt",
+            ["cryptfuse/_gcrypt.c"],
+            depends=["cryptfuse/_gcrypt.h"],
+            libraries=["gcrypt", "nettle"],
+            optional=True,
+            extra_compile_args=[
+                "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-Wno-unused-parameter", *EXTRA
+            ],
+            extra_link_args=EXTRA,
+        ),
+        Extension(
             "cryptfuse._fastpath",
             ["cryptfuse/_fastpath.c"],
+            depends=["cryptfuse/_gcrypt.h"],
             libraries=["crypto"],
             optional=True,
             extra_compile_args=[

@@ -40,6 +40,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_gcrypt.h"
+
 #define FUSE_READ 15
 #define FUSE_WRITE 16
 #define IN_HEADER 40
@@ -342,11 +344,15 @@ typedef struct {
  * is there, so every later request touching those sectors (read or write, C or
  * Python) sees it.  The next request's copy and encryption thus overlap this one's
  * disk write, as they would with the page cache, minus its copy.  A failed write
- * is kept and reported by the next drain(), which Volume.sync() calls before the
- * fsync: the page cache's contract (write errors surface at fsync).
+ * is kept and reported by every later drain(), which Volume.sync() calls before the
+ * fsync: write errors surface at fsync, and keep surfacing (unlike the page cache's).
  */
 #define WB_SLOTS 4
 #define WB_THREADS 2
+#define LOST_MAX 32
+typedef struct {
+    uint64_t first, last;
+} lost_range_t;
 typedef struct {
     int state; /* WB_FREE, WB_FILLING (a worker encrypts into it), WB_QUEUED, WB_WRITING */
     uint64_t seq;
@@ -366,8 +372,12 @@ typedef struct {
     int stop;
     wb_slot_t slot[WB_SLOTS];
     uint64_t seq;  /* of the last slot queued */
-    int error;     /* errno of the first failed write since the last drain, or 0 */
+    int error;     /* errno of the first failed write ever, or 0 (sticky) */
     uint64_t failed; /* writes that failed, ever */
+    /* Sector ranges [first, last) whose answered (written-behind) write failed and that
+       no write has replaced since: reads of them fail (see lost_add). */
+    lost_range_t lost[LOST_MAX];
+    _Atomic int nlost;
 } writeback_t;
 
 /* -- the volume ------------------------------------------------------------------------------ */
@@ -397,6 +407,10 @@ typedef struct FastVolumeObject_ {
     const EVP_CIPHER *essiv_cipher; /* ECB with hash(key), for IV_ESSIV */
     unsigned char essiv_key[32];
     RangeLockObject *lock;
+    /* a cryptfuse._gcrypt.Engine doing the cipher work instead of OpenSSL (or NULL):
+       Serpent, Twofish, ... (docs/ciphers.md); then cipher/key/essiv_* are unused */
+    PyObject *engine;
+    const cryptfuse_engine_api *engine_api;
     _Atomic uint64_t writes;        /* whole-sector writes completed here */
     _Atomic int64_t last_write_ns;  /* CLOCK_REALTIME of the last one */
     _Atomic uint64_t reads;         /* reads answered here */
@@ -423,24 +437,119 @@ typedef struct FastVolumeObject_ {
 
 static PyTypeObject FastVolumeType;
 
+/* -- lost writes ----------------------------------------------------------------------------- */
+
+/*
+ * When a written-behind write fails, its data was answered but is not on the
+ * container, and the sectors there hold what was written before: serving that to a
+ * reader would be wrong bytes without an error.  So the range is remembered (until a
+ * write of those sectors succeeds) and every read of it fails (EIO, from Python, which
+ * asks lost_overlaps() too); a read-modify-write of a sector in it fails as well.  At
+ * most LOST_MAX ranges: beyond, the last one grows to cover the new one (more reads
+ * fail, never fewer).  The error of fsync is separate and never cleared
+ * (docs/reliability.md).  All under wb.mu; nlost lets the common case skip the lock.
+ */
+static void lost_add(FastVolumeObject *v, uint64_t first, uint64_t last) /* wb.mu held */
+{
+    writeback_t *wb = &v->wb;
+    int n = atomic_load(&wb->nlost);
+    if (n < LOST_MAX) {
+        wb->lost[n].first = first;
+        wb->lost[n].last = last;
+        atomic_store(&wb->nlost, n + 1);
+        return;
+    }
+    lost_range_t *r = &wb->lost[LOST_MAX - 1];
+    if (first < r->first)
+        r->first = first;
+    if (last > r->last)
+        r->last = last;
+}
+
+/* A write of [first, last) succeeded: those sectors hold what was last answered. */
+static void lost_clear(FastVolumeObject *v, uint64_t first, uint64_t last)
+{
+    writeback_t *wb = &v->wb;
+    if (atomic_load(&wb->nlost) == 0)
+        return;
+    pthread_mutex_lock(&wb->mu);
+    int n = atomic_load(&wb->nlost);
+    for (int i = 0; i < n;) {
+        lost_range_t *r = &wb->lost[i];
+        if (last <= r->first || r->last <= first) {
+            i++;
+        } else if (first <= r->first && r->last <= last) {
+            *r = wb->lost[--n]; /* wholly rewritten: gone (look at the moved one next) */
+        } else if (first <= r->first) {
+            r->first = last;
+            i++;
+        } else if (r->last <= last) {
+            r->last = first;
+            i++;
+        } else {
+            /* the write lies inside: two ranges remain, if there is room for both */
+            if (n < LOST_MAX) {
+                wb->lost[n].first = last;
+                wb->lost[n].last = r->last;
+                n++;
+                r->last = first;
+            }
+            i++;
+        }
+    }
+    atomic_store(&wb->nlost, n);
+    pthread_mutex_unlock(&wb->mu);
+}
+
+static int lost_overlaps(FastVolumeObject *v, uint64_t first, uint64_t last)
+{
+    writeback_t *wb = &v->wb;
+    int hit = 0;
+    if (atomic_load(&wb->nlost) == 0)
+        return 0;
+    pthread_mutex_lock(&wb->mu);
+    int n = atomic_load(&wb->nlost);
+    for (int i = 0; i < n && !hit; i++)
+        hit = first < wb->lost[i].last && wb->lost[i].first < last;
+    pthread_mutex_unlock(&wb->mu);
+    return hit;
+}
+
 static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd",      "data_offset", "size",  "sector_size", "readonly",
                              "mode",    "key",         "iv_offset", "iv_shift", "ivmode",
-                             "lock",    "essiv_key",   "direct_fd", NULL};
+                             "lock",    "essiv_key",   "direct_fd", "engine", NULL};
     int direct_fd = -1;
+    PyObject *engine = NULL;
     int fd, readonly, mode, ivmode, sector_size, iv_shift;
     uint64_t data_offset, size, iv_offset;
     Py_buffer key, essiv_key = {0};
     PyObject *lock;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO&O&ipiy*O&iiO!|y*i:FastVolume", kwlist, &fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO&O&ipiy*O&iiO!|y*iO:FastVolume", kwlist, &fd,
                                      to_u64, &data_offset, to_u64, &size, &sector_size,
                                      &readonly, &mode, &key, to_u64, &iv_offset, &iv_shift,
-                                     &ivmode, &RangeLockType, &lock, &essiv_key, &direct_fd))
+                                     &ivmode, &RangeLockType, &lock, &essiv_key, &direct_fd,
+                                     &engine))
         return NULL;
     FastVolumeObject *self = NULL;
     const EVP_CIPHER *cipher = NULL, *essiv_cipher = NULL;
-    if (mode == MODE_XTS && key.len == 32)
+    const cryptfuse_engine_api *engine_api = NULL;
+    if (engine == Py_None)
+        engine = NULL;
+    if (engine != NULL) {
+        PyObject *capsule = PyObject_GetAttrString(engine, "c_api");
+        if (capsule != NULL)
+            engine_api = PyCapsule_GetPointer(capsule, CRYPTFUSE_ENGINE_API_NAME);
+        Py_XDECREF(capsule);
+        if (engine_api == NULL || engine_api->version != CRYPTFUSE_ENGINE_API_VERSION) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "FastVolume: engine is not a cryptfuse._gcrypt.Engine");
+            goto out;
+        }
+        mode = MODE_XTS; /* unused with an engine; keeps the checks below simple */
+        ivmode = IV_NULL;
+    } else if (mode == MODE_XTS && key.len == 32)
         cipher = EVP_aes_128_xts();
     else if (mode == MODE_XTS && key.len == 64)
         cipher = EVP_aes_256_xts();
@@ -450,7 +559,7 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
         cipher = EVP_aes_192_cbc();
     else if (mode == MODE_CBC && key.len == 32)
         cipher = EVP_aes_256_cbc();
-    if (cipher == NULL) {
+    if (cipher == NULL && engine_api == NULL) {
         PyErr_SetString(PyExc_ValueError, "FastVolume: no AES-XTS/AES-CBC for this key size");
         goto out;
     }
@@ -473,7 +582,7 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
         PyErr_SetString(PyExc_ValueError, "FastVolume: invalid geometry or IV mode");
         goto out;
     }
-    if (mode == MODE_XTS
+    if (mode == MODE_XTS && engine_api == NULL
         && CRYPTO_memcmp(key.buf, (const char *)key.buf + key.len / 2, key.len / 2) == 0) {
         /* OpenSSL refuses XTS keys with two equal halves; the Python engine serves them. */
         PyErr_SetString(PyExc_ValueError, "FastVolume: XTS key halves are equal");
@@ -504,6 +613,8 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     if (essiv_cipher != NULL)
         memcpy(self->essiv_key, essiv_key.buf, essiv_key.len);
     self->lock = (RangeLockObject *)Py_NewRef(lock);
+    self->engine = Py_XNewRef(engine);
+    self->engine_api = engine_api;
     atomic_init(&self->writes, 0);
     atomic_init(&self->last_write_ns, 0);
     atomic_init(&self->reads, 0);
@@ -548,6 +659,10 @@ static void contexts_free(contexts_t *c)
 /* Keyed contexts for one thread: 0, or -1 (then *c holds nothing). */
 static int contexts_init(const FastVolumeObject *v, contexts_t *c)
 {
+    if (v->engine_api != NULL) { /* the engine keeps its own per-thread handles */
+        c->enc = c->dec = c->essiv = NULL;
+        return 0;
+    }
     c->enc = EVP_CIPHER_CTX_new();
     c->dec = EVP_CIPHER_CTX_new();
     c->essiv = v->essiv_cipher != NULL ? EVP_CIPHER_CTX_new() : NULL;
@@ -666,6 +781,7 @@ static void FastVolume_dealloc(FastVolumeObject *self)
     OPENSSL_cleanse(self->essiv_key, sizeof(self->essiv_key));
     Py_XDECREF(self->lock);
     Py_XDECREF((PyObject *)atomic_load(&self->partner));
+    Py_XDECREF(self->engine);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -840,6 +956,8 @@ static int make_iv(const FastVolumeObject *v, EVP_CIPHER_CTX *essiv, uint64_t se
 static int crypt_with(const FastVolumeObject *v, contexts_t *c, const unsigned char *src,
                       unsigned char *dst, uint64_t first, size_t count, int encrypt)
 {
+    if (v->engine_api != NULL)
+        return v->engine_api->crypt(v->engine, src, dst, first, count, encrypt) < 0 ? -1 : 0;
     EVP_CIPHER_CTX *ctx = encrypt ? c->enc : c->dec;
     unsigned char iv[16];
     int ss = (int)v->sector_size;
@@ -1095,7 +1213,8 @@ static void *prefetch_main(void *arg)
         int rc = -1;
         pthread_rwlock_rdlock(&v->io_lock);
         if (have_ctx && !v->closed && range_acquire(v->lock, first, first + count) == 0) {
-            if (in_window(v, first, first + count)) /* else: under another key by now */
+            /* not under another key by now, nor lost (a failed written-behind write) */
+            if (in_window(v, first, first + count) && !lost_overlaps(v, first, first + count))
                 rc = io_full(v->fd, buf, (size_t)(count * ss), v->data_offset + first * ss, 0);
             range_release(v->lock, first, first + count);
             stretch_drop(v, v->data_offset + first * ss, count * ss);
@@ -1271,15 +1390,21 @@ static void *writeback_main(void *arg)
         uint64_t first = job->first;
         int rc = container_rw(v, job->buf, (size_t)(job->count * ss), v->data_offset + first * ss, 1);
         int err = errno;
+        /* Recorded before the range lock goes: no read of these sectors may come
+           between the failure and its record (it would get the old data). */
+        if (rc < 0) {
+            pthread_mutex_lock(&wb->mu);
+            wb->failed++;
+            if (wb->error == 0)
+                wb->error = err ? err : EIO;
+            lost_add(v, first, first + job->count);
+            pthread_mutex_unlock(&wb->mu);
+        } else
+            lost_clear(v, first, first + job->count);
         /* Read-ahead of these sectors was made stale when the write was queued, and
            none can be read again before this range lock is released. */
         range_release(v->lock, job->lock_lo, job->lock_hi); /* taken by the worker that queued it */
         pthread_mutex_lock(&wb->mu);
-        if (rc < 0) {
-            wb->failed++;
-            if (wb->error == 0)
-                wb->error = err ? err : EIO;
-        }
         job->state = WB_FREE;
         pthread_cond_broadcast(&wb->done_cv);
     }
@@ -1412,10 +1537,15 @@ static int locked_transfer(WorkerObject *w, const unsigned char *src, uint64_t f
     if (!v->closed && range_acquire(v->lock, lo, hi) == 0) {
         /* not shrunk, nor moved to the partner's key, while this waited for the lock */
         if (last * v->sector_size <= atomic_load(&v->size) && in_window(v, first, last)) {
-            failed = transfer(w, src, w->buf, first, count, write, write ? IO_WRITE : IO_READ,
-                              pos);
+            if (!write && lost_overlaps(v, first, last))
+                failed = -1; /* Python answers EIO */
+            else
+                failed = transfer(w, src, w->buf, first, count, write,
+                                  write ? IO_WRITE : IO_READ, pos);
             if (write) /* even after a failure: part may be written */
                 prefetch_invalidate(v, first, last);
+            if (write && failed == 0)
+                lost_clear(v, first, last);
         }
         range_release(v->lock, lo, hi);
     }
@@ -1716,9 +1846,11 @@ static PyObject *FastVolume_drain(FastVolumeObject *self, PyObject *unused)
     Py_BEGIN_ALLOW_THREADS
     writeback_wait(self, 0);
     Py_END_ALLOW_THREADS
+    /* Never cleared: an answered write that was lost stays lost, so every drain (every
+       fsync of the volume) reports it, not just the first ("fsyncgate",
+       docs/reliability.md). */
     pthread_mutex_lock(&self->wb.mu);
     int err = self->wb.error;
-    self->wb.error = 0;
     pthread_mutex_unlock(&self->wb.mu);
     if (err) {
         errno = err;
@@ -1810,6 +1942,35 @@ static PyObject *FastVolume_set_discards(FastVolumeObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static int sector_range(FastVolumeObject *self, PyObject *args, const char *fmt, uint64_t *first,
+                        uint64_t *last)
+{
+    if (!PyArg_ParseTuple(args, fmt, to_u64, first, to_u64, last))
+        return -1;
+    if (*first > *last || *last > self->size / self->sector_size) {
+        PyErr_SetString(PyExc_ValueError, "sector range outside the volume");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *FastVolume_lost(FastVolumeObject *self, PyObject *args)
+{
+    uint64_t first, last;
+    if (sector_range(self, args, "O&O&:lost", &first, &last) < 0)
+        return NULL;
+    return PyBool_FromLong(lost_overlaps(self, first, last));
+}
+
+static PyObject *FastVolume_rewritten(FastVolumeObject *self, PyObject *args)
+{
+    uint64_t first, last;
+    if (sector_range(self, args, "O&O&:rewritten", &first, &last) < 0)
+        return NULL;
+    lost_clear(self, first, last);
+    Py_RETURN_NONE;
+}
+
 static PyObject *FastVolume_write_lock_range(FastVolumeObject *self, PyObject *args)
 {
     uint64_t first, last, lo, hi;
@@ -1843,7 +2004,13 @@ static PyMethodDef FastVolume_methods[] = {
      "through the page cache locks (more than its own while O_DIRECT is in use)."},
     {"drain", (PyCFunction)FastVolume_drain, METH_NOARGS,
      "drain(): wait until the writes answered so far are written to the container; "
-     "OSError for one that failed since the last drain."},
+     "OSError (every time) once any of them has failed."},
+    {"lost", (PyCFunction)FastVolume_lost, METH_VARARGS,
+     "lost(first, last) -> bool: whether an answered write of a sector in [first, last) "
+     "failed and none has replaced it since (reading them must fail)."},
+    {"rewritten", (PyCFunction)FastVolume_rewritten, METH_VARARGS,
+     "rewritten(first, last): sectors [first, last) were written successfully outside the C "
+     "path (call with their range lock held)."},
     {"invalidate", (PyCFunction)FastVolume_invalidate, METH_VARARGS,
      "invalidate(first_sector, count): sectors written outside the C path (call with "
      "their range lock held); read-ahead of them is dropped."},

@@ -15,41 +15,27 @@ hash's digest size, block ``i`` is replaced by ``hash(be32(i) || block_i)``,
 and a final partial block is replaced by the first bytes of its hash.  LUKS2
 keyslots with ``"af": {"type": "luks1"}`` use exactly the same construction.
 
-Only the standard library is used here (``hashlib``), so the module sits in the
-lowest layer with :mod:`cryptfuse.spec`.
+Only the standard library and :mod:`cryptfuse.hashes` are used here, so the module
+sits in the lowest layer with :mod:`cryptfuse.spec`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
-from typing import Any
 
-from .errors import UnsupportedError, UsageError
+from . import hashes
+from .errors import UsageError
 
 __all__ = ["af_merge", "af_split", "af_sectors", "diffuse"]
 
-_SPELLINGS = {"rmd160": "ripemd160", "blake2b-512": "blake2b", "blake2s-256": "blake2s"}
+def _hash_constructor(hash_name: str) -> Callable[[bytes], bytes]:
+    """Return a function hashing bytes with cryptsetup hash *hash_name*.
 
-
-def _hash_constructor(hash_name: str) -> Callable[[bytes], Any]:
-    """Return a function hashing bytes with *hash_name*.
-
-    *hash_name* is a :mod:`hashlib` name or a cryptsetup spelling of one
-    (``sha3-256``, ``blake2b-512``, ``rmd160``): this module may not import
-    :mod:`cryptfuse.spec` (same layer), so the few spellings LUKS headers use
-    are normalised here.  The name is resolved once per merge, not per block.
+    :mod:`cryptfuse.hashes` resolves the name once per merge, not per block
+    (hashlib for the common hashes, libgcrypt for Whirlpool, Streebog, ...).
     """
-    name = hash_name.lower()
-    name = _SPELLINGS.get(name, name)
-    if name.startswith("sha3-"):
-        name = name.replace("-", "_")
-    try:
-        hashlib.new(name)
-    except (ValueError, TypeError):
-        raise UnsupportedError(f"hash {hash_name!r} is not supported") from None
-    return lambda data: hashlib.new(name, data)
+    return hashes.hasher(hash_name)
 
 
 def diffuse(data: bytes, hash_name: str) -> bytes:
@@ -63,12 +49,12 @@ def diffuse(data: bytes, hash_name: str) -> bytes:
     return _diffuse(data, new)
 
 
-def _diffuse(data: bytes, new: Callable[[bytes], Any]) -> bytes:
-    digest_size = new(b"").digest_size
+def _diffuse(data: bytes, new: Callable[[bytes], bytes]) -> bytes:
+    digest_size = len(new(b""))
     out = bytearray()
     for i, start in enumerate(range(0, len(data), digest_size)):
         block = data[start : start + digest_size]
-        out += new(i.to_bytes(4, "big") + block).digest()[: len(block)]
+        out += new(i.to_bytes(4, "big") + block)[: len(block)]
     return bytes(out)
 
 

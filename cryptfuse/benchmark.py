@@ -3,7 +3,9 @@
 Everything runs in memory with cryptfuse's own engine (:class:`SectorCipher`)
 and KDFs, on one core, so the figures are what the daemon can reach at most.
 Ciphers that the C data path serves (AES-XTS/CBC, sector-number or ESSIV IV) get a
-second line with its speed: that is what the daemon uses for them.
+second line with its speed: that is what the daemon uses for them.  Ciphers libgcrypt
+serves get a second line with libgcrypt's own speed in that mode (one call over the
+whole batch with one IV: the library's best case, the yardstick of docs/ciphers.md).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 from .errors import CryptfuseError
 from .kdf import argon2, pbkdf2
-from .sector import SectorCipher
+from .sector import GCRYPT_CIPHERS, SectorCipher
 from .spec import parse_cipher_spec
 from .volume import fast_path_for
 
@@ -23,13 +25,23 @@ from .volume import fast_path_for
 DEFAULT_CIPHERS: tuple[tuple[str, int], ...] = (
     ("aes-cbc-essiv:sha256", 128),
     ("aes-cbc-essiv:sha256", 256),
+    ("serpent-cbc-essiv:sha256", 128),
+    ("twofish-cbc-essiv:sha256", 128),
     ("aes-xts-plain64", 256),
+    ("serpent-xts-plain64", 256),
+    ("twofish-xts-plain64", 256),
     ("aes-xts-plain64", 512),
+    ("serpent-xts-plain64", 512),
+    ("twofish-xts-plain64", 512),
     ("camellia-xts-plain64", 256),
+    ("camellia-xts-plain64", 512),
     ("sm4-xts-plain64", 256),
+    ("cast5-cbc-plain64", 128),
+    ("blowfish-cbc-plain64", 256),
+    ("aes-lrw-benbi", 384),
     ("aes-cbc-plain64", 256),
 )
-DEFAULT_HASHES = ("sha1", "sha256", "sha512", "ripemd160")
+DEFAULT_HASHES = ("sha1", "sha256", "sha512", "ripemd160", "whirlpool", "stribog512")
 #: the C data path handles FUSE requests, at most 1 MiB
 MAX_FAST_BATCH = 1 << 20
 
@@ -113,6 +125,41 @@ def fast_path_speed(
     )
 
 
+def library_speed(
+    spec_text: str,
+    key_bits: int,
+    sector_size: int = 512,
+    batch: int = 1 << 20,
+    seconds: float = 0.5,
+) -> CipherResult | None:
+    """libgcrypt's own speed in the spec's chain mode (None where libgcrypt does not serve it).
+
+    One call over the whole batch with a single IV: no per-sector work at all.
+    """
+    spec = parse_cipher_spec(spec_text)
+    key = os.urandom(key_bits // 8)
+    cipher = SectorCipher(spec, key, sector_size)
+    if cipher.engine is None or spec.chainmode not in ("xts", "cbc", "ecb", "ctr"):
+        return None
+    from . import _gcrypt  # present: the engine above comes from it
+
+    if spec.keycount != 1 or spec.ivmode in ("lmk", "tcw"):
+        return None
+    iv = bytes(spec.block_size)
+    name = GCRYPT_CIPHERS[spec.cipher]
+
+    def make(encrypt: bool) -> Callable[[bytes, int], object]:
+        out = bytearray(batch)
+
+        def work(data: bytes, _sector: int) -> object:
+            _gcrypt.library_crypt(name, spec.chainmode, key, iv, data, out, encrypt)
+            return out
+
+        return work
+
+    return _measure(spec_text, key_bits, sector_size, batch, seconds, make(True), make(False))
+
+
 def pbkdf2_speed(hash_name: str, seconds: float = 0.3) -> float:
     """PBKDF2 iterations per second for a 256-bit key."""
     iterations = 10000
@@ -166,6 +213,13 @@ def run(
             f"{spec_text:>22} {key_bits:4d}b {result.encrypt / 1e6:10.1f} MB/s "
             f"{result.decrypt / 1e6:10.1f} MB/s"
         )
+        library = library_speed(spec_text, key_bits, sector_size, batch, seconds)
+        if library is not None:
+            yield (
+                f"{'(libgcrypt own mode)':>22} {key_bits:4d}b {library.encrypt / 1e6:10.1f} MB/s "
+                f"{library.decrypt / 1e6:10.1f} MB/s   (cryptfuse: "
+                f"{result.encrypt / library.encrypt:.0%} / {result.decrypt / library.decrypt:.0%})"
+            )
         if batch <= MAX_FAST_BATCH:
             fast = fast_path_speed(spec_text, key_bits, sector_size, batch, seconds)
             if fast is not None:

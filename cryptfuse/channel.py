@@ -92,6 +92,7 @@ FATTR_ATIME, FATTR_MTIME, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 1 << 4, 1 << 5, 1 <
 FATTR_CTIME = 1 << 10
 
 FSYNC_FDATASYNC = 1
+WRITE_CACHE = 1 << 0  # write_flags: a delayed write of the kernel's page cache (writeback)
 
 #: largest READ/WRITE payload we accept (also FUSE's max_pages * page size)
 MAX_WRITE = 1 << 20
@@ -527,12 +528,12 @@ class Channel:
         self._send(unique, 0, data)
 
     def _write(self, unique: int, body: memoryview) -> None:
-        _fh, offset, size, *_ = WRITE_IN.unpack_from(body)
+        _fh, offset, size, write_flags, *_ = WRITE_IN.unpack_from(body)
         data = body[WRITE_IN.size : WRITE_IN.size + size]
         if len(data) != size:
             raise ProtocolError(f"WRITE of {size} bytes carries {len(data)}")
         try:
-            written = self.ops.write_now(offset, data)
+            written = self.ops.write_now(offset, data, writeback=bool(write_flags & WRITE_CACHE))
         except pyfuse3.FUSEError as exc:
             self._send(unique, exc.errno)
             return

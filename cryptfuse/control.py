@@ -296,18 +296,6 @@ class _LiveAdapter:
             self.pair.route(extents, self.volume.sector_size)
 
 
-def _cipher_id(cipher: SectorCipher | None) -> tuple[object, ...] | None:
-    if cipher is None:
-        return None
-    return (
-        str(cipher.spec),
-        cipher.fast_parameters(),
-        cipher.sector_size,
-        cipher.iv_offset,
-        cipher.iv_shift,
-    )
-
-
 @dataclass
 class _FastPair:
     """The C data path during an online key change: *old* (the mount's FastVolume) serves
@@ -316,19 +304,23 @@ class _FastPair:
 
     old: _fastpath.FastVolume
     new: _fastpath.FastVolume
-    old_id: tuple[object, ...]
-    new_id: tuple[object, ...]
+    old_cipher: SectorCipher
+    new_cipher: SectorCipher
     data_offset: int
 
+    def _key_of(self, e: reenc.Extent) -> str | None:
+        if e.cipher is None or e.on_header or e.position != self.data_offset + e.start:
+            return None  # plaintext, or stored elsewhere (a journal): Python's
+        if e.cipher.same_as(self.old_cipher):
+            return "old"
+        return "new" if e.cipher.same_as(self.new_cipher) else None
+
     def route(self, extents: list[reenc.Extent], sector_size: int) -> None:
-        windows: dict[tuple[object, ...] | None, list[tuple[int, int]]] = {}
+        windows: dict[str | None, list[tuple[int, int]]] = {}
         for e in extents:
-            where = _cipher_id(e.cipher)
-            if e.on_header or e.position != self.data_offset + e.start:
-                where = None  # stored elsewhere (a journal): Python's
-            windows.setdefault(where, []).append((e.start, e.start + e.length))
-        for fast, ident in ((self.old, self.old_id), (self.new, self.new_id)):
-            runs = sorted(windows.get(ident, []))
+            windows.setdefault(self._key_of(e), []).append((e.start, e.start + e.length))
+        for fast, key in ((self.old, "old"), (self.new, "new")):
+            runs = sorted(windows.get(key, []))
             lo, hi = (runs[0][0], runs[-1][1]) if runs else (0, 0)
             if sum(b - a for a, b in runs) != hi - lo:
                 lo = hi = 0  # not one stretch: Python serves it all
@@ -340,10 +332,17 @@ class _FastPair:
         rh = reenc.Reencryption.from_json(obj)
         rh.keys = keys
         try:
-            ids = (_cipher_id(rh.storage(new=False)[1]), _cipher_id(rh.storage(new=True)[1]))
+            old, new = rh.storage(new=False)[1], rh.storage(new=True)[1]
         except KeyError:
             return False
-        return ids == (self.old_id, self.new_id) and not rh.shift and rh.mode == "reencrypt"
+        return (
+            old is not None
+            and new is not None
+            and old.same_as(self.old_cipher)
+            and new.same_as(self.new_cipher)
+            and not rh.shift
+            and rh.mode == "reencrypt"
+        )
 
     def stop(self) -> None:
         """Serve nothing in C from now on (safe at any time: a request re-checks its
@@ -493,6 +492,8 @@ class ControlServer:
         volume = self.served.get()
         if volume.readonly:
             raise UsageError("the container is mounted read-only; remount it read-write")
+        if volume.failed is not None:
+            raise DeviceError(f"{volume.failed}; remount before reencrypting")
         passphrase = base64.b64decode(req["passphrase"])
         key_slot = req.get("key_slot")
         header_path = self.served.header
@@ -668,12 +669,11 @@ class ControlServer:
             return None
         if new_cipher is None or new_cipher.sector_size != volume.sector_size:
             return None
-        old_id, new_id = _cipher_id(volume.cipher), _cipher_id(new_cipher)
-        if old_id is None or new_id is None or old_id == new_id:
+        if new_cipher.same_as(volume.cipher):
             return None
         # Only from a volume all under the old key (the usual start): the C path
         # served all of it until now.
-        if any(_cipher_id(e.cipher) != old_id for e in extents):
+        if any(e.cipher is None or not e.cipher.same_as(volume.cipher) for e in extents):
             return None
         new = fast_path_for(
             new_cipher,
@@ -691,4 +691,4 @@ class ControlServer:
             new.set_discards(True)
         old.set_partner(new)
         volume.fast_partners.append(new)  # drained and closed with the mount's volume
-        return _FastPair(old, new, old_id, new_id, volume.data_offset)
+        return _FastPair(old, new, volume.cipher, new_cipher, volume.data_offset)

@@ -230,14 +230,26 @@ class VolumeFS(pyfuse3.Operations):
                 raise
         raise AssertionError("unreachable")  # pragma: no cover - for mypy
 
-    def write_now(self, off: int, buf: Buffer) -> int:
-        """Encrypt *buf* to *off* in the calling thread (errors as FUSEError)."""
+    def write_now(self, off: int, buf: Buffer, *, writeback: bool = False) -> int:
+        """Encrypt *buf* to *off* in the calling thread (errors as FUSEError).
+
+        *writeback*: the kernel writes back its page cache (``-o page_cache`` and
+        mmap); the application's write was answered long ago, and the kernel reports
+        a failure to one fsync only, so the volume is marked failed: every later sync
+        fails too (docs/reliability.md).
+        """
         length = len(memoryview(buf))
         if self.volume.readonly:
             raise pyfuse3.FUSEError(errno.EROFS)
         try:
             with self._errno_mapping("write", off, length):
-                written = self.volume.write(off, buf)
+                try:
+                    written = self.volume.write(off, buf)
+                except (CryptfuseError, OSError) as exc:
+                    fail = getattr(self.volume, "fail", None)
+                    if writeback and fail is not None:
+                        fail(f"a written-back write of {length} bytes at {off} failed: {exc}")
+                    raise
                 self.counters["writes"] += 1
                 return written
         finally:
@@ -440,7 +452,10 @@ class VolumeFS(pyfuse3.Operations):
             # pwrite, which Volume.sync waits for): one still in flight now is counted
             # later and makes the next sync happen.
             fast_writes = self.fast.writes if self.fast is not None else 0
-            if not self._dirty and fast_writes == self._synced_fast_writes:
+            # A failed volume fails every sync, with or without new writes
+            # (docs/reliability.md): never the shortcut then.
+            failed = getattr(self.volume, "failed", None) is not None
+            if not failed and not self._dirty and fast_writes == self._synced_fast_writes:
                 return
             self._dirty = False
             self._synced_fast_writes = fast_writes

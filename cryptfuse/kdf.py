@@ -1,7 +1,9 @@
 """Key derivation: PBKDF2, Argon2, plain-mode passphrase hashing, digest checks.
 
-Hash names are cryptsetup's (``sha256``, ``sha3-256``, ``ripemd160``, ``blake2b-512``);
-:func:`hashlib_name` maps them to :mod:`hashlib`'s.  The Argon2 functions check
+Hash names are cryptsetup's (``sha256``, ``sha3-256``, ``ripemd160``, ``blake2b-512``,
+``whirlpool``, ``stribog512``); :mod:`cryptfuse.hashes` computes them (hashlib, or
+libgcrypt for what OpenSSL lacks).  :func:`hashlib_name` maps the hashlib ones.
+The Argon2 functions check
 the memory they are about to allocate against what the machine has *before*
 running, so that an out-of-memory condition is never mistaken for a wrong
 passphrase.
@@ -9,12 +11,12 @@ passphrase.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2i, Argon2id
 
+from . import hashes
 from .errors import InsufficientMemoryError, UnsupportedError, UsageError
 from .spec import hashlib_name
 
@@ -31,7 +33,7 @@ __all__ = [
 
 def hash_size(name: str) -> int:
     """Digest size in bytes of cryptsetup hash *name*."""
-    return hashlib.new(hashlib_name(name)).digest_size
+    return hashes.digest_size(name)
 
 
 def digest_equal(a: bytes, b: bytes) -> bool:
@@ -41,9 +43,7 @@ def digest_equal(a: bytes, b: bytes) -> bool:
 
 def pbkdf2(hash_name: str, password: bytes, salt: bytes, iterations: int, length: int) -> bytes:
     """PBKDF2-HMAC with cryptsetup hash *hash_name*."""
-    if iterations < 1:
-        raise UsageError(f"PBKDF2 iteration count {iterations} is invalid")
-    return hashlib.pbkdf2_hmac(hashlib_name(hash_name), password, salt, iterations, length)
+    return hashes.pbkdf2(hash_name, password, salt, iterations, length)
 
 
 def available_memory_kib() -> int:
@@ -141,11 +141,11 @@ def plain_hash(hash_spec: str, key_size: int, passphrase: bytes) -> bytes:
             raise UsageError(f"passphrase is shorter than {hashed} bytes")
         return passphrase[:hashed].ljust(key_size, b"\0")
 
-    algorithm = hashlib_name(name)
+    digest_of = hashes.hasher(name)
     key = bytearray()
     round_ = 0
     while len(key) < hashed:
-        digest = hashlib.new(algorithm, b"A" * round_ + passphrase).digest()
+        digest = digest_of(b"A" * round_ + passphrase)
         key += digest[: hashed - len(key)]
         round_ += 1
     return bytes(key).ljust(key_size, b"\0")

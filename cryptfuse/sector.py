@@ -22,7 +22,7 @@ test oracle.
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import struct
 import threading
 from collections.abc import Callable
@@ -34,13 +34,19 @@ import numpy.typing as npt
 from cryptography.hazmat.decrepit.ciphers import algorithms as decrepit
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .errors import UsageError
-from .spec import CipherSpec, hashlib_name
+from . import hashes
+from .errors import UnsupportedError, UsageError
+from .spec import CipherSpec
 
 try:  # the C tweak chain (setup.py builds it when a compiler is there)
     from . import _xts as _xts_accel
 except ImportError:  # pragma: no cover - depends on the build
     _xts_accel = None
+
+try:  # libgcrypt's ciphers (setup.py builds it where libgcrypt20-dev is present)
+    from . import _gcrypt
+except ImportError:  # pragma: no cover - depends on the build
+    _gcrypt = None  # type: ignore[assignment]
 
 Buffer = bytes | bytearray | memoryview
 U8 = npt.NDArray[np.uint8]
@@ -57,6 +63,34 @@ _ALGORITHMS: dict[str, Callable[[bytes], Any]] = {
     "des3_ede": decrepit.TripleDES,
 }
 _MASK64 = (1 << 64) - 1
+
+#: cipher -> libgcrypt's name (each of these ids takes every key size the cipher has)
+GCRYPT_CIPHERS = {
+    "aes": "AES256",
+    "serpent": "SERPENT256",
+    "twofish": "TWOFISH",
+    "camellia": "CAMELLIA256",
+    "sm4": "SM4",
+    "cast5": "CAST5",
+    "blowfish": "BLOWFISH",
+    "des3_ede": "3DES",
+}
+#: chain and IV modes -> the numbers of cryptfuse._gcrypt.Engine
+_GCRYPT_CHAINS = {"ecb": 0, "cbc": 1, "xts": 2, "ctr": 3, "lrw": 4}
+_GCRYPT_IVS = {
+    "null": 0,
+    "plain": 1,
+    "plain64": 2,
+    "plain64be": 3,
+    "essiv": 4,
+    "benbi": 5,
+    "lmk": 6,
+    "tcw": 7,
+}
+_GCRYPT_NO_IV = 8
+#: what the OpenSSL/numpy engine below serves (AES stays there: OpenSSL is fastest)
+_OPENSSL_CHAINS = ("xts", "cbc", "ecb")
+_OPENSSL_IVS = ("plain", "plain64", "plain64be", "essiv", "benbi", "null", "eboiv", "elephant")
 
 
 def _algorithm(name: str, key: bytes) -> Any:
@@ -172,7 +206,7 @@ class _SubKey:
             assert spec.ivopts is not None
             # The kernel's essiv template keys each cipher instance with
             # hash(its own key); for keycount 1 that is hash(whole key).
-            salt = self.essiv_salt = hashlib.new(hashlib_name(spec.ivopts), key).digest()
+            salt = self.essiv_salt = hashes.digest(spec.ivopts, key)
             try:
                 self.essiv = _Ecb(spec.cipher, salt)
             except UsageError as exc:
@@ -282,6 +316,15 @@ class SectorCipher:
         if iv_offset < 0:
             raise UsageError(f"IV offset {iv_offset} is negative")
         spec.check_key_size(len(key))
+        if spec.chainmode != "ecb" and spec.ivmode == "random":
+            # dm-crypt takes "random" only over dm-integrity, whose per-sector metadata
+            # keeps the IV; without it nothing written could be read back.
+            raise UnsupportedError(
+                "iv mode 'random' needs per-sector integrity metadata (dm-integrity), "
+                "which cryptfuse does not implement"
+            )
+        if spec.chainmode != "ecb" and spec.ivmode in ("lmk", "tcw") and sector_size != 512:
+            raise UsageError(f"iv mode {spec.ivmode!r} works on 512-byte sectors only")
         self.spec = spec
         self.sector_size = sector_size
         self.iv_offset = iv_offset
@@ -298,6 +341,17 @@ class SectorCipher:
             and spec.keycount == 1
             and spec.ivmode in _IV_PACK
         )
+        #: the libgcrypt engine serving these sectors, or None (the OpenSSL engine below)
+        self.engine: Any = _gcrypt_engine(spec, bytes(key), sector_size, iv_offset, self._shift)
+        self._key_len = len(key)
+        if self.engine is not None:
+            self._small_xts = False
+            self._subkeys: list[_SubKey] = []
+            # kept for the reference path only (tests), where OpenSSL has the cipher
+            self._engine_subkeys = [
+                bytes(key[i * part : (i + 1) * part]) for i in range(spec.keycount)
+            ]
+            return
         self._subkeys = [
             _SubKey(spec, bytes(key[i * part : (i + 1) * part])) for i in range(spec.keycount)
         ]
@@ -305,7 +359,23 @@ class SectorCipher:
     @property
     def key_size(self) -> int:
         """Bytes of the whole key (not secret: ``cryptfuse status`` shows it)."""
-        return sum(len(sub.key) for sub in self._subkeys)
+        return len(self._key_material())
+
+    def _key_material(self) -> bytes:
+        if self._subkeys:
+            return b"".join(sub.key for sub in self._subkeys)
+        return b"".join(self._engine_subkeys)
+
+    def same_as(self, other: SectorCipher) -> bool:
+        """True when *other* turns the same plaintext into the same sectors: the same
+        spec, key (compared in constant time), sector size and IV geometry."""
+        return (
+            str(self.spec) == str(other.spec)
+            and self.sector_size == other.sector_size
+            and self.iv_offset == other.iv_offset
+            and self.iv_shift == other.iv_shift
+            and hmac.compare_digest(self._key_material(), other._key_material())
+        )
 
     def fast_parameters(self) -> FastParameters | None:
         """What :mod:`cryptfuse._fastpath` needs to serve these sectors in C, or None.
@@ -315,7 +385,12 @@ class SectorCipher:
         per sector; everything else only this engine serves.
         """
         spec = self.spec
-        if spec.cipher != "aes" or spec.chainmode not in ("xts", "cbc") or spec.keycount != 1:
+        if (
+            self.engine is not None
+            or spec.cipher != "aes"
+            or spec.chainmode not in ("xts", "cbc")
+            or spec.keycount != 1
+        ):
             return None
         sub = self._subkeys[0]
         if spec.ivmode in _IV_PACK:
@@ -401,6 +476,9 @@ class SectorCipher:
         if len(out_view) != length:
             raise UsageError(f"output buffer of {len(out_view)} bytes for {length} bytes of input")
         ss = self.sector_size
+        if self.engine is not None:
+            self.engine.crypt(view, out_view, first_sector, encrypt)
+            return
         if self._small_xts and length <= SMALL_BATCH:
             self._xts_small(view, first_sector, out_view, encrypt)
             return
@@ -552,16 +630,25 @@ class SectorCipher:
             block = Cipher(_algorithm(self.spec.cipher, sub.key), modes.ECB()).encryptor()
             return block.update(offset.to_bytes(8, "little").ljust(bs, b"\0"))
         assert mode == "essiv" and self.spec.ivopts is not None
-        salt = hashlib.new(hashlib_name(self.spec.ivopts), sub.key).digest()
+        salt = hashes.digest(self.spec.ivopts, sub.key)
         enc = Cipher(_algorithm(self.spec.cipher, salt), modes.ECB()).encryptor()
         return enc.update(sector.to_bytes(8, "little").ljust(bs, b"\0"))
 
+    def _reference_subkeys(self) -> list[_SubKey]:
+        """The OpenSSL subkeys, also where libgcrypt serves the data: an independent oracle."""
+        if self._subkeys:
+            return self._subkeys
+        if not _openssl_serves(self.spec, self._key_len):
+            raise UnsupportedError(f"no reference implementation of {self.spec} (libgcrypt only)")
+        return [_SubKey(self.spec, key) for key in self._engine_subkeys]
+
     def _reference(self, data: bytes, first_sector: int, *, encrypt: bool) -> bytes:
         ss = self.sector_size
+        subkeys = self._reference_subkeys()
         out = bytearray()
         for i in range(len(data) // ss):
             cc = ((first_sector + i) * self._spb + self.iv_offset) & _MASK64
-            sub = self._subkeys[cc & (len(self._subkeys) - 1)]
+            sub = subkeys[cc & (len(subkeys) - 1)]
             chunk = data[i * ss : (i + 1) * ss]
             mode = self.spec.chainmode
             cipher: Cipher[Any]
@@ -733,3 +820,81 @@ def _reference_elephant(
             d[i1] = (d[i1] + (d[i2] ^ rot(d[i3], _ROT_A[i1 % 4]))) & mask
             i1, i2, i3 = i1 + 1, (i2 + 1) % n, (i3 + 1) % n
     return xor_key(struct.pack(f"<{n}I", *d))
+
+
+def _openssl_serves(spec: CipherSpec, key_len: int) -> bool:
+    """Whether the OpenSSL/numpy engine implements *spec* with that key."""
+    if spec.cipher not in _ALGORITHMS or spec.chainmode not in _OPENSSL_CHAINS:
+        return False
+    if spec.chainmode != "ecb" and spec.ivmode not in _OPENSSL_IVS:
+        return False
+    return spec.key_layout(key_len) == (key_len // spec.keycount, 0)
+
+
+def _gcrypt_engine(
+    spec: CipherSpec, key: bytes, sector_size: int, iv_offset: int, iv_shift: int
+) -> Any:
+    """A ``cryptfuse._gcrypt.Engine`` for *spec*, or None where OpenSSL serves it.
+
+    AES in the modes OpenSSL has stays there (and on the C data path); every other
+    cipher goes to libgcrypt when it takes the key (its AVX2 code is the fastest
+    here), else back to OpenSSL (CAST5 keys under 128 bits, DES keys it calls weak).
+    """
+    openssl = _openssl_serves(spec, len(key))
+    if spec.cipher == "aes" and openssl:
+        return None
+    layout = spec.key_layout(len(key))
+    assert layout is not None  # check_key_size passed
+    part, extra_len = layout
+    data_len = {"xts": part // 2, "lrw": part - 16}.get(spec.chainmode, part)
+    name = GCRYPT_CIPHERS.get(spec.cipher)
+    why = ""
+    if _gcrypt is None or name is None:
+        why = "libgcrypt (cryptfuse._gcrypt) is not built"
+        name = ""
+    else:
+        info = _gcrypt.cipher_info(name, data_len)
+        if info is None or not info[1]:
+            why = f"libgcrypt has no {spec.cipher} with a {data_len * 8}-bit key"
+    if why:
+        if openssl:
+            return None
+        raise UnsupportedError(f"cipher {spec} with a {len(key) * 8}-bit key: {why}")
+    subkeys = [key[i * part : (i + 1) * part] for i in range(spec.keycount)]
+    extra = key[spec.keycount * part :]
+    assert len(extra) == extra_len
+    keys = [sub[:data_len] for sub in subkeys]
+    tweak_keys = [sub[data_len:] for sub in subkeys] if spec.chainmode in ("xts", "lrw") else []
+    essiv_keys: list[bytes] = []
+    if spec.chainmode == "ecb":
+        ivmode = _GCRYPT_NO_IV
+    else:
+        assert spec.ivmode is not None
+        ivmode = _GCRYPT_IVS[spec.ivmode]
+        if spec.ivmode == "essiv":
+            assert spec.ivopts is not None
+            # the kernel's essiv template: the same cipher keyed with hash(its own key)
+            essiv_keys = [hashes.digest(spec.ivopts, sub) for sub in subkeys]
+            info = _gcrypt.cipher_info(name, len(essiv_keys[0]))
+            if info is None or not info[1]:
+                raise UsageError(
+                    f"essiv:{spec.ivopts} gives a {len(essiv_keys[0]) * 8}-bit key, "
+                    f"which {spec.cipher} does not accept"
+                )
+    try:
+        return _gcrypt.Engine(
+            name,
+            _GCRYPT_CHAINS[spec.chainmode],
+            ivmode,
+            keys,
+            tweak_keys,
+            essiv_keys,
+            sector_size,
+            iv_offset & _MASK64,
+            iv_shift,
+            extra,
+        )
+    except ValueError as exc:
+        if openssl:
+            return None
+        raise UsageError(f"cipher {spec}: {exc}") from exc

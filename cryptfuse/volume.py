@@ -78,6 +78,27 @@ def pwrite_all(fd: int, data: Buffer, offset: int, what: str) -> None:
         offset += written
 
 
+def pread_into(fd: int, out: memoryview, position: int) -> None:
+    """Fill *out* from *fd* at *position*, looping over short reads.
+
+    A short read is legal anywhere (a FUSE or network file system gives them); only
+    the end of the file (a read of 0 bytes) is an error: the container ends early.
+    """
+    done, length = 0, len(out)
+    while done < length:
+        try:
+            got = os.preadv(fd, [out[done:]], position + done)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise DeviceError(
+                f"read of {length} bytes at {position} failed: {exc.strerror}"
+            ) from exc
+        if got == 0:
+            raise DeviceError(f"container ends early: short read of {length} bytes at {position}")
+        done += got
+
+
 def device_size(fd: int) -> int:
     """Size in bytes of an open regular file or block device."""
     return os.lseek(fd, 0, os.SEEK_END)
@@ -225,15 +246,17 @@ def fast_path_for(
     """The ``_fastpath.FastVolume`` serving READ/WRITE of this geometry in C, or None.
 
     Only for what it implements bit for bit (AES-XTS and AES-CBC with a sector-number
-    or ESSIV IV, see :meth:`SectorCipher.fast_parameters`); an XTS key that OpenSSL
-    refuses (two equal halves) stays with the Python engine.  *fd* -1 gives one for
+    or ESSIV IV, see :meth:`SectorCipher.fast_parameters`), and for every cipher the
+    libgcrypt engine serves (:attr:`SectorCipher.engine`, called from C); an XTS key
+    that OpenSSL refuses (two equal halves) stays with the Python engine.  *fd* -1 gives one for
     in-memory use (``cryptfuse benchmark``).  With *direct*, large page-aligned
     transfers go through a second, O_DIRECT descriptor of the same file (which the
     ``FastVolume`` owns and closes), with read-ahead for sequential streams; see
     docs/daemon.md.
     """
     params = cipher.fast_parameters()
-    if params is None or _fastpath is None:
+    engine = cipher.engine  # libgcrypt ciphers: the C path calls the engine (docs/ciphers.md)
+    if (params is None and engine is None) or _fastpath is None:
         return None
     ivmodes = {
         "plain64": _fastpath.IV_PLAIN64,
@@ -245,6 +268,22 @@ def fast_path_for(
     modes = {"xts": _fastpath.MODE_XTS, "cbc": _fastpath.MODE_CBC}
     direct_fd = _open_direct(fd, readonly) if direct else -1
     try:
+        if params is None:
+            return _fastpath.FastVolume(
+                fd=fd,
+                data_offset=data_offset,
+                size=size,
+                sector_size=cipher.sector_size,
+                readonly=readonly,
+                mode=_fastpath.MODE_XTS,  # unused: the engine does the cipher work
+                key=b"",
+                iv_offset=cipher.iv_offset,
+                iv_shift=cipher.iv_shift,
+                ivmode=_fastpath.IV_NULL,
+                lock=lock if lock is not None else _fastpath.RangeLock(),
+                direct_fd=direct_fd,
+                engine=engine,
+            )
         return _fastpath.FastVolume(
             fd=fd,
             data_offset=data_offset,
@@ -334,6 +373,7 @@ class Volume:
         self.key_slot: int | None = None
         self.dynamic_size = True
         self.persistent_flags: tuple[str, ...] = ()
+        self._failed: str | None = None
         self.fast = (
             None
             if not fast
@@ -358,17 +398,14 @@ class Volume:
 
     def _read_sectors_into(self, first: int, out: memoryview) -> None:
         """Read and decrypt whole sectors starting at *first* into *out*."""
-        length = len(out)
-        position = self.data_offset + first * self.sector_size
-        raw = _SCRATCH.get(0, length)
-        try:
-            got = os.preadv(self.fd, [raw], position)
-        except OSError as exc:
+        if self.fast is not None and self.fast.lost(first, first + len(out) // self.sector_size):
+            # what the container holds there is older than a write that was answered
             raise DeviceError(
-                f"read of {length} bytes at {position} failed: {exc.strerror}"
-            ) from exc
-        if got != length:
-            raise DeviceError(f"container ends early: short read of {length} bytes at {position}")
+                f"read of {len(out)} bytes at {self.data_offset + first * self.sector_size}: "
+                "an answered write of these sectors never reached the container"
+            )
+        raw = _SCRATCH.get(0, len(out))
+        pread_into(self.fd, raw, self.data_offset + first * self.sector_size)
         self.cipher.decrypt_into(raw, first, out)
         if self.discards:
             _zeros_read_as_zeros(raw, out, self.sector_size)
@@ -378,11 +415,14 @@ class Volume:
         encrypted = _SCRATCH.get(1, len(plain))
         self.cipher.encrypt_into(plain, first, encrypted)
         position = self.data_offset + first * self.sector_size
+        count = len(plain) // self.sector_size
         try:
             pwrite_all(self.fd, encrypted, position, f"{len(encrypted)} bytes at {position}")
         finally:
             if self.fast is not None:  # even after a failure: part of it may be on disk
-                self.fast.invalidate(first, len(plain) // self.sector_size)
+                self.fast.invalidate(first, count)
+        if self.fast is not None:
+            self.fast.rewritten(first, first + count)
 
     # -- byte-granular API ------------------------------------------------------------
 
@@ -561,19 +601,45 @@ class Volume:
             return found
         return min(self.size, max(offset, -(-found // ss) * ss))
 
+    @property
+    def failed(self) -> str | None:
+        """Why every sync fails from now on (see :meth:`sync`), or None."""
+        return self._failed
+
+    def fail(self, reason: str) -> None:
+        """An answered write was lost (*reason*): every sync fails from now on."""
+        if self._failed is None:
+            self._failed = reason
+
     def sync(self) -> None:
-        """Flush everything written so far to the container's disk."""
+        """Flush everything written so far to the container's disk.
+
+        Errors stick: once a sync has failed because a write that was already
+        answered (written behind by the C path, or in the container's page cache)
+        never reached the container, every later sync fails too, until the volume
+        is closed.  The kernel reports a failed writeback to one fsync and then
+        forgets it (and the pages it could not write are clean again, their data
+        gone); a second fsync returning 0 would tell the caller that the data it
+        was told about is safe (PostgreSQL's "fsyncgate").  Remounting is the way
+        out: the application re-reads what is really on the container.
+        """
+        if self._failed is not None:
+            raise DeviceError(
+                f"{self._failed}; written data may be lost (every sync fails until remounted)"
+            )
         for fast in [self.fast, *self.fast_partners]:
             if fast is None:
                 continue
             try:
                 fast.drain()  # the C path's writes answered before their pwrite
             except OSError as exc:
-                raise DeviceError(f"a write to the container failed: {exc.strerror}") from exc
+                self._failed = f"a written-behind write to the container failed: {exc.strerror}"
+                raise DeviceError(self._failed) from exc
         try:
             os.fsync(self.fd)
         except OSError as exc:
-            raise DeviceError(f"fsync failed: {exc.strerror}") from exc
+            self._failed = f"fsync of the container failed: {exc.strerror}"
+            raise DeviceError(self._failed) from exc
 
     def close(self) -> None:
         """Flush (when writable) and close the container; idempotent."""
@@ -708,17 +774,8 @@ class SegmentedVolume(Volume):
 
     def _read_sectors_into(self, first: int, out: memoryview) -> None:
         for e, at, into, length in self._pieces(first, len(out)):
-            position = e.position + at
-            try:
-                raw = os.pread(e.fd, length, position)
-            except OSError as exc:
-                raise DeviceError(
-                    f"read of {length} bytes at {position} failed: {exc.strerror}"
-                ) from exc
-            if len(raw) != length:
-                raise DeviceError(
-                    f"container ends early: short read of {length} bytes at {position}"
-                )
+            raw = memoryview(bytearray(length))
+            pread_into(e.fd, raw, e.position + at)
             if e.cipher is None:
                 out[into : into + length] = raw
             else:

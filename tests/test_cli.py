@@ -155,7 +155,7 @@ def test_nonempty_mountpoint(run: Callable[..., Result], plain_img: Path, mnt: P
     [
         pytest.param(["-c", "aes-foo-plain64"], "foo", id="unknown-chain-mode"),
         pytest.param(["-c", "not a spec!"], "cipher", id="garbage"),
-        pytest.param(["-c", "aes-cbc-lmk"], "lmk", id="unsupported-iv"),
+        pytest.param(["-c", "aes-pcbc-plain64"], "pcbc", id="unsupported-chain-mode"),
     ],
 )
 def test_bad_cipher_spec(

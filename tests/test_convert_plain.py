@@ -343,8 +343,8 @@ REFUSALS = [
         1, "Unable to use cipher specification", id="multi-key",
     ),
     pytest.param(
-        ["--type", "luks2", "--from-plain", "-c", "aes-cbc-lmk"],
-        1, "lmk", id="unsupported-iv",
+        ["--type", "luks2", "--from-plain", "-c", "aes-pcbc-plain64"],
+        1, "pcbc", id="unsupported-chain-mode",
     ),
     pytest.param(
         ["--type", "luks2", "--from-plain", "-c", "aes-xts-plain64", "-s", "128"],

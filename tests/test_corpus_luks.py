@@ -223,11 +223,7 @@ LUKS1_IMAGES = [
     pytest.param("luks1_aes-cbc-essiv-sha256-sha1.img", None, id="aes-cbc-essiv-sha1"),
     pytest.param("luks1_aes-xts-plain64-sha1.img", None, id="aes-xts-sha1"),
     pytest.param("luks1_aes-xts-plain64-sha256.img", None, id="aes-xts-sha256"),
-    pytest.param("luks1_aes-lrw-plain64-sha1.img", UnsupportedError, id="aes-lrw"),
-    pytest.param("luks1_aes-xts-essiv-wp256-whirlpool.img", UnsupportedError, id="essiv-whirlpool"),
-    pytest.param("luks1_aes-xts-plain64-whirlpool.img", UnsupportedError, id="whirlpool"),
-    pytest.param("luks1_serpent-xts-plain64-sha256.img", UnsupportedError, id="serpent"),
-    pytest.param("luks1_twofish-xts-plain64-sha1.img", UnsupportedError, id="twofish"),
+    # the libgcrypt ones (serpent, twofish, lrw, whirlpool): tests/test_ciphers_gcrypt.py
 ]
 
 

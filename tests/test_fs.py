@@ -394,3 +394,43 @@ async def test_failures_become_eio_and_are_logged_with_context(
     # A failed sync stays pending: the next fsync tries again.
     with pytest.raises(pyfuse3.FUSEError):
         await ops.fsync(0, False)
+
+
+@pytest.mark.trio
+async def test_a_failed_volume_fails_every_sync_even_without_writes(
+    ops: VolumeFS, volume: CountingVolume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsyncgate: the container's fsync fails once (the kernel forgets it then); every
+    later flush/fsync of the volume fails too, with or without new writes."""
+    fi = await ops.open(FILE_INODE, os.O_RDWR, ctx())
+    await ops.write(fi.fh, 0, b"data")
+    real_fsync = os.fsync
+    calls = []
+
+    def fsync_once_failing(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_once_failing)
+    for call in (ops.fsync(fi.fh, False), ops.flush(fi.fh), ops.fsync(fi.fh, True)):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await call
+        assert fuse_errno(info) == errno.EIO
+    assert volume.failed is not None and "fsync of the container failed" in volume.failed
+    assert len(calls) == 1  # the later syncs fail without asking the kernel again
+    with pytest.raises(DeviceError, match="every sync fails until remounted"):
+        volume.close()
+
+
+def test_fail_marks_the_volume_failed(volume: CountingVolume) -> None:
+    assert volume.failed is None
+    volume.sync()
+    volume.fail("a written-back write was lost")
+    volume.fail("a second reason does not replace the first")
+    with pytest.raises(DeviceError, match="a written-back write was lost"):
+        volume.sync()
+    assert volume.failed == "a written-back write was lost"
+    with pytest.raises(DeviceError):
+        volume.close()  # its final sync too

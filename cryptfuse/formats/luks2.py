@@ -55,7 +55,7 @@ from ..errors import (
     UsageError,
     WrongPassphraseError,
 )
-from ..kdf import argon2, digest_equal, hashlib_name, pbkdf2
+from ..kdf import argon2, digest_equal, hash_size, hashlib_name, pbkdf2
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import CipherSpec
 from ..volume import ExtentMap, SegmentedVolume, Volume, device_size
@@ -1041,7 +1041,7 @@ class LUKS2Header:
         assert slot.kdf is not None and slot.af is not None
         if slot.af.stripes is None or slot.af.stripes < 1 or slot.af.hash is None:
             raise FormatError(f"{where} has invalid anti-forensic parameters.")
-        hashlib_name(slot.af.hash)
+        hash_size(slot.af.hash)  # refuses a hash neither hashlib nor libgcrypt has
         if slot.area.encryption is None or slot.area.key_size is None or slot.area.key_size < 1:
             raise FormatError(f"{where} has an invalid area.")
         area_spec = luks_cipher_spec(slot.area.encryption, f"{where} cipher")
@@ -1056,7 +1056,7 @@ class LUKS2Header:
         if kdf.type == "pbkdf2":
             if kdf.hash is None or kdf.iterations is None or kdf.iterations < 1:
                 raise FormatError(f"{where} has invalid PBKDF2 parameters.")
-            hashlib_name(kdf.hash)
+            hash_size(kdf.hash)
         elif kdf.type in ("argon2i", "argon2id"):
             if kdf.time is None or kdf.memory is None or kdf.cpus is None:
                 raise FormatError(f"{where} has invalid Argon2 parameters.")

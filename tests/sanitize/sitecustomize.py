@@ -15,9 +15,10 @@ The sanitizer runtime has to be loaded before the (uninstrumented) interpreter, 
 ``LD_PRELOAD``, but only into Python processes: preloaded into ``qemu-img`` (whose
 coroutines switch stacks) ASan hangs it, and other tools the tests run are none of
 our business.  So the runner passes the runtime in ``CRYPTFUSE_SANITIZER_PRELOAD``,
-and here a Python process without it re-executes itself with ``LD_PRELOAD`` set,
-and one with it removes ``LD_PRELOAD`` from its environment, which its children
-inherit.
+and here a Python process without it re-executes itself with ``LD_PRELOAD`` set
+(the runtime first, then any library that was preloaded already, such as the fault
+injector of ``tests/test_faults.py``), and one with it removes the runtime from
+``LD_PRELOAD`` in its environment, which its children inherit.
 
 Without those variables this does nothing; any other ``sitecustomize`` further down
 ``sys.path`` (Debian's, for one) still runs.
@@ -73,10 +74,21 @@ def _preload() -> None:
         return
     with open("/proc/self/maps") as f:
         maps = f.read()
+    # Other preloaded libraries (the fault injector of tests/test_faults.py) stay, after
+    # the runtime, which must come first.
+    real = {os.path.realpath(lib) for lib in runtimes}
+    others = [
+        lib
+        for lib in os.environ.get("LD_PRELOAD", "").split(":")
+        if lib and os.path.realpath(lib) not in real
+    ]
     if not all(os.path.realpath(lib) in maps for lib in runtimes):
-        env = dict(os.environ, LD_PRELOAD=":".join(runtimes))
+        env = dict(os.environ, LD_PRELOAD=":".join(runtimes + others))
         os.execve(sys.executable, sys.orig_argv, env)
-    os.environ.pop("LD_PRELOAD", None)
+    if others:
+        os.environ["LD_PRELOAD"] = ":".join(others)
+    else:
+        os.environ.pop("LD_PRELOAD", None)
     ubsan = [lib for lib in runtimes if os.path.basename(lib).startswith("libubsan")]
     if ubsan and _LOGS:
         # With ASan loaded too, libubsan's start-up call to __sanitizer_set_report_path
