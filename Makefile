@@ -81,6 +81,30 @@ test-fio: setup
 test-load: setup
 	CRYPTFUSE_LOAD=1 $(VPY) -m pytest -q -s tests/test_load.py
 
+# Kill campaigns (docs/reliability.md): the daemon SIGKILLed KILL_ITERATIONS times under
+# ext4 workloads, then format/add-key/change-key/convert SIGKILLed four times each.
+KILL_ITERATIONS ?= 50
+.PHONY: test-kill
+test-kill: setup
+	KILL_ITERATIONS=$(KILL_ITERATIONS) KILL_COMMAND_ROUNDS=4 $(VPY) -m pytest -q -s \
+		tests/test_kill_campaign.py tests/test_kill_commands.py
+
+# Coverage-guided fuzzing with atheris, FUZZ_SECONDS per target (docs/reliability.md).
+# A crash fails the target; its input is in build/fuzz/TARGET-crash-*: add it to
+# tests/fuzz_regressions/TARGET/ and fix the bug.
+FUZZ_SECONDS ?= 22
+FUZZ_TARGETS ?= luks1 luks2 luks2_json cipher_spec plain channel
+.PHONY: fuzz
+fuzz: setup
+	@mkdir -p build/fuzz
+	@for t in $(FUZZ_TARGETS); do \
+		echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+		if ! $(VPY) tests/fuzz_run.py $$t --seconds $(FUZZ_SECONDS) >build/fuzz/$$t.log 2>&1; then \
+			tail -n 60 build/fuzz/$$t.log; exit 1; \
+		fi; \
+		grep -E '^(Done|stat::new_units_added)' build/fuzz/$$t.log; \
+	done
+
 demo: setup
 	examples/demo.sh
 

@@ -36,6 +36,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -78,6 +79,83 @@ enum { MODE_XTS = 0, MODE_CBC = 1 };
 typedef struct {
     EVP_CIPHER_CTX *enc, *dec, *essiv;
 } contexts_t;
+
+/* -- key material: one locked page per volume -------------------------------------------- */
+
+/* A volume's keys live in an anonymous page of their own: mlock'ed (never written to swap),
+   left out of core dumps (MADV_DONTDUMP), wiped by close() and unmapped by dealloc.
+   Memory locks are not inherited by fork(), and the daemon is forked after the command
+   opened the volume: a pthread_atfork child handler locks every live page again.  The
+   OpenSSL contexts made from the keys (expanded key schedules) are OpenSSL's heap
+   memory: not locked, cleansed by EVP_CIPHER_CTX_free (docs/reliability.md). */
+typedef struct secret_s {
+    struct secret_s *prev, *next; /* the live pages, for the fork handler */
+    int locked;                   /* mlock succeeded (RLIMIT_MEMLOCK may refuse) */
+    unsigned char key[64];
+    unsigned char essiv_key[32];
+} secret_t;
+
+static pthread_mutex_t secrets_mu = PTHREAD_MUTEX_INITIALIZER;
+static secret_t *secrets; /* list head */
+
+static size_t secret_size(void)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    return page > 0 && (size_t)page >= sizeof(secret_t) ? (size_t)page : 4096;
+}
+
+static secret_t *secret_new(void)
+{
+    void *p = mmap(NULL, secret_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    secret_t *s = p; /* zero-filled by the kernel */
+#ifdef MADV_DONTDUMP
+    (void)madvise(p, secret_size(), MADV_DONTDUMP);
+#endif
+    s->locked = mlock(p, secret_size()) == 0;
+    pthread_mutex_lock(&secrets_mu);
+    s->next = secrets;
+    if (secrets != NULL)
+        secrets->prev = s;
+    secrets = s;
+    pthread_mutex_unlock(&secrets_mu);
+    return s;
+}
+
+static void secret_wipe(secret_t *s)
+{
+    OPENSSL_cleanse(s->key, sizeof(s->key));
+    OPENSSL_cleanse(s->essiv_key, sizeof(s->essiv_key));
+}
+
+static void secret_free(secret_t *s)
+{
+    if (s == NULL)
+        return;
+    secret_wipe(s);
+    pthread_mutex_lock(&secrets_mu);
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        secrets = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+    pthread_mutex_unlock(&secrets_mu);
+    munmap(s, secret_size()); /* also unlocks it */
+}
+
+static void secrets_prepare(void) { pthread_mutex_lock(&secrets_mu); }
+static void secrets_parent(void) { pthread_mutex_unlock(&secrets_mu); }
+
+/* In the child of fork(): only this thread exists; mlock is a plain system call. */
+static void secrets_child(void)
+{
+    for (secret_t *s = secrets; s != NULL; s = s->next)
+        s->locked = mlock(s, secret_size()) == 0;
+    pthread_mutex_unlock(&secrets_mu);
+}
 
 /* -- the range lock ------------------------------------------------------------------------ */
 
@@ -402,10 +480,12 @@ typedef struct FastVolumeObject_ {
     uint64_t iv_offset;
     int mode;
     const EVP_CIPHER *cipher;
-    unsigned char key[64];
+    /* the keys (secret->key, ->essiv_key): read by contexts_init under key_mu, wiped by
+       close() under it */
+    secret_t *secret;
+    pthread_mutex_t key_mu;
     int key_len;
     const EVP_CIPHER *essiv_cipher; /* ECB with hash(key), for IV_ESSIV */
-    unsigned char essiv_key[32];
     RangeLockObject *lock;
     /* a cryptfuse._gcrypt.Engine doing the cipher work instead of OpenSSL (or NULL):
        Serpent, Twofish, ... (docs/ciphers.md); then cipher/key/essiv_* are unused */
@@ -588,9 +668,16 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
         PyErr_SetString(PyExc_ValueError, "FastVolume: XTS key halves are equal");
         goto out;
     }
-    self = (FastVolumeObject *)type->tp_alloc(type, 0);
-    if (self == NULL)
+    secret_t *secret = secret_new();
+    if (secret == NULL) {
+        PyErr_SetFromErrno(PyExc_OSError);
         goto out;
+    }
+    self = (FastVolumeObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        secret_free(secret);
+        goto out;
+    }
     self->fd = fd;
     self->direct_owned = direct_fd < 0 ? -1 : direct_fd;
     atomic_init(&self->direct_fd, self->direct_owned);
@@ -607,11 +694,13 @@ static PyObject *FastVolume_new(PyTypeObject *type, PyObject *args, PyObject *kw
     self->iv_offset = iv_offset;
     self->mode = mode;
     self->cipher = cipher;
-    memcpy(self->key, key.buf, key.len);
+    self->secret = secret;
+    pthread_mutex_init(&self->key_mu, NULL);
+    memcpy(secret->key, key.buf, key.len);
     self->key_len = (int)key.len;
     self->essiv_cipher = essiv_cipher;
     if (essiv_cipher != NULL)
-        memcpy(self->essiv_key, essiv_key.buf, essiv_key.len);
+        memcpy(secret->essiv_key, essiv_key.buf, essiv_key.len);
     self->lock = (RangeLockObject *)Py_NewRef(lock);
     self->engine = Py_XNewRef(engine);
     self->engine_api = engine_api;
@@ -656,28 +745,36 @@ static void contexts_free(contexts_t *c)
     c->enc = c->dec = c->essiv = NULL;
 }
 
-/* Keyed contexts for one thread: 0, or -1 (then *c holds nothing). */
-static int contexts_init(const FastVolumeObject *v, contexts_t *c)
+/* Keyed contexts for one thread: 0, or -1 (then *c holds nothing).  After close() the keys
+   are wiped: 0 with no contexts (crypt_with fails, so every request goes to Python). */
+static int contexts_init(FastVolumeObject *v, contexts_t *c)
 {
-    if (v->engine_api != NULL) { /* the engine keeps its own per-thread handles */
-        c->enc = c->dec = c->essiv = NULL;
+    c->enc = c->dec = c->essiv = NULL;
+    if (v->engine_api != NULL) /* the engine keeps its own per-thread handles and keys */
+        return 0;
+    pthread_mutex_lock(&v->key_mu);
+    if (atomic_load(&v->closed)) {
+        pthread_mutex_unlock(&v->key_mu);
         return 0;
     }
+    const unsigned char *key = v->secret->key, *essiv_key = v->secret->essiv_key;
     c->enc = EVP_CIPHER_CTX_new();
     c->dec = EVP_CIPHER_CTX_new();
     c->essiv = v->essiv_cipher != NULL ? EVP_CIPHER_CTX_new() : NULL;
     if (c->enc == NULL || c->dec == NULL || (v->essiv_cipher != NULL && c->essiv == NULL)
-        || EVP_EncryptInit_ex(c->enc, v->cipher, NULL, v->key, NULL) != 1
-        || EVP_DecryptInit_ex(c->dec, v->cipher, NULL, v->key, NULL) != 1
+        || EVP_EncryptInit_ex(c->enc, v->cipher, NULL, key, NULL) != 1
+        || EVP_DecryptInit_ex(c->dec, v->cipher, NULL, key, NULL) != 1
         /* whole sectors only: without this, CBC decryption would hold back a block */
         || EVP_CIPHER_CTX_set_padding(c->enc, 0) != 1
         || EVP_CIPHER_CTX_set_padding(c->dec, 0) != 1
         || (c->essiv != NULL
-            && (EVP_EncryptInit_ex(c->essiv, v->essiv_cipher, NULL, v->essiv_key, NULL) != 1
+            && (EVP_EncryptInit_ex(c->essiv, v->essiv_cipher, NULL, essiv_key, NULL) != 1
                 || EVP_CIPHER_CTX_set_padding(c->essiv, 0) != 1))) {
+        pthread_mutex_unlock(&v->key_mu);
         contexts_free(c);
         return -1;
     }
+    pthread_mutex_unlock(&v->key_mu);
     return 0;
 }
 
@@ -777,8 +874,8 @@ static void FastVolume_dealloc(FastVolumeObject *self)
     if (self->direct_owned >= 0)
         close(self->direct_owned);
     pthread_rwlock_destroy(&self->io_lock);
-    OPENSSL_cleanse(self->key, sizeof(self->key));
-    OPENSSL_cleanse(self->essiv_key, sizeof(self->essiv_key));
+    secret_free(self->secret);
+    pthread_mutex_destroy(&self->key_mu);
     Py_XDECREF(self->lock);
     Py_XDECREF((PyObject *)atomic_load(&self->partner));
     Py_XDECREF(self->engine);
@@ -807,6 +904,12 @@ static PyObject *FastVolume_get_direct_active(FastVolumeObject *self, void *c)
     return PyBool_FromLong(atomic_load(&self->direct_fd) >= 0);
 }
 
+static PyObject *FastVolume_get_key_locked(FastVolumeObject *self, void *c)
+{
+    (void)c;
+    return PyBool_FromLong(self->secret->locked);
+}
+
 static PyObject *FastVolume_get_last_write_ns(FastVolumeObject *self, void *c)
 {
     (void)c;
@@ -830,6 +933,8 @@ static PyGetSetDef FastVolume_getset[] = {
      "writes answered before their container write (write-behind)", NULL},
     {"split", (getter)FastVolume_get_split, NULL,
      "large requests whose cipher work the helper thread shared", NULL},
+    {"key_locked", (getter)FastVolume_get_key_locked, NULL,
+     "whether the page holding the keys is locked in memory (mlock)", NULL},
     {"direct_active", (getter)FastVolume_get_direct_active, NULL,
      "whether transfers may use the O_DIRECT descriptor now", NULL},
     {"last_write_ns", (getter)FastVolume_get_last_write_ns, NULL,
@@ -889,6 +994,9 @@ static PyObject *FastVolume_close(FastVolumeObject *self, PyObject *unused)
     self->closed = 1;
     pthread_rwlock_unlock(&self->io_lock);
     writeback_wait(self, 1); /* the writes answered already reach the container */
+    pthread_mutex_lock(&self->key_mu); /* no thread makes contexts from the keys now */
+    secret_wipe(self->secret);
+    pthread_mutex_unlock(&self->key_mu);
     atomic_store(&self->direct_fd, -1);
     if (self->direct_owned >= 0)
         close(self->direct_owned);
@@ -956,16 +1064,43 @@ static int make_iv(const FastVolumeObject *v, EVP_CIPHER_CTX *essiv, uint64_t se
 static int crypt_with(const FastVolumeObject *v, contexts_t *c, const unsigned char *src,
                       unsigned char *dst, uint64_t first, size_t count, int encrypt)
 {
-    if (v->engine_api != NULL)
-        return v->engine_api->crypt(v->engine, src, dst, first, count, encrypt) < 0 ? -1 : 0;
-    EVP_CIPHER_CTX *ctx = encrypt ? c->enc : c->dec;
-    unsigned char iv[16];
     int ss = (int)v->sector_size;
     /* Discards on: a sector whose ciphertext is all zeros (a hole of the container, or
        the zeros a file system fills a partly written block with) reads as zeros, not as
        the noise decrypting it gives.  A real ciphertext sector is all zeros with
        probability 2^-4096; nearly every sector is told apart by its first byte. */
     int zeros_read_as_zeros = !encrypt && atomic_load(&((FastVolumeObject *)v)->discards);
+    if (v->engine_api != NULL) {
+        if (!zeros_read_as_zeros)
+            return v->engine_api->crypt(v->engine, src, dst, first, count, encrypt) < 0 ? -1 : 0;
+        /* runs of non-zero sectors to the engine, zeros for the rest (each sector is
+           looked at before anything at or after it is written: in place works) */
+        size_t i = 0;
+        while (i < count) {
+            const unsigned char *in = src + i * ss;
+            if (in[0] == 0 && memcmp(in, in + 1, (size_t)ss - 1) == 0) {
+                if (dst + i * ss != in)
+                    memset(dst + i * ss, 0, (size_t)ss);
+                i++;
+                continue;
+            }
+            size_t j = i + 1;
+            while (j < count) {
+                const unsigned char *next = src + j * ss;
+                if (next[0] == 0 && memcmp(next, next + 1, (size_t)ss - 1) == 0)
+                    break;
+                j++;
+            }
+            if (v->engine_api->crypt(v->engine, in, dst + i * ss, first + i, j - i, 0) < 0)
+                return -1;
+            i = j;
+        }
+        return 0;
+    }
+    EVP_CIPHER_CTX *ctx = encrypt ? c->enc : c->dec;
+    unsigned char iv[16];
+    if (ctx == NULL) /* made after close(): no keys */
+        return -1;
     for (size_t i = 0; i < count; i++) {
         int outl;
         const unsigned char *in = src + i * ss;
@@ -2107,6 +2242,14 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (PyType_Ready(&RangeLockType) < 0 || PyType_Ready(&FastVolumeType) < 0
         || PyType_Ready(&WorkerType) < 0)
         return NULL;
+    static int atfork_done; /* a second interpreter must not register the handlers twice */
+    if (!atfork_done) {
+        if (pthread_atfork(secrets_prepare, secrets_parent, secrets_child) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+            return NULL;
+        }
+        atfork_done = 1;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

@@ -44,6 +44,7 @@ class FastVolume:
     behind: int
     partnered: int
     direct_active: bool
+    key_locked: bool
     last_write_ns: int
     def __init__(
         self,

@@ -58,6 +58,7 @@ from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
 from .formats.plain import DEFAULT_CIPHER, DEFAULT_KEY_SIZE
+from .hygiene import protect_process
 from .mount_options import apply as apply_mount_options
 from .mount_options import parse as parse_mount_options
 from .spec import CipherSpec, parse_cipher_spec
@@ -596,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
+        # before any passphrase is read: no core dump, no same-user ptrace (hygiene.py)
+        protect_process()
         if argv and argv[0] in SUBCOMMANDS:
             return SUBCOMMANDS[argv[0]](argv[1:])
         return mount_command(argv)

@@ -32,6 +32,7 @@ import trio
 from .channel import Channel, find_fuse_fds
 from .errors import CryptfuseError
 from .fs import FSOptions, VolumeFS, VolumeLike
+from .hygiene import protect_process
 from .lifecycle import lock_memory, start_control
 from .volume import Volume
 
@@ -376,6 +377,7 @@ def run(volume: ServedVolume, config: MountConfig) -> int:
     :class:`MountError` with the daemon's one-line error.  Takes ownership of
     *volume* either way.
     """
+    protect_process()  # the daemon keeps the volume key: no core dump, no same-user ptrace
     # The daemon changes to / before it opens the log file for good.
     config.mountpoint = os.path.abspath(config.mountpoint)
     if config.log_file is not None:

@@ -109,7 +109,10 @@ class _Ecb:
     """
 
     def __init__(self, cipher: str, key: bytes) -> None:
-        self.cipher = Cipher(_algorithm(cipher, key), modes.ECB())
+        try:
+            self.cipher = Cipher(_algorithm(cipher, key), modes.ECB())
+        except ValueError as exc:  # e.g. a 512-bit AES key: XTS only (found by fuzzing)
+            raise UsageError(f"invalid key of {len(key) * 8} bits for cipher {cipher}") from exc
         self._local = threading.local()
 
     def _contexts(self) -> tuple[Any, Any]:

@@ -36,6 +36,7 @@ LAYERS: dict[str, float] = {
     "hashes": 0.5,  # hash names -> hashlib or libgcrypt digests and PBKDF2
     "spec": 1,
     "af": 1,
+    "hygiene": 1,  # no core dumps, not dumpable (stdlib only)
     "_xts": 1.5,  # C accelerator for sector's XTS tweak chain
     "sector": 2,
     "_fastpath": 2.5,  # C READ/WRITE loop for AES-XTS/CBC volumes, Volume's range lock
@@ -93,6 +94,7 @@ STDLIB_ONLY: dict[str, set[str]] = {
     "hashes": {"errors", "_gcrypt"},
     "spec": {"errors", "hashes"},
     "af": {"errors", "hashes"},
+    "hygiene": set(),
 }
 
 # `fs` serves a Volume: it never parses headers or handles key material.
