@@ -19,7 +19,7 @@ DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-dev python3-ve
 	libssl-dev libgcrypt20-dev nettle-dev cryptsetup-bin qemu-utils qemu-system-common e2fsprogs \
 	xz-utils util-linux mount libasan8 libubsan1 libtsan2 fuse2fs dosfstools xfsprogs fio
 
-.PHONY: setup debs test test-sanitize test-tsan test-fio test-load demo lint bench clean distclean
+.PHONY: setup debs test test-foreign test-sanitize test-tsan test-fio test-load demo lint bench clean distclean
 
 setup: $(STAMP)
 
@@ -52,6 +52,11 @@ $(STAMP): setup.cfg pyproject.toml $(wildcard setup.py cryptfuse/*.c) | debs
 
 test: setup
 	$(VPY) -m pytest -q tests
+
+# Every TrueCrypt/VeraCrypt, BitLocker and FileVault 2 image of the corpus (slow KDFs;
+# `make test` runs a subset).  See docs/foreign.md.
+test-foreign: setup
+	CRYPTFUSE_FOREIGN_FULL=1 $(VPY) -m pytest -q tests/test_foreign.py
 
 # The C extensions built again with sanitizers into build/sanitize/ (the venv's build is
 # untouched) and the tests run against them; any sanitizer report fails the target.

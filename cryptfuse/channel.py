@@ -190,9 +190,7 @@ def encode_attr_out(attr: pyfuse3.EntryAttributes) -> bytes:
     return ATTR_OUT.pack(attr_s, attr_ns, 0) + encode_attr(attr)
 
 
-def encode_dirents(
-    entries: Sequence[tuple[bytes, int, int]], start: int, size: int
-) -> bytes:
+def encode_dirents(entries: Sequence[tuple[bytes, int, int]], start: int, size: int) -> bytes:
     """READDIR answer: *entries* ``(name, inode, mode)`` from index *start*, at most *size* bytes.
 
     Each entry's ``off`` is the index to resume after it, as the kernel passes it
@@ -387,9 +385,7 @@ class Channel:
         self._on_finished = on_finished
         self._alive = self.workers
         for index in range(self.workers):
-            thread = threading.Thread(
-                target=self._worker, name=f"fuse-{index}", daemon=True
-            )
+            thread = threading.Thread(target=self._worker, name=f"fuse-{index}", daemon=True)
             self._threads.append(thread)
             thread.start()
 

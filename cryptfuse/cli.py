@@ -34,6 +34,15 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .cli_close import CLOSE_SUBCOMMANDS
 from .cli_convert import CONVERT_SUBCOMMANDS
+from .cli_foreign import (
+    FOREIGN_SUBCOMMANDS,
+    add_foreign_options,
+    check_options,
+    foreign_kind,
+    key_files,
+    open_foreign_volume,
+)
+from .cli_foreign import dump_command as foreign_dump_command
 from .cli_input import (
     PROG,
     _nonneg_int,
@@ -44,7 +53,7 @@ from .cli_input import (
     read_passphrase_line,
 )
 from .cli_lifecycle import LIFECYCLE_SUBCOMMANDS, setup_volume, volume_info
-from .cli_luks import LUKS_SUBCOMMANDS
+from .cli_luks import LUKS_SUBCOMMANDS, dump_command
 from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
@@ -68,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         usage=f"{PROG} [options] CONTAINER MOUNTPOINT\n       {PROG} COMMAND [options]",
         description=(
-            "Open a LUKS1, LUKS2 or plain dm-crypt container and mount a directory holding "
+            "Open a LUKS1, LUKS2, plain dm-crypt, TrueCrypt/VeraCrypt, BitLocker or FileVault 2 "
+            "container and mount a directory holding "
             "one file, the decrypted volume (like /dev/mapper/NAME), without device-mapper."
         ),
         epilog=(
@@ -89,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--type",
         "-M",
         choices=TYPES,
-        help="container type (default: LUKS if the header says so; plain must be asked for)",
+        help=(
+            "container type (default: LUKS, BitLocker or FileVault 2 if a header says so; "
+            "plain and tcrypt must be asked for)"
+        ),
     )
     g.add_argument("--header", metavar="FILE", help="detached LUKS header")
     g.add_argument(
@@ -98,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--key-file",
         "-d",
+        action="append",
         metavar="FILE",
-        help="read the passphrase (LUKS) or raw key (plain) from FILE; '-' reads stdin",
+        help=(
+            "read the passphrase (LUKS) or raw key (plain) from FILE; '-' reads stdin; "
+            "tcrypt: a TrueCrypt key file (repeatable)"
+        ),
     )
     g.add_argument(
         "--keyfile-offset",
@@ -169,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="IVs count --sector-size sectors, not 512-byte ones",
     )
+
+    add_foreign_options(p)
 
     g = p.add_argument_group("mount")
     g.add_argument(
@@ -419,6 +438,11 @@ def mount_command(argv: Sequence[str]) -> int:
         check_container(args.header, True)
     check_mountpoint(args.mountpoint)
     check_fuse()
+    foreign = foreign_kind(kind, args.header or args.container)
+    check_options(args, foreign)
+    if foreign is None:  # repeatable for TCRYPT only (-o key-file= gives a string)
+        files = key_files(args)
+        args.key_file = files[0] if files else None
     if args.mount_fs is not None:
         from .mountfs import check_target
 
@@ -426,7 +450,9 @@ def mount_command(argv: Sequence[str]) -> int:
             raise UsageError("--mount-fs cannot be combined with --foreground")
         args.mount_fs = check_target(args.mount_fs, args.mountpoint, args.fs_type)
     plain_key_bytes: int | None = None
-    if kind == "plain":
+    if foreign is not None:
+        pass
+    elif kind == "plain":
         spec = parse_cipher_spec(args.cipher or DEFAULT_CIPHER)
         bits = args.key_size if args.key_size is not None else DEFAULT_KEY_SIZE
         if bits % 8:
@@ -440,7 +466,8 @@ def mount_command(argv: Sequence[str]) -> int:
         found = detect_type(where)
         if found is None:
             raise FormatError(
-                f"{where} has no LUKS header; use --type plain to open a plain dm-crypt container"
+                f"{where} has no LUKS header (nor a BitLocker or FileVault 2 one); use --type "
+                "plain or --type tcrypt for a plain dm-crypt or TrueCrypt/VeraCrypt container"
             )
         if kind in ("luks1", "luks2") and found != kind:
             raise FormatError(f"{where} is {found.upper()}, not {kind.upper()}")
@@ -456,10 +483,13 @@ def mount_command(argv: Sequence[str]) -> int:
         if ignored:
             log.warning("%s ignored: the LUKS header defines the encryption", ", ".join(ignored))
 
-    secret = get_secret(args, plain_key_bytes)
-    with unlock_progress(args.container, sys.stderr.isatty() and kind != "plain"):
-        volume = open_volume(args.container, _open_options(args, kind), secret)
-    del secret
+    with unlock_progress(args.container, sys.stderr.isatty() and kind != "plain" and not foreign):
+        if foreign is not None:
+            volume = open_foreign_volume(args, foreign)
+        else:
+            secret = get_secret(args, plain_key_bytes)
+            volume = open_volume(args.container, _open_options(args, kind), secret)
+            del secret
     try:
         setup_volume(volume, args.allow_discards)
         volume_spec = getattr(getattr(volume, "cipher", None), "spec", None)
@@ -481,7 +511,9 @@ def mount_command(argv: Sequence[str]) -> int:
             header=os.path.abspath(args.header) if args.header else None,
             info=volume_info(
                 volume,
-                kind if kind == "plain" else detect_type(args.header or args.container) or "luks",
+                kind
+                if kind == "plain"
+                else foreign or detect_type(args.header or args.container) or "luks",
                 args.container,
                 args.header,
                 volume.readonly,
@@ -552,6 +584,8 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **CONVERT_SUBCOMMANDS,
     **CLOSE_SUBCOMMANDS,
     **LIFECYCLE_SUBCOMMANDS,
+    **FOREIGN_SUBCOMMANDS,
+    "dump": lambda argv: foreign_dump_command(argv, dump_command),
 }
 
 

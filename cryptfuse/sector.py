@@ -90,7 +90,7 @@ _GCRYPT_IVS = {
 _GCRYPT_NO_IV = 8
 #: what the OpenSSL/numpy engine below serves (AES stays there: OpenSSL is fastest)
 _OPENSSL_CHAINS = ("xts", "cbc", "ecb")
-_OPENSSL_IVS = ("plain", "plain64", "plain64be", "essiv", "benbi", "null")
+_OPENSSL_IVS = ("plain", "plain64", "plain64be", "essiv", "benbi", "null", "eboiv", "elephant")
 
 
 def _algorithm(name: str, key: bytes) -> Any:
@@ -188,6 +188,12 @@ class _SubKey:
     """Everything derived from one of the ``keycount`` parts of the key."""
 
     def __init__(self, spec: CipherSpec, key: bytes) -> None:
+        #: the Elephant diffuser's AES key (second half of the key); None otherwise
+        self.elephant: _Ecb | None = None
+        if spec.ivmode == "elephant":
+            half = len(key) // 2
+            self.elephant = _Ecb("aes", key[half:])
+            key = key[:half]
         self.key = key
         if spec.chainmode == "xts":
             half = len(key) // 2
@@ -429,6 +435,8 @@ class SectorCipher:
                 return _ecb_rows(sub.essiv.encrypt_into, ivs)
         elif mode == "plain64be":
             ivs[:, bs - 8 :] = iv_sector.astype(">u8").view(np.uint8).reshape(n, 8)
+        elif mode in ("eboiv", "elephant"):
+            return _ecb_rows(sub.data.encrypt_into, _eboiv_plain(iv_sector, self.sector_size, bs))
         elif mode == "benbi":
             # Count of cipher blocks (starting at 1) in big endian: 512 >> shift == bs.
             benbi_shift = 9 - (bs.bit_length() - 1)
@@ -520,7 +528,6 @@ class SectorCipher:
     def _process(self, sub: _SubKey, src: U8, dst: U8, cc: U64, encrypt: bool) -> None:
         """Transform the (n, sector_size) array *src* into *dst* (same shape, contiguous)."""
         mode = self.spec.chainmode
-        n = src.shape[0]
         size = src.size
         transform = sub.data.encrypt_into if encrypt else sub.data.decrypt_into
         if mode == "ecb":
@@ -529,6 +536,16 @@ class SectorCipher:
             dst.reshape(-1)[:] = result[:size]
             return
         ivs = self._ivs(sub, cc)
+        if sub.elephant is not None:  # cbc only (spec.py)
+            iv_sector = cc >> np.uint64(self._shift) if self._shift else cc
+            sector_keys = _elephant_sector_keys(sub.elephant, iv_sector, self.sector_size)
+            if encrypt:
+                diffused = elephant_diffuse(src, sector_keys)
+                self._cbc_encrypt(sub, diffused, dst, ivs)
+            else:
+                self._cbc_decrypt(sub, src, dst, ivs)
+                dst[:] = elephant_undiffuse(dst, sector_keys)
+            return
         if mode == "xts":
             assert sub.tweak is not None
             tweaks = _ecb_rows(sub.tweak.encrypt_into, ivs)
@@ -556,14 +573,20 @@ class SectorCipher:
         elif encrypt:
             self._cbc_encrypt(sub, src, dst, ivs)
         else:
-            result = _SCRATCH.get(1, size)
-            transform(src, result)
-            bs = self._bs
-            plain = dst.reshape(n, -1, bs)
-            decrypted = result[:size].reshape(n, -1, bs)
-            cipher_blocks = src.reshape(n, -1, bs)
-            np.bitwise_xor(decrypted[:, 1:], cipher_blocks[:, :-1], out=plain[:, 1:])
-            np.bitwise_xor(decrypted[:, 0], ivs, out=plain[:, 0])
+            self._cbc_decrypt(sub, src, dst, ivs)
+
+    def _cbc_decrypt(self, sub: _SubKey, src: U8, dst: U8, ivs: U8) -> None:
+        """CBC decryption of (n, sector_size) *src*: one ECB pass plus one XOR."""
+        n = src.shape[0]
+        size = src.size
+        result = _SCRATCH.get(1, size)
+        sub.data.decrypt_into(src, result)
+        bs = self._bs
+        plain = dst.reshape(n, -1, bs)
+        decrypted = result[:size].reshape(n, -1, bs)
+        cipher_blocks = src.reshape(n, -1, bs)
+        np.bitwise_xor(decrypted[:, 1:], cipher_blocks[:, :-1], out=plain[:, 1:])
+        np.bitwise_xor(decrypted[:, 0], ivs, out=plain[:, 0])
 
     def _cbc_encrypt(self, sub: _SubKey, src: U8, dst: U8, ivs: U8) -> None:
         """CBC is serial within a sector: run block position j of every sector at once."""
@@ -605,6 +628,10 @@ class SectorCipher:
         if mode == "benbi":
             value = ((sector << (9 - (bs.bit_length() - 1))) + 1) & _MASK64
             return value.to_bytes(8, "big").rjust(bs, b"\0")
+        if mode in ("eboiv", "elephant"):
+            offset = (sector * self.sector_size) & _MASK64
+            block = Cipher(_algorithm(self.spec.cipher, sub.key), modes.ECB()).encryptor()
+            return block.update(offset.to_bytes(8, "little").ljust(bs, b"\0"))
         assert mode == "essiv" and self.spec.ivopts is not None
         salt = hashes.digest(self.spec.ivopts, sub.key)
         enc = Cipher(_algorithm(self.spec.cipher, salt), modes.ECB()).encryptor()
@@ -630,6 +657,11 @@ class SectorCipher:
             cipher: Cipher[Any]
             if mode == "ecb":
                 cipher = Cipher(_algorithm(self.spec.cipher, sub.key), modes.ECB())
+            elif mode == "cbc" and sub.elephant is not None:
+                iv = self._reference_iv(sub, cc)
+                cbc = Cipher(_algorithm(self.spec.cipher, sub.key), modes.CBC(iv))
+                out += _reference_elephant(cbc, sub.elephant, cc >> self._shift, chunk, encrypt)
+                continue
             elif mode == "cbc":
                 iv = self._reference_iv(sub, cc)
                 cipher = Cipher(_algorithm(self.spec.cipher, sub.key), modes.CBC(iv))
@@ -665,6 +697,132 @@ def _reference_xts(cipher: str, key: bytes, iv: bytes, data: bytes, encrypt: boo
         if t >> 128:
             t = (t & ((1 << 128) - 1)) ^ 0x87
     return bytes(out)
+
+
+# -- BitLocker: eboiv and the Elephant diffuser ------------------------------------
+#
+# Kernel dm-crypt (5.6+, drivers/md/dm-crypt.c): eboiv's IV is the encryption,
+# with the data key, of the sector's byte offset (iv_sector * sector_size, little
+# endian, zero padded to a block).  Elephant (BitLocker's Vista/7 mode) adds the
+# "sector key" Ks = E(e(s)) || E(e(s) with byte 15 = 0x80) under the diffuser's own
+# AES key, XORed over every 32 bytes of the plaintext, then diffusers A and B over
+# the sector as little-endian 32-bit words, before CBC encryption.  Diffuser A runs
+# 5 cycles of  d[i] -= d[i-2] ^ rotl(d[i-5], (9, 0, 13, 0)[i % 4])  for i from the
+# last word down to 0 (indices modulo the word count), diffuser B 3 cycles of
+# d[i] -= d[i+2] ^ rotl(d[i+5], (0, 10, 0, 25)[i % 4]); decryption undoes B, then A
+# (adding, from word 0 up), then the XOR.
+
+_ROT_A = (9, 0, 13, 0)
+_ROT_B = (0, 10, 0, 25)
+_CYCLES_A = 5
+_CYCLES_B = 3
+
+
+def _eboiv_plain(iv_sector: U64, sector_size: int, bs: int) -> U8:
+    """The blocks eboiv encrypts: each sector's byte offset, little endian, zero padded."""
+    n = iv_sector.shape[0]
+    blocks = np.zeros((n, bs), dtype=np.uint8)
+    offsets = iv_sector * np.uint64(sector_size)  # wraps modulo 2**64 like the kernel's u64
+    blocks[:, :8] = offsets.astype("<u8").view(np.uint8).reshape(n, 8)
+    return blocks
+
+
+def _elephant_sector_keys(key: _Ecb, iv_sector: U64, sector_size: int) -> U8:
+    """The 32-byte Elephant sector key of every sector, shape (n, 32)."""
+    first = _eboiv_plain(iv_sector, sector_size, 16)
+    second = first.copy()
+    second[:, 15] = 0x80
+    keys = np.empty((iv_sector.shape[0], 32), dtype=np.uint8)
+    keys[:, :16] = _ecb_rows(key.encrypt_into, first)
+    keys[:, 16:] = _ecb_rows(key.encrypt_into, second)
+    return keys
+
+
+def _rotl(x: npt.NDArray[np.uint32], r: int) -> npt.NDArray[np.uint32]:
+    if r == 0:
+        return x
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def elephant_diffuse(plain: U8, sector_keys: U8) -> U8:
+    """Elephant's encryption side: XOR the sector key, diffuser A, diffuser B.
+
+    *plain* is (n, sector_size); returns a new array.  The sequential word loops
+    run over all sectors at once (one column of the transposed array per word).
+    """
+    n, size = plain.shape
+    mixed = plain.reshape(n, -1, 32) ^ sector_keys[:, None, :]
+    words = np.ascontiguousarray(mixed.reshape(n, size).view("<u4").astype(np.uint32).T)
+    w = words.shape[0]
+    for _ in range(_CYCLES_A):
+        for i in range(w - 1, -1, -1):
+            words[i] -= words[(i - 2) % w] ^ _rotl(words[(i - 5) % w], _ROT_A[i % 4])
+    for _ in range(_CYCLES_B):
+        for i in range(w - 1, -1, -1):
+            words[i] -= words[(i + 2) % w] ^ _rotl(words[(i + 5) % w], _ROT_B[i % 4])
+    return np.ascontiguousarray(words.T).astype("<u4").view(np.uint8).reshape(n, size)
+
+
+def elephant_undiffuse(diffused: U8, sector_keys: U8) -> U8:
+    """Elephant's decryption side: undo diffuser B, then A, then XOR the sector key."""
+    n, size = diffused.shape
+    words = np.ascontiguousarray(diffused.view("<u4").astype(np.uint32).T)
+    w = words.shape[0]
+    for _ in range(_CYCLES_B):
+        for i in range(w):
+            words[i] += words[(i + 2) % w] ^ _rotl(words[(i + 5) % w], _ROT_B[i % 4])
+    for _ in range(_CYCLES_A):
+        for i in range(w):
+            words[i] += words[(i - 2) % w] ^ _rotl(words[(i - 5) % w], _ROT_A[i % 4])
+    plain = np.ascontiguousarray(words.T).astype("<u4").view(np.uint8).reshape(n, -1, 32)
+    return (plain ^ sector_keys[:, None, :]).reshape(n, size)
+
+
+def _reference_elephant(
+    cbc: Cipher[Any], elephant: _Ecb, iv_sector: int, data: bytes, encrypt: bool
+) -> bytes:
+    """One sector of aes-cbc-elephant, written as the kernel's index-walking loops."""
+    size = len(data)
+    offset = ((iv_sector * size) & _MASK64).to_bytes(8, "little")
+    ks = elephant.encrypt(offset.ljust(16, b"\0")) + elephant.encrypt(
+        offset.ljust(15, b"\0") + b"\x80"
+    )
+    n = size // 4
+    mask = 0xFFFFFFFF
+
+    def rot(x: int, r: int) -> int:
+        return ((x << r) | (x >> (32 - r))) & mask if r else x
+
+    def xor_key(buf: bytes) -> bytes:
+        return bytes(b ^ ks[i % 32] for i, b in enumerate(buf))
+
+    if encrypt:
+        d = list(struct.unpack(f"<{n}I", xor_key(data)))
+        for _ in range(_CYCLES_A):
+            i1, i2, i3 = n - 1, n - 3, n - 6
+            while i1 >= 0:
+                d[i1] = (d[i1] - (d[i2] ^ rot(d[i3], _ROT_A[i1 % 4]))) & mask
+                i1, i2, i3 = i1 - 1, (i2 - 1) % n, (i3 - 1) % n
+        for _ in range(_CYCLES_B):
+            i1, i2, i3 = n - 1, 1, 4
+            while i1 >= 0:
+                d[i1] = (d[i1] - (d[i2] ^ rot(d[i3], _ROT_B[i1 % 4]))) & mask
+                i1, i2, i3 = i1 - 1, (i2 - 1) % n, (i3 - 1) % n
+        enc = cbc.encryptor()
+        return enc.update(struct.pack(f"<{n}I", *d)) + enc.finalize()
+    dec = cbc.decryptor()
+    d = list(struct.unpack(f"<{n}I", dec.update(data) + dec.finalize()))
+    for _ in range(_CYCLES_B):
+        i1, i2, i3 = 0, 2, 5
+        while i1 < n:
+            d[i1] = (d[i1] + (d[i2] ^ rot(d[i3], _ROT_B[i1 % 4]))) & mask
+            i1, i2, i3 = i1 + 1, (i2 + 1) % n, (i3 + 1) % n
+    for _ in range(_CYCLES_A):
+        i1, i2, i3 = 0, n - 2, n - 5
+        while i1 < n:
+            d[i1] = (d[i1] + (d[i2] ^ rot(d[i3], _ROT_A[i1 % 4]))) & mask
+            i1, i2, i3 = i1 + 1, (i2 + 1) % n, (i3 + 1) % n
+    return xor_key(struct.pack(f"<{n}I", *d))
 
 
 def _openssl_serves(spec: CipherSpec, key_len: int) -> bool:

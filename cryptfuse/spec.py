@@ -9,7 +9,7 @@ The grammar, as dm-crypt's table and cryptsetup's ``--cipher`` accept it::
                  used for a sector is selected by the sector number)
     chainmode := "xts" | "cbc" | "ecb" | "ctr" | "lrw"
     ivmode    := "plain" | "plain64" | "plain64be" | "essiv" | "benbi" | "null"
-               | "lmk" | "tcw" | "random"
+               | "lmk" | "tcw" | "random" | "eboiv" | "elephant"
     ivopts    := the hash of ESSIV ("essiv:sha256")
 
 A bare cipher (``aes``) and ``aes-plain`` mean ``aes-cbc-plain`` (cryptsetup's
@@ -19,8 +19,15 @@ kernel does ("IV mechanism required"); ``ecb`` with one (qemu writes
 Beyond the cipher's own key, ``lrw`` takes a 16-byte tweak key, ``tcw`` an IV
 seed (one block) and 16 bytes of whitening, and ``lmk`` with one key more than
 ``keycount`` (loop-AES v3) an IV seed; :meth:`CipherSpec.key_layout` splits a
-key accordingly.  Names cryptfuse does not implement (eboiv, elephant, pcbc,
-``capi:`` forms, cast6, ...) raise :class:`UnsupportedError` naming the part.
+key accordingly.  Names cryptfuse does not implement (pcbc, ``capi:`` forms,
+cast6, ...) raise :class:`UnsupportedError` naming the part.
+
+BitLocker's IVs (kernel 5.6+): ``eboiv`` encrypts the byte offset of the sector
+with the data key; ``elephant`` is eboiv plus the Elephant diffuser, whose AES key
+is the second half of the key (``aes-cbc-elephant`` takes 256, 384 or 512 bits).
+The kernel derives the eboiv IV through the chain mode itself; cryptfuse accepts
+both with ``cbc`` only (BitLocker's use) and refuses other chain modes as
+unsupported.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ CIPHERS: dict[str, tuple[int, tuple[int, ...]]] = {
 CIPHER_ALIASES = {"des3": "des3_ede", "3des": "des3_ede", "tripledes": "des3_ede"}
 
 CHAIN_MODES = ("xts", "cbc", "ecb", "ctr", "lrw")
+#: BitLocker's IV generators (encrypted byte offset; plus the Elephant diffuser)
+BITLK_IV_MODES = ("eboiv", "elephant")
+#: key sizes in bytes of the Elephant diffuser's AES key (the kernel's ecb(aes))
+ELEPHANT_KEY_SIZES = (16, 24, 32)
 IV_MODES = (
     "plain",
     "plain64",
@@ -61,9 +72,10 @@ IV_MODES = (
     "lmk",
     "tcw",
     "random",
+    *BITLK_IV_MODES,
 )
 #: known dm-crypt names that cryptfuse refuses
-UNSUPPORTED_IV_MODES = ("eboiv", "elephant")
+UNSUPPORTED_IV_MODES: tuple[str, ...] = ()
 UNSUPPORTED_CHAIN_MODES = ("pcbc", "cfb", "ofb", "cts", "gcm", "ccm", "adiantum")
 #: ciphers the kernel has but no library cryptfuse uses (docs/ciphers.md)
 UNSUPPORTED_CIPHERS = ("cast6", "anubis", "khazad", "tea", "xtea", "tnepres", "aria", "seed")
@@ -117,6 +129,8 @@ class CipherSpec:
     def subkey_sizes(self) -> tuple[int, ...]:
         """Allowed sizes in bytes of one of the ``keycount`` subkeys."""
         sizes = CIPHERS[self.cipher][1]
+        if self.ivmode == "elephant":  # data key || diffuser key, equal halves
+            return tuple(2 * s for s in sizes if s in ELEPHANT_KEY_SIZES)
         if self.chainmode == "xts":
             return tuple(2 * s for s in sizes)
         if self.chainmode == "lrw":
@@ -213,6 +227,8 @@ def parse_cipher_spec(text: str) -> CipherSpec:
     elif iv not in IV_MODES:
         raise UsageError(f"unknown iv mode {iv!r} in {text!r}")
 
+    if iv in BITLK_IV_MODES:
+        _check_bitlk_iv(iv, chain, keycount)
     if iv == "essiv":
         if not ivopts:
             raise UsageError(f"essiv needs a hash ({text!r}: use essiv:sha256)")
@@ -223,6 +239,14 @@ def parse_cipher_spec(text: str) -> CipherSpec:
     if iv == "benbi" and CIPHERS[cipher][0] > 512 // 8:
         raise UsageError("benbi needs a block size of at most 64 bytes")
     return CipherSpec(cipher, keycount, chain, iv, ivopts)
+
+
+def _check_bitlk_iv(iv: str, chain: str, keycount: int) -> None:
+    """eboiv/elephant as dm-crypt takes them, limited to what cryptfuse implements."""
+    if chain != "cbc":
+        raise UnsupportedError(f"iv mode {iv!r} with chain mode {chain!r} is not supported")
+    if iv == "elephant" and keycount != 1:
+        raise UnsupportedError("iv mode 'elephant' with a key count is not supported")
 
 
 # cryptsetup / gcrypt / kernel spellings -> hashlib names

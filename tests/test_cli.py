@@ -247,7 +247,8 @@ def test_not_luks_without_type_plain(
 def test_usage_errors_are_one_line(run: Callable[..., Result], plain_img: Path, mnt: Path) -> None:
     assert_one_line_error(run("--no-such-option", plain_img, mnt), 1, "unrecognized")
     assert_one_line_error(run(plain_img), 1, "MOUNTPOINT")
-    assert_one_line_error(run("--type", "bitlk", plain_img, mnt), 1, "invalid choice")
+    assert_one_line_error(run("--type", "loopaes", plain_img, mnt), 1, "invalid choice")
+    assert_one_line_error(run("--type", "bitlk", plain_img, mnt), 1, "not a BITLK device")
     assert_one_line_error(run(*PLAIN, "--name", "a/b", plain_img, mnt), 1, "--name")
 
 

@@ -41,6 +41,7 @@ LAYERS: dict[str, float] = {
     "sector": 2,
     "_fastpath": 2.5,  # C READ/WRITE loop for AES-XTS/CBC volumes, Volume's range lock
     "kdf": 2,
+    "foreign_crypto": 2.2,  # AES-CCM, key unwrap, BitLocker stretching for formats/
     "volume": 3,
     "benchmark": 3.5,  # `cryptfuse benchmark`: engine + KDF timings; no I/O layer above it
     "formats": 4,  # and every formats.* submodule
@@ -58,13 +59,14 @@ LAYERS: dict[str, float] = {
     "cli_reencrypt": 5.97,  # reencrypt and repair: reuses cli_luks's option helpers
     "cli_close": 5.975,  # cryptfuse close
     "cli_lifecycle": 5.975,  # status and resize of a mounted volume (control socket)
+    "cli_foreign": 5.98,  # tcrypt/bitlk/fvault2: mount options, dump, detect
     "cli": 6,
     "__main__": 7,
 }
 
 # Third-party distributions (top-level import names) and who may import them.
 THIRD_PARTY: dict[str, set[str]] = {
-    "cryptography": {"sector", "kdf"},
+    "cryptography": {"sector", "kdf", "foreign_crypto"},
     "numpy": {"sector", "kdf"},
     "trio": {"fs", "channel", "mount", "cli"},
     "pyfuse3": {"fs", "channel", "mount", "cli"},
@@ -80,6 +82,7 @@ CLI_MODULES = {
     "cli_luks",
     "cli_reencrypt",
     "cli_lifecycle",
+    "cli_foreign",
 }
 
 # Standard library modules that belong to the command line only.

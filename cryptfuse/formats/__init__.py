@@ -10,13 +10,27 @@ from dataclasses import dataclass
 
 from ..errors import DeviceError, FormatError, UsageError
 from ..volume import Volume
+from .bitlk import has_bitlk_signature, open_bitlk
+from .fvault2 import has_fvault2_signature, open_fvault2
 from .luks1 import open_luks1
 from .luks2 import has_luks2_header, open_luks2
 from .plain import open_plain
+from .tcrypt import TcryptOptions, open_tcrypt
 
-__all__ = ["OpenOptions", "Secret", "detect_type", "open_volume", "TYPES"]
+__all__ = [
+    "FOREIGN_TYPES",
+    "OpenOptions",
+    "Secret",
+    "TcryptOptions",
+    "detect_foreign",
+    "detect_type",
+    "open_volume",
+    "TYPES",
+]
 
-TYPES = ("luks", "luks1", "luks2", "plain")
+#: TrueCrypt/VeraCrypt, BitLocker, FileVault 2 (docs/foreign.md)
+FOREIGN_TYPES = ("tcrypt", "bitlk", "fvault2")
+TYPES = ("luks", "luks1", "luks2", "plain", *FOREIGN_TYPES)
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS2_SECONDARY_MAGIC = b"SKUL\xba\xbe"
 
@@ -38,6 +52,7 @@ class OpenOptions:
     size: int | None = None
     sector_size: int | None = None
     iv_large_sectors: bool = False
+    tcrypt: TcryptOptions | None = None  # --type tcrypt: PIM, hidden, key files, ...
 
 
 @dataclass(frozen=True)
@@ -78,11 +93,49 @@ def detect_type(path: str) -> str | None:
     raise FormatError(f"{path} has a LUKS header of unknown version {version}")
 
 
-def open_volume(container: str, options: OpenOptions, secret: Secret) -> Volume:
-    """Open *container* as *options* say, unlocking it with *secret*."""
+def detect_foreign(path: str) -> str | None:
+    """``"bitlk"`` or ``"fvault2"`` from their signatures, else None (TCRYPT has none)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise DeviceError(f"Device {path} does not exist.") from None
+    except OSError as exc:
+        raise DeviceError(f"Cannot read {path}: {exc.strerror}.") from None
+    try:
+        if has_bitlk_signature(fd):
+            return "bitlk"
+        if has_fvault2_signature(fd):
+            return "fvault2"
+        return None
+    finally:
+        os.close(fd)
+
+
+def _open_foreign(container: str, options: OpenOptions, secret: Secret | None) -> Volume:
+    if options.header is not None:
+        raise UsageError(f"--header is not supported for --type {options.type}")
+    data = secret.data if secret is not None else None
+    if options.type == "bitlk":
+        return open_bitlk(container, data, options.readonly)
+    if data is None:
+        raise UsageError(f"--type {options.type} needs a passphrase")
+    if options.type == "fvault2":
+        return open_fvault2(container, data, options.readonly)
+    return open_tcrypt(container, data, options.tcrypt or TcryptOptions(), options.readonly)
+
+
+def open_volume(container: str, options: OpenOptions, secret: Secret | None) -> Volume:
+    """Open *container* as *options* say, unlocking it with *secret*.
+
+    *secret* None is only meaningful for BITLK (a clear-key protector).
+    """
     kind = options.type
     if kind is not None and kind not in TYPES:
         raise UsageError(f"unknown device type {kind!r} (use one of {', '.join(TYPES)})")
+    if kind in FOREIGN_TYPES:
+        return _open_foreign(container, options, secret)
+    if secret is None:
+        raise UsageError("a passphrase or key file is needed")
     if kind == "plain":
         if options.header is not None:
             raise UsageError("--header is meaningless for plain mode")
