@@ -163,9 +163,8 @@ def find_mount(mountpoint: str) -> MountEntry | None:
     return found
 
 
-def connect_mount(device: str) -> socket.socket | None:
-    """A connection to the daemon serving the mount of *device*, or None."""
-    path = mount_socket_path(device)
+def _connect(path: str) -> socket.socket | None:
+    """A connection to the socket at *path*, or None when nothing listens there."""
     if not os.path.exists(path):
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -175,6 +174,11 @@ def connect_mount(device: str) -> socket.socket | None:
         sock.close()
         return None
     return sock
+
+
+def connect_mount(device: str) -> socket.socket | None:
+    """A connection to the daemon serving the mount of *device*, or None."""
+    return _connect(mount_socket_path(device))
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -203,15 +207,7 @@ def connect(container: str) -> socket.socket | None:
         path = control_path(container)
     except OSError:
         return None
-    if not os.path.exists(path):
-        return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(path)
-    except OSError:
-        sock.close()
-        return None
-    return sock
+    return _connect(path)
 
 
 def request(

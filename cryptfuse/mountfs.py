@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from .control import control_dir
+from .control import MountEntry, control_dir, mounts
 from .errors import BusyError, CryptfuseError, DeviceError, UsageError
 
 __all__ = [
@@ -91,47 +91,11 @@ class FsMount:
 # -- what the kernel shows ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of ``/proc/self/mountinfo``."""
-
-    mount_point: str
-    device: str  # "major:minor"
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as ``\\ooo``."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts() -> list[MountEntry]:
-    """The mounts of this mount namespace, in mount order."""
-    entries = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rest = left.split(), right.split()
-            if len(fields) < 5 or len(rest) < 2:
-                continue
-            entries.append(MountEntry(_unescape(fields[4]), fields[2], rest[0], _unescape(rest[1])))
-    return entries
-
-
 def mount_at(path: str) -> MountEntry | None:
     """The topmost mount whose mount point is *path* (absolute, resolved)."""
     found = None
     for entry in mounts():
-        if entry.mount_point == path:
+        if entry.mountpoint == path:
             found = entry
     return found
 
@@ -214,7 +178,7 @@ def users(path: str, exclude: set[int]) -> list[str]:
                     hit = "mapped file"
         if hit is not None:
             found.append(f"process {pid} ({_comm(pid)}, {hit})")
-    found += [f"mount at {m.mount_point}" for m in mounts() if m.mount_point.startswith(inside)]
+    found += [f"mount at {m.mountpoint}" for m in mounts() if m.mountpoint.startswith(inside)]
     return found
 
 
@@ -565,7 +529,7 @@ def find(path: str) -> tuple[MountEntry, FsMount | None]:
         return entry, load_record(real)
     for candidate in mounts():
         if is_cryptfuse(candidate):
-            record = load_record(candidate.mount_point)
+            record = load_record(candidate.mountpoint)
             if record is not None and record.target == real:
                 return candidate, record
     raise DeviceError(f"{path} is not an active cryptfuse mount (nor its --mount-fs directory)")
@@ -578,7 +542,7 @@ def close(path: str, deferred: bool = False) -> str | None:
     nothing; with *deferred*, detaches instead and lets the last user end it.
     """
     entry, record = find(path)
-    mountpoint = entry.mount_point
+    mountpoint = entry.mountpoint
     container = container_of(entry)
     try:  # found before the unmount, which changes what the mountpoint's stat says
         record_file: str | None = _record_path(mountpoint)

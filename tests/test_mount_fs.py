@@ -45,7 +45,7 @@ def sh(*args: object, check: bool = True, **kw: object) -> subprocess.CompletedP
 def under(root: Path) -> list[str]:
     """Mounts and loop devices below *root* (what a test must not leave behind)."""
     prefix = str(root) + "/"
-    found = [m.mount_point for m in mountfs.mounts() if m.mount_point.startswith(prefix)]
+    found = [m.mountpoint for m in mountfs.mounts() if m.mountpoint.startswith(prefix)]
     for name in os.listdir("/sys/block"):
         with contextlib.suppress(OSError):
             backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
