@@ -205,7 +205,7 @@ class _SubKey:
         self.essiv: _Ecb | None = None
         #: ESSIV's key, hash(key); empty for other IV modes
         self.essiv_salt = b""
-        if spec.ivmode == "essiv":
+        if spec.ivmode == "essiv" and spec.chainmode != "ecb":  # (ecb ignores the IV mode)
             assert spec.ivopts is not None
             # The kernel's essiv template keys each cipher instance with
             # hash(its own key); for keycount 1 that is hash(whole key).
@@ -873,6 +873,10 @@ def _gcrypt_engine(
         ivmode = _GCRYPT_NO_IV
     else:
         assert spec.ivmode is not None
+        if spec.ivmode not in _GCRYPT_IVS:  # BitLocker's eboiv/elephant: AES only here
+            raise UnsupportedError(
+                f"cipher {spec}: iv mode {spec.ivmode!r} is supported with AES only"
+            )
         ivmode = _GCRYPT_IVS[spec.ivmode]
         if spec.ivmode == "essiv":
             assert spec.ivopts is not None

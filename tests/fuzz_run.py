@@ -32,6 +32,9 @@ def main() -> int:
     parser.add_argument("target", choices=sorted(fuzz_targets.TARGETS))
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--corpus", type=Path)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="libFuzzer's random seed (0: a new one each run)"
+    )
     parser.add_argument("--artifacts", type=Path, default=HERE.parent / "build" / "fuzz")
     args = parser.parse_args()
     corpus = args.corpus or HERE.parent / "build" / "fuzz" / args.target
@@ -49,6 +52,7 @@ def main() -> int:
         f"-max_len={fuzz_targets.MAX_LEN.get(args.target, 4096)}",
         f"-artifact_prefix={args.artifacts}/{args.target}-",
         "-print_final_stats=1",
+        f"-seed={args.seed}",
         "-timeout=20",
         "-rss_limit_mb=2048",
     ]
