@@ -1713,6 +1713,15 @@ static int fast_read(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t off
     return 1;
 }
 
+/* last_write_ns becomes *ns* unless it is later already (a maximum: two writers may get
+   here in the other order than their clock reads). */
+static void note_write_time(FastVolumeObject *v, int64_t ns)
+{
+    int64_t seen = atomic_load(&v->last_write_ns);
+    while (seen < ns && !atomic_compare_exchange_weak(&v->last_write_ns, &seen, ns))
+        ;
+}
+
 static int fast_write(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t offset,
                       uint32_t size, const unsigned char *data)
 {
@@ -1730,11 +1739,7 @@ static int fast_write(WorkerObject *w, int fuse_fd, uint64_t unique, uint64_t of
         return 0;
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
-    int64_t ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
-    int64_t seen = atomic_load(&v->last_write_ns);
-    /* a maximum: two writers may get here in the other order than their clock reads */
-    while (seen < ns && !atomic_compare_exchange_weak(&v->last_write_ns, &seen, ns))
-        ;
+    note_write_time(v, (int64_t)now.tv_sec * 1000000000 + now.tv_nsec);
     atomic_fetch_add(&v->writes, 1);
     struct {
         uint32_t size, padding;
@@ -1787,9 +1792,7 @@ static int partner_serve(WorkerObject *self, FastVolumeObject *p, int fuse_fd, u
     if (handled && opcode == FUSE_READ)
         atomic_fetch_add(&v->reads, 1);
     if (handled && opcode == FUSE_WRITE) {
-        int64_t ns = atomic_load(&p->last_write_ns), seen = atomic_load(&v->last_write_ns);
-        while (seen < ns && !atomic_compare_exchange_weak(&v->last_write_ns, &seen, ns))
-            ;
+        note_write_time(v, atomic_load(&p->last_write_ns));
         atomic_fetch_add(&v->writes, 1);
     }
     return handled;

@@ -522,10 +522,9 @@ class Volume:
             )
         top = max(size, self.size) // ss
         with self._lock.hold(0, top):  # waits for every read and write under way
-            for fast in [self.fast, *self.fast_partners]:
-                if fast is not None:
-                    fast.set_size(size)
-                    fast.invalidate(0, top)
+            for fast in self._fast_paths():
+                fast.set_size(size)
+                fast.invalidate(0, top)
             self.size = size
 
     def discard(self, offset: int, length: int) -> None:
@@ -611,6 +610,10 @@ class Volume:
         if self._failed is None:
             self._failed = reason
 
+    def _fast_paths(self) -> list[_fastpath.FastVolume]:
+        """Every C data path on this fd: the partners first (closed before ``fast``)."""
+        return [*self.fast_partners, *([self.fast] if self.fast is not None else [])]
+
     def sync(self) -> None:
         """Flush everything written so far to the container's disk.
 
@@ -627,9 +630,7 @@ class Volume:
             raise DeviceError(
                 f"{self._failed}; written data may be lost (every sync fails until remounted)"
             )
-        for fast in [self.fast, *self.fast_partners]:
-            if fast is None:
-                continue
+        for fast in self._fast_paths():
             try:
                 fast.drain()  # the C path's writes answered before their pwrite
             except OSError as exc:
@@ -646,10 +647,8 @@ class Volume:
         if self._closed:
             return
         self._closed = True
-        for fast in [*self.fast_partners, self.fast]:
-            # No C read or write reaches the fd from here on (nor after the sync).
-            if fast is not None:
-                fast.close()
+        for fast in self._fast_paths():
+            fast.close()  # no C read or write reaches the fd from here on (nor after the sync)
         try:
             if not self.readonly:
                 self.sync()
@@ -793,9 +792,8 @@ class SegmentedVolume(Volume):
                 position = e.position + at
                 pwrite_all(e.fd, data, position, f"{length} bytes at {position}")
         finally:  # even after a failure: part of it may be on disk
-            for fast in [self.fast, *self.fast_partners]:
-                if fast is not None:  # read-ahead of these sectors is stale
-                    fast.invalidate(first, len(plain) // self.sector_size)
+            for fast in self._fast_paths():  # read-ahead of these sectors is stale
+                fast.invalidate(first, len(plain) // self.sector_size)
 
     # Discards and holes need one data area under one key: not here.
 
