@@ -27,10 +27,8 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
 from cryptography.hazmat.decrepit.ciphers import algorithms as decrepit
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -49,8 +47,15 @@ except ImportError:  # pragma: no cover - depends on the build
     _gcrypt = None  # type: ignore[assignment]
 
 Buffer = bytes | bytearray | memoryview
-U8 = npt.NDArray[np.uint8]
-U64 = npt.NDArray[np.uint64]
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    U8 = npt.NDArray[np.uint8]
+    U64 = npt.NDArray[np.uint64]
+# numpy (the Python engine's arrays) is imported by the functions that use it: a
+# process that only uses the C data path (reencrypt, the daemon with C ciphers) never
+# pays for it (~0.1 s of start-up and OpenBLAS's threads; docs/reencryption.md)
 
 SECTOR_SIZES = (512, 1024, 2048, 4096)
 
@@ -165,12 +170,14 @@ class _Scratch(threading.local):
     """Per-thread scratch buffers, reused so the hot path neither allocates nor page-faults."""
 
     def __init__(self) -> None:
-        self.buffers: list[U8] = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+        self.buffers: list[U8 | None] = [None, None]
 
     def get(self, index: int, size: int) -> U8:
         """Scratch buffer *index* with at least *size* + ``PAD`` bytes."""
+        import numpy as np
+
         buf = self.buffers[index]
-        if buf.size < size + PAD:
+        if buf is None or buf.size < size + PAD:
             buf = self.buffers[index] = np.empty(max(size, CHUNK) + PAD, dtype=np.uint8)
         return buf
 
@@ -180,6 +187,8 @@ _SCRATCH = _Scratch()
 
 def _padded(n: int, width: int) -> tuple[U8, U8]:
     """A fresh (n, width) uint8 array and the flat padded buffer behind it."""
+    import numpy as np
+
     flat = np.empty(n * width + PAD, dtype=np.uint8)
     return flat[: n * width].reshape(n, width), flat
 
@@ -225,6 +234,8 @@ def _mul_alpha_pow(t: U64, m: int) -> U64:
     Valid for 1 <= m <= 57: the bits shifted out (< 2**m) times x^7+x^2+x+1
     then still fit in the low word.
     """
+    import numpy as np
+
     lo = t[..., 0]
     hi = t[..., 1]
     m64 = np.uint64(m)
@@ -256,6 +267,8 @@ def _xts_tweak_stream(first: U64, blocks: int) -> U64:
     group's first one, computed for all b at once by broadcasting; groups (4 KiB
     sectors have 8) are chained with one multiplication by x**32 each.
     """
+    import numpy as np
+
     n = first.shape[0]
     width = min(blocks, 32)
     groups = blocks // width
@@ -411,12 +424,16 @@ class SectorCipher:
     # -- sector numbers and IVs -------------------------------------------------
 
     def _cc_sectors(self, first_sector: int, count: int) -> U64:
+        import numpy as np
+
         base = (first_sector * self._spb + self.iv_offset) & _MASK64
         steps = np.arange(count, dtype=np.uint64) * np.uint64(self._spb)
         return steps + np.uint64(base)  # wraps modulo 2**64, like the kernel's u64
 
     def _ivs(self, sub: _SubKey, cc: U64) -> U8:
         """The IV block of every sector, shape (n, block_size)."""
+        import numpy as np
+
         bs = self._bs
         n = cc.shape[0]
         iv_sector = cc >> np.uint64(self._shift) if self._shift else cc
@@ -469,6 +486,8 @@ class SectorCipher:
         self._run(data, first_sector, out, encrypt=False)
 
     def _run(self, data: Buffer, first_sector: int, out: Buffer, *, encrypt: bool) -> None:
+        import numpy as np
+
         view = memoryview(data).cast("B")
         length = len(view)
         if length % self.sector_size:
@@ -527,6 +546,8 @@ class SectorCipher:
 
     def _process(self, sub: _SubKey, src: U8, dst: U8, cc: U64, encrypt: bool) -> None:
         """Transform the (n, sector_size) array *src* into *dst* (same shape, contiguous)."""
+        import numpy as np
+
         mode = self.spec.chainmode
         size = src.size
         transform = sub.data.encrypt_into if encrypt else sub.data.decrypt_into
@@ -577,6 +598,8 @@ class SectorCipher:
 
     def _cbc_decrypt(self, sub: _SubKey, src: U8, dst: U8, ivs: U8) -> None:
         """CBC decryption of (n, sector_size) *src*: one ECB pass plus one XOR."""
+        import numpy as np
+
         n = src.shape[0]
         size = src.size
         result = _SCRATCH.get(1, size)
@@ -590,6 +613,8 @@ class SectorCipher:
 
     def _cbc_encrypt(self, sub: _SubKey, src: U8, dst: U8, ivs: U8) -> None:
         """CBC is serial within a sector: run block position j of every sector at once."""
+        import numpy as np
+
         bs = self._bs
         n = src.shape[0]
         blocks_in = src.reshape(n, -1, bs)
@@ -720,6 +745,8 @@ _CYCLES_B = 3
 
 def _eboiv_plain(iv_sector: U64, sector_size: int, bs: int) -> U8:
     """The blocks eboiv encrypts: each sector's byte offset, little endian, zero padded."""
+    import numpy as np
+
     n = iv_sector.shape[0]
     blocks = np.zeros((n, bs), dtype=np.uint8)
     offsets = iv_sector * np.uint64(sector_size)  # wraps modulo 2**64 like the kernel's u64
@@ -729,6 +756,8 @@ def _eboiv_plain(iv_sector: U64, sector_size: int, bs: int) -> U8:
 
 def _elephant_sector_keys(key: _Ecb, iv_sector: U64, sector_size: int) -> U8:
     """The 32-byte Elephant sector key of every sector, shape (n, 32)."""
+    import numpy as np
+
     first = _eboiv_plain(iv_sector, sector_size, 16)
     second = first.copy()
     second[:, 15] = 0x80
@@ -739,6 +768,8 @@ def _elephant_sector_keys(key: _Ecb, iv_sector: U64, sector_size: int) -> U8:
 
 
 def _rotl(x: npt.NDArray[np.uint32], r: int) -> npt.NDArray[np.uint32]:
+    import numpy as np
+
     if r == 0:
         return x
     return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
@@ -750,6 +781,8 @@ def elephant_diffuse(plain: U8, sector_keys: U8) -> U8:
     *plain* is (n, sector_size); returns a new array.  The sequential word loops
     run over all sectors at once (one column of the transposed array per word).
     """
+    import numpy as np
+
     n, size = plain.shape
     mixed = plain.reshape(n, -1, 32) ^ sector_keys[:, None, :]
     words = np.ascontiguousarray(mixed.reshape(n, size).view("<u4").astype(np.uint32).T)
@@ -765,6 +798,8 @@ def elephant_diffuse(plain: U8, sector_keys: U8) -> U8:
 
 def elephant_undiffuse(diffused: U8, sector_keys: U8) -> U8:
     """Elephant's decryption side: undo diffuser B, then A, then XOR the sector key."""
+    import numpy as np
+
     n, size = diffused.shape
     words = np.ascontiguousarray(diffused.view("<u4").astype(np.uint32).T)
     w = words.shape[0]

@@ -56,7 +56,7 @@ from ..errors import (
 from ..kdf import hash_size, hashlib_name, pbkdf2
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import parse_cipher_spec
-from ..volume import device_size, pwrite_all
+from ..volume import device_size, pwrite_all, pwrite_direct
 from . import luks2_reencrypt_digest as rdigest
 
 try:  # the C data path: its ciphers and block digests release the GIL
@@ -1124,10 +1124,10 @@ def _step(dev: _Devices, rh: Reencryption, ahead: tuple[int, int] | None = None)
         # metadata commit point: the hot zone is protected before a byte of it changes
         if prot.type == "checksum":
             sums = _checksums(prot, raw)
-            pwrite_all(dev.header_fd, sums, rh.area_offset, "reencryption checksums")
+            pwrite_direct(dev.header_fd, sums, rh.area_offset, "reencryption checksums")
             _commit(dev, rh)
         elif prot.type == "journal":
-            pwrite_all(dev.header_fd, raw, rh.area_offset, "reencryption journal")
+            pwrite_direct(dev.header_fd, raw, rh.area_offset, "reencryption journal")
             _commit(dev, rh)
         elif prot.type == "datashift":
             _commit(dev, rh)

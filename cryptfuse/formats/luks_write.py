@@ -8,6 +8,7 @@ the crash-safety tests can interpose on exactly two functions of :mod:`os`
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from ..errors import DeviceError, UsageError
 from ..kdf import argon2, available_memory_kib, pbkdf2
 from ..sector import SectorCipher
 from ..spec import CipherSpec
-from ..volume import pwrite_all
+from ..volume import pwrite_all, pwrite_direct
 
 __all__ = [
     "KdfParams",
@@ -60,12 +61,19 @@ def wipe_area(fd: int, offset: int, length: int, what: str) -> None:
     cryptsetup overwrites removed keyslots with a multi-pass pattern ending in
     random data; two passes give the same end state (the area is
     indistinguishable from unused random material) at a fraction of the cost
-    on an image file, where repeated passes buy nothing.
+    on an image file, where repeated passes buy nothing.  Both go around the page
+    cache where they can (:func:`~cryptfuse.volume.pwrite_direct`), as cryptsetup's do.
     """
-    pwrite_all(fd, bytes(length), offset, what)
-    sync(fd)
-    pwrite_all(fd, os.urandom(length), offset, what)
-    sync(fd)
+    buf = mmap.mmap(-1, max(length, 1))  # zeros, page aligned
+    try:
+        with memoryview(buf)[:length] as view:
+            pwrite_direct(fd, view, offset, what)
+            sync(fd)
+            view[:] = os.urandom(length)
+            pwrite_direct(fd, view, offset, what)
+            sync(fd)
+    finally:
+        buf.close()
 
 
 @dataclass(frozen=True)
