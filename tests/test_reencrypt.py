@@ -474,11 +474,12 @@ def test_decrypt_detached(tmp_path: Path, finisher: str) -> None:
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_next_zone_read_ahead(
+def test_zones_read_and_converted_ahead(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str
 ) -> None:
-    """Offline, each hot zone after the first is read while the one before it is
-    converted and written: every zone once, in order, on the read-ahead thread."""
+    """Offline, hot zones are read (one thread) and converted (another) ahead of the
+    one being written: every zone read once, in order, on the read thread, and
+    converted once, in the same order, on the convert thread."""
     if direction == "forward":  # a key change goes forward
         img, key, data = make(tmp_path, data_mib=3)
         hdr = None
@@ -497,6 +498,14 @@ def test_next_zone_read_ahead(
         real(self, view, position)
 
     monkeypatch.setattr(reenc._Devices, "read_zone", spy)
+    converted: list[tuple[str, int]] = []
+    real_crypt = reenc._Pipeline._crypt
+
+    def crypt_spy(self: reenc._Pipeline, raw: memoryview, out: memoryview, offset: int) -> object:
+        converted.append((threading.current_thread().name, offset))
+        return real_crypt(self, raw, out, offset)
+
+    monkeypatch.setattr(reenc._Pipeline, "_crypt", crypt_spy)
     zone = 256 * 1024
     assert reenc.run(str(img), str(hdr) if hdr else None, PASS, max_hotzone=zone).finished
     base = MiB if hdr is None else 0
@@ -505,12 +514,48 @@ def test_next_zone_read_ahead(
     first = 0 if direction == "forward" else len(data) - zone
     assert starts == list(range(first, first + step * (len(data) // zone), step))
     assert all(n == zone for _, _, n in reads)
-    assert [t for t, _, _ in reads[1:]] == ["reencrypt-read-ahead"] * (len(reads) - 1)
+    assert [t for t, _, _ in reads] == ["reencrypt-read"] * len(reads)
+    assert [o for _, o in converted] == starts
+    assert {t for t, _ in converted} == {"reencrypt-convert"}
     if hdr is None:
         assert read_all(img) == data
         cryptsetup_checks(img, key, data)
     else:
         assert img.read_bytes() == data
+
+
+@pytest.mark.parametrize("resilience", ["checksum", "journal", "none"])
+def test_read_error_ahead_stops_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resilience: str
+) -> None:
+    """A read that fails on the read thread, zones ahead of the one being written: the
+    run fails there with that error (after the zones before it), both stage threads
+    end, and the container opens and resumes to its content (cryptfuse, then the
+    rest by cryptsetup)."""
+    img, key, data = make(tmp_path, data_mib=3)
+    reenc.initialize(
+        str(img), None, PASS, reenc.ReencryptOptions(resilience=resilience), KdfParams("pbkdf2")
+    )
+    real = reenc._Devices.read_zone
+    reads: list[int] = []
+
+    def failing(self: reenc._Devices, view: memoryview, position: int) -> None:
+        reads.append(position)
+        if len(reads) == 5:
+            raise reenc.DeviceError("cannot read reencryption hot zone: Input/output error")
+        real(self, view, position)
+
+    monkeypatch.setattr(reenc._Devices, "read_zone", failing)
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(reenc.DeviceError, match="Input/output error"):
+        reenc.run(str(img), None, PASS, max_hotzone=256 * 1024)
+    assert not {t.name for t in threading.enumerate()} - before  # no stage left running
+    obj = header_json(img)
+    assert reenc.in_reencryption(obj)
+    assert read_all(img) == data
+    monkeypatch.setattr(reenc._Devices, "read_zone", real)
+    resume_with_cryptsetup(img, key, None)
+    assert read_all(img) == data
 
 
 def test_cli_encrypt_then_decrypt(tmp_path: Path) -> None:

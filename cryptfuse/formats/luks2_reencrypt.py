@@ -37,6 +37,7 @@ import hashlib
 import logging
 import mmap
 import os
+import queue
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -941,34 +942,174 @@ def _big_buffer(length: int) -> mmap.mmap:
     return buf
 
 
-@dataclass
-class _ReadAhead:
-    index: int
+@dataclass(frozen=True)
+class _Zone:
+    """Where a hot zone's data is read: container *position*, *length* bytes, and its
+    data-relative *offset* (the IVs)."""
+
     position: int
     length: int
-    ok: bool = False
-    thread: threading.Thread = field(default_factory=threading.Thread)
+    offset: int
 
 
-def _next_zone(rh: Reencryption) -> tuple[int, int] | None:
-    """(container position, length) of the hot zone after this one when it can be read
-    before this one is written: no data shift (the source then never moves) and no
-    overlap with this zone's write; None otherwise."""
-    if rh.shift or rh.seg_moved is not None or rh.protection.type == "datashift":
+def _zones_ahead(rh: Reencryption) -> Iterator[_Zone] | None:
+    """Every hot zone from the current one on, in order, when each can be read before
+    the ones before it are written: no data shift (the source then never moves), no
+    moved segment, the old and new data at the same offset (the zones' sources are
+    then disjoint from the earlier zones' destinations); None otherwise."""
+    if (
+        rh.shift
+        or rh.seg_moved is not None
+        or rh.protection.type == "datashift"
+        or rh.data_offset_old != rh.data_offset_new
+    ):
         return None
-    probe = copy.copy(rh)  # _update changes only the scalar position fields
-    probe.read = rh.length
-    try:
-        _update(probe)
-    except FormatError:
-        return None
-    if probe.length <= 0 or probe.progress >= rh.device_size:
-        return None
-    start = rh.data_offset_old + probe.offset
-    written = rh.data_offset_new + rh.offset
-    if start < written + rh.length and written < start + probe.length:
-        return None
-    return start, probe.length
+
+    def zones() -> Iterator[_Zone]:
+        probe = copy.copy(rh)  # _update changes only the scalar position fields
+        while probe.progress < probe.device_size and probe.length > 0:
+            yield _Zone(rh.data_offset_old + probe.offset, probe.length, probe.offset)
+            probe.read = probe.length
+            _update(probe)
+
+    return zones()
+
+
+@dataclass
+class _Prepared:
+    """A hot zone read and converted ahead: *raw* as read, *out* under the new key,
+    *sums* its checksums (checksum resilience)."""
+
+    zone: _Zone
+    raw: memoryview
+    out: memoryview
+    sums: bytes | None
+    raw_slot: int
+    out_slot: int
+
+
+class _Pipeline:
+    """Offline hot zones in three stages: zone k+2 is read (one thread), k+1 is
+    converted to the new key and hashed (another, with the C workers), while the
+    caller protects, writes and commits zone k.  Only where no zone reads what an
+    earlier one writes (:func:`_zones_ahead`); nothing here writes to a device, so
+    stopping it at any point leaves the container as the caller last left it.
+
+    Buffers are reused in turn: two raw zones (three with a journal, whose raw zone
+    is written to the area in the caller's stage) and two converted ones.
+    """
+
+    def __init__(self, dev: _Devices, rh: Reencryption, zones: Iterator[_Zone]) -> None:
+        self.dev = dev
+        self.prot = rh.protection
+        self.old_cipher = rh.storage(new=False)[1]
+        self.new_cipher = rh.storage(new=True)[1]
+        self.raw: list[mmap.mmap | None] = [None] * (3 if self.prot.type == "journal" else 2)
+        self.out: list[mmap.mmap | None] = [None, None]
+        self.raw_free: queue.Queue[int] = queue.Queue()
+        self.out_free: queue.Queue[int] = queue.Queue()
+        for i in range(len(self.raw)):
+            self.raw_free.put(i)
+        for i in range(len(self.out)):
+            self.out_free.put(i)
+        self.read_q: queue.Queue[tuple[_Zone, int] | BaseException | None] = queue.Queue()
+        self.done_q: queue.Queue[_Prepared | BaseException | None] = queue.Queue()
+        self.stopping = False
+        dev.direct()  # opened once, here, not by two threads at a time
+        self.threads = [
+            threading.Thread(target=self._reader, args=(zones,), name="reencrypt-read"),
+            threading.Thread(target=self._converter, name="reencrypt-convert"),
+        ]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _view(buffers: list[mmap.mmap | None], slot: int, length: int) -> memoryview:
+        buf = buffers[slot]
+        if buf is None or len(buf) < length:
+            buf = buffers[slot] = _big_buffer(length)
+        return memoryview(buf)[:length]
+
+    def _reader(self, zones: Iterator[_Zone]) -> None:
+        try:
+            for zone in zones:
+                slot = self.raw_free.get()
+                if self.stopping or slot < 0:
+                    return
+                self.dev.read_zone(self._view(self.raw, slot, zone.length), zone.position)
+                self.read_q.put((zone, slot))
+            self.read_q.put(None)
+        except BaseException as exc:  # handed to the caller, in order
+            self.read_q.put(exc)
+
+    def _converter(self) -> None:
+        try:
+            while True:
+                item = self.read_q.get()
+                if item is None or isinstance(item, BaseException):
+                    self.done_q.put(item)  # the end, or the reader's error
+                    return
+                if self.stopping:
+                    return
+                zone, raw_slot = item
+                out_slot = self.out_free.get()
+                if self.stopping or out_slot < 0:
+                    return
+                raw = self._view(self.raw, raw_slot, zone.length)
+                out = self._view(self.out, out_slot, zone.length)
+                sums = self._crypt(raw, out, zone.offset)
+                if self.prot.type != "journal":
+                    self.raw_free.put(raw_slot)  # the caller needs only sums and out
+                self.done_q.put(_Prepared(zone, raw, out, sums, raw_slot, out_slot))
+        except BaseException as exc:  # handed to the caller, in order
+            self.done_q.put(exc)
+
+    def _crypt(self, raw: memoryview, out: memoryview, offset: int) -> bytes | None:
+        """*raw* to the new key into *out* (the C workers), hashing *raw* meanwhile."""
+        errors: list[BaseException] = []
+
+        def convert() -> None:
+            try:
+                crypter = self.dev.crypter
+                plain = crypter.run(self.old_cipher, raw, out, offset, encrypt=False)
+                result = crypter.run(self.new_cipher, plain, out, offset, encrypt=True)
+                if result.obj is not out.obj:  # plaintext on both sides: a copy
+                    out[:] = result
+            except BaseException as exc:  # re-raised below
+                errors.append(exc)
+
+        worker = threading.Thread(target=convert, name="reencrypt-cipher")
+        worker.start()
+        try:
+            sums = _checksums(self.prot, raw) if self.prot.type == "checksum" else None
+        finally:
+            worker.join()
+        if errors:
+            raise errors[0]
+        return sums
+
+    def take(self) -> _Prepared | None:
+        """The next zone, converted (None: there is none); errors of the stages are
+        raised here, in the caller's thread."""
+        item = self.done_q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def release(self, prepared: _Prepared) -> None:
+        """The caller has written *prepared*: its buffers go back to the stages."""
+        self.out_free.put(prepared.out_slot)
+        if self.prot.type == "journal":
+            self.raw_free.put(prepared.raw_slot)
+
+    def close(self) -> None:
+        """Stop both stages (at the end of their current zone) and wait for them."""
+        self.stopping = True
+        self.raw_free.put(-1)
+        self.out_free.put(-1)
+        self.read_q.put(None)
+        for t in self.threads:
+            t.join()
 
 
 @dataclass
@@ -977,12 +1118,8 @@ class _Devices:
     header_fd: int
     writer: Luks2Writer
     crypter: _Crypter = field(default_factory=_Crypter)
-    #: 0 and 2: hot zones as read (in turn: one is converted while the next is read
-    #: ahead), 1: the zone as converted
-    buffers: list[mmap.mmap | None] = field(default_factory=lambda: [None, None, None])
-    #: the buffer the current hot zone was read into
-    current: int = 2
-    ahead: _ReadAhead | None = None
+    #: where a zone is read (0) and converted (1) when no pipeline does it
+    buffers: list[mmap.mmap | None] = field(default_factory=lambda: [None, None])
 
     #: the data device again with O_DIRECT (-1: none): hot zones are read and written
     #: straight from and to the buffers, as cryptsetup does (buffered reads of a cold
@@ -1020,48 +1157,15 @@ class _Devices:
         pwrite_all(self.data_fd, view, position, "hot zone")
 
     def close(self) -> None:
-        self._join_ahead()
         if self.direct_fd >= 0:
             os.close(self.direct_fd)
         self.direct_fd = -1
 
-    def _join_ahead(self) -> _ReadAhead | None:
-        ahead, self.ahead = self.ahead, None
-        if ahead is not None:
-            ahead.thread.join()
-        return ahead
-
     def zone(self, position: int, length: int) -> memoryview:
-        """The hot zone at *position*: the one read ahead when it is that one, else read
-        now, into the raw buffer the previous zone did not use."""
-        ahead = self._join_ahead()
-        if ahead is not None and (ahead.position, ahead.length) == (position, length):
-            if ahead.ok:
-                self.current = ahead.index
-                return self.buffer(ahead.index, length)
-        self.current = 2 - self.current
-        view = self.buffer(self.current, length)
+        """The hot zone at *position*, read now."""
+        view = self.buffer(0, length)
         self.read_zone(view, position)
         return view
-
-    def read_ahead(self, position: int, length: int) -> None:
-        """Start reading the next hot zone into the other raw buffer (a thread: the disk
-        reads while this zone is protected, converted and written).  Only for a zone
-        that this one's write does not touch and nothing else writes (offline)."""
-        index = 2 - self.current
-        view = self.buffer(index, length)
-        ahead = _ReadAhead(index, position, length)
-
-        def read() -> None:
-            try:
-                self.read_zone(view, position)
-                ahead.ok = True
-            except (DeviceError, OSError):
-                pass  # zone() reads it again and reports the error where it belongs
-
-        ahead.thread = threading.Thread(target=read, name="reencrypt-read-ahead")
-        ahead.thread.start()
-        self.ahead = ahead
 
     def read_zone(self, view: memoryview, position: int) -> None:
         """Read a hot zone into *view* (O_DIRECT where everything is 4 KiB aligned)."""
@@ -1087,8 +1191,9 @@ def _commit(dev: _Devices, rh: Reencryption) -> None:
     dev.writer.commit()
 
 
-def _step(dev: _Devices, rh: Reencryption, ahead: tuple[int, int] | None = None) -> None:
-    """Reencrypt one hot zone, committing the metadata as cryptsetup's ``reencrypt_step``."""
+def _step(dev: _Devices, rh: Reencryption, prepared: _Prepared | None = None) -> None:
+    """Reencrypt one hot zone, committing the metadata as cryptsetup's ``reencrypt_step``;
+    with *prepared*, the zone was read, converted and hashed ahead (:class:`_Pipeline`)."""
     hot_segs = _hot_segments(rh)
     post = _post_segments(rh, hot_segs)
     prot = rh.protection
@@ -1099,31 +1204,11 @@ def _step(dev: _Devices, rh: Reencryption, ahead: tuple[int, int] | None = None)
         if rh.moved_protection is not None:
             prot = rh.moved_protection
     _assign(rh, hot_segs, hot=True)
-    raw = dev.zone(old_base + rh.offset, rh.length)
-    rh.read = len(raw)
-    if ahead is not None:
-        dev.read_ahead(*ahead)
-    # The new ciphertext is computed meanwhile (into memory only, raw stays untouched):
-    # the cipher runs in the C data path's threads while this thread hashes or journals.
-    converted: list[memoryview] = []
-    failed: list[BaseException] = []
 
-    def convert() -> None:
-        try:
-            plain = dev.crypter.run(
-                old_cipher, raw, dev.buffer(1, rh.length), rh.offset, encrypt=False
-            )
-            out = dev.buffer(1, rh.length) if plain is raw else plain
-            converted.append(dev.crypter.run(new_cipher, plain, out, rh.offset, encrypt=True))
-        except BaseException as exc:  # re-raised below, in the caller's thread
-            failed.append(exc)
-
-    worker = threading.Thread(target=convert, name="reencrypt-cipher")
-    worker.start()
-    try:
+    def protect(raw: memoryview, sums: bytes | None) -> None:
         # metadata commit point: the hot zone is protected before a byte of it changes
         if prot.type == "checksum":
-            sums = _checksums(prot, raw)
+            assert sums is not None
             pwrite_direct(dev.header_fd, sums, rh.area_offset, "reencryption checksums")
             _commit(dev, rh)
         elif prot.type == "journal":
@@ -1131,11 +1216,38 @@ def _step(dev: _Devices, rh: Reencryption, ahead: tuple[int, int] | None = None)
             _commit(dev, rh)
         elif prot.type == "datashift":
             _commit(dev, rh)
-    finally:
-        worker.join()
-    if failed:
-        raise failed[0]
-    dev.write_zone(converted[0], new_base + rh.offset)
+
+    if prepared is not None:
+        rh.read = prepared.zone.length
+        protect(prepared.raw, prepared.sums)
+        converted = prepared.out
+    else:
+        raw = dev.zone(old_base + rh.offset, rh.length)
+        rh.read = len(raw)
+        # The new ciphertext is computed meanwhile (into memory only, raw stays
+        # untouched): the cipher runs in the C data path's threads while this thread
+        # hashes or journals.
+        done: list[memoryview] = []
+        failed: list[BaseException] = []
+
+        def convert() -> None:
+            try:
+                out = dev.buffer(1, rh.length)
+                plain = dev.crypter.run(old_cipher, raw, out, rh.offset, encrypt=False)
+                done.append(dev.crypter.run(new_cipher, plain, out, rh.offset, encrypt=True))
+            except BaseException as exc:  # re-raised below, in the caller's thread
+                failed.append(exc)
+
+        worker = threading.Thread(target=convert, name="reencrypt-cipher")
+        worker.start()
+        try:
+            protect(raw, _checksums(prot, raw) if prot.type == "checksum" else None)
+        finally:
+            worker.join()
+        if failed:
+            raise failed[0]
+        converted = done[0]
+    dev.write_zone(converted, new_base + rh.offset)
     if prot.type != "none":
         sync(dev.data_fd)
     # metadata commit safe point: the caller commits, together with the finish after
@@ -1539,6 +1651,53 @@ def _run_on(
         )
     container = device_size(dev.data_fd)
     _context(rh, container, max_hotzone, crashed=False)
+    zones = _zones_ahead(rh) if live is None else None  # online, the mount writes too
+    pipeline = _Pipeline(dev, rh, zones) if zones is not None else None
+    try:
+        return _steps(dev, rh, container, progress, stop, live, pipeline)
+    finally:
+        if pipeline is not None:
+            pipeline.close()
+
+
+def _steps(
+    dev: _Devices,
+    rh: Reencryption,
+    container: int,
+    progress: ProgressFn | None,
+    stop: Callable[[], bool] | None,
+    live: Live | None,
+    pipeline: _Pipeline | None,
+) -> RunResult:
+    """Hot zone after hot zone to the end, or to a *stop* between two of them.
+
+    Without resilience (``none``) the header is committed only at the end or at a
+    stop, as cryptsetup does; when a step fails (a read or write error, an
+    interruption), the zones done before it are committed before the error goes on,
+    where cryptsetup leaves a header that describes none of them.
+    """
+    # ``none``: the header after the last whole zone, while there is one to commit
+    done: list[dict[str, Any]] = []
+    try:
+        return _zone_loop(dev, rh, container, progress, stop, live, pipeline, done)
+    except BaseException:
+        if rh.protection.type == "none" and done:
+            with contextlib.suppress(CryptfuseError, OSError):
+                dev.writer.obj = done[0]
+                dev.writer.commit()
+        raise
+
+
+def _zone_loop(
+    dev: _Devices,
+    rh: Reencryption,
+    container: int,
+    progress: ProgressFn | None,
+    stop: Callable[[], bool] | None,
+    live: Live | None,
+    pipeline: _Pipeline | None,
+    done: list[dict[str, Any]],
+) -> RunResult:
     stopped = False
     while rh.progress < rh.device_size:
         if live is not None:
@@ -1546,19 +1705,31 @@ def _run_on(
             # the step's fsync would flush it while the zone's readers and writers wait)
             with contextlib.suppress(OSError):
                 os.fdatasync(dev.data_fd)
+        prepared = None
+        if pipeline is not None:
+            prepared = pipeline.take()
+            here = _Zone(rh.data_offset_old + rh.offset, rh.length, rh.offset)
+            if prepared is None or prepared.zone != here:  # pragma: no cover - a safety net
+                pipeline.close()  # it follows the same _update: never seen
+                pipeline = prepared = None
         hold = live.hold(rh.offset, rh.offset + rh.length) if live else contextlib.nullcontext()
         with hold:
-            _step(dev, rh, _next_zone(rh) if live is None else None)
+            _step(dev, rh, prepared)
+            if pipeline is not None and prepared is not None:
+                pipeline.release(prepared)
             _update(rh)
             last = rh.progress >= rh.device_size
             if live is not None:
                 extents = logical_extents(rh, container)
             if last:
+                done.clear()  # from here on the header is committed as it goes
                 if rh.protection.type == "none":
                     _commit(dev, rh)
                 _finish(dev, rh)
             elif rh.protection.type != "none":
                 _commit(dev, rh)
+            else:
+                done[:] = [copy.deepcopy(rh.obj)]
             if live is not None:
                 live.update(extents)
         if progress is not None:
@@ -1570,6 +1741,7 @@ def _run_on(
             break
         if rh.length == 0:  # pragma: no cover - a safety net against a stuck context
             break
+    done.clear()
     if rh.protection.type == "none":
         _commit(dev, rh)
     if not stopped and rh.progress >= rh.device_size:  # already done: only the finish was due
