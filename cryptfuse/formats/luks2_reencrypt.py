@@ -1651,7 +1651,9 @@ def _run_on(
         )
     container = device_size(dev.data_fd)
     _context(rh, container, max_hotzone, crashed=False)
-    zones = _zones_ahead(rh) if live is None else None  # online, the mount writes too
+    # online the mount writes too; a zone larger than the default (--hotzone-size)
+    # is done one at a time: the stages would keep four of them in memory
+    zones = _zones_ahead(rh) if live is None and rh.length <= DEFAULT_HOTZONE else None
     pipeline = _Pipeline(dev, rh, zones) if zones is not None else None
     try:
         return _steps(dev, rh, container, progress, stop, live, pipeline)
@@ -1679,75 +1681,62 @@ def _steps(
     # ``none``: the header after the last whole zone, while there is one to commit
     done: list[dict[str, Any]] = []
     try:
-        return _zone_loop(dev, rh, container, progress, stop, live, pipeline, done)
+        stopped = False
+        while rh.progress < rh.device_size:
+            if live is not None:
+                # what the mount wrote meanwhile goes to disk now, not inside the hold (where
+                # the step's fsync would flush it while the zone's readers and writers wait)
+                with contextlib.suppress(OSError):
+                    os.fdatasync(dev.data_fd)
+            prepared = None
+            if pipeline is not None:
+                prepared = pipeline.take()
+                here = _Zone(rh.data_offset_old + rh.offset, rh.length, rh.offset)
+                if prepared is None or prepared.zone != here:  # pragma: no cover - a safety net
+                    pipeline.close()  # it follows the same _update: never seen
+                    pipeline = prepared = None
+            hold = live.hold(rh.offset, rh.offset + rh.length) if live else contextlib.nullcontext()
+            with hold:
+                _step(dev, rh, prepared)
+                if pipeline is not None and prepared is not None:
+                    pipeline.release(prepared)
+                _update(rh)
+                last = rh.progress >= rh.device_size
+                if live is not None:
+                    extents = logical_extents(rh, container)
+                if last:
+                    done.clear()  # from here on the header is committed as it goes
+                    if rh.protection.type == "none":
+                        _commit(dev, rh)
+                    _finish(dev, rh)
+                elif rh.protection.type != "none":
+                    _commit(dev, rh)
+                else:
+                    done[:] = [copy.deepcopy(rh.obj)]
+                if live is not None:
+                    live.update(extents)
+            if progress is not None:
+                progress(rh.progress, rh.device_size)
+            if last:
+                return RunResult(True, rh.progress, rh.device_size)
+            if stop is not None and stop():
+                stopped = True
+                break
+            if rh.length == 0:  # pragma: no cover - a safety net against a stuck context
+                break
+        done.clear()
+        if rh.protection.type == "none":
+            _commit(dev, rh)
+        if not stopped and rh.progress >= rh.device_size:  # already done: only the finish was due
+            _finish(dev, rh)
+            return RunResult(True, rh.progress, rh.device_size)
+        return RunResult(False, rh.progress, rh.device_size)
     except BaseException:
         if rh.protection.type == "none" and done:
             with contextlib.suppress(CryptfuseError, OSError):
                 dev.writer.obj = done[0]
                 dev.writer.commit()
         raise
-
-
-def _zone_loop(
-    dev: _Devices,
-    rh: Reencryption,
-    container: int,
-    progress: ProgressFn | None,
-    stop: Callable[[], bool] | None,
-    live: Live | None,
-    pipeline: _Pipeline | None,
-    done: list[dict[str, Any]],
-) -> RunResult:
-    stopped = False
-    while rh.progress < rh.device_size:
-        if live is not None:
-            # what the mount wrote meanwhile goes to disk now, not inside the hold (where
-            # the step's fsync would flush it while the zone's readers and writers wait)
-            with contextlib.suppress(OSError):
-                os.fdatasync(dev.data_fd)
-        prepared = None
-        if pipeline is not None:
-            prepared = pipeline.take()
-            here = _Zone(rh.data_offset_old + rh.offset, rh.length, rh.offset)
-            if prepared is None or prepared.zone != here:  # pragma: no cover - a safety net
-                pipeline.close()  # it follows the same _update: never seen
-                pipeline = prepared = None
-        hold = live.hold(rh.offset, rh.offset + rh.length) if live else contextlib.nullcontext()
-        with hold:
-            _step(dev, rh, prepared)
-            if pipeline is not None and prepared is not None:
-                pipeline.release(prepared)
-            _update(rh)
-            last = rh.progress >= rh.device_size
-            if live is not None:
-                extents = logical_extents(rh, container)
-            if last:
-                done.clear()  # from here on the header is committed as it goes
-                if rh.protection.type == "none":
-                    _commit(dev, rh)
-                _finish(dev, rh)
-            elif rh.protection.type != "none":
-                _commit(dev, rh)
-            else:
-                done[:] = [copy.deepcopy(rh.obj)]
-            if live is not None:
-                live.update(extents)
-        if progress is not None:
-            progress(rh.progress, rh.device_size)
-        if last:
-            return RunResult(True, rh.progress, rh.device_size)
-        if stop is not None and stop():
-            stopped = True
-            break
-        if rh.length == 0:  # pragma: no cover - a safety net against a stuck context
-            break
-    done.clear()
-    if rh.protection.type == "none":
-        _commit(dev, rh)
-    if not stopped and rh.progress >= rh.device_size:  # already done: only the finish was due
-        _finish(dev, rh)
-        return RunResult(True, rh.progress, rh.device_size)
-    return RunResult(False, rh.progress, rh.device_size)
 
 
 @dataclass(frozen=True)
