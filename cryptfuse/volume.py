@@ -267,7 +267,7 @@ def fast_path_for(
         "essiv": _fastpath.IV_ESSIV,
     }
     modes = {"xts": _fastpath.MODE_XTS, "cbc": _fastpath.MODE_CBC}
-    direct_fd = _open_direct(fd, readonly) if direct else -1
+    direct_fd = open_direct(fd, readonly) if direct else -1
     try:
         if params is None:
             return _fastpath.FastVolume(
@@ -308,7 +308,7 @@ def fast_path_for(
         raise
 
 
-def _open_direct(fd: int, readonly: bool) -> int:
+def open_direct(fd: int, readonly: bool) -> int:
     """*fd*'s file opened again with O_DIRECT, or -1 where that is not possible or safe.
 
     Only with 4 KiB pages, where the page cache's largest folio is 2 MiB (the C path's
@@ -328,11 +328,15 @@ def _open_direct(fd: int, readonly: bool) -> int:
         return -1
 
 
-def pwrite_direct(fd: int, data: Buffer, offset: int, what: str) -> None:
+def pwrite_direct(
+    fd: int, data: Buffer, offset: int, what: str, *, direct: int | None = None
+) -> None:
     """:func:`pwrite_all`, through an O_DIRECT descriptor of *fd*'s file where *offset*
     and the length are 4 KiB multiples (else, or where O_DIRECT is refused, through *fd*).
+    *direct*: that descriptor, already open (-1: there is none); by default one is
+    opened for this write.
 
-    For large metadata writes into ranges that are likely not cached (wipes, the
+    For large writes into ranges that are likely not cached (hot zones, wipes, the
     reencryption area), as cryptsetup writes them: on ext4 with large folios (kernel
     6.18 here) a buffered 16 MiB write into an uncached range that does not start on
     a folio boundary reads the blocks around it first, one by one (0.28 s here, 14 ms
@@ -344,7 +348,9 @@ def pwrite_direct(fd: int, data: Buffer, offset: int, what: str) -> None:
     if not length or offset % 4096 or length % 4096:
         pwrite_all(fd, view, offset, what)
         return
-    direct = _open_direct(fd, readonly=False)
+    own = direct is None
+    if direct is None:
+        direct = open_direct(fd, readonly=False)
     if direct < 0:
         pwrite_all(fd, view, offset, what)
         return
@@ -366,7 +372,8 @@ def pwrite_direct(fd: int, data: Buffer, offset: int, what: str) -> None:
                 raise
             pwrite_all(fd, view, offset, what)  # O_DIRECT refused here after all
     finally:
-        os.close(direct)
+        if own:
+            os.close(direct)
 
 
 class Volume:

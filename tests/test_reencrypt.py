@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_crash_safety import run_killed
@@ -499,13 +500,13 @@ def test_zones_read_and_converted_ahead(
 
     monkeypatch.setattr(reenc._Devices, "read_zone", spy)
     converted: list[tuple[str, int]] = []
-    real_crypt = reenc._Pipeline._crypt
+    real_convert = reenc._convert
 
-    def crypt_spy(self: reenc._Pipeline, raw: memoryview, out: memoryview, offset: int) -> object:
-        converted.append((threading.current_thread().name, offset))
-        return real_crypt(self, raw, out, offset)
+    def convert_spy(*args: Any, **kwargs: Any) -> object:
+        converted.append((threading.current_thread().name, args[6]))  # the offset
+        return real_convert(*args, **kwargs)
 
-    monkeypatch.setattr(reenc._Pipeline, "_crypt", crypt_spy)
+    monkeypatch.setattr(reenc, "_convert", convert_spy)
     zone = 256 * 1024
     assert reenc.run(str(img), str(hdr) if hdr else None, PASS, max_hotzone=zone).finished
     base = MiB if hdr is None else 0

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import fcntl
 import hashlib
 import logging
@@ -57,7 +56,7 @@ from ..errors import (
 from ..kdf import hash_size, hashlib_name, pbkdf2
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import parse_cipher_spec
-from ..volume import device_size, pwrite_all, pwrite_direct
+from ..volume import device_size, open_direct, pwrite_all, pwrite_direct
 from . import luks2_reencrypt_digest as rdigest
 
 try:  # the C data path: its ciphers and block digests release the GIL
@@ -988,6 +987,43 @@ class _Prepared:
     out_slot: int
 
 
+def _convert(
+    crypter: _Crypter,
+    prot: Protection,
+    old_cipher: SectorCipher | None,
+    new_cipher: SectorCipher | None,
+    raw: memoryview,
+    out: memoryview,
+    offset: int,
+    then: Callable[[bytes | None], None] | None = None,
+) -> bytes | None:
+    """*raw* (data-relative *offset*) from the old key to the new one into *out* (the C
+    workers, in a thread), meanwhile hashing *raw* (``checksum`` resilience) and then
+    calling *then* with the checksums; returns them."""
+    errors: list[BaseException] = []
+
+    def convert() -> None:
+        try:
+            plain = crypter.run(old_cipher, raw, out, offset, encrypt=False)
+            result = crypter.run(new_cipher, plain, out, offset, encrypt=True)
+            if result.obj is not out.obj:  # plaintext on both sides: a copy
+                out[:] = result
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=convert, name="reencrypt-cipher")
+    worker.start()
+    try:
+        sums = _checksums(prot, raw) if prot.type == "checksum" else None
+        if then is not None:
+            then(sums)
+    finally:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return sums
+
+
 class _Pipeline:
     """Offline hot zones in three stages: zone k+2 is read (one thread), k+1 is
     converted to the new key and hashed (another, with the C workers), while the
@@ -1057,36 +1093,15 @@ class _Pipeline:
                     return
                 raw = self._view(self.raw, raw_slot, zone.length)
                 out = self._view(self.out, out_slot, zone.length)
-                sums = self._crypt(raw, out, zone.offset)
+                crypter = self.dev.crypter
+                sums = _convert(
+                    crypter, self.prot, self.old_cipher, self.new_cipher, raw, out, zone.offset
+                )
                 if self.prot.type != "journal":
                     self.raw_free.put(raw_slot)  # the caller needs only sums and out
                 self.done_q.put(_Prepared(zone, raw, out, sums, raw_slot, out_slot))
         except BaseException as exc:  # handed to the caller, in order
             self.done_q.put(exc)
-
-    def _crypt(self, raw: memoryview, out: memoryview, offset: int) -> bytes | None:
-        """*raw* to the new key into *out* (the C workers), hashing *raw* meanwhile."""
-        errors: list[BaseException] = []
-
-        def convert() -> None:
-            try:
-                crypter = self.dev.crypter
-                plain = crypter.run(self.old_cipher, raw, out, offset, encrypt=False)
-                result = crypter.run(self.new_cipher, plain, out, offset, encrypt=True)
-                if result.obj is not out.obj:  # plaintext on both sides: a copy
-                    out[:] = result
-            except BaseException as exc:  # re-raised below
-                errors.append(exc)
-
-        worker = threading.Thread(target=convert, name="reencrypt-cipher")
-        worker.start()
-        try:
-            sums = _checksums(self.prot, raw) if self.prot.type == "checksum" else None
-        finally:
-            worker.join()
-        if errors:
-            raise errors[0]
-        return sums
 
     def take(self) -> _Prepared | None:
         """The next zone, converted (None: there is none); errors of the stages are
@@ -1130,31 +1145,13 @@ class _Devices:
 
     def direct(self) -> int:
         if self.direct_fd == -2:
-            try:
-                mode = fcntl.fcntl(self.data_fd, fcntl.F_GETFL) & os.O_ACCMODE
-                self.direct_fd = os.open(
-                    f"/proc/self/fd/{self.data_fd}",
-                    (os.O_RDONLY if mode == os.O_RDONLY else os.O_RDWR)
-                    | os.O_DIRECT
-                    | os.O_CLOEXEC,
-                )
-            except (OSError, AttributeError):
-                self.direct_fd = -1
+            mode = fcntl.fcntl(self.data_fd, fcntl.F_GETFL) & os.O_ACCMODE
+            self.direct_fd = open_direct(self.data_fd, readonly=mode == os.O_RDONLY)
         return self.direct_fd
 
     def write_zone(self, view: memoryview, position: int) -> None:
         """Write a converted hot zone at *position* (O_DIRECT where all is aligned)."""
-        fd = self.direct()
-        if fd >= 0 and not position % 4096 and not len(view) % 4096:
-            try:
-                pwrite_all(fd, view, position, "hot zone")
-                return
-            except DeviceError as exc:
-                cause = exc.__cause__
-                if not isinstance(cause, OSError) or cause.errno != errno.EINVAL:
-                    raise
-                # a file system that refuses O_DIRECT writes: through the cache
-        pwrite_all(self.data_fd, view, position, "hot zone")
+        pwrite_direct(self.data_fd, view, position, "hot zone", direct=self.direct())
 
     def close(self) -> None:
         if self.direct_fd >= 0:
@@ -1226,27 +1223,18 @@ def _step(dev: _Devices, rh: Reencryption, prepared: _Prepared | None = None) ->
         rh.read = len(raw)
         # The new ciphertext is computed meanwhile (into memory only, raw stays
         # untouched): the cipher runs in the C data path's threads while this thread
-        # hashes or journals.
-        done: list[memoryview] = []
-        failed: list[BaseException] = []
-
-        def convert() -> None:
-            try:
-                out = dev.buffer(1, rh.length)
-                plain = dev.crypter.run(old_cipher, raw, out, rh.offset, encrypt=False)
-                done.append(dev.crypter.run(new_cipher, plain, out, rh.offset, encrypt=True))
-            except BaseException as exc:  # re-raised below, in the caller's thread
-                failed.append(exc)
-
-        worker = threading.Thread(target=convert, name="reencrypt-cipher")
-        worker.start()
-        try:
-            protect(raw, _checksums(prot, raw) if prot.type == "checksum" else None)
-        finally:
-            worker.join()
-        if failed:
-            raise failed[0]
-        converted = done[0]
+        # hashes or journals and commits.
+        converted = dev.buffer(1, rh.length)
+        _convert(
+            dev.crypter,
+            prot,
+            old_cipher,
+            new_cipher,
+            raw,
+            converted,
+            rh.offset,
+            then=lambda sums: protect(raw, sums),
+        )
     dev.write_zone(converted, new_base + rh.offset)
     if prot.type != "none":
         sync(dev.data_fd)
@@ -2176,9 +2164,15 @@ def initialize_decrypt(
                 if keys_out is not None:
                     keys_out[bound.index] = old_key
                 _decrypt_shift_init(
-                    h.data_fd, h.header_fd, header_path, header, old_key, max_hotzone,
-                    resilience_hash, wipe=header.binary.hdr_size,
-                )  # fmt: skip
+                    h.data_fd,
+                    h.header_fd,
+                    header_path,
+                    header,
+                    old_key,
+                    max_hotzone,
+                    resilience_hash,
+                    wipe=header.binary.hdr_size,
+                )
                 return
             _single_slot(header, bound.keyslots, key_slot)
             _, old_key = header.unlock(h.header_fd, passphrase, key_slot)
@@ -2229,9 +2223,15 @@ def initialize_decrypt(
             sync(fd)
             exported = read_luks2_header(fd, header_path)
             _decrypt_shift_init(
-                h.data_fd, fd, header_path, exported, old_key, max_hotzone, resilience_hash,
+                h.data_fd,
+                fd,
+                header_path,
+                exported,
+                old_key,
+                max_hotzone,
+                resilience_hash,
                 wipe=header.binary.hdr_size,
-            )  # fmt: skip
+            )
         finally:
             os.close(fd)
 
