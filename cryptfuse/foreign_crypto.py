@@ -8,7 +8,9 @@ metadata needs beyond PBKDF2/Argon2 (:mod:`cryptfuse.kdf`) and the sector engine
   and metadata validation datum);
 * BitLocker's SHA-256 key stretching (2**20 rounds over a 88-byte record);
 * AES key unwrap (RFC 3394 / NIST SP 800-38F KW, FileVault 2's KEK and volume key);
-* one AES-XTS data unit of any length (FileVault 2's 8 KiB metadata blocks).
+* one AES-XTS data unit of any length (FileVault 2's 8 KiB metadata blocks);
+* the byte table of a reflected CRC-32 (TrueCrypt's key-file pool, FileVault 2's
+  CRC-32C).
 
 Every decryption that authenticates returns None on a wrong key instead of raising:
 callers try several keys.
@@ -89,3 +91,15 @@ def xts_decrypt_unit(cipher: str, key: bytes, tweak: bytes, data: bytes) -> byte
         raise ValueError("XTS key halves are equal")
     ctx = Cipher(algorithms.AES(key), modes.XTS(tweak)).decryptor()
     return ctx.update(data) + ctx.finalize()
+
+
+def crc_table(polynomial: int) -> list[int]:
+    """The 256-entry table of the reflected CRC-32 with *polynomial* (reversed form:
+    0xEDB88320 for CRC-32, 0x82F63B78 for CRC-32C)."""
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ polynomial if c & 1 else c >> 1
+        table.append(c)
+    return table

@@ -27,11 +27,11 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from test_corpus_luks import sha256_file, unchanged
 
 from cryptfuse.errors import (
     CryptfuseError,
@@ -77,24 +77,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if path.is_file():
             os.chmod(path, 0o644)
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextmanager
-def unchanged(path: Path) -> Iterator[None]:
-    """No byte of *path* changes inside the block (even when it raises)."""
-    before = sha256_file(path)
-    try:
-        yield
-    finally:
-        assert sha256_file(path) == before, f"{path.name} changed"
 
 
 def volume_sha256(vol: Volume) -> str:

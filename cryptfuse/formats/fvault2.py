@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import DeviceError, FormatError, UsageError, WrongPassphraseError
-from ..foreign_crypto import aes_unwrap, xts_decrypt_unit
+from ..foreign_crypto import aes_unwrap, crc_table, xts_decrypt_unit
 from ..kdf import pbkdf2
 from ..sector import SectorCipher
 from ..spec import parse_cipher_spec
@@ -49,17 +49,7 @@ KWVK_SIZE = 256
 CIPHER = "aes-xts-plain64"
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC32C = _crc32c_table()
+_CRC32C = crc_table(0x82F63B78)
 
 
 def crc32c(seed: int, data: bytes) -> int:

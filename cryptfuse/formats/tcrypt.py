@@ -47,6 +47,7 @@ from ..errors import (
     UsageError,
     WrongPassphraseError,
 )
+from ..foreign_crypto import crc_table
 from ..kdf import argon2, pbkdf2
 from ..sector import Buffer, SectorCipher
 from ..spec import parse_cipher_spec
@@ -143,40 +144,31 @@ def _lrw(names: str) -> Chain:
     return Chain(names, "lrw-benbi", 48 * len(parts), algs)
 
 
+#: the ciphers and cascades of TrueCrypt (XTS and, before 5.0, LRW)
+_TRUECRYPT = (
+    "aes",
+    "serpent",
+    "twofish",
+    "twofish-aes",
+    "serpent-twofish-aes",
+    "aes-serpent",
+    "aes-twofish-serpent",
+    "serpent-twofish",
+)
+#: the ones VeraCrypt added (XTS only)
+_VERACRYPT = (
+    "camellia",
+    "kuznyechik",
+    "kuznyechik-camellia",
+    "twofish-kuznyechik",
+    "serpent-camellia",
+    "aes-kuznyechik",
+    "camellia-serpent-kuznyechik",
+)
+
 CHAINS: tuple[Chain, ...] = (
-    *(
-        _xts(n)
-        for n in (
-            "aes",
-            "serpent",
-            "twofish",
-            "twofish-aes",
-            "serpent-twofish-aes",
-            "aes-serpent",
-            "aes-twofish-serpent",
-            "serpent-twofish",
-            "camellia",
-            "kuznyechik",
-            "kuznyechik-camellia",
-            "twofish-kuznyechik",
-            "serpent-camellia",
-            "aes-kuznyechik",
-            "camellia-serpent-kuznyechik",
-        )
-    ),
-    *(
-        _lrw(n)
-        for n in (
-            "aes",
-            "serpent",
-            "twofish",
-            "twofish-aes",
-            "serpent-twofish-aes",
-            "aes-serpent",
-            "aes-twofish-serpent",
-            "serpent-twofish",
-        )
-    ),
+    *(_xts(n) for n in _TRUECRYPT + _VERACRYPT),
+    *(_lrw(n) for n in _TRUECRYPT),
     Chain("aes", "cbc-tcw", 64, (Alg("aes", 32, 16, 32, 0, 32),), legacy=True),
     Chain("serpent", "cbc-tcw", 64, (Alg("serpent", 32, 16, 32, 0, 32),), legacy=True),
     Chain("twofish", "cbc-tcw", 64, (Alg("twofish", 32, 16, 32, 0, 32),), legacy=True),
@@ -228,17 +220,7 @@ class TcryptHeader:
 # -- key material ---------------------------------------------------------------------
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC = _crc_table()
+_CRC = crc_table(0xEDB88320)
 
 
 def _pool_keyfile(pool: bytearray, data: bytes, length: int) -> None:
@@ -536,28 +518,23 @@ class CascadeCipher:
     def fast_parameters(self) -> None:
         return None
 
-    def decrypt_into(self, data: Buffer, first_sector: int, out: Buffer) -> None:
-        buf: Buffer = data
-        for layer in reversed(self.layers):
-            result = layer.decrypt(buf, first_sector)
-            buf = result
-        memoryview(out).cast("B")[:] = buf
-
-    def encrypt_into(self, data: Buffer, first_sector: int, out: Buffer) -> None:
-        buf: Buffer = data
-        for layer in self.layers:
-            buf = layer.encrypt(buf, first_sector)
-        memoryview(out).cast("B")[:] = buf
-
     def encrypt(self, data: Buffer, first_sector: int) -> bytearray:
-        out = bytearray(len(memoryview(data).cast("B")))
-        self.encrypt_into(data, first_sector, out)
+        out = self.layers[0].encrypt(data, first_sector)
+        for layer in self.layers[1:]:
+            out = layer.encrypt(out, first_sector)
         return out
 
     def decrypt(self, data: Buffer, first_sector: int) -> bytearray:
-        out = bytearray(len(memoryview(data).cast("B")))
-        self.decrypt_into(data, first_sector, out)
+        out = self.layers[-1].decrypt(data, first_sector)
+        for layer in reversed(self.layers[:-1]):
+            out = layer.decrypt(out, first_sector)
         return out
+
+    def encrypt_into(self, data: Buffer, first_sector: int, out: Buffer) -> None:
+        memoryview(out).cast("B")[:] = self.encrypt(data, first_sector)
+
+    def decrypt_into(self, data: Buffer, first_sector: int, out: Buffer) -> None:
+        memoryview(out).cast("B")[:] = self.decrypt(data, first_sector)
 
 
 def data_cipher(header: TcryptHeader, iv_offset: int) -> SectorCipher | CascadeCipher:
