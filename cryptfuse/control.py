@@ -261,6 +261,49 @@ class Served:
     handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
 
 
+def _own_description(fd: int) -> int:
+    """*fd*'s file opened again, read-write (*fd* itself where that is not possible).
+
+    An online reencryption writes through its own open file description: a durable
+    write (``RWF_DSYNC``), like an fsync, reports the writeback errors of the whole
+    file that its description has not seen yet, and then that description no longer
+    sees them. Through the mount's, an error in writing back what the mount wrote
+    would fail the reencryption's write instead, and the mount's next fsync would
+    return success (``Volume.sync`` makes such errors stick only for what it sees).
+    """
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return fd
+
+
+@contextlib.contextmanager
+def _synced_meanwhile(volume: Volume) -> Iterator[None]:
+    """Sync *volume* in a thread while the body runs; its error, if any, after the body.
+
+    For the init of an online reencryption: its commits sync their own ranges only,
+    and what the mount wrote and nobody synced yet (up to the whole volume: 0.8 s of
+    writeback here after a 4 KiB random-write load) is written back meanwhile, before
+    the first hot zone's flush, which would otherwise wait for all of it.
+    """
+    failed: list[CryptfuseError] = []
+
+    def sync() -> None:
+        try:
+            volume.sync()
+        except CryptfuseError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=sync, name="reencrypt-sync", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
 class _LiveAdapter:
     """:class:`reenc.Live` over a :class:`SegmentedVolume` (extents -> file extents),
     with the C data path of the old key and its partner of the new key (*pair*) when
@@ -284,6 +327,9 @@ class _LiveAdapter:
             lo, hi = self.pair.old.write_lock_range(start // ss, -(-end // ss))
             start, end = lo * ss, hi * ss
         return self.volume.hold(start, end)
+
+    def flush(self) -> None:
+        self.volume.sync()
 
     def update(self, extents: list[reenc.Extent]) -> None:
         """Called while the zone that changed is held: serve from *extents* now."""
@@ -493,11 +539,12 @@ class ControlServer:
         passphrase = base64.b64decode(req["passphrase"])
         key_slot = req.get("key_slot")
         header_path = self.served.header
-        header_fd = volume.fd
-        if header_path is not None:
-            header_fd = open_device(header_path, False, lock=False)
+        data_fd = _own_description(volume.fd)
+        header_fd = data_fd
         try:
-            devices = reenc.Devices(volume.fd, header_fd, header_path or self.served.container)
+            if header_path is not None:
+                header_fd = open_device(header_path, False, lock=False)
+            devices = reenc.Devices(data_fd, header_fd, header_path or self.served.container)
             header = read_luks2_header(header_fd, devices.path)
             keys: dict[int, bytes] = {}  # unlocked once, not once per step of the way
             if not reenc.in_reencryption(header.json):
@@ -505,15 +552,16 @@ class ControlServer:
                     raise UsageError(f"Device {devices.path} is not in LUKS2 reencryption.")
                 init = req["init"]
                 options = reenc.ReencryptOptions(**init["options"])
-                slot = reenc.initialize_on(
-                    devices,
-                    passphrase,
-                    options,
-                    KdfParams(**init["kdf"]),
-                    key_slot=key_slot,
-                    af_hash=init["af_hash"],
-                    keys_out=keys,
-                )
+                with _synced_meanwhile(volume):
+                    slot = reenc.initialize_on(
+                        devices,
+                        passphrase,
+                        options,
+                        KdfParams(**init["kdf"]),
+                        key_slot=key_slot,
+                        af_hash=init["af_hash"],
+                        keys_out=keys,
+                    )
                 log.info("reencryption initialized online (new keyslot %d)", slot)
                 if req.get("init_only"):
                     return {"finished": False, "initialized": True, "slot": slot}
@@ -565,8 +613,10 @@ class ControlServer:
                 )
             return {"finished": result.finished, "done": result.done, "total": result.total}
         finally:
-            if header_fd != volume.fd:
+            if header_fd != data_fd:
                 os.close(header_fd)
+            if data_fd != volume.fd:
+                os.close(data_fd)
 
     def _live(
         self,
@@ -595,20 +645,22 @@ class ControlServer:
                 f"the volume would change size ({volume.size} -> {size} bytes) during "
                 "this reencryption; unmount and run it offline"
             )
-        maps = _maps(extents, devices.data_fd, devices.header_fd)
+        # served through the mount's own descriptors (the engine's are closed after it)
+        header_fd = volume.fd if devices.header_fd == devices.data_fd else devices.header_fd
+        maps = _maps(extents, volume.fd, header_fd)
         if isinstance(volume, SegmentedVolume):
             pair = self._pair
             if pair is not None and pair.serves(header.json, keys):
                 # the same reencryption again (stopped, now resumed): same windows
                 volume.replace_extents(maps)
                 pair.route(extents, volume.sector_size)
-                return _LiveAdapter(volume, devices.data_fd, devices.header_fd, pair)
+                return _LiveAdapter(volume, volume.fd, header_fd, pair)
             # another reencryption in this mount: its C data path, if any, stops
             if pair is not None:
                 pair.stop()
             self._pair = None
             volume.replace_extents(maps)
-            return _LiveAdapter(volume, devices.data_fd, devices.header_fd)
+            return _LiveAdapter(volume, volume.fd, header_fd)
         granule = max(
             [512]
             + [
@@ -633,14 +685,14 @@ class ControlServer:
             self._pair = pair
             pair.route(extents, volume.sector_size)
             log.info("serving through the reencryption's segments, in C under both keys")
-            return _LiveAdapter(live, devices.data_fd, devices.header_fd, pair)
+            return _LiveAdapter(live, volume.fd, header_fd, pair)
         if volume.fast is not None:
             # Requests already in C finish with the old key (no hot zone exists yet);
             # from now on every READ/WRITE is declined to Python, which serves `live`.
             volume.fast.drain()
             volume.fast.close()
         log.info("serving through the reencryption's segments from now on")
-        return _LiveAdapter(live, devices.data_fd, devices.header_fd)
+        return _LiveAdapter(live, volume.fd, header_fd)
 
     @staticmethod
     def _fast_pair(

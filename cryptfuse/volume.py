@@ -63,12 +63,18 @@ def open_device(path: str, readonly: bool, *, lock: bool = True) -> int:
     return fd
 
 
-def pwrite_all(fd: int, data: Buffer, offset: int, what: str) -> None:
-    """Write all of *data* at *offset*, looping over short writes; *what* names it in errors."""
+def pwrite_all(fd: int, data: Buffer, offset: int, what: str, *, durable: bool = False) -> None:
+    """Write all of *data* at *offset*, looping over short writes; *what* names it in errors.
+
+    *durable*: each write is on the disk before it returns (``RWF_DSYNC``): as a write
+    followed by an fdatasync of that range alone, where an fsync would also write back
+    every other dirty page of the file (a mounted container's, written meanwhile);
+    where the kernel refuses the flag, a write and an fdatasync.
+    """
     view = memoryview(data).cast("B")
     while view:
         try:
-            written = os.pwrite(fd, view, offset)
+            written = _pwrite_dsync(fd, view, offset) if durable else os.pwrite(fd, view, offset)
         except InterruptedError:
             continue
         except OSError as exc:
@@ -77,6 +83,17 @@ def pwrite_all(fd: int, data: Buffer, offset: int, what: str) -> None:
             raise DeviceError(f"cannot write {what}: the device refused the write")
         view = view[written:]
         offset += written
+
+
+def _pwrite_dsync(fd: int, view: memoryview, offset: int) -> int:
+    try:
+        return os.pwritev(fd, [view], offset, os.RWF_DSYNC)
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+    written = os.pwrite(fd, view, offset)
+    os.fdatasync(fd)
+    return written
 
 
 def pread_into(fd: int, out: memoryview, position: int) -> None:
@@ -329,12 +346,18 @@ def open_direct(fd: int, readonly: bool) -> int:
 
 
 def pwrite_direct(
-    fd: int, data: Buffer, offset: int, what: str, *, direct: int | None = None
+    fd: int,
+    data: Buffer,
+    offset: int,
+    what: str,
+    *,
+    direct: int | None = None,
+    durable: bool = False,
 ) -> None:
     """:func:`pwrite_all`, through an O_DIRECT descriptor of *fd*'s file where *offset*
     and the length are 4 KiB multiples (else, or where O_DIRECT is refused, through *fd*).
     *direct*: that descriptor, already open (-1: there is none); by default one is
-    opened for this write.
+    opened for this write.  *durable*: as :func:`pwrite_all`'s.
 
     For large writes into ranges that are likely not cached (hot zones, wipes, the
     reencryption area), as cryptsetup writes them: on ext4 with large folios (kernel
@@ -346,13 +369,13 @@ def pwrite_direct(
     view = memoryview(data).cast("B")
     length = len(view)
     if not length or offset % 4096 or length % 4096:
-        pwrite_all(fd, view, offset, what)
+        pwrite_all(fd, view, offset, what, durable=durable)
         return
     own = direct is None
     if direct is None:
         direct = open_direct(fd, readonly=False)
     if direct < 0:
-        pwrite_all(fd, view, offset, what)
+        pwrite_all(fd, view, offset, what, durable=durable)
         return
     try:
         try:
@@ -365,12 +388,12 @@ def pwrite_direct(
             copy[:] = view
             source = memoryview(copy)
         try:
-            pwrite_all(direct, source, offset, what)
+            pwrite_all(direct, source, offset, what, durable=durable)
         except DeviceError as exc:
             cause = exc.__cause__
             if not isinstance(cause, OSError) or cause.errno != errno.EINVAL:
                 raise
-            pwrite_all(fd, view, offset, what)  # O_DIRECT refused here after all
+            pwrite_all(fd, view, offset, what, durable=durable)  # O_DIRECT refused here after all
     finally:
         if own:
             os.close(direct)

@@ -56,8 +56,8 @@ def opens(img: Path, passphrase: bytes) -> bool:
 
 
 def run_killed(action: Callable[[], object], kill_at: int | None, torn: bool) -> str:
-    """Run *action* in a child; return its events ("w" pwrite, "f" fsync, in
-    order) when not killed, or "killed"."""
+    """Run *action* in a child; return its events ("w" pwrite or pwritev, "f" fsync,
+    in order) when not killed, or "killed"."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns
@@ -86,7 +86,21 @@ def run_killed(action: Callable[[], object], kill_at: int | None, torn: bool) ->
                 os._exit(KILLED)
             real_fsync(fd)
 
-        os.pwrite, os.fsync = pwrite, fsync  # type: ignore[assignment]
+        def pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+            # one buffer here (pwrite_all's durable writes: RWF_DSYNC, the write and its
+            # sync in one call): one event; torn as pwrite's
+            (data,) = buffers
+            if event("w"):
+                if torn and len(data) > 1:
+                    half = len(data) // 2
+                    half -= half % 4096 if half >= 4096 else 0
+                    with contextlib.suppress(OSError):
+                        real_pwrite(fd, memoryview(data).cast("B")[:half], offset)
+                os._exit(KILLED)
+            return real_pwritev(fd, [data], offset, flags)
+
+        real_pwritev = os.pwritev
+        os.pwrite, os.fsync, os.pwritev = pwrite, fsync, pwritev  # type: ignore[assignment]
         try:
             action()
         except BaseException:

@@ -29,6 +29,7 @@ import pytest
 from test_crash_safety import run_killed
 from test_interop_luks import independent_decrypt, run
 
+from cryptfuse import volume
 from cryptfuse.errors import CryptfuseError, WrongPassphraseError
 from cryptfuse.formats import OpenOptions, Secret, open_volume
 from cryptfuse.formats import luks2_reencrypt as reenc
@@ -557,6 +558,63 @@ def test_read_error_ahead_stops_cleanly(
     monkeypatch.setattr(reenc._Devices, "read_zone", real)
     resume_with_cryptsetup(img, key, None)
     assert read_all(img) == data
+
+
+@pytest.mark.parametrize("resilience", ["checksum", "journal", "none"])
+def test_durable_by_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resilience: str) -> None:
+    """Every write a commit depends on is made durable by itself (RWF_DSYNC) rather
+    than by an fsync of the whole container, whose dirty pages a mount may have
+    filled: the header copies, the checksums or journal, each hot zone. ``none``'s
+    zones are written without, and synced before its commit."""
+    img, key, data = make(tmp_path, data_mib=3)
+    reenc.initialize(
+        str(img), None, PASS, reenc.ReencryptOptions(resilience=resilience), KdfParams("pbkdf2")
+    )
+    ops: list[tuple[str, int, bool]] = []  # ("w", offset, durable) or ("sync", -1, True)
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        ops.append(("w", offset, False))
+        return real_pwrite(fd, data, offset)
+
+    def pwritev(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        ops.append(("w", offset, bool(flags & os.RWF_DSYNC)))
+        return real_pwritev(fd, buffers, offset, flags)
+
+    def syncing(real: Any) -> Any:
+        def sync(fd: int) -> None:
+            ops.append(("sync", -1, True))
+            real(fd)
+
+        return sync
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "fsync", syncing(real_fsync))
+    monkeypatch.setattr(os, "fdatasync", syncing(real_fdatasync))
+    assert reenc.run(str(img), None, PASS, max_hotzone=256 * 1024).finished
+    monkeypatch.undo()
+    assert read_all(img) == data
+    cryptsetup_checks(img, key, data)
+    writes = [(offset, durable) for kind, offset, durable in ops if kind == "w"]
+    zones = [d for offset, d in writes if offset >= MiB]
+    assert len(zones) == len(data) // (256 * 1024)
+    assert all(durable for offset, durable in writes if offset < MiB)  # header device
+    if resilience == "none":
+        assert not any(zones)
+        last_zone = max(i for i, (kind, offset, _) in enumerate(ops) if offset >= MiB)
+        # the data synced after the last zone and before the header that says it is done
+        assert ops[last_zone + 1][0] == "sync"
+        assert ops[last_zone + 2][1] < MiB
+    else:
+        assert all(zones)
+        fd = os.open(img, os.O_RDONLY)
+        direct = volume.open_direct(fd, readonly=True)
+        os.close(fd)
+        if direct >= 0:  # zones read with O_DIRECT: no whole-file sync at all
+            os.close(direct)
+            assert not [op for op in ops if op[0] == "sync"]
 
 
 def test_cli_encrypt_then_decrypt(tmp_path: Path) -> None:

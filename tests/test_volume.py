@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cryptfuse import volume
 from cryptfuse.errors import BusyError, DeviceError, OutOfRangeError, ReadOnlyError
 from cryptfuse.sector import SectorCipher
 from cryptfuse.spec import parse_cipher_spec
@@ -158,3 +160,40 @@ def test_concurrent_partial_writes_lose_nothing(tmp_path: Path) -> None:
             pos = (r * threads + t) * 5
             assert data[pos : pos + 3] == bytes([t + 1]) * 3
     vol.close()
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_durable_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: bool) -> None:
+    """pwrite_all(durable=True) writes with RWF_DSYNC (that range made durable, not the
+    file's other dirty pages); where the kernel refuses the flag, a write then an
+    fdatasync."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(8192))
+    calls: list[str] = []
+    real_pwritev, real_pwrite, real_fdatasync = os.pwritev, os.pwrite, os.fdatasync
+
+    def pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        calls.append(f"pwritev {flags == os.RWF_DSYNC}")
+        if refused:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_pwritev(fd, buffers, offset, flags)
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        calls.append("pwrite")
+        return real_pwrite(fd, data, offset)
+
+    def fdatasync(fd: int) -> None:
+        calls.append("fdatasync")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        volume.pwrite_all(fd, b"x" * 4096, 4096, "test", durable=True)
+    finally:
+        os.close(fd)
+    monkeypatch.undo()
+    assert path.read_bytes() == bytes(4096) + b"x" * 4096
+    assert calls == (["pwritev True", "pwrite", "fdatasync"] if refused else ["pwritev True"])

@@ -1149,9 +1149,11 @@ class _Devices:
             self.direct_fd = open_direct(self.data_fd, readonly=mode == os.O_RDONLY)
         return self.direct_fd
 
-    def write_zone(self, view: memoryview, position: int) -> None:
+    def write_zone(self, view: memoryview, position: int, *, durable: bool) -> None:
         """Write a converted hot zone at *position* (O_DIRECT where all is aligned)."""
-        pwrite_direct(self.data_fd, view, position, "hot zone", direct=self.direct())
+        pwrite_direct(
+            self.data_fd, view, position, "hot zone", direct=self.direct(), durable=durable
+        )
 
     def close(self) -> None:
         if self.direct_fd >= 0:
@@ -1165,7 +1167,15 @@ class _Devices:
         return view
 
     def read_zone(self, view: memoryview, position: int) -> None:
-        """Read a hot zone into *view* (O_DIRECT where everything is 4 KiB aligned)."""
+        """Read a hot zone into *view*, as it is on the disk.
+
+        With O_DIRECT (where everything is 4 KiB aligned) the kernel first writes back
+        the range's dirty pages (a mount's writes), and the protecting commit makes them
+        durable: its header write is a buffered ``RWF_DSYNC`` write, the file system's
+        fsync of that range, which on ext4, XFS and btrfs flushes the disk's whole
+        write cache.  So the checksums stored are those of what a crash leaves there.
+        Through the page cache, the whole file is synced first for the same reason.
+        """
         fd = self.direct()
         if fd >= 0 and not position % 4096 and not len(view) % 4096:
             try:
@@ -1173,6 +1183,7 @@ class _Devices:
                 return
             except DeviceError:
                 pass  # a file system that refuses O_DIRECT here: read through the cache
+        sync(self.data_fd)
         _read_into(self.data_fd, view, position, "reencryption hot zone")
 
     def buffer(self, index: int, length: int) -> memoryview:
@@ -1186,6 +1197,12 @@ class _Devices:
 def _commit(dev: _Devices, rh: Reencryption) -> None:
     dev.writer.obj = rh.obj
     dev.writer.commit()
+
+
+def _commit_none(dev: _Devices, rh: Reencryption) -> None:
+    """Resilience ``none``'s commit: the zones it says are done reach the disk first."""
+    sync(dev.data_fd)
+    _commit(dev, rh)
 
 
 def _step(dev: _Devices, rh: Reencryption, prepared: _Prepared | None = None) -> None:
@@ -1206,10 +1223,12 @@ def _step(dev: _Devices, rh: Reencryption, prepared: _Prepared | None = None) ->
         # metadata commit point: the hot zone is protected before a byte of it changes
         if prot.type == "checksum":
             assert sums is not None
-            pwrite_direct(dev.header_fd, sums, rh.area_offset, "reencryption checksums")
+            pwrite_direct(
+                dev.header_fd, sums, rh.area_offset, "reencryption checksums", durable=True
+            )
             _commit(dev, rh)
         elif prot.type == "journal":
-            pwrite_direct(dev.header_fd, raw, rh.area_offset, "reencryption journal")
+            pwrite_direct(dev.header_fd, raw, rh.area_offset, "reencryption journal", durable=True)
             _commit(dev, rh)
         elif prot.type == "datashift":
             _commit(dev, rh)
@@ -1235,9 +1254,8 @@ def _step(dev: _Devices, rh: Reencryption, prepared: _Prepared | None = None) ->
             rh.offset,
             then=lambda sums: protect(raw, sums),
         )
-    dev.write_zone(converted, new_base + rh.offset)
-    if prot.type != "none":
-        sync(dev.data_fd)
+    # durable before the commit that follows (``none``: before its one commit, _steps)
+    dev.write_zone(converted, new_base + rh.offset, durable=prot.type != "none")
     # metadata commit safe point: the caller commits, together with the finish after
     # the last hot zone (so no header ever says "all done, not finished")
     _assign(rh, post, hot=False)
@@ -1466,15 +1484,24 @@ def unlock(
 # ---------------------------------------------------------------------------
 
 
+def _writer(header_fd: int, header: LUKS2Header) -> Luks2Writer:
+    """The reencryption's header writer: its commits make the header's range durable,
+    not the whole device (``sync_ranges``): every data write a commit depends on is
+    made durable first (the hot zone, the checksums or journal; ``none``'s zones by
+    an fdatasync before its commit), and a mounted container's other dirty pages are
+    not the reencryption's to write back."""
+    writer = Luks2Writer.from_header(header_fd, header, reencryption=True)
+    writer.sync_ranges = True
+    return writer
+
+
 @contextmanager
 def _opened(data_path: str, header_path: str | None) -> Iterator[_Devices]:
     from .manage import _locked  # the flock every metadata change takes
 
     with _locked(data_path, header_path, write=True) as h:
         header = read_luks2_header(h.header_fd, h.header_path)
-        yield _Devices(
-            h.data_fd, h.header_fd, Luks2Writer.from_header(h.header_fd, header, reencryption=True)
-        )
+        yield _Devices(h.data_fd, h.header_fd, _writer(h.header_fd, header))
 
 
 def _load(
@@ -1536,10 +1563,13 @@ class Live(Protocol):
 
     ``hold`` excludes every read and write of volume bytes [start, end) while a hot
     zone is converted and committed; ``update`` installs the extents of the new state
-    before the hold is released.
+    before the hold is released; ``flush`` writes what the mount wrote so far to the
+    disk (the volume's own sync, whose errors the mount's next fsync reports too).
     """
 
     def hold(self, start: int, end: int) -> AbstractContextManager[None]: ...
+
+    def flush(self) -> None: ...
 
     def update(self, extents: list[Extent]) -> None: ...
 
@@ -1554,8 +1584,7 @@ class Devices:
     path: str
 
     def writer(self) -> Luks2Writer:
-        header = read_luks2_header(self.header_fd, self.path)
-        return Luks2Writer.from_header(self.header_fd, header, reencryption=True)
+        return _writer(self.header_fd, read_luks2_header(self.header_fd, self.path))
 
 
 def run(
@@ -1672,10 +1701,10 @@ def _steps(
         stopped = False
         while rh.progress < rh.device_size:
             if live is not None:
-                # what the mount wrote meanwhile goes to disk now, not inside the hold (where
-                # the step's fsync would flush it while the zone's readers and writers wait)
-                with contextlib.suppress(OSError):
-                    os.fdatasync(dev.data_fd)
+                # What the mount wrote meanwhile goes to the disk now, while it keeps
+                # serving, not inside the hold: the zone's O_DIRECT read would write back
+                # its part while the zone's readers and writers wait.
+                live.flush()
             prepared = None
             if pipeline is not None:
                 prepared = pipeline.take()
@@ -1695,7 +1724,7 @@ def _steps(
                 if last:
                     done.clear()  # from here on the header is committed as it goes
                     if rh.protection.type == "none":
-                        _commit(dev, rh)
+                        _commit_none(dev, rh)
                     _finish(dev, rh)
                 elif rh.protection.type != "none":
                     _commit(dev, rh)
@@ -1714,7 +1743,7 @@ def _steps(
                 break
         done.clear()
         if rh.protection.type == "none":
-            _commit(dev, rh)
+            _commit_none(dev, rh)
         if not stopped and rh.progress >= rh.device_size:  # already done: only the finish was due
             _finish(dev, rh)
             return RunResult(True, rh.progress, rh.device_size)
@@ -1722,8 +1751,8 @@ def _steps(
     except BaseException:
         if rh.protection.type == "none" and done:
             with contextlib.suppress(CryptfuseError, OSError):
-                dev.writer.obj = done[0]
-                dev.writer.commit()
+                rh.obj = done[0]
+                _commit_none(dev, rh)
         raise
 
 

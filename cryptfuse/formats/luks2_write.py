@@ -280,6 +280,11 @@ class Luks2Writer:
         self.subsystem = subsystem
         self.uuid = uuid
         self.salts = salts
+        #: make each write durable by itself (``pwrite_all(durable=True)``) instead of
+        #: fsyncing the header device after it: on a mounted container (an online
+        #: reencryption) an fsync also writes back everything the mount wrote meanwhile.
+        #: Only for callers whose own data writes are made durable before a commit.
+        self.sync_ranges = False
 
     @classmethod
     def from_header(
@@ -424,8 +429,11 @@ class Luks2Writer:
             area_key_bytes = key_bytes
         derived = derive(params, passphrase, salt, area_key_bytes)
         material = encrypt_keyslot_material(volume_key, STRIPES, af_hash, area_spec, derived)
-        pwrite_all(self.fd, material, offset, f"keyslot {index} key material")
-        sync(self.fd)
+        pwrite_all(
+            self.fd, material, offset, f"keyslot {index} key material", durable=self.sync_ranges
+        )
+        if not self.sync_ranges:
+            sync(self.fd)
         slot: dict[str, Any] = {
             "type": "luks2",
             "key_size": key_bytes,
@@ -466,7 +474,7 @@ class Luks2Writer:
 
     def commit(self) -> None:
         """Validate ``obj`` and write both copies with the next seqid (primary
-        first, fsync after each)."""
+        first, each made durable before the next: fsync, or ``sync_ranges``)."""
         json_size = self.hdr_size - BIN_HEADER_SIZE
         validate_metadata(self.obj, json_size)  # never write what our reader would refuse
         area = serialize_json(self.obj, json_size)
@@ -482,6 +490,8 @@ class Luks2Writer:
                 uuid=self.uuid,
                 json_area=area,
             )
-            pwrite_all(self.fd, data, self.hdr_size if secondary else 0, "LUKS2 header")
-            sync(self.fd)
+            offset = self.hdr_size if secondary else 0
+            pwrite_all(self.fd, data, offset, "LUKS2 header", durable=self.sync_ranges)
+            if not self.sync_ranges:
+                sync(self.fd)
         self.seqid = seqid

@@ -56,7 +56,8 @@ def sync(fd: int) -> None:
 
 
 def wipe_area(fd: int, offset: int, length: int, what: str) -> None:
-    """Overwrite a keyslot area: zeros, then random bytes, each pass made durable.
+    """Overwrite a keyslot area: zeros, then random bytes, each pass made durable
+    (that range alone: not the rest of a mounted container's dirty pages).
 
     cryptsetup overwrites removed keyslots with a multi-pass pattern ending in
     random data; two passes give the same end state (the area is
@@ -67,11 +68,9 @@ def wipe_area(fd: int, offset: int, length: int, what: str) -> None:
     buf = mmap.mmap(-1, max(length, 1))  # zeros, page aligned
     try:
         with memoryview(buf)[:length] as view:
-            pwrite_direct(fd, view, offset, what)
-            sync(fd)
+            pwrite_direct(fd, view, offset, what, durable=True)
             view[:] = os.urandom(length)
-            pwrite_direct(fd, view, offset, what)
-            sync(fd)
+            pwrite_direct(fd, view, offset, what, durable=True)
     finally:
         buf.close()
 
