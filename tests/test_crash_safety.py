@@ -63,13 +63,13 @@ def run_killed(action: Callable[[], object], kill_at: int | None, torn: bool) ->
     if pid == 0:  # child: never returns
         os.close(read_end)
         events: list[str] = []
-        real_pwrite, real_fsync = os.pwrite, os.fsync
+        real_pwrite, real_pwritev, real_fsync = os.pwrite, os.pwritev, os.fsync
 
         def event(kind: str) -> bool:
             events.append(kind)
             return kill_at is not None and len(events) == kill_at
 
-        def pwrite(fd: int, data: bytes, offset: int) -> int:
+        def write(fd: int, data: bytes | memoryview, offset: int, flags: int | None) -> int:
             if event("w"):
                 if torn and len(data) > 1:
                     # the first half (whole pages of it, from the caller's own buffer:
@@ -79,27 +79,24 @@ def run_killed(action: Callable[[], object], kill_at: int | None, torn: bool) ->
                     with contextlib.suppress(OSError):
                         real_pwrite(fd, memoryview(data).cast("B")[:half], offset)
                 os._exit(KILLED)
-            return real_pwrite(fd, data, offset)
+            if flags is None:
+                return real_pwrite(fd, data, offset)
+            return real_pwritev(fd, [data], offset, flags)
+
+        def pwrite(fd: int, data: bytes, offset: int) -> int:
+            return write(fd, data, offset, None)
+
+        def pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+            # one buffer here (pwrite_all's durable writes: RWF_DSYNC, the write and its
+            # sync in one call): one event, torn as pwrite's
+            (data,) = buffers
+            return write(fd, data, offset, flags)
 
         def fsync(fd: int) -> None:
             if event("f"):
                 os._exit(KILLED)
             real_fsync(fd)
 
-        def pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
-            # one buffer here (pwrite_all's durable writes: RWF_DSYNC, the write and its
-            # sync in one call): one event; torn as pwrite's
-            (data,) = buffers
-            if event("w"):
-                if torn and len(data) > 1:
-                    half = len(data) // 2
-                    half -= half % 4096 if half >= 4096 else 0
-                    with contextlib.suppress(OSError):
-                        real_pwrite(fd, memoryview(data).cast("B")[:half], offset)
-                os._exit(KILLED)
-            return real_pwritev(fd, [data], offset, flags)
-
-        real_pwritev = os.pwritev
         os.pwrite, os.fsync, os.pwritev = pwrite, fsync, pwritev  # type: ignore[assignment]
         try:
             action()
