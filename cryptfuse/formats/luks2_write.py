@@ -429,11 +429,7 @@ class Luks2Writer:
             area_key_bytes = key_bytes
         derived = derive(params, passphrase, salt, area_key_bytes)
         material = encrypt_keyslot_material(volume_key, STRIPES, af_hash, area_spec, derived)
-        pwrite_all(
-            self.fd, material, offset, f"keyslot {index} key material", durable=self.sync_ranges
-        )
-        if not self.sync_ranges:
-            sync(self.fd)
+        self._write_durably(material, offset, f"keyslot {index} key material")
         slot: dict[str, Any] = {
             "type": "luks2",
             "key_size": key_bytes,
@@ -490,8 +486,12 @@ class Luks2Writer:
                 uuid=self.uuid,
                 json_area=area,
             )
-            offset = self.hdr_size if secondary else 0
-            pwrite_all(self.fd, data, offset, "LUKS2 header", durable=self.sync_ranges)
-            if not self.sync_ranges:
-                sync(self.fd)
+            self._write_durably(data, self.hdr_size if secondary else 0, "LUKS2 header")
         self.seqid = seqid
+
+    def _write_durably(self, data: bytes, offset: int, what: str) -> None:
+        """Write *data* at *offset* and make it durable: that range alone with
+        ``sync_ranges``, else an fsync of the header device."""
+        pwrite_all(self.fd, data, offset, what, durable=self.sync_ranges)
+        if not self.sync_ranges:
+            sync(self.fd)
