@@ -596,6 +596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    # numpy (the Python engine, e.g. a keyslot's decryption) never calls BLAS here, but
+    # OpenBLAS starts a thread per CPU at import that spins for a while: 0.12 CPU s of a
+    # 0.9 s reencryption of 1 GiB (bench/reencrypt.py's CPU column)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         # before any passphrase is read: no core dump, no same-user ptrace (hygiene.py)
         protect_process()
