@@ -97,6 +97,9 @@ NONE_HOTZONE = 20 << 20
 DEFAULT_HOTZONE = 64 << 20
 #: resilience none: nothing is committed per zone, so this only bounds memory
 DEFAULT_NONE_HOTZONE = 64 << 20
+#: cryptsetup's DEFAULT_LUKS2_KEYSLOT_CIPHER and _KEYBITS (in bytes)
+KEYSLOT_CIPHER = "aes-xts-plain64"
+KEYSLOT_KEY_BYTES = 64
 BACKUP_FLAGS = ("backup-previous", "backup-final", "backup-moved-segment")
 
 #: progress(done_bytes, total_bytes)
@@ -1869,9 +1872,22 @@ def initialize_on(
             pbkdf2(digest_hash, new_key, salt, digest_iterations, hash_size(digest_hash))
         ),
     }
-    area_spec = luks_cipher_spec(str(obj["keyslots"][str(slot)]["area"]["encryption"]), "keyslot")
+    # The new keyslot's area is encrypted as the unlocking keyslot's: same cipher and
+    # same key size, whatever the new volume key's size (cryptsetup's set_keyslot_params;
+    # cipher_null gives way to LUKS2's default keyslot encryption).
+    old_area = obj["keyslots"][str(slot)]["area"]
+    area_cipher, area_key_bytes = str(old_area["encryption"]), int(old_area["key_size"])
+    if area_cipher.startswith("cipher_null"):
+        area_cipher, area_key_bytes = KEYSLOT_CIPHER, KEYSLOT_KEY_BYTES
     writer.write_keyslot(
-        new_slot, new_key, passphrase, kdf, area_spec, af_hash=af_hash, digest=new_digest
+        new_slot,
+        new_key,
+        passphrase,
+        kdf,
+        luks_cipher_spec(area_cipher, "keyslot"),
+        af_hash=af_hash,
+        digest=new_digest,
+        area_key_bytes=area_key_bytes,
     )
     writer.commit()
     # 2. everything else in one commit
