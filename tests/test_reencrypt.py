@@ -96,12 +96,16 @@ def make(
     return img, key, data
 
 
-def cryptsetup_checks(img: Path, key: Path, data: bytes) -> None:
+def cryptsetup_checks(img: Path, key: Path, data: bytes, header: Path | None = None) -> None:
     """cryptsetup sees a finished container whose dumped key decrypts *data*."""
-    dump = run("cryptsetup", "luksDump", str(img))
+    extra = ["--header", str(header)] if header is not None else []
+    dump = run("cryptsetup", "luksDump", *extra, str(img))
     assert "online-reencrypt" not in dump and "reencrypt" not in dump.split("Tokens:")[0]
-    run("cryptsetup", "open", "--test-passphrase", "--key-file", str(key), str(img))
-    out = run("cryptsetup", "luksDump", "--dump-volume-key", "-q", "--key-file", str(key), str(img))
+    run("cryptsetup", "open", "--test-passphrase", "--key-file", str(key), *extra, str(img))
+    out = run(
+        "cryptsetup", "luksDump", "--dump-volume-key", "-q", "--key-file", str(key), *extra,
+        str(img),
+    )  # fmt: skip
     hexkey = ""
     grab = False
     for line in out.splitlines():
@@ -111,7 +115,7 @@ def cryptsetup_checks(img: Path, key: Path, data: bytes) -> None:
             break
         if grab:
             hexkey += line.replace(" ", "").replace("\t", "")
-    seg = header_json(img)["segments"]["0"]
+    seg = header_json(header or img)["segments"]["0"]
     raw = img.read_bytes()[int(seg["offset"]) : int(seg["offset"]) + len(data)]
     plain = independent_decrypt(raw, bytes.fromhex(hexkey), seg["encryption"], seg["sector_size"])
     assert plain == data
@@ -247,6 +251,78 @@ def test_random_reencryptions_against_cryptsetup(tmp_path: Path) -> None:
         segment = hdr["segments"]["0"]
         assert segment["encryption"] == case["options"][1], case
         assert segment["sector_size"] == int(case["options"][5]), case
+
+
+def test_random_encryptions_and_decryptions_against_cryptsetup(tmp_path: Path) -> None:
+    """``--encrypt`` (in place with ``--reduce-device-size``, or to a detached header)
+    and ``--decrypt`` (exporting the header, or of a detached one) with random ciphers,
+    sector sizes, resilience and hot zones, through the command line, by cryptfuse
+    alone or started by one tool and finished by the other.  Seed as above."""
+    seed = int(os.environ.get("CRYPTFUSE_TEST_SEED", random.randrange(1 << 32)))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    for number in range(8):
+        work = tmp_path / str(number)
+        work.mkdir()
+        key = work / "pass"
+        key.write_bytes(PASS)
+        keyfile = ["--key-file", str(key)]
+        cipher, bits = rng.choice(RANDOM_CIPHERS)
+        sector = rng.choice([512, 1024, 2048, 4096])
+        hotzone = rng.choice([[], ["--hotzone-size", "512k"], ["--hotzone-size", "1m"]])
+        who = rng.choice(["cryptfuse", "cryptfuse-then-cryptsetup", "cryptsetup-then-cryptfuse"])
+        layout = rng.choice(["encrypt-shift", "encrypt-detached", "decrypt-export", "decrypt"])
+        case = (cipher, bits, sector, hotzone, who, layout)
+        header: Path | None = None
+        if layout.startswith("encrypt"):
+            img, data = plain_image(work, rng.choice([3, 4, 6]), 0)
+            options = [
+                "--encrypt", "--type", "luks2", *FAST_KDF,
+                "--cipher", cipher, "--key-size", str(bits), "--sector-size", str(sector),
+            ]  # fmt: skip
+            if layout == "encrypt-shift":
+                options += ["--reduce-device-size", "2M"]
+                data = data[: -2 * MiB]  # the last 2 MiB go: the device shrinks
+            else:
+                header = work / "new.hdr"
+                options += ["--header", str(header)]
+                options += ["--resilience", rng.choice(["checksum", "journal", "none"])]
+        else:
+            if layout == "decrypt":
+                img, header, data = detached_luks(work, rng.choice([3, 4]))
+                options = ["--decrypt", "--header", str(header)]
+                options += ["--resilience", rng.choice(["checksum", "journal", "none"])]
+            else:
+                img, _, data = make(
+                    work, sector_size=sector, cipher=("--cipher", cipher, "--key-size", str(bits))
+                )
+                header = work / "exported.hdr"
+                options = ["--decrypt", "--header", str(header)]
+        at = ["--header", str(header)] if header is not None else []
+        if who == "cryptfuse":
+            proc = cli("reencrypt", str(img), "-q", *keyfile, *options, *hotzone)
+            assert proc.returncode == 0, (case, proc.stderr)
+        elif who == "cryptfuse-then-cryptsetup":
+            proc = cli("reencrypt", str(img), "-q", "--init-only", *keyfile, *options, *hotzone)
+            assert proc.returncode == 0, (case, proc.stderr)
+            run(
+                "cryptsetup", "reencrypt", "--resume-only", "--force-offline-reencrypt", "-q",
+                *keyfile, *at, *hotzone, str(img),
+            )  # fmt: skip
+        else:
+            run(
+                "cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", "-q",
+                *keyfile, *options, *hotzone, str(img),
+            )  # fmt: skip
+            proc = cli("reencrypt", str(img), "-q", "--resume-only", *keyfile, *at, *hotzone)
+            assert proc.returncode == 0, (case, proc.stderr)
+        if layout.startswith("decrypt"):
+            assert img.read_bytes()[: len(data)] == data, case
+        else:
+            assert read_with(img, header)[: len(data)] == data, case
+            cryptsetup_checks(img, key, data, header)
+            segment = header_json(header or img)["segments"]["0"]
+            assert (segment["encryption"], segment["sector_size"]) == (cipher, sector), case
 
 
 # -- cryptfuse starts, cryptsetup checks -----------------------------------------------------
