@@ -64,7 +64,15 @@ try:  # the C data path: its ciphers and block digests release the GIL
 except ImportError:  # pragma: no cover - depends on the build
     _fastpath = None  # type: ignore[assignment]
 from .luks2 import MAX_KEYSLOTS_SIZE, PRIORITY_HIGH, PRIORITY_NORMAL, LUKS2Header, read_luks2_header
-from .luks2_write import SALT_SIZE, Luks2Writer, _b64, build_metadata, luks2_layout
+from .luks2_write import (
+    KEYSLOT_CIPHER,
+    KEYSLOT_KEY_BYTES,
+    SALT_SIZE,
+    Luks2Writer,
+    _b64,
+    build_metadata,
+    luks2_layout,
+)
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
 from .luks_write import KdfParams, sync, wipe_area
 
@@ -97,9 +105,6 @@ NONE_HOTZONE = 20 << 20
 DEFAULT_HOTZONE = 64 << 20
 #: resilience none: nothing is committed per zone, so this only bounds memory
 DEFAULT_NONE_HOTZONE = 64 << 20
-#: cryptsetup's DEFAULT_LUKS2_KEYSLOT_CIPHER and _KEYBITS (in bytes)
-KEYSLOT_CIPHER = "aes-xts-plain64"
-KEYSLOT_KEY_BYTES = 64
 BACKUP_FLAGS = ("backup-previous", "backup-final", "backup-moved-segment")
 
 #: progress(done_bytes, total_bytes)

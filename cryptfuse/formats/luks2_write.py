@@ -66,6 +66,10 @@ ALIGNMENT = 1024 * 1024
 KEYSLOT_ALIGN = 4096
 STRIPES = 4000
 SALT_SIZE = 32
+#: cryptsetup's DEFAULT_LUKS2_KEYSLOT_CIPHER and _KEYBITS (in bytes): a keyslot's area
+#: encryption where the segment's cipher cannot serve
+KEYSLOT_CIPHER = "aes-xts-plain64"
+KEYSLOT_KEY_BYTES = 64
 
 
 def _b64(data: bytes) -> str:

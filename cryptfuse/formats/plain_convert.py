@@ -61,6 +61,8 @@ from .luks2_write import (
     DEFAULT_DATA_OFFSET,
     DEFAULT_METADATA_SIZE,
     KEYSLOT_ALIGN,
+    KEYSLOT_CIPHER,
+    KEYSLOT_KEY_BYTES,
     Luks2Writer,
     area_size,
     build_metadata,
@@ -80,9 +82,6 @@ __all__ = [
     "reencryption_room",
 ]
 
-#: cryptsetup's DEFAULT_LUKS2_KEYSLOT_CIPHER / _KEYBITS
-KEYSLOT_CIPHER = "aes-xts-plain64"
-KEYSLOT_KEY_BYTES = 64
 #: the largest new key ``reencrypt`` is expected to make (aes-xts-plain64, 512 bits)
 REENCRYPT_KEY_BYTES = 64
 #: digest, keyslot PBKDF2 and AF hash (cryptsetup's LUKS2 default)
