@@ -52,7 +52,9 @@ MiB = 1 << 20
 PASS = b"online-reencryption"
 
 
-def make(tmp: Path, mib: int, sector_size: int = 4096) -> tuple[Path, Path]:
+def make(
+    tmp: Path, mib: int, sector_size: int = 4096, cipher: tuple[str, ...] = ()
+) -> tuple[Path, Path]:
     need("cryptsetup")
     img, key = tmp / "c.img", tmp / "pass"
     key.write_bytes(PASS)
@@ -61,7 +63,7 @@ def make(tmp: Path, mib: int, sector_size: int = 4096) -> tuple[Path, Path]:
     sh(
         "cryptsetup", "luksFormat", "--type", "luks2", "-q", "--pbkdf", "pbkdf2",
         "--pbkdf-force-iterations", "1000", "--key-file", key, "--offset", "2048",
-        "--luks2-keyslots-size", "960k", "--sector-size", sector_size, img,
+        "--luks2-keyslots-size", "960k", "--sector-size", sector_size, *cipher, img,
     )  # fmt: skip
     return img, key
 
@@ -146,10 +148,12 @@ def mounted(
     cf: Cryptfuse,  # noqa: F811 - the fixture's value, passed on
     tmp_path: Path,
     mib: int,
+    sector_size: int = 4096,
+    cipher: tuple[str, ...] = (),
 ) -> tuple[Path, Path, Path, list[int], bytearray]:
     """A cryptsetup-made container of *mib* MiB, mounted, filled with random data:
     (container, key file, mountpoint, daemon pids, the volume's byte model)."""
-    img, key = make(tmp_path, mib)
+    img, key = make(tmp_path, mib, sector_size, cipher)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     pids = cf.mount("--key-file", key, img, mountpoint=mnt, input=b"")
@@ -178,6 +182,48 @@ def test_online_under_a_writer(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: 
     hdr = header_json(img)
     assert "requirements" not in hdr["config"] and hdr["segments"]["0"]["sector_size"] == 512
     cryptsetup_checks(img, key, bytes(model))
+
+
+def test_online_random_key_changes(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: F811 - fixtures
+    """Random old and new ciphers, key and sector sizes, resilience and hot zones, each
+    reencrypted online under the writer; the seed is printed (``CRYPTFUSE_TEST_SEED``
+    replays it)."""
+    seed = int(os.environ.get("CRYPTFUSE_TEST_SEED", random.randrange(1 << 32)))
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    ciphers = [
+        ("aes-xts-plain64", 256),
+        ("aes-xts-plain64", 512),
+        ("aes-cbc-essiv:sha256", 256),
+        ("aes-cbc-plain64", 128),
+    ]
+    for number in range(3):
+        work = tmp_path / str(number)
+        work.mkdir()
+        (old, old_bits), (new, new_bits) = rng.choice(ciphers), rng.choice(ciphers)
+        sector = rng.choice([512, 4096])
+        new_sector = rng.choice([sector, sector, 512, 1024, 4096])
+        options = [
+            "--cipher", new, "--key-size", new_bits, "--sector-size", new_sector,
+            "--resilience", rng.choice(["checksum", "journal", "none"]),
+            "--hotzone-size", rng.choice(["512k", "1M", "3M"]),
+        ]  # fmt: skip
+        case = (old, old_bits, sector, options)
+        img, key, mnt, pids, model = mounted(
+            cf, work, 8, sector, ("--cipher", old, "--key-size", str(old_bits))
+        )
+        writer = Writer(mnt / "volume", model, number)
+        writer.start()
+        proc = reencrypt(cf, img, key, *options)
+        out, err = proc.communicate(timeout=300)
+        writer.finish()
+        assert proc.returncode == 0, (case, err.decode())
+        assert (mnt / "volume").read_bytes() == model, case
+        cf.unmount(mnt, pids)
+        assert offline(img) == model, case
+        segment = header_json(img)["segments"]["0"]
+        assert (segment["encryption"], segment["sector_size"]) == (new, new_sector), case
+        cryptsetup_checks(img, key, bytes(model))
 
 
 class DirectIO(threading.Thread):
