@@ -264,3 +264,41 @@ def test_qemu_img_reads_luks1_we_formatted(tmp_path: Path) -> None:
     plain = out.read_bytes()
     assert plain[: len(data)] == data
     assert len(plain) == 4 * 1024 * 1024 - 2 * 1024 * 1024
+
+
+def keyslot_numbers(img: Path) -> list[str]:
+    """The active keyslot numbers as ``cryptsetup luksDump`` lists them."""
+    dump = luks_dump_ok(img)
+    luks2 = re.findall(r"^  (\d+): luks2$", dump, re.MULTILINE)
+    return luks2 or re.findall(r"^Key Slot (\d+): ENABLED$", dump, re.MULTILINE)
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize("luks", ["luks1", "luks2"])
+@pytest.mark.parametrize("slot", [None, 1], ids=["any-slot", "key-slot-1"])
+def test_change_key_numbers_like_cryptsetup(tmp_path: Path, luks: str, slot: int | None) -> None:
+    """luksChangeKey's keyslot numbers: LUKS1 moves the passphrase to the first free
+    slot; LUKS2 (cryptsetup 2.6.1 stores it under a free number, then swaps) keeps it.
+    LUKS1 with --key-slot differs on purpose: cryptsetup overwrites that slot in place
+    (a crash there loses both passphrases), cryptfuse takes the first free one."""
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    k1, k2, k3 = (keyfile(tmp_path, f"k{i}", f"pass-{i}".encode()) for i in (1, 2, 3))
+    assert (
+        cf("format", "--type", luks, *CHEAP_PBKDF2, "--size", "20M", "-q", "-d", k1, str(ours)) == 0
+    )
+    assert cf("add-key", *CHEAP_PBKDF2, str(ours), k2, "-d", k1) == 0
+    shutil.copyfile(ours, theirs)
+    chosen = [] if slot is None else ["--key-slot", str(slot)]
+    assert cf("change-key", *CHEAP_PBKDF2, *chosen, str(ours), k3, "-d", k2) == 0
+    subprocess.run(
+        [CRYPTSETUP or "", "luksChangeKey", "-q", *CHEAP_PBKDF2, *chosen, str(theirs), k3,
+         "-d", k2],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    assert keyslot_numbers(theirs) == ["0", "1" if luks == "luks2" or slot else "2"]
+    in_place = luks == "luks1" and slot is not None
+    assert keyslot_numbers(ours) == (["0", "2"] if in_place else keyslot_numbers(theirs))
+    for img in (ours, theirs):
+        assert test_passphrase(img, k1) and test_passphrase(img, k3)
+        assert not test_passphrase(img, k2)
+    assert cryptsetup_key(ours, k3) == cryptsetup_key(ours, k1)

@@ -472,6 +472,29 @@ class Luks2Writer:
                 if key in item.get("keyslots", []):
                     item["keyslots"] = [k for k in item["keyslots"] if k != key]
 
+    def renumber_keyslot(self, src: int, dst: int) -> tuple[int, int]:
+        """Keyslot *src* becomes keyslot *dst* in ``obj``, in place of *dst*'s own,
+        whose area is returned (offset, length) for the caller to wipe once this is
+        committed.  Both must be bound to the same digest; *dst* keeps its digest,
+        token and priority bindings, *src*'s number goes."""
+        keyslots = self.obj["keyslots"]
+        old = keyslots[str(dst)]
+        for digest in self.obj["digests"].values():
+            if (str(src) in digest["keyslots"]) != (str(dst) in digest["keyslots"]):
+                raise CryptfuseError(f"Keyslots {src} and {dst} belong to different digests.")
+        replacement = keyslots.pop(str(src))
+        if "priority" in old:
+            replacement["priority"] = old["priority"]
+        else:
+            replacement.pop("priority", None)
+        keyslots[str(dst)] = replacement
+        self.obj["keyslots"] = _sorted_object(keyslots)
+        for section in ("digests", "tokens"):
+            for item in self.obj[section].values():
+                if str(src) in item.get("keyslots", []):
+                    item["keyslots"] = [k for k in item["keyslots"] if k != str(src)]
+        return int(old["area"]["offset"]), int(old["area"]["size"])
+
     def commit(self) -> None:
         """Validate ``obj`` and write both copies with the next seqid (primary
         first, each made durable before the next: fsync, or ``sync_ranges``)."""

@@ -618,10 +618,13 @@ def change_key(
 ) -> int:
     """Replace the passphrase of the keyslot *old* opens (``luksChangeKey``); return the new slot.
 
-    The new keyslot goes to a free slot number when there is one (then the
-    old slot is wiped); LUKS2 otherwise keeps the number and moves the slot to
-    a free area.  Either way the new material is durable and committed before
-    the old one is destroyed.
+    LUKS1: the new keyslot goes to a free slot number (then the old slot is
+    wiped), as cryptsetup does.  LUKS2 keeps the number, as cryptsetup 2.6.1
+    does (it stores the new keyslot under a free number, then swaps the two):
+    the new material goes to a free area under a free number and is committed
+    with the old one still there, then takes the old number in a second
+    commit, and only then is the old area wiped.  Either way the new material
+    is durable and committed before the old one is destroyed.
     """
     with _locked(path, header, write=True) as h:
         hdr = _read(h)
@@ -640,11 +643,11 @@ def change_key(
                 writer.write_keyslot(
                     free, volume_key, new, params, spec, af_hash=kdf.hash or DEFAULT_HASH
                 )
-                _copy_priority(writer, old_slot, free)
-                writer.commit()
-                writer.wipe_keyslot(old_slot)
-                writer.commit()
-                return free
+                writer.commit()  # both passphrases open it
+                freed = writer.renumber_keyslot(free, old_slot)
+                writer.commit()  # the new one only, under the old number
+                wipe_area(h.header_fd, freed[0], freed[1], f"old area of keyslot {old_slot}")
+                return old_slot
             old_area = writer.write_keyslot(
                 old_slot,
                 volume_key,
@@ -671,12 +674,6 @@ def change_key(
         hdr = set_keyslot(h.header_fd, hdr, free_slots[0], volume_key, new, params)
         clear_keyslot(h.header_fd, hdr, old_slot)
         return free_slots[0]
-
-
-def _copy_priority(writer: Luks2Writer, src: int, dst: int) -> None:
-    priority = writer.obj["keyslots"][str(src)].get("priority")
-    if priority is not None:
-        writer.obj["keyslots"][str(dst)]["priority"] = priority
 
 
 # -- UUID, is-luks -------------------------------------------------------------------------------
