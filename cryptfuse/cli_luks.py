@@ -25,6 +25,7 @@ from .cli_input import PROG, _nonneg_int, _Parser, read_key_file, read_passphras
 from .errors import KeyFileError, UsageError
 from .formats import manage
 from .formats.manage import FormatOptions, KdfOptions
+from .spec import default_key_bits
 
 __all__ = ["LUKS_SUBCOMMANDS"]
 
@@ -194,7 +195,13 @@ def format_command(argv: Sequence[str]) -> int:
     g = p.add_argument_group("format")
     g.add_argument("--type", "-M", default="luks2", choices=("luks", "luks1", "luks2"))
     g.add_argument("--cipher", "-c", default=manage.DEFAULT_CIPHER, metavar="SPEC")
-    g.add_argument("--key-size", "-s", type=nonneg, default=manage.DEFAULT_KEY_BITS, metavar="BITS")
+    g.add_argument(
+        "--key-size",
+        "-s",
+        type=nonneg,
+        metavar="BITS",
+        help="default: 512 for an xts- mode, else 256 (cryptsetup's)",
+    )
     g.add_argument("--sector-size", type=nonneg, metavar="BYTES")
     g.add_argument("--label", default="", help="LUKS2 label")
     g.add_argument("--subsystem", default="", help="LUKS2 subsystem")
@@ -218,7 +225,7 @@ def format_command(argv: Sequence[str]) -> int:
     opts = FormatOptions(
         type=args.type,
         cipher=args.cipher,
-        key_size=args.key_size,
+        key_size=args.key_size or default_key_bits(args.cipher),
         hash=args.hash or manage.DEFAULT_HASH,
         sector_size=args.sector_size,
         kdf=_kdf(args),

@@ -27,6 +27,7 @@ from .formats import luks2_reencrypt as reenc
 from .formats.luks2 import has_luks2_header, read_luks2_header
 from .formats.luks_write import KdfParams
 from .formats.manage import KdfOptions, resolve_kdf
+from .spec import default_key_bits
 from .volume import open_device
 
 __all__ = ["REENCRYPT_SUBCOMMANDS"]
@@ -223,10 +224,11 @@ def _start_encrypt(args: argparse.Namespace) -> int:
         args.keyfile_size,
         f"Enter passphrase for {args.container}: ",
     )
-    key_bits = args.key_size or 512
+    cipher = args.cipher or "aes-xts-plain64"
+    key_bits = args.key_size or default_key_bits(cipher)
     kdf = resolve_kdf(_kdf(args), "luks2", key_bits // 8, args.hash or "sha256")
     options = reenc.EncryptOptions(
-        cipher=args.cipher or "aes-xts-plain64",
+        cipher=cipher,
         key_size=key_bits,
         sector_size=args.sector_size or 512,
         resilience=args.resilience,

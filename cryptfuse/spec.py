@@ -178,6 +178,14 @@ class CipherSpec:
             )
 
 
+def default_key_bits(cipher: str) -> int:
+    """The key size cryptsetup 2.6.1 gives a LUKS cipher when ``--key-size`` is not
+    given (``get_adjusted_key_size`` with its 256-bit default): 512 bits for a mode
+    starting ``xts-`` (two keys), 256 for any other."""
+    mode = cipher.partition("-")[2]
+    return 512 if mode.startswith("xts-") else 256
+
+
 def parse_cipher_spec(text: str) -> CipherSpec:
     """Parse a dm-crypt cipher spec into a :class:`CipherSpec`.
 

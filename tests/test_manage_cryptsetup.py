@@ -302,3 +302,24 @@ def test_change_key_numbers_like_cryptsetup(tmp_path: Path, luks: str, slot: int
         assert test_passphrase(img, k1) and test_passphrase(img, k3)
         assert not test_passphrase(img, k2)
     assert cryptsetup_key(ours, k3) == cryptsetup_key(ours, k1)
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize("luks", ["luks1", "luks2"])
+@pytest.mark.parametrize(
+    "cipher", ["aes-xts-plain64", "aes-xts-plain", "aes-cbc-essiv:sha256", "aes-ecb"]
+)
+def test_format_default_key_size_like_cryptsetup(tmp_path: Path, luks: str, cipher: str) -> None:
+    """No --key-size: 512 bits for an xts- mode, 256 for any other, as cryptsetup."""
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    k1 = keyfile(tmp_path, "k1", b"pass-1")
+    with open(theirs, "wb") as f:
+        f.truncate(20 << 20)
+    subprocess.run(
+        [CRYPTSETUP or "", "luksFormat", "-q", "--type", luks, *CHEAP_PBKDF2, "--cipher", cipher,
+         "-d", k1, str(theirs)],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    assert cf("format", "--type", luks, *CHEAP_PBKDF2, "--cipher", cipher, "--size", "20M", "-q",
+              "-d", k1, str(ours)) == 0  # fmt: skip
+    assert len(cryptsetup_key(ours, k1)) == len(cryptsetup_key(theirs, k1))

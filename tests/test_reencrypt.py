@@ -184,11 +184,16 @@ def _random_case(rng: random.Random) -> dict[str, Any]:
         "--sector-size", str(rng.choice([512, 1024, 2048, 4096])),
         "--resilience", resilience,
     ]  # fmt: skip
+    key_bits = dst[1]
+    if rng.random() < 0.3:  # cryptsetup's default: the old size for the same cipher
+        del options[2:4]
+        key_bits = src[1] if src[0] == dst[0] else (512 if "-xts-" in dst[0] else 256)
     if resilience == "checksum":
         options += ["--resilience-hash", rng.choice(["sha256", "sha1", "sha512"])]
     hotzone = rng.choice([None, "256k", "768k", "1m"])
     return {
         "format": ["--cipher", src[0], "--key-size", str(src[1])],
+        "key_bits": key_bits,
         "source_sector": rng.choice([512, 4096]),
         "options": options,
         "hotzone": [] if hotzone is None else ["--hotzone-size", hotzone],
@@ -250,7 +255,10 @@ def test_random_reencryptions_against_cryptsetup(tmp_path: Path) -> None:
         assert len(hdr["keyslots"]) == 1, case  # the new one: the others went at the end
         segment = hdr["segments"]["0"]
         assert segment["encryption"] == case["options"][1], case
-        assert segment["sector_size"] == int(case["options"][5]), case
+        assert segment["sector_size"] == int(
+            case["options"][case["options"].index("--sector-size") + 1]
+        ), case
+        assert [s["key_size"] * 8 for s in hdr["keyslots"].values()] == [case["key_bits"]], case
 
 
 def test_random_encryptions_and_decryptions_against_cryptsetup(tmp_path: Path) -> None:

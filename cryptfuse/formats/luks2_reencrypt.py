@@ -55,7 +55,7 @@ from ..errors import (
 )
 from ..kdf import hash_size, hashlib_name, pbkdf2
 from ..sector import SECTOR_SIZES, SectorCipher
-from ..spec import parse_cipher_spec
+from ..spec import default_key_bits, parse_cipher_spec
 from ..volume import device_size, open_direct, pwrite_all, pwrite_direct
 from . import luks2_reencrypt_digest as rdigest
 
@@ -1840,7 +1840,13 @@ def initialize_on(
         raise UsageError(f"Unsupported reencryption direction {options.direction}.")
     cipher = options.cipher or str(seg.encryption)
     new_spec = parse_cipher_spec(cipher)
-    key_bytes = (options.key_size // 8) if options.key_size else len(old_key)
+    # cryptsetup 2.6.1: the old key's size, unless a key size or another cipher is given
+    # (then its default for that cipher's mode)
+    key_bytes = len(old_key)
+    if options.key_size:
+        key_bytes = options.key_size // 8
+    elif cipher != str(seg.encryption):
+        key_bytes = default_key_bits(cipher) // 8
     check_key_size(new_spec, key_bytes, f"cipher {cipher}")
     new_ss = options.sector_size or int(seg.sector_size or SECTOR)
     if new_ss not in SECTOR_SIZES:
