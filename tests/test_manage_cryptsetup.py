@@ -323,3 +323,44 @@ def test_format_default_key_size_like_cryptsetup(tmp_path: Path, luks: str, ciph
     assert cf("format", "--type", luks, *CHEAP_PBKDF2, "--cipher", cipher, "--size", "20M", "-q",
               "-d", k1, str(ours)) == 0  # fmt: skip
     assert len(cryptsetup_key(ours, k1)) == len(cryptsetup_key(theirs, k1))
+
+
+def luks2_layout_of(img: Path) -> tuple[object, ...]:
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        obj = read_luks2_header(fd, str(img)).json
+    finally:
+        os.close(fd)
+    areas = sorted((s["area"]["offset"], s["area"]["size"]) for s in obj["keyslots"].values())
+    seg = obj["segments"]["0"]
+    return obj["config"]["json_size"], obj["config"]["keyslots_size"], seg["offset"], areas
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--luks2-keyslots-size", "8m", "--offset", "16384"],  # shrunk to fit, with a warning
+        ["--luks2-metadata-size", "64k", "--luks2-keyslots-size", "1m"],
+        ["--offset", "4096"],
+        ["--luks2-metadata-size", "1m"],
+    ],
+    ids=["keyslots-shrunk", "metadata-64k", "offset-2m", "metadata-1m"],
+)
+def test_format_layout_like_cryptsetup(
+    tmp_path: Path, layout: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    k1 = keyfile(tmp_path, "k1", b"pass-1")
+    with open(theirs, "wb") as f:
+        f.truncate(40 << 20)
+    cs = subprocess.run(
+        [CRYPTSETUP or "", "luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, *layout,
+         "-d", k1, str(theirs)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert cf("format", "--type", "luks2", *CHEAP_PBKDF2, *layout, "--size", "40M", "-q",
+              "-d", k1, str(ours)) == 0  # fmt: skip
+    assert luks2_layout_of(ours) == luks2_layout_of(theirs)
+    changed = "keyslots area size changed" in cs.stdout + cs.stderr
+    assert changed == ("keyslots area size changed" in caplog.text)

@@ -146,8 +146,9 @@ def luks2_layout(
 
     Defaults: 16 KiB metadata, data at 16 MiB, the keyslots area filling the
     space between the two copies and the data.  An explicit *offset* bounds the
-    keyslots area; explicit keyslots without an offset put the data at the next
-    1 MiB boundary.
+    keyslots area (an explicit keyslots size that does not fit before it shrinks to
+    fit, as cryptsetup's does: the caller may warn); explicit keyslots without an
+    offset put the data at the next 1 MiB boundary.
     """
     md = metadata_size if metadata_size is not None else DEFAULT_METADATA_SIZE
     if md not in HDR2_OFFSETS:
@@ -168,12 +169,9 @@ def luks2_layout(
         return Luks2Layout(md, ks, offset or 0)
     if offset is not None:
         room = offset - 2 * md
-        ks = (
-            keyslots_size
-            if keyslots_size is not None
-            else min(MAX_KEYSLOTS_SIZE, room // KEYSLOT_ALIGN * KEYSLOT_ALIGN)
-        )
-        if ks <= 0 or ks > room:
+        fits = min(MAX_KEYSLOTS_SIZE, room // KEYSLOT_ALIGN * KEYSLOT_ALIGN)
+        ks = min(keyslots_size, fits) if keyslots_size is not None else fits
+        if ks <= 0:
             raise UsageError(
                 f"Requested data offset {offset} is too small for the LUKS2 metadata and keyslots."
             )

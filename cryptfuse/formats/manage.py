@@ -15,6 +15,7 @@ I/O; the command line lives in :mod:`cryptfuse.cli_luks`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import uuid as uuidlib
@@ -56,6 +57,8 @@ from .luks_write import (
     sync,
     wipe_area,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Confirm",
@@ -385,6 +388,11 @@ def format_container(
                 offset=offset_bytes,
                 detached=detached,
             )
+            if opts.keyslots_size is not None and layout2.keyslots_size != opts.keyslots_size:
+                log.warning(
+                    "WARNING: LUKS2 keyslots area size changed to %d bytes.",
+                    layout2.keyslots_size,
+                )
             data_offset = layout2.data_offset
             if not detached and data_size <= data_offset:
                 raise DeviceError(
