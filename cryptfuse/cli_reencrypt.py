@@ -194,6 +194,12 @@ def _luks2_json(path: str) -> dict[str, Any] | None:
     try:
         if os.pread(fd, 6, 0) != b"LUKS\xba\xbe" and not has_luks2_header(fd):
             return None
+        if os.pread(fd, 8, 0) == b"LUKS\xba\xbe\x00\x01":
+            # cryptsetup 2.6.1 reencrypts LUKS1 through device-mapper (its legacy code)
+            raise UnsupportedError(
+                f"{path} is LUKS1: reencryption works on LUKS2; convert it first "
+                f"({PROG} convert --type luks2 {path})."
+            )
         return read_luks2_header(fd, path).json
     finally:
         os.close(fd)

@@ -399,6 +399,23 @@ def test_cli_refusals(tmp_path: Path) -> None:
     assert read_all(img) == data
 
 
+def test_luks1_refused_with_the_way_out(tmp_path: Path) -> None:
+    """cryptsetup 2.6.1 reencrypts LUKS1 through device-mapper only (here it fails and
+    leaves the device unreadable); cryptfuse says to convert first, and writes nothing."""
+    img, key = tmp_path / "l1.img", tmp_path / "pass"
+    key.write_bytes(PASS)
+    with open(img, "wb") as f:
+        f.truncate(4 * MiB)
+    run("cryptsetup", "luksFormat", "--type", "luks1", "-q", *FAST_KDF, "--key-file", str(key),
+        str(img))  # fmt: skip
+    before = img.read_bytes()
+    proc = cli("reencrypt", str(img), "-q", "--key-file", str(key))
+    assert proc.returncode != 0
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "convert --type luks2" in lines[0], lines
+    assert img.read_bytes() == before
+
+
 def test_busy_while_mounted_lock(tmp_path: Path) -> None:
     img, key, _ = make(tmp_path)
     with open_volume(str(img), OpenOptions(), Secret(PASS, False)):
