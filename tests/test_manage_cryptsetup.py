@@ -333,7 +333,8 @@ def luks2_layout_of(img: Path) -> tuple[object, ...]:
         os.close(fd)
     areas = sorted((s["area"]["offset"], s["area"]["size"]) for s in obj["keyslots"].values())
     seg = obj["segments"]["0"]
-    return obj["config"]["json_size"], obj["config"]["keyslots_size"], seg["offset"], areas
+    sizes = obj["config"]["json_size"], obj["config"]["keyslots_size"]
+    return (*sizes, seg["offset"], seg["sector_size"], areas)
 
 
 @needs_cryptsetup
@@ -344,8 +345,25 @@ def luks2_layout_of(img: Path) -> tuple[object, ...]:
         ["--luks2-metadata-size", "64k", "--luks2-keyslots-size", "1m"],
         ["--offset", "4096"],
         ["--luks2-metadata-size", "1m"],
+        # cryptsetup 2.6.1 picks 4096-byte sectors for an --offset that is a multiple of
+        # 4096 *sectors* only
+        ["--offset", "2048", "--luks2-keyslots-size", "512k"],
+        ["--offset", "6144"],
+        ["--header", "HEADER", "--offset", "2048"],  # a detached header's keyslots: bounded
+        ["--header", "HEADER", "--offset", "8192"],
+        ["--header", "HEADER"],
     ],
-    ids=["keyslots-shrunk", "metadata-64k", "offset-2m", "metadata-1m"],
+    ids=[
+        "keyslots-shrunk",
+        "metadata-64k",
+        "offset-2m",
+        "metadata-1m",
+        "offset-1m",
+        "offset-3m",
+        "detached-1m",
+        "detached-4m",
+        "detached",
+    ],  # fmt: skip
 )
 def test_format_layout_like_cryptsetup(
     tmp_path: Path, layout: list[str], caplog: pytest.LogCaptureFixture
@@ -354,13 +372,20 @@ def test_format_layout_like_cryptsetup(
     k1 = keyfile(tmp_path, "k1", b"pass-1")
     with open(theirs, "wb") as f:
         f.truncate(40 << 20)
+
+    def at(name: str) -> list[str]:
+        return [str(tmp_path / name) if arg == "HEADER" else arg for arg in layout]
+
     cs = subprocess.run(
-        [CRYPTSETUP or "", "luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, *layout,
+        [CRYPTSETUP or "", "luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, *at("h1"),
          "-d", k1, str(theirs)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert cf("format", "--type", "luks2", *CHEAP_PBKDF2, *layout, "--size", "40M", "-q",
+    assert cf("format", "--type", "luks2", *CHEAP_PBKDF2, *at("h2"), "--size", "40M", "-q",
               "-d", k1, str(ours)) == 0  # fmt: skip
-    assert luks2_layout_of(ours) == luks2_layout_of(theirs)
+    detached = "HEADER" in layout
+    assert luks2_layout_of(tmp_path / "h2" if detached else ours) == luks2_layout_of(
+        tmp_path / "h1" if detached else theirs
+    )
     changed = "keyslots area size changed" in cs.stdout + cs.stderr
     assert changed == ("keyslots area size changed" in caplog.text)

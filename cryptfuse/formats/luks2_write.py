@@ -164,10 +164,10 @@ def luks2_layout(
         )
     if offset is not None and offset % 512:
         raise UsageError("The data offset must be a multiple of 512 bytes.")
-    if detached:
+    if detached and not offset:
         ks = keyslots_size if keyslots_size is not None else DEFAULT_DATA_OFFSET - 2 * md
-        return Luks2Layout(md, ks, offset or 0)
-    if offset is not None:
+        return Luks2Layout(md, ks, 0)
+    if offset is not None:  # (a detached header's too: cryptsetup bounds its keyslots so)
         room = offset - 2 * md
         fits = min(MAX_KEYSLOTS_SIZE, room // KEYSLOT_ALIGN * KEYSLOT_ALIGN)
         ks = min(keyslots_size, fits) if keyslots_size is not None else fits

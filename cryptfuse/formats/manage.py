@@ -405,6 +405,11 @@ def format_container(
                 sector_size = opts.sector_size
             else:
                 aligned = data_offset % 4096 == 0 and (data_size - data_offset) % 4096 == 0
+                # cryptsetup 2.6.1 tests an explicit --offset for 4096-byte alignment in
+                # 512-byte sectors (MISALIGNED(cd->data_offset, sector_size)): 4096 bytes
+                # only where the offset is a multiple of 2 MiB.  The same choice here.
+                if opts.offset is not None and opts.offset % 4096:
+                    aligned = False
                 sector_size = 4096 if aligned and data_size > data_offset else 512
             if data_offset % sector_size or (data_size - data_offset) % sector_size:
                 raise UsageError(
