@@ -218,6 +218,44 @@ def test_dump_matches_cryptsetup(
     assert ours.rstrip("\n") == theirs.rstrip("\n")
 
 
+#: cryptsetup commands (KEY, K2 and IMG stand for paths) leaving LUKS2 headers whose
+#: dump has more in it: reencryption keyslots, unbound keyslots, tokens, priorities
+DUMP_STATES = {
+    "reencrypt-checksum": [["reencrypt", "--init-only", "--force-offline-reencrypt", "-q",
+                            *CHEAP_PBKDF2, "-d", "KEY", "--resilience-hash", "sha1", "IMG"]],
+    "reencrypt-journal": [["reencrypt", "--init-only", "--force-offline-reencrypt", "-q",
+                           *CHEAP_PBKDF2, "-d", "KEY", "--resilience", "journal", "IMG"]],
+    "unbound-keyslot": [["luksAddKey", "-q", *CHEAP_PBKDF2, "-d", "KEY", "--unbound",
+                         "--key-size", "256", "IMG", "K2"]],
+    "tokens-priority": [
+        ["luksAddKey", "-q", *CHEAP_PBKDF2, "-d", "KEY", "IMG", "K2"],
+        ["token", "add", "--key-description", "first", "--key-slot", "0", "IMG"],
+        ["token", "add", "--key-description", "second", "--key-slot", "1", "--token-id", "3",
+         "IMG"],
+        ["config", "--priority", "prefer", "--key-slot", "1", "IMG"],
+        ["config", "--priority", "ignore", "--key-slot", "0", "IMG"],
+    ],
+}  # fmt: skip
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize("state", sorted(DUMP_STATES))
+def test_dump_matches_cryptsetup_in_more_states(
+    tmp_path: Path, state: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = tmp_path / "c.img"
+    k1, k2 = keyfile(tmp_path, "k1", b"x"), keyfile(tmp_path, "k2", b"y")
+    cf("format", "--type", "luks2", *CHEAP_PBKDF2, "--size", "40M", "-d", k1, str(img))
+    for command in DUMP_STATES[state]:
+        names = {"KEY": k1, "K2": k2, "IMG": str(img)}
+        subprocess.run(
+            [CRYPTSETUP or "", *(names.get(a, a) for a in command)], capture_output=True, check=True
+        )
+    capsys.readouterr()
+    assert cf("dump", str(img)) == 0
+    assert capsys.readouterr().out.rstrip("\n") == luks_dump_ok(img).rstrip("\n")
+
+
 @needs_cryptsetup
 def test_header_backup_restore_interchange(tmp_path: Path) -> None:
     assert CRYPTSETUP is not None

@@ -22,6 +22,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import (
     CryptfuseError,
@@ -773,10 +774,11 @@ def _dump_luks2(hdr: LUKS2Header, path: str) -> str:
         f"UUID:          \t{b.uuid}",
         f"Label:         \t{b.label or '(no label)'}",
         f"Subsystem:     \t{b.subsystem or '(no subsystem)'}",
-        f"Flags:       \t{' '.join(cfg.flags) or '(no flags)'}",
+        # each flag and requirement followed by a space, as cryptsetup prints them
+        f"Flags:       \t{''.join(f + ' ' for f in cfg.flags) or '(no flags)'}",
     ]
     if cfg.requirements:
-        lines.append(f"Requirements:\t{' '.join(cfg.requirements)}")
+        lines.append(f"Requirements:\t{''.join(r + ' ' for r in cfg.requirements)}")
     lines += ["", "Data segments:"]
     for i, seg in sorted(hdr.metadata.segments.items()):
         lines.append(f"  {i}: {seg.type}")
@@ -786,13 +788,21 @@ def _dump_luks2(hdr: LUKS2Header, path: str) -> str:
             lines.append(f"\tcipher: {seg.encryption}")
             lines.append(f"\tsector: {seg.sector_size} [bytes]")
         if seg.flags:
-            lines.append(f"\tflags : {' '.join(seg.flags)}")
-    lines += ["", "Keyslots:"]
+            lines.append(f"\tflags : {', '.join(seg.flags)}")
+        lines.append("")
+    lines.append("Keyslots:")
+    # "(unbound)": a keyslot whose digest no segment but a backup uses
+    # (cryptsetup's LUKS2_keyslot_for_segment(CRYPT_ONE_SEGMENT); backups do not count)
+    segs = hdr.metadata.segments
+    live = {i for i, seg in segs.items() if not any(f.startswith("backup-") for f in seg.flags)}
+    bound = {k for d in hdr.metadata.digests.values() if live & set(d.segments) for k in d.keyslots}
     for i, slot in sorted(hdr.metadata.keyslots.items()):
-        lines.append(f"  {i}: {slot.type}")
+        lines.append(f"  {i}: {slot.type}{'' if i in bound else ' (unbound)'}")
         lines.append(f"\tKey:        {slot.key_size * 8} bits")
-        prio = {PRIORITY_IGNORE: "ignored", PRIORITY_HIGH: "high"}.get(slot.priority, "normal")
+        prio = {PRIORITY_IGNORE: "ignored", PRIORITY_HIGH: "preferred"}.get(slot.priority, "normal")
         lines.append(f"\tPriority:   {prio}")
+        if slot.type == "reencrypt":
+            lines += _dump_reencrypt_keyslot(hdr.json["keyslots"][str(i)])
         if slot.kdf is not None and slot.af is not None:
             lines.append(f"\tCipher:     {slot.area.encryption}")
             lines.append(f"\tCipher key: {(slot.area.key_size or 0) * 8} bits")
@@ -815,7 +825,10 @@ def _dump_luks2(hdr: LUKS2Header, path: str) -> str:
     lines.append("Tokens:")
     for i, token in sorted(hdr.metadata.tokens.items()):
         lines.append(f"  {i}: {token.type}")
-        lines.append(f"\tKeyslot:    {' '.join(str(k) for k in token.keyslots)}")
+        description = hdr.json["tokens"][str(i)].get("key_description")
+        if token.type == "luks2-keyring" and description is not None:
+            lines.append(f"\tKey description: {description}")
+        lines += [f"\tKeyslot:    {k}" for k in token.keyslots]
     lines.append("Digests:")
     for i, d in sorted(hdr.metadata.digests.items()):
         lines.append(f"  {i}: {d.type}")
@@ -825,6 +838,22 @@ def _dump_luks2(hdr: LUKS2Header, path: str) -> str:
             lines += _hex_lines(d.salt, "\t            ", "\tSalt:       ")
             lines += _hex_lines(d.digest, "\t            ", "\tDigest:     ")
     return "\n".join(lines)
+
+
+def _dump_reencrypt_keyslot(obj: dict[str, Any]) -> list[str]:
+    """A reencrypt keyslot's own lines (cryptsetup's ``reenc_keyslot_dump``)."""
+    area = obj["area"]
+    lines = [
+        f"\tMode:       {obj['mode']}",
+        f"\tDirection:  {obj['direction']}",
+        f"\tResilience: {area['type']}",
+    ]
+    if area["type"] == "checksum":
+        lines.append(f"\tHash:       {area['hash']}")
+        lines.append(f"\tHash data:  {area['sector_size']} [bytes]")
+    elif area["type"] == "datashift":
+        lines.append(f"\tShift size: {area['shift_size']}[bytes]")  # (no space: cryptsetup's)
+    return lines
 
 
 def dump(path: str, *, header: str | None = None, as_json: bool = False) -> str:
