@@ -399,6 +399,30 @@ def test_cli_refusals(tmp_path: Path) -> None:
     assert read_all(img) == data
 
 
+@pytest.mark.parametrize("finisher", ["cryptfuse", "cryptsetup-after-a-cryptfuse-step"])
+def test_cryptsetup_key_change_with_data_shift(tmp_path: Path, finisher: str) -> None:
+    """``cryptsetup reencrypt --reduce-device-size`` of a LUKS2 container (a key change
+    moving the data towards the end, backward, ``datashift``): started by cryptsetup,
+    finished by cryptfuse (or one hot zone by cryptfuse, the rest by cryptsetup); the
+    volume loses its last MiB and keeps the rest."""
+    img, key, data = make(tmp_path, data_mib=4)
+    run(
+        "cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", "-q",
+        *FAST_KDF, "--key-file", str(key), "--reduce-device-size", "1M", str(img),
+    )  # fmt: skip
+    kept = data[: 3 * MiB]
+    assert read_all(img)[: 3 * MiB] == kept  # in reencryption: readable already
+    if finisher == "cryptfuse":
+        assert reenc.run(str(img), None, PASS).finished
+    else:
+        calls = iter([False, True])
+        assert not reenc.run(str(img), None, PASS, stop=lambda: next(calls)).finished
+        resume_with_cryptsetup(img, key, None)
+    assert read_all(img) == kept
+    assert int(header_json(img)["segments"]["0"]["offset"]) == 2 * MiB
+    cryptsetup_checks(img, key, kept)
+
+
 def test_luks1_refused_with_the_way_out(tmp_path: Path) -> None:
     """cryptsetup 2.6.1 reencrypts LUKS1 through device-mapper only (here it fails and
     leaves the device unreadable); cryptfuse says to convert first, and writes nothing."""
