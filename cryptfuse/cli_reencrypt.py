@@ -132,7 +132,12 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     g.add_argument("--resume-only", action="store_true", help="only resume a started one")
     g.add_argument("--encrypt", action="store_true", help="a plaintext device becomes LUKS2")
     g.add_argument("--decrypt", action="store_true", help="LUKS2 becomes plaintext (--header)")
-    g.add_argument("--reduce-device-size", type=_size, metavar="SIZE", help="--encrypt in place")
+    g.add_argument(
+        "--reduce-device-size",
+        type=_size,
+        metavar="SIZE",
+        help="move the data SIZE towards the end (--encrypt: in place)",
+    )
     g.add_argument("--offset", type=_nonneg_int, metavar="SECTORS", help="--encrypt: data offset")
     g.add_argument("--uuid", metavar="UUID", help="--encrypt: the new header's UUID")
     g.add_argument("--type", "-M", choices=("luks2",), default="luks2")
@@ -163,8 +168,6 @@ def reencrypt_command(argv: Sequence[str]) -> int:
         return _start_decrypt(args)
     if current is None:
         raise UsageError(f"Device {header or container} is not a valid LUKS2 device.")
-    if not started and args.reduce_device_size:
-        raise UnsupportedError("--reduce-device-size goes with --encrypt.")
     passphrase = _existing_secret(args, f"Enter passphrase for {container}: ")
     keys: dict[int, bytes] = {}  # the initialization's keys: no second KDF run to resume
     if not started:
@@ -298,6 +301,7 @@ def _new_reencryption(args: argparse.Namespace) -> tuple[KdfParams, reenc.Reencr
         sector_size=args.sector_size,
         resilience=args.resilience,
         resilience_hash=args.resilience_hash,
+        shift=args.reduce_device_size or 0,
     )
     return kdf_params, options
 

@@ -400,16 +400,24 @@ def test_cli_refusals(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("finisher", ["cryptfuse", "cryptsetup-after-a-cryptfuse-step"])
-def test_cryptsetup_key_change_with_data_shift(tmp_path: Path, finisher: str) -> None:
-    """``cryptsetup reencrypt --reduce-device-size`` of a LUKS2 container (a key change
-    moving the data towards the end, backward, ``datashift``): started by cryptsetup,
-    finished by cryptfuse (or one hot zone by cryptfuse, the rest by cryptsetup); the
-    volume loses its last MiB and keeps the rest."""
+@pytest.mark.parametrize("starter", ["cryptsetup", "cryptfuse"])
+def test_key_change_with_data_shift(tmp_path: Path, starter: str, finisher: str) -> None:
+    """``reencrypt --reduce-device-size`` of a LUKS2 container (a key change moving the
+    data towards the end, backward, ``datashift``), started by either tool, finished
+    by cryptfuse (or one hot zone by cryptfuse, the rest by cryptsetup); the volume
+    loses its last MiB and keeps the rest."""
     img, key, data = make(tmp_path, data_mib=4)
-    run(
-        "cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", "-q",
-        *FAST_KDF, "--key-file", str(key), "--reduce-device-size", "1M", str(img),
-    )  # fmt: skip
+    if starter == "cryptsetup":
+        run(
+            "cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", "-q",
+            *FAST_KDF, "--key-file", str(key), "--reduce-device-size", "1M", str(img),
+        )  # fmt: skip
+    else:
+        proc = cli(
+            "reencrypt", str(img), "--init-only", "-q", *FAST_KDF, "--key-file", str(key),
+            "--reduce-device-size", "1M",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
     kept = data[: 3 * MiB]
     assert read_all(img)[: 3 * MiB] == kept  # in reencryption: readable already
     if finisher == "cryptfuse":
@@ -535,10 +543,17 @@ def test_tampered_metadata_refused(tmp_path: Path, corpus: Path) -> None:
 # -- kill at every write and fsync ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("resilience", ["checksum", "journal"])
+@pytest.mark.parametrize("resilience", ["checksum", "journal", "datashift"])
 def test_killed_at_every_write(tmp_path: Path, resilience: str) -> None:
     base, key, data = make(tmp_path, data_mib=1)
-    options = reenc.ReencryptOptions(resilience=resilience, key_size=256, sector_size=512)
+    if resilience == "datashift":  # --reduce-device-size: the last 256 KiB go
+        options = reenc.ReencryptOptions(shift=256 * 1024, key_size=256, sector_size=512)
+        data = data[: -256 * 1024]
+    else:
+        options = reenc.ReencryptOptions(resilience=resilience, key_size=256, sector_size=512)
+
+    def volume(img: Path) -> bytes:  # (a shifted volume shrinks only at its end)
+        return read_all(img)[: len(data)]
 
     def action(img: Path) -> None:
         reenc.initialize(str(img), None, PASS, options, KdfParams("pbkdf2"))
@@ -547,13 +562,13 @@ def test_killed_at_every_write(tmp_path: Path, resilience: str) -> None:
     work = tmp_path / "w.img"
     shutil.copy(base, work)
     events = run_killed(lambda: action(work), None, False)
-    assert read_all(work) == data
+    assert volume(work) == data
     assert len(events) > 20
     for n in range(1, len(events) + 1):
         shutil.copy(base, work)
         assert run_killed(lambda: action(work), n, torn=n % 2 == 0) == "killed"
         snapshot = work.read_bytes()
-        assert read_all(work) == data, f"killed at event {n}"
+        assert volume(work) == data, f"killed at event {n}"
         assert work.read_bytes() == snapshot  # read-only: nothing written
         if not reenc.in_reencryption(header_json(work)):
             continue  # killed before the reencryption started or after it ended
@@ -561,7 +576,7 @@ def test_killed_at_every_write(tmp_path: Path, resilience: str) -> None:
             resume_with_cryptsetup(work, key, None)
         else:
             assert reenc.run(str(work), None, PASS).finished
-        assert read_all(work) == data, f"resumed after event {n}"
+        assert volume(work) == data, f"resumed after event {n}"
 
 
 # -- encryption and decryption ------------------------------------------------------------
@@ -603,7 +618,18 @@ def read_with(img: Path, header: Path | None) -> bytes:
 def resume_with_cryptsetup(img: Path, key: Path, header: Path | None) -> None:
     extra = ["--header", str(header)] if header else []
     hdr_json = header_json(header or img)
-    if any("in-reencryption" in s.get("flags", []) for s in hdr_json["segments"].values()):
+    first = hdr_json["segments"].get("0", {})
+    shifted_key_change = any(
+        s["type"] == "reencrypt" and s["mode"] == "reencrypt" and s["area"]["type"] == "datashift"
+        for s in hdr_json["keyslots"].values()
+    )
+    if shifted_key_change and "in-reencryption" in first.get("flags", []):
+        # cryptsetup 2.6.1 recovers the last hot zone (offset 0) of a key change with a
+        # data shift from a "moved segment" such a change has not got: it reads the
+        # header as data (docs/reencryption.md; reproduced with its own run). cryptfuse
+        # recovers it; cryptsetup goes on from there.
+        assert reenc.recover(str(img), str(header) if header else None, PASS)
+    elif any("in-reencryption" in s.get("flags", []) for s in hdr_json["segments"].values()):
         run("cryptsetup", "repair", "-q", "--key-file", str(key), *extra, str(img))
     now = header_json(header or img)
     if not reenc.in_reencryption(now):

@@ -1774,6 +1774,9 @@ class ReencryptOptions:
     resilience: str = "checksum"
     resilience_hash: str = "sha256"
     direction: str = "forward"
+    #: bytes the data moves towards the end (``--reduce-device-size``): resilience
+    #: ``datashift``, direction backward, the volume that much smaller
+    shift: int = 0
 
 
 def initialize(
@@ -1838,6 +1841,10 @@ def initialize_on(
         raise UsageError(f"Unsupported resilience mode {options.resilience}.")
     if options.direction not in ("forward", "backward"):
         raise UsageError(f"Unsupported reencryption direction {options.direction}.")
+    shift = options.shift
+    resilience, direction = options.resilience, options.direction
+    if shift:  # cryptsetup: the data moves towards the end, from the end backwards
+        resilience, direction = "datashift", "backward"
     cipher = options.cipher or str(seg.encryption)
     new_spec = parse_cipher_spec(cipher)
     # cryptsetup 2.6.1: the old key's size, unless a key size or another cipher is given
@@ -1860,7 +1867,13 @@ def initialize_on(
     data_size = seg.size if seg.size is not None else size
     if data_size % check:
         raise UsageError(f"Data device is not aligned to encryption sector size ({check} bytes).")
-    if options.resilience == "checksum":
+    if shift and (shift < 0 or shift % max(check, 4096) or seg.size is not None):
+        raise UsageError(
+            "Device size must be reduced by a multiple of 4096 bytes and of the sector size."
+        )
+    if shift and shift >= data_size:
+        raise UsageError(f"Device {devices.path} is too small to be reduced by {shift} bytes.")
+    if resilience == "checksum":
         hashlib_name(options.resilience_hash)
     writer = devices.writer()
     obj = writer.obj
@@ -1906,37 +1919,22 @@ def initialize_on(
     segs = obj["segments"]
     old_seg = copy.deepcopy(segs["0"])
     old_seg["flags"] = ["backup-previous"]
-    new_seg = crypt_segment(data_offset, 0, None, str(new_spec), new_ss)
+    new_seg = crypt_segment(data_offset + shift, 0, None, str(new_spec), new_ss)
     new_seg["flags"] = ["backup-final"]
     segs["1"] = old_seg
     segs["2"] = new_seg
     obj["digests"][str(old_digest)]["segments"] = ["0", "1"]
     obj["digests"][new_digest]["segments"] = ["2"]
-    rslot = writer.free_keyslot()
-    if rslot is None:
-        raise CryptfuseError("All key slots full.")
-    gap = _max_gap(writer)
-    if gap is None:
-        raise CryptfuseError("No space for the reencryption keyslot area.")
-    area: dict[str, Any] = {
-        "offset": str(gap[0]),
-        "size": str(gap[1]),
-        "type": options.resilience,
-    }
-    if options.resilience == "checksum":
-        area["hash"] = options.resilience_hash
-        area["sector_size"] = check
-    obj["keyslots"][str(rslot)] = {
-        "area": area,
-        "type": "reencrypt",
-        "key_size": 1,
-        "mode": "reencrypt",
-        "direction": options.direction,
-        "priority": 0,
-    }
-    obj["keyslots"] = {k: obj["keyslots"][k] for k in sorted(obj["keyslots"], key=int)}
-    reqs = obj["config"].setdefault("requirements", {})
-    reqs["mandatory"] = [*reqs.get("mandatory", []), REQUIREMENT]
+    _reencrypt_keyslot(
+        writer,
+        mode="reencrypt",
+        direction=direction,
+        resilience=resilience,
+        hash_name=options.resilience_hash,
+        block=check,
+        shift=shift,
+    )
+    _require(obj, REQUIREMENT)
     writer.obj = rdigest.with_reencrypt_digest(
         obj, {old_digest: old_key, int(new_digest): new_key}, hash_name=digest_hash
     )
