@@ -23,6 +23,7 @@ from . import control
 from .cli_input import PROG, _nonneg_int
 from .cli_luks import _existing_secret, _kdf_options, _key_options, _new_secret, _parser, _size
 from .errors import BusyError, UnsupportedError, UsageError
+from .formats import LUKS_MAGIC
 from .formats import luks2_reencrypt as reenc
 from .formats.luks2 import has_luks2_header, read_luks2_header
 from .formats.luks_write import KdfParams
@@ -195,9 +196,10 @@ def _luks2_json(path: str) -> dict[str, Any] | None:
         return None
     fd = open_device(path, True, lock=False)
     try:
-        if os.pread(fd, 6, 0) != b"LUKS\xba\xbe" and not has_luks2_header(fd):
+        head = os.pread(fd, 8, 0)  # magic and version
+        if head[:6] != LUKS_MAGIC and not has_luks2_header(fd):
             return None
-        if os.pread(fd, 8, 0) == b"LUKS\xba\xbe\x00\x01":
+        if head == LUKS_MAGIC + b"\x00\x01":
             # cryptsetup 2.6.1 reencrypts LUKS1 through device-mapper (its legacy code)
             raise UnsupportedError(
                 f"{path} is LUKS1: reencryption works on LUKS2; convert it first "

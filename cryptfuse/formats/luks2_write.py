@@ -465,6 +465,10 @@ class Luks2Writer:
             self.fd, int(slot["area"]["offset"]), int(slot["area"]["size"]), f"keyslot {index} area"
         )
         del self.obj["keyslots"][key]
+        self._unbind_keyslot(key)
+
+    def _unbind_keyslot(self, key: str) -> None:
+        """Drop keyslot *key* from every digest and token of ``obj``."""
         for section in ("digests", "tokens"):
             for item in self.obj[section].values():
                 if key in item.get("keyslots", []):
@@ -487,10 +491,7 @@ class Luks2Writer:
             replacement.pop("priority", None)
         keyslots[str(dst)] = replacement
         self.obj["keyslots"] = _sorted_object(keyslots)
-        for section in ("digests", "tokens"):
-            for item in self.obj[section].values():
-                if str(src) in item.get("keyslots", []):
-                    item["keyslots"] = [k for k in item["keyslots"] if k != str(src)]
+        self._unbind_keyslot(str(src))
         return int(old["area"]["offset"]), int(old["area"]["size"])
 
     def commit(self) -> None:

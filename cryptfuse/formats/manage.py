@@ -42,7 +42,7 @@ from .luks1 import NUM_KEYSLOTS as LUKS1_SLOTS
 from .luks1 import LUKS1Header, read_luks1_header
 from .luks1_write import clear_keyslot, format_luks1, luks1_layout, set_keyslot, write_uuid
 from .luks2 import NUM_KEYSLOTS as LUKS2_SLOTS
-from .luks2 import PRIORITY_HIGH, PRIORITY_IGNORE, LUKS2Header, read_luks2_header
+from .luks2 import PRIORITY_HIGH, PRIORITY_IGNORE, LUKS2Header, _is_backup, read_luks2_header
 from .luks2_write import Luks2Writer, build_metadata, luks2_layout
 from .luks_common import pread_exact
 from .luks_write import (
@@ -793,8 +793,7 @@ def _dump_luks2(hdr: LUKS2Header, path: str) -> str:
     lines.append("Keyslots:")
     # "(unbound)": a keyslot whose digest no segment but a backup uses
     # (cryptsetup's LUKS2_keyslot_for_segment(CRYPT_ONE_SEGMENT); backups do not count)
-    segs = hdr.metadata.segments
-    live = {i for i, seg in segs.items() if not any(f.startswith("backup-") for f in seg.flags)}
+    live = {int(i) for i, seg in hdr.json["segments"].items() if not _is_backup(seg)}
     bound = {k for d in hdr.metadata.digests.values() if live & set(d.segments) for k in d.keyslots}
     for i, slot in sorted(hdr.metadata.keyslots.items()):
         lines.append(f"  {i}: {slot.type}{'' if i in bound else ' (unbound)'}")
