@@ -175,6 +175,14 @@ RANDOM_CIPHERS = [
 ]
 
 
+def seeded_rng() -> random.Random:
+    """A generator for a random-parameter test: seeded anew each run (the seed is
+    printed), or from ``CRYPTFUSE_TEST_SEED`` to replay a failure."""
+    seed = int(os.environ.get("CRYPTFUSE_TEST_SEED", random.randrange(1 << 32)))
+    print(f"seed {seed}")
+    return random.Random(seed)
+
+
 def _random_case(rng: random.Random) -> dict[str, Any]:
     src, dst = rng.choice(RANDOM_CIPHERS), rng.choice(RANDOM_CIPHERS)
     resilience = rng.choice(["checksum", "journal", "none"])
@@ -210,9 +218,7 @@ def test_random_reencryptions_against_cryptsetup(tmp_path: Path) -> None:
     hot zones, reencrypted by cryptfuse alone or started by one tool and finished by the
     other; cryptsetup's dumped new key decrypts the data independently.  The seed is
     printed (and taken from ``CRYPTFUSE_TEST_SEED`` to replay a failure)."""
-    seed = int(os.environ.get("CRYPTFUSE_TEST_SEED", random.randrange(1 << 32)))
-    print(f"seed {seed}")
-    rng = random.Random(seed)
+    rng = seeded_rng()
     for number in range(12):
         case = _random_case(rng)
         work = tmp_path / str(number)
@@ -271,9 +277,7 @@ def test_random_encryptions_and_decryptions_against_cryptsetup(tmp_path: Path) -
     and ``--decrypt`` (exporting the header, or of a detached one) with random ciphers,
     sector sizes, resilience and hot zones, through the command line, by cryptfuse
     alone or started by one tool and finished by the other.  Seed as above."""
-    seed = int(os.environ.get("CRYPTFUSE_TEST_SEED", random.randrange(1 << 32)))
-    print(f"seed {seed}")
-    rng = random.Random(seed)
+    rng = seeded_rng()
     for number in range(8):
         work = tmp_path / str(number)
         work.mkdir()

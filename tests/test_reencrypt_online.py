@@ -40,7 +40,7 @@ from test_e2e_mount import (  # noqa: F401 - fixtures
     stack,
     wait_gone,
 )
-from test_reencrypt import cryptsetup_checks, header_json
+from test_reencrypt import RANDOM_CIPHERS, cryptsetup_checks, header_json, seeded_rng
 
 from cryptfuse.formats import OpenOptions, Secret, manage, open_volume
 from cryptfuse.formats import luks2_reencrypt as reenc
@@ -188,19 +188,11 @@ def test_online_random_key_changes(cf: Cryptfuse, tmp_path: Path) -> None:  # no
     """Random old and new ciphers, key and sector sizes, resilience and hot zones, each
     reencrypted online under the writer; the seed is printed (``CRYPTFUSE_TEST_SEED``
     replays it)."""
-    seed = int(os.environ.get("CRYPTFUSE_TEST_SEED", random.randrange(1 << 32)))
-    print(f"seed {seed}")
-    rng = random.Random(seed)
-    ciphers = [
-        ("aes-xts-plain64", 256),
-        ("aes-xts-plain64", 512),
-        ("aes-cbc-essiv:sha256", 256),
-        ("aes-cbc-plain64", 128),
-    ]
+    rng = seeded_rng()
     for number in range(3):
         work = tmp_path / str(number)
         work.mkdir()
-        (old, old_bits), (new, new_bits) = rng.choice(ciphers), rng.choice(ciphers)
+        (old, old_bits), (new, new_bits) = rng.choice(RANDOM_CIPHERS), rng.choice(RANDOM_CIPHERS)
         sector = rng.choice([512, 4096])
         new_sector = rng.choice([sector, sector, 512, 1024, 4096])
         options = [
