@@ -10,7 +10,8 @@
  *
  *   chain modes  ecb, cbc, xts, ctr, lrw (lrw built here on the block cipher)
  *   IV modes     null, plain, plain64, plain64be, essiv (its key hash(subkey) given by
- *                the caller), benbi, lmk (loop-AES v2/v3), tcw (TrueCrypt < 4.1)
+ *                the caller), benbi, lmk (loop-AES v2/v3), tcw (TrueCrypt < 4.1), eboiv
+ *                (the byte offset encrypted with the data key; cbc and ctr)
  *
  * Speed.  libgcrypt 1.10 runs ECB and XTS one block at a time for every cipher but AES,
  * while its CBC and CFB *decryption* use the 8/16-way AVX2 code.  Both are turned into
@@ -40,7 +41,7 @@
 enum { CH_ECB = 0, CH_CBC = 1, CH_XTS = 2, CH_CTR = 3, CH_LRW = 4 };
 enum {
     IV_NULL = 0, IV_PLAIN = 1, IV_PLAIN64 = 2, IV_PLAIN64BE = 3, IV_ESSIV = 4, IV_BENBI = 5,
-    IV_LMK = 6, IV_TCW = 7, IV_NONE = 8
+    IV_LMK = 6, IV_TCW = 7, IV_NONE = 8, IV_EBOIV = 9
 };
 
 /* bytes of sectors one pass works on: small enough for the scratch to stay in cache */
@@ -332,12 +333,19 @@ static int gen_ivs(const EngineObject *e, slot_t *s, int k, uint64_t cc0, size_t
             put_be64(iv + bs - 8, (sec << (9 - log)) + 1);
             break;
         }
+        case IV_EBOIV: /* the byte offset dm-crypt computes (wraps like its u64) */
+            sec *= e->ss;
+            for (size_t b = 0; b < 8; b++)
+                iv[b] = (unsigned char)(sec >> (8 * b));
+            break;
         default:
             break;
         }
     }
     if (e->ivmode == IV_ESSIV)
         return ecb_encrypt(e, &s->essiv[k], ivs, ivs, n * bs, s->tmp);
+    if (e->ivmode == IV_EBOIV) /* encrypted with the data key itself */
+        return ecb_encrypt(e, &s->data[k], ivs, ivs, n * bs, s->tmp);
     return 0;
 }
 
@@ -694,12 +702,13 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "Engine: libgcrypt has no block cipher %s", algo_name);
         goto out;
     }
-    if (chain < CH_ECB || chain > CH_LRW || ivmode < IV_NULL || ivmode > IV_NONE
+    if (chain < CH_ECB || chain > CH_LRW || ivmode < IV_NULL || ivmode > IV_EBOIV
         || (sector_size != 512 && sector_size != 1024 && sector_size != 2048
             && sector_size != 4096)
         || iv_shift < 0 || iv_shift > 3 || ((chain == CH_XTS || chain == CH_LRW) && bs != 16)
         || ((chain == CH_ECB) != (ivmode == IV_NONE))
-        || ((ivmode == IV_LMK || ivmode == IV_TCW) && sector_size != 512)) {
+        || ((ivmode == IV_LMK || ivmode == IV_TCW) && sector_size != 512)
+        || (ivmode == IV_EBOIV && chain != CH_CBC && chain != CH_CTR)) {
         PyErr_SetString(PyExc_ValueError, "Engine: invalid mode, IV mode or geometry");
         goto out;
     }

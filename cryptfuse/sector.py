@@ -91,6 +91,7 @@ _GCRYPT_IVS = {
     "benbi": 5,
     "lmk": 6,
     "tcw": 7,
+    "eboiv": 9,
 }
 _GCRYPT_NO_IV = 8
 #: what the OpenSSL/numpy engine below serves (AES stays there: OpenSSL is fastest)
@@ -881,6 +882,11 @@ def _gcrypt_engine(
     openssl = _openssl_serves(spec, len(key))
     if spec.cipher == "aes" and openssl:
         return None
+    if spec.chainmode != "ecb" and spec.ivmode not in _GCRYPT_IVS:
+        if openssl:
+            return None
+        # BitLocker's Elephant diffuser (an AES key of its own)
+        raise UnsupportedError(f"cipher {spec}: iv mode {spec.ivmode!r} is supported with AES only")
     layout = spec.key_layout(len(key))
     assert layout is not None  # check_key_size passed
     part, extra_len = layout
@@ -908,10 +914,6 @@ def _gcrypt_engine(
         ivmode = _GCRYPT_NO_IV
     else:
         assert spec.ivmode is not None
-        if spec.ivmode not in _GCRYPT_IVS:  # BitLocker's eboiv/elephant: AES only here
-            raise UnsupportedError(
-                f"cipher {spec}: iv mode {spec.ivmode!r} is supported with AES only"
-            )
         ivmode = _GCRYPT_IVS[spec.ivmode]
         if spec.ivmode == "essiv":
             assert spec.ivopts is not None

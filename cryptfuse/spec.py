@@ -25,9 +25,11 @@ cast6, ...) raise :class:`UnsupportedError` naming the part.
 BitLocker's IVs (kernel 5.6+): ``eboiv`` encrypts the byte offset of the sector
 with the data key; ``elephant`` is eboiv plus the Elephant diffuser, whose AES key
 is the second half of the key (``aes-cbc-elephant`` takes 256, 384 or 512 bits).
-The kernel derives the eboiv IV through the chain mode itself; cryptfuse accepts
-both with ``cbc`` only (BitLocker's use) and refuses other chain modes as
-unsupported.
+Any block cipher takes ``eboiv`` with ``cbc`` (BitLocker's use), and with
+``ctr`` as cryptsetup's userspace crypto does (the offset through the cipher's
+ECB; dm-crypt itself refuses ``ctr`` there, its block size being 1); ``xts``
+and ``lrw``, where dm-crypt runs the offset through the whole chain mode, are
+refused as unsupported.  ``elephant`` is ``aes-cbc`` only.
 """
 
 from __future__ import annotations
@@ -170,9 +172,7 @@ class CipherSpec:
         """Raise :class:`UsageError` unless the whole key has a size this spec accepts."""
         if self.key_layout(key_bytes) is None:
             extra = self._extra_size() if self.chainmode != "ecb" else 0
-            allowed = ", ".join(
-                str((s * self.keycount + extra) * 8) for s in self.subkey_sizes()
-            )
+            allowed = ", ".join(str((s * self.keycount + extra) * 8) for s in self.subkey_sizes())
             raise UsageError(
                 f"key size {key_bytes * 8} bits is not valid for cipher {self} (allowed: {allowed})"
             )
@@ -251,7 +251,7 @@ def parse_cipher_spec(text: str) -> CipherSpec:
 
 def _check_bitlk_iv(iv: str, chain: str, keycount: int) -> None:
     """eboiv/elephant as dm-crypt takes them, limited to what cryptfuse implements."""
-    if chain != "cbc":
+    if chain not in ("cbc", "ctr") or (iv == "elephant" and chain != "cbc"):
         raise UnsupportedError(f"iv mode {iv!r} with chain mode {chain!r} is not supported")
     if iv == "elephant" and keycount != 1:
         raise UnsupportedError("iv mode 'elephant' with a key count is not supported")
