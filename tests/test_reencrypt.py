@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from seeding import seeded_rng
 from test_crash_safety import run_killed
 from test_interop_luks import independent_decrypt, run
 
@@ -173,14 +174,6 @@ RANDOM_CIPHERS = [
     ("aes-cbc-plain64", 128),
     ("aes-cbc-plain64", 256),
 ]
-
-
-def seeded_rng() -> random.Random:
-    """A generator for a random-parameter test: seeded anew each run (the seed is
-    printed), or from ``CRYPTFUSE_TEST_SEED`` to replay a failure."""
-    seed = int(os.environ.get("CRYPTFUSE_TEST_SEED", random.randrange(1 << 32)))
-    print(f"seed {seed}")
-    return random.Random(seed)
 
 
 def _random_case(rng: random.Random) -> dict[str, Any]:

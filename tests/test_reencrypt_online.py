@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from seeding import seeded_rng
 from test_e2e_mount import (  # noqa: F401 - fixtures
     Cryptfuse,
     Stack,
@@ -40,7 +41,7 @@ from test_e2e_mount import (  # noqa: F401 - fixtures
     stack,
     wait_gone,
 )
-from test_reencrypt import RANDOM_CIPHERS, cryptsetup_checks, header_json, seeded_rng
+from test_reencrypt import RANDOM_CIPHERS, cryptsetup_checks, header_json
 
 from cryptfuse.formats import OpenOptions, Secret, manage, open_volume
 from cryptfuse.formats import luks2_reencrypt as reenc
