@@ -144,7 +144,7 @@ def data_area(img: Path, luks: str) -> bytes:
     return img.read_bytes()[data_offset(luks) :]
 
 
-OPERATIONS = ["add-key", "change-key", "remove-key", "kill-slot", "uuid"]
+OPERATIONS = ["add-key", "change-key", "change-key-slot", "remove-key", "kill-slot", "uuid"]
 
 
 def make_action(op: str, img: str, kdf: KdfOptions) -> Callable[[], object]:
@@ -152,6 +152,8 @@ def make_action(op: str, img: str, kdf: KdfOptions) -> Callable[[], object]:
         return lambda: manage.add_key(img, A, C, kdf=kdf)
     if op == "change-key":
         return lambda: manage.change_key(img, B, C, kdf=kdf)
+    if op == "change-key-slot":  # keeps B's slot number
+        return lambda: manage.change_key(img, B, C, kdf=kdf, key_slot=1)
     if op == "remove-key":
         return lambda: manage.remove_key(img, B, confirm_last=lambda _: False)
     if op == "kill-slot":
@@ -171,7 +173,7 @@ def test_crash_at_every_write(base: tuple[str, Path], op: str, tmp_path: Path) -
     # the completed operation's end state
     assert opens(img, A)
     expect_b = op in ("add-key", "uuid")
-    expect_c = op in ("add-key", "change-key")
+    expect_c = op in ("add-key", "change-key", "change-key-slot")
     assert opens(img, B) == expect_b and opens(img, C) == expect_c
     checked = 0
     for kill_at, kind in enumerate(events, 1):
@@ -180,7 +182,7 @@ def test_crash_at_every_write(base: tuple[str, Path], op: str, tmp_path: Path) -
             shutil.copyfile(source, img)
             assert run_killed(make_action(op, str(img), kdf), kill_at, torn) == "killed"
             assert opens(img, A), f"{op}: untouched keyslot lost (event {kill_at}, torn={torn})"
-            if op == "change-key":
+            if op.startswith("change-key"):
                 assert opens(img, B) or opens(img, C), (
                     f"change-key lost both passphrases at event {kill_at}"
                 )

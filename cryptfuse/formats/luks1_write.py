@@ -183,6 +183,16 @@ def _record_offset(index: int) -> int:
     return KEYSLOT_RECORD_OFFSET + index * _KEYSLOT.size
 
 
+def derive_keyslot_key(
+    header: LUKS1Header, passphrase: bytes, params: KdfParams
+) -> tuple[bytes, bytes]:
+    """A fresh salt and the key PBKDF2 derives from *passphrase* with it."""
+    if params.type != "pbkdf2":
+        raise UsageError("LUKS1 keyslots use PBKDF2 only (--pbkdf pbkdf2).")
+    salt = os.urandom(SALT_SIZE)
+    return salt, derive(replace(params, hash=header.hash_spec), passphrase, salt, header.key_bytes)
+
+
 def set_keyslot(
     fd: int,
     header: LUKS1Header,
@@ -190,8 +200,12 @@ def set_keyslot(
     volume_key: bytes,
     passphrase: bytes,
     params: KdfParams,
+    *,
+    salted_key: tuple[bytes, bytes] | None = None,
 ) -> LUKS1Header:
-    """Store *volume_key* under *passphrase* in the disabled keyslot *index*.
+    """Store *volume_key* under *passphrase* in the disabled keyslot *index*
+    (*salted_key*: a salt and derived key from :func:`derive_keyslot_key`, to
+    reuse one derivation).
 
     Order: material (durable) -> parameters with the slot still disabled
     (durable) -> the ``active`` word (durable).
@@ -204,8 +218,7 @@ def set_keyslot(
     if old.enabled:
         raise CryptfuseError(f"Key slot {index} is full, please select another one.")
     spec = header.cipher_spec
-    salt = os.urandom(SALT_SIZE)
-    derived = derive(replace(params, hash=header.hash_spec), passphrase, salt, header.key_bytes)
+    salt, derived = salted_key or derive_keyslot_key(header, passphrase, params)
     material = encrypt_keyslot_material(volume_key, STRIPES, header.hash_spec, spec, derived)
     pwrite_all(fd, material, old.key_material_offset * 512, f"keyslot {index} key material")
     sync(fd)

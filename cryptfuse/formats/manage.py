@@ -40,7 +40,14 @@ from ..volume import Volume, device_size, open_device
 from . import detect_type
 from .luks1 import NUM_KEYSLOTS as LUKS1_SLOTS
 from .luks1 import LUKS1Header, read_luks1_header
-from .luks1_write import clear_keyslot, format_luks1, luks1_layout, set_keyslot, write_uuid
+from .luks1_write import (
+    clear_keyslot,
+    derive_keyslot_key,
+    format_luks1,
+    luks1_layout,
+    set_keyslot,
+    write_uuid,
+)
 from .luks2 import NUM_KEYSLOTS as LUKS2_SLOTS
 from .luks2 import PRIORITY_HIGH, PRIORITY_IGNORE, LUKS2Header, _is_backup, read_luks2_header
 from .luks2_write import Luks2Writer, build_metadata, luks2_layout
@@ -633,7 +640,9 @@ def change_key(
     """Replace the passphrase of the keyslot *old* opens (``luksChangeKey``); return the new slot.
 
     LUKS1: the new keyslot goes to a free slot number (then the old slot is
-    wiped), as cryptsetup does.  LUKS2 keeps the number, as cryptsetup 2.6.1
+    wiped), as cryptsetup does; with *key_slot* it then moves back to the old
+    number (stored there again, the free slot wiped), where cryptsetup
+    overwrites the slot in place.  LUKS2 keeps the number, as cryptsetup 2.6.1
     does (it stores the new keyslot under a free number, then swaps the two):
     the new material goes to a free area under a free number and is committed
     with the old one still there, then takes the old number in a second
@@ -685,9 +694,21 @@ def change_key(
                 "All key slots full: LUKS1 cannot change a key in place safely; "
                 "remove another keyslot first."
             )
-        hdr = set_keyslot(h.header_fd, hdr, free_slots[0], volume_key, new, params)
-        clear_keyslot(h.header_fd, hdr, old_slot)
-        return free_slots[0]
+        salted_key = derive_keyslot_key(hdr, new, params)  # one PBKDF2 run for both stores
+        hdr = set_keyslot(
+            h.header_fd, hdr, free_slots[0], volume_key, new, params, salted_key=salted_key
+        )
+        hdr = clear_keyslot(h.header_fd, hdr, old_slot)
+        if key_slot is None:
+            return free_slots[0]
+        # --key-slot N keeps N, as cryptsetup does (it overwrites N in place): the new
+        # passphrase, safe in the free slot, is stored again under N, then the free
+        # slot is cleared.  At every instant one complete slot holds a passphrase.
+        hdr = set_keyslot(
+            h.header_fd, hdr, old_slot, volume_key, new, params, salted_key=salted_key
+        )
+        clear_keyslot(h.header_fd, hdr, free_slots[0])
+        return old_slot
 
 
 # -- UUID, is-luks -------------------------------------------------------------------------------
