@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from seeding import seeded_rng
 
 from cryptfuse.cli import main
 from cryptfuse.formats import OpenOptions, Secret, open_volume
@@ -426,3 +427,91 @@ def test_format_layout_like_cryptsetup(
     )
     changed = "keyslots area size changed" in cs.stdout + cs.stderr
     assert changed == ("keyslots area size changed" in caplog.text)
+
+
+#: cryptsetup's command for each of ours that test_random_keyslot_commands runs
+KEYSLOT_COMMANDS = {
+    "add-key": "luksAddKey",
+    "change-key": "luksChangeKey",
+    "kill-slot": "luksKillSlot",
+    "remove-key": "luksRemoveKey",
+}
+
+
+def masked_dump(img: Path, layout: bool = True) -> str:
+    """luksDump without what differs between two runs of the same commands: the
+    file name, salts and digests (random); without *layout*, the LUKS2 epoch and
+    keyslot area offsets too."""
+    out = []
+    masked = ("Salt", "Digest", "MK salt", "MK digest") + ((), ("Epoch", "Area offset"))[not layout]
+    for line in luks_dump_ok(img).replace(str(img), "IMG").splitlines():
+        if line.strip().split(":")[0] in masked:
+            line = line.split(":")[0] + ": X"
+        elif re.fullmatch(r"\s+([0-9a-f]{2} )*[0-9a-f]{2}\s*", line):
+            line = "X"
+        out.append(line)
+    return "\n".join(out)
+
+
+def unlocked_slot(img: Path, key: str) -> str:
+    out = subprocess.run(
+        [CRYPTSETUP or "", "open", "--test-passphrase", "-v", str(img), "-d", key],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return re.findall(r"Key slot (\d+) unlocked", out)[0]
+
+
+@needs_cryptsetup
+def test_random_keyslot_commands(tmp_path: Path) -> None:
+    """Random sequences of add-key/change-key/kill-slot/remove-key (with and without
+    --key-slot, right and wrong passphrases) on two copies of a cryptsetup-made
+    container, one through cryptfuse and one through cryptsetup: after every step
+    both succeeded or both failed, and luksDump shows the same keyslots.
+
+    LUKS2 ``change-key --key-slot N`` differs on purpose (docs/keyslots.md):
+    cryptsetup wipes N first and rewrites it in the first free area; cryptfuse
+    writes the new keyslot beside it first. From there on the areas and the epoch
+    are not compared."""
+    rng = seeded_rng()
+    keys = [
+        keyfile(tmp_path, f"k{i}", f"pass-{i}-{rng.randrange(10**6)}".encode()) for i in range(5)
+    ]
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    for _ in range(6):
+        luks = rng.choice(["luks1", "luks2"])
+        slots = 8 if luks == "luks1" else 32
+        with open(theirs, "wb") as f:
+            f.truncate(20 << 20)
+        first = ["--key-slot", str(rng.randrange(8))] if rng.random() < 0.3 else []
+        subprocess.run([CRYPTSETUP or "", "luksFormat", "--type", luks, "-q", *CHEAP_PBKDF2,
+                        "-d", keys[0], *first, str(theirs)], check=True)  # fmt: skip
+        shutil.copyfile(theirs, ours)
+        history = [f"{luks} {first}"]
+        layout = True
+        for _ in range(rng.randrange(3, 8)):
+            command = rng.choice(["add-key", "add-key", "change-key", "kill-slot", "remove-key"])
+            working = [k for k in keys if test_passphrase(theirs, k)]
+            key = rng.choice(working if working and rng.random() < 0.85 else keys)
+            new = rng.choice(keys)
+            slot = ["--key-slot", str(rng.randrange(slots))] if rng.random() < 0.4 else []
+            if slot and key in working and rng.random() < 0.7:  # the slot the key opens
+                slot[1] = unlocked_slot(theirs, key)
+            if command in ("add-key", "change-key"):
+                args = [*CHEAP_PBKDF2, "-d", key, *slot, "IMG", new]
+            elif command == "kill-slot":
+                given = ["-d", key] if rng.random() < 0.5 else []
+                args = [*given, "IMG", str(rng.randrange(slots))]
+            else:
+                args = ["IMG", key]
+            history.append(f"{command} {' '.join(args)}")
+            code = cf(command, "-q", *(str(ours) if a == "IMG" else a for a in args))
+            theirs_code = subprocess.run(
+                [CRYPTSETUP or "", KEYSLOT_COMMANDS[command], "-q",
+                 *(str(theirs) if a == "IMG" else a for a in args)],
+                capture_output=True, check=False,
+            ).returncode  # fmt: skip
+            assert (code == 0) == (theirs_code == 0), f"{history}: {code} vs {theirs_code}"
+            layout &= not (luks == "luks2" and command == "change-key" and slot and code == 0)
+            assert masked_dump(ours, layout) == masked_dump(theirs, layout), history
+        for k in keys:
+            assert test_passphrase(ours, k) == test_passphrase(theirs, k), (history, k)

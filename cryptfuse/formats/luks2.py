@@ -1132,7 +1132,8 @@ class LUKS2Header:
         """Find the keyslot that *passphrase* opens; return ``(slot, volume key)``.
 
         Without *key_slot*, keyslots bound to the data segment are tried by
-        priority (high, then normal; priority 0 only when named).  With
+        priority (high, then normal; priority 0 only when named), each in JSON
+        order (cryptsetup's: which slot opens matters where a passphrase is in two).  With
         *any_segment* (cryptsetup's ``--test-passphrase``), the data segment is
         not consulted: every ``luks2`` keyslot counts, checked against its own
         digest, so unlocking also works where opening is refused.
@@ -1170,10 +1171,8 @@ class LUKS2Header:
                 )
             candidates = [slot]
         else:
-            usable = [
-                s
-                for i, s in sorted(slots.items())
-                if s.type == "luks2" and digest_for(i) is not None
+            usable = [  # in JSON order, as cryptsetup tries them
+                s for i, s in slots.items() if s.type == "luks2" and digest_for(i) is not None
             ]
             candidates = [s for s in usable if s.priority == PRIORITY_HIGH]
             candidates += [s for s in usable if s.priority == PRIORITY_NORMAL]

@@ -1998,8 +1998,7 @@ def _reencrypt_keyslot(
         "mode": mode,
         "direction": direction,
         "priority": 0,
-    }
-    obj["keyslots"] = {k: obj["keyslots"][k] for k in sorted(obj["keyslots"], key=int)}
+    }  # at the end of the JSON object, as cryptsetup adds it
     return slot
 
 

@@ -250,10 +250,6 @@ def _kdf_json(params: KdfParams, salt: bytes) -> dict[str, Any]:
     }
 
 
-def _sorted_object(obj: dict[str, Any]) -> dict[str, Any]:
-    return {k: obj[k] for k in sorted(obj, key=int)}
-
-
 class Luks2Writer:
     """The metadata of one LUKS2 header device, and the commits that change it.
 
@@ -447,11 +443,13 @@ class Luks2Writer:
         }
         if old is not None and "priority" in old:
             slot["priority"] = old["priority"]
+        # JSON order is cryptsetup's (json-c keeps insertion order): a keyslot and its
+        # digest binding go at the end, a replaced one too (cryptsetup destroys it and
+        # stores it anew).  cryptsetup tries keyslots in this order when unlocking.
+        self.obj["keyslots"].pop(key, None)
         self.obj["keyslots"][key] = slot
-        self.obj["keyslots"] = _sorted_object(self.obj["keyslots"])
         bound = self.obj["digests"][digest if digest is not None else self.digest_for_segment()]
-        if key not in bound["keyslots"]:
-            bound["keyslots"] = sorted([*bound["keyslots"], key], key=int)
+        bound["keyslots"] = [k for k in bound["keyslots"] if k != key] + [key]
         return old_area
 
     def wipe_keyslot(self, index: int) -> None:
@@ -489,8 +487,8 @@ class Luks2Writer:
             replacement["priority"] = old["priority"]
         else:
             replacement.pop("priority", None)
+        del keyslots[str(dst)]  # re-added at the end, as cryptsetup's swap does
         keyslots[str(dst)] = replacement
-        self.obj["keyslots"] = _sorted_object(keyslots)
         self._unbind_keyslot(str(src))
         return int(old["area"]["offset"]), int(old["area"]["size"])
 
