@@ -886,6 +886,24 @@ def test_cli_encrypt_then_decrypt(tmp_path: Path) -> None:
     assert proc.returncode == 1 and b"--reduce-device-size" in proc.stderr
 
 
+@pytest.mark.parametrize("tool", ["cryptfuse", "cryptsetup"])
+def test_decrypt_with_several_keyslots_needs_no_key_slot(tmp_path: Path, tool: str) -> None:
+    """Unlike a key change, a decryption makes no new keyslots: cryptsetup 2.6.1 takes
+    any passphrase without --key-slot (both ways of decrypting), and so does cryptfuse."""
+    img, key, data = make(tmp_path, data_mib=3)
+    second = tmp_path / "second"
+    second.write_bytes(b"another passphrase")
+    run("cryptsetup", "luksAddKey", "-q", *FAST_KDF, "--key-file", str(key), str(img), str(second))
+    hdr = tmp_path / "exported.hdr"
+    args = ["reencrypt", "--decrypt", "--header", str(hdr), "--key-file", str(second), "-q"]
+    if tool == "cryptfuse":
+        proc = cli(*args, str(img))
+        assert proc.returncode == 0, proc.stderr
+    else:
+        run("cryptsetup", *args, "--force-offline-reencrypt", str(img))
+    assert img.read_bytes()[: len(data)] == data
+
+
 def _is_luks2(path: Path) -> bool:
     if not path.exists():
         return False

@@ -2212,7 +2212,6 @@ def initialize_decrypt(
                 # an exported header whose decryption did not start yet (interrupted
                 # initialization, or a detached header with a data offset): move the
                 # data back by the offset, as after the export
-                _single_slot(header, bound.keyslots, key_slot)
                 _, old_key = header.unlock(h.header_fd, passphrase, key_slot)
                 if keys_out is not None:
                     keys_out[bound.index] = old_key
@@ -2227,7 +2226,6 @@ def initialize_decrypt(
                     wipe=header.binary.hdr_size,
                 )
                 return
-            _single_slot(header, bound.keyslots, key_slot)
             _, old_key = header.unlock(h.header_fd, passphrase, key_slot)
             if keys_out is not None:
                 keys_out[bound.index] = old_key
@@ -2262,7 +2260,6 @@ def initialize_decrypt(
             )
         seg, _, bound = header.data_segment()
         _no_iv_tweak(seg)
-        _single_slot(header, bound.keyslots, key_slot)
         _, old_key = header.unlock(h.data_fd, passphrase, key_slot)
         if keys_out is not None:
             keys_out[bound.index] = old_key
@@ -2372,14 +2369,6 @@ def _no_iv_tweak(seg: Any) -> None:
         raise UnsupportedError(
             f"The data segment's IVs start at sector {seg.iv_tweak}, not 0; neither cryptsetup "
             "2.6 nor cryptfuse can reencrypt such a segment correctly."
-        )
-
-
-def _single_slot(header: LUKS2Header, slots: tuple[int, ...], key_slot: int | None) -> None:
-    usable = [k for k in slots if header.metadata.keyslots[k].type == "luks2"]
-    if key_slot is None and len(usable) > 1:
-        raise UsageError(
-            "Key file can be used only with --key-slot or with exactly one key slot active."
         )
 
 
