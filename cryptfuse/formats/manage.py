@@ -930,6 +930,8 @@ def header_backup(path: str, backup_file: str, *, header: str | None = None) -> 
         hdr = _read(h)
         size = _backup_size(hdr)
         data = pread_exact(h.header_fd, size, 0, "LUKS header and keyslots")
+    if isinstance(hdr, LUKS1Header):
+        data = _luks1_backup_image(hdr, data)
     try:
         fd = os.open(backup_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
     except FileExistsError:
@@ -946,6 +948,18 @@ def header_backup(path: str, backup_file: str, *, header: str | None = None) -> 
         os.unlink(backup_file)
         raise
     os.close(fd)
+
+
+def _luks1_backup_image(hdr: LUKS1Header, data: bytes) -> bytes:
+    """cryptsetup's LUKS1 backup file: the header and keyslots, the gap between its
+    header struct (1024 bytes: the 592 of the format and its padding) and the first
+    keyslot zeroed (no old signatures) where that keyslot is at 4 KiB, padded with
+    zeros to a multiple of 4 KiB (``LUKS_hdr_backup``)."""
+    image = bytearray(data)
+    if hdr.keyslots[0].key_material_offset * 512 == 4096:
+        image[1024:4096] = bytes(4096 - 1024)
+    image += bytes(-len(image) % 4096)
+    return bytes(image)
 
 
 def _read_backup(backup_file: str) -> tuple[bytes, LUKS1Header | LUKS2Header]:
