@@ -434,7 +434,8 @@ def uuid_command(argv: Sequence[str]) -> int:
 
 
 def is_luks_command(argv: Sequence[str]) -> int:
-    """``cryptfuse is-luks CONTAINER`` (``cryptsetup isLuks``): exit 0 or 1, silently."""
+    """``cryptfuse is-luks CONTAINER`` (``cryptsetup isLuks``): exit 0 or 1, silently
+    (a missing or unreadable device: an error, exit 4)."""
     p = _parser("is-luks", "[--type luks1|luks2] CONTAINER", "Exit 0 if CONTAINER is LUKS.")
     p.add_argument("container", metavar="CONTAINER")
     p.add_argument("--type", "-M", choices=("luks", "luks1", "luks2"))

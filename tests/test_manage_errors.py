@@ -163,6 +163,9 @@ def test_is_luks(img: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["is-luks", "--type", kind, str(img)]) == 0
     assert main(["is-luks", "--type", other, str(img)]) == 1
     assert capsys.readouterr() == ("", "")
+    # cryptsetup isLuks: a device that is not there is an error (4), not "no"
+    code, err = run(capsys, "is-luks", str(img.parent / "missing"))
+    assert code == 4 and "does not exist" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unsupported_cipher_and_options(

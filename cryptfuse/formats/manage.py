@@ -735,9 +735,13 @@ def set_uuid(path: str, new_uuid: str | None, header: str | None = None) -> str:
 
 
 def is_luks(path: str, luks_type: str | None = None) -> bool:
-    """True when *path* holds a LUKS header (of *luks_type*, if given)."""
+    """True when *path* holds a LUKS header (of *luks_type*, if given).  A device
+    that is missing or cannot be read raises :class:`DeviceError` (cryptsetup's
+    isLuks exits 4 there, not 1)."""
     try:
         found = detect_type(path)
+    except DeviceError:
+        raise
     except CryptfuseError:
         return False
     if found is None:
