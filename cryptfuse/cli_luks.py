@@ -95,6 +95,8 @@ def _kdf_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pbkdf-force-iterations", type=nonneg, metavar="N", help="fixed cost, no benchmark"
     )
+    g.add_argument("--keyslot-cipher", metavar="SPEC", help="LUKS2: the new keyslot's area cipher")
+    g.add_argument("--keyslot-key-size", type=nonneg, metavar="BITS", help="with --keyslot-cipher")
     g.add_argument("--new-keyfile-offset", type=nonneg, default=0, metavar="BYTES")
     g.add_argument("--new-keyfile-size", type=nonneg, metavar="BYTES")
 
@@ -107,6 +109,8 @@ def _kdf(args: argparse.Namespace) -> KdfOptions:
         memory_kib=args.pbkdf_memory,
         parallel=args.pbkdf_parallel,
         force_iterations=args.pbkdf_force_iterations,
+        keyslot_cipher=args.keyslot_cipher,
+        keyslot_key_bits=args.keyslot_key_size,
     )
 
 

@@ -13,10 +13,12 @@ import os
 import re
 import shutil
 import subprocess
+import uuid as uuidlib
 from pathlib import Path
 
 import pytest
 from seeding import seeded_rng
+from test_interop_random import random_cipher
 
 from cryptfuse.cli import main
 from cryptfuse.formats import OpenOptions, Secret, open_volume
@@ -504,7 +506,19 @@ def test_random_keyslot_commands(tmp_path: Path) -> None:
             if slot and key in working and rng.random() < 0.7:  # the slot the key opens
                 slot[1] = unlocked_slot(theirs, key)
             if command in ("add-key", "change-key"):
-                args = [*CHEAP_PBKDF2, "-d", key, *slot, "IMG", new]
+                area = rng.choice(
+                    [
+                        [],
+                        [],
+                        [
+                            "--keyslot-cipher",
+                            "aes-cbc-plain64",
+                            "--keyslot-key-size",
+                            rng.choice(["128", "256"]),
+                        ],
+                    ]
+                )
+                args = [*CHEAP_PBKDF2, *area, "-d", key, *slot, "IMG", new]
             elif command == "kill-slot":
                 given = ["-d", key] if rng.random() < 0.5 else []
                 args = [*given, "IMG", str(rng.randrange(slots))]
@@ -522,3 +536,60 @@ def test_random_keyslot_commands(tmp_path: Path) -> None:
             assert masked_dump(ours, layout) == masked_dump(theirs, layout), history
         for k in keys:
             assert test_passphrase(ours, k) == test_passphrase(theirs, k), (history, k)
+
+
+@needs_cryptsetup
+def test_random_format_like_cryptsetup(tmp_path: Path) -> None:
+    """``format`` and ``luksFormat`` with the same random options (cipher, key size,
+    hash, KDF and its costs, sector size, header and keyslot-area sizes, offset,
+    label, keyslot cipher, keyslot number, UUID): both succeed or both refuse, and
+    luksDump shows the same header but for the random salts and digests."""
+    rng = seeded_rng()
+    key = keyfile(tmp_path, "k", b"passphrase")
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    for _ in range(10):
+        luks = rng.choice(["luks1", "luks2"])
+        cipher, key_bits = random_cipher(rng)
+        options = ["--cipher", cipher, "--key-size", str(key_bits), "--uuid", str(uuidlib.uuid4())]
+        if rng.random() < 0.5:
+            options += ["--hash", rng.choice(["sha1", "sha256", "sha512", "ripemd160"])]
+        if luks == "luks1":
+            options += ["--pbkdf-force-iterations", "1000"]
+        else:
+            kdf = rng.choice(["pbkdf2", "argon2i", "argon2id"])
+            options += [
+                "--pbkdf",
+                kdf,
+                "--pbkdf-force-iterations",
+                "1000" if kdf == "pbkdf2" else "4",
+            ]
+            if kdf != "pbkdf2":
+                options += ["--pbkdf-memory", str(rng.choice([0, 20, 32, 1024])),
+                            "--pbkdf-parallel", str(rng.choice([0, 1, 2, 4, 8]))]  # fmt: skip
+            if rng.random() < 0.5:
+                options += ["--sector-size", str(rng.choice([512, 1024, 2048, 4096]))]
+            if rng.random() < 0.4:
+                options += ["--luks2-metadata-size", rng.choice(["16k", "64k", "512k", "4m"])]
+            if rng.random() < 0.4:
+                options += ["--luks2-keyslots-size", rng.choice(["1m", "3m", "16m"])]
+            if rng.random() < 0.3:
+                options += ["--label", f"l{rng.randrange(99)}", "--subsystem", "s"]
+            if rng.random() < 0.3:
+                options += ["--keyslot-cipher", "aes-cbc-essiv:sha256", "--keyslot-key-size", "256"]
+        if rng.random() < 0.4:
+            options += ["--offset", str(rng.choice([4096, 8192, 10000, 32768, 32770, 65536]))]
+        if rng.random() < 0.3:
+            options += ["--key-slot", str(rng.randrange(8))]
+        for img in (ours, theirs):
+            img.unlink(missing_ok=True)
+            with open(img, "wb") as f:
+                f.truncate(48 << 20)
+        code = cf("format", "--type", luks, "-q", "-d", key, *options, str(ours))
+        theirs_code = subprocess.run(
+            [CRYPTSETUP or "", "luksFormat", "--type", luks, "-q", "-d", key, *options,
+             str(theirs)], capture_output=True, check=False,
+        ).returncode  # fmt: skip
+        case = f"{luks} {' '.join(options)}"
+        assert (code == 0) == (theirs_code == 0), f"{case}: {code} {theirs_code}"
+        if code == 0:
+            assert masked_dump(ours) == masked_dump(theirs), case

@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _fastpath = None  # type: ignore[assignment]
 from .luks2 import MAX_KEYSLOTS_SIZE, PRIORITY_HIGH, PRIORITY_NORMAL, LUKS2Header, read_luks2_header
 from .luks2_write import (
+    FORMAT_EPOCH,
     KEYSLOT_CIPHER,
     KEYSLOT_KEY_BYTES,
     SALT_SIZE,
@@ -74,7 +75,7 @@ from .luks2_write import (
     luks2_layout,
 )
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
-from .luks_write import KdfParams, sync, wipe_area
+from .luks_write import KdfParams, check_data_offset, sync, wipe_area
 
 __all__ = [
     "REQUIREMENT",
@@ -2055,6 +2056,7 @@ def initialize_encrypt(
     those two, as with cryptsetup, the device is neither plaintext nor LUKS2 (its
     first chunk is intact in the copy at the end).  Returns the new keyslot.
     """
+    check_data_offset(options.offset)
     spec = parse_cipher_spec(options.cipher)
     if options.key_size % 8:
         raise UsageError("Key size must be a multiple of 8 bits.")
@@ -2135,8 +2137,14 @@ def initialize_encrypt(
             segs = [*live, _flagged(linear_segment(data_offset, None), "backup-previous"), final]
         obj["segments"] = {str(i): seg for i, seg in enumerate(segs)}
         obj["digests"]["0"]["segments"] = [str(len(segs) - 1)]
-        writer = Luks2Writer.new(
-            h.header_fd, obj, layout, label="", subsystem="", uuid=options.uuid
+        writer = Luks2Writer.new(  # cryptsetup formats (epoch 3), then starts (4)
+            h.header_fd,
+            obj,
+            layout,
+            label="",
+            subsystem="",
+            uuid=options.uuid,
+            epoch=FORMAT_EPOCH + 1,
         )
         resilience = "datashift" if shift else options.resilience
         rslot_hint = options.key_slot

@@ -24,6 +24,7 @@ import base64
 import copy
 import hashlib
 import json
+import logging
 import os
 import struct
 import uuid as uuidlib
@@ -47,6 +48,8 @@ from .luks2 import (
 )
 from .luks_common import pread_exact
 from .luks_write import KdfParams, derive, encrypt_keyslot_material, pwrite_all, sync, wipe_area
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_METADATA_SIZE",
@@ -139,8 +142,26 @@ class Luks2Layout:
     data_offset: int
 
 
+#: cryptsetup warns below this keyslots area size (4 MiB minus two 16 KiB headers)
+SMALL_KEYSLOTS_SIZE = 0x400000 - 2 * 0x4000
+
+
 def luks2_layout(
     *, metadata_size: int | None, keyslots_size: int | None, offset: int | None, detached: bool
+) -> Luks2Layout:
+    """:func:`_layout`, with cryptsetup's warning when few keyslots fit."""
+    layout = _layout(metadata_size, keyslots_size, offset, detached)
+    if layout.keyslots_size < SMALL_KEYSLOTS_SIZE:
+        _log.warning(
+            "WARNING: keyslots area (%d bytes) is very small, available LUKS2 keyslot "
+            "count is very limited.",
+            layout.keyslots_size,
+        )
+    return layout
+
+
+def _layout(
+    metadata_size: int | None, keyslots_size: int | None, offset: int | None, detached: bool
 ) -> Luks2Layout:
     """cryptsetup's LUKS2 layout (``LUKS2_generate_hdr``), all sizes in bytes.
 
@@ -250,6 +271,12 @@ def _kdf_json(params: KdfParams, salt: bytes) -> dict[str, Any]:
     }
 
 
+#: the epoch (seqid) of a header fresh from cryptsetup 2.6.1's luksFormat: it writes
+#: the header, then again with the keyslot, then with the keyslot bound to the digest.
+#: cryptfuse writes it once, with this seqid, so that dumps of the two agree
+FORMAT_EPOCH = 3
+
+
 class Luks2Writer:
     """The metadata of one LUKS2 header device, and the commits that change it.
 
@@ -335,14 +362,16 @@ class Luks2Writer:
         label: str,
         subsystem: str,
         uuid: str | None,
+        epoch: int = FORMAT_EPOCH,
     ) -> Luks2Writer:
-        """A writer for a container being formatted (the first commit writes seqid 1)."""
+        """A writer for a container being formatted: its first commit writes seqid
+        *epoch* (cryptsetup's luksFormat leaves 3, see :data:`FORMAT_EPOCH`)."""
         text_uuid = str(uuidlib.UUID(uuid)) if uuid else str(uuidlib.uuid4())
         return cls(
             fd,
             obj,
             hdr_size=layout.metadata_size,
-            seqid=0,
+            seqid=epoch - 1,
             label=label,
             subsystem=subsystem,
             uuid=text_uuid,

@@ -39,7 +39,8 @@ Progress = Callable[[str, float], None]
 #: cryptsetup's lower bounds (LUKS_SLOT_ITERATIONS_MIN / LUKS_MKD_ITERATIONS_MIN)
 PBKDF2_MIN_ITERATIONS = 1000
 #: cryptsetup's Argon2 defaults: 1 GiB at most, 4 lanes at most, >= 4 passes
-ARGON2_MAX_MEMORY_KIB = 1024 * 1024
+ARGON2_MAX_MEMORY_KIB = 1024 * 1024  # cryptsetup's default
+ARGON2_LIMIT_MEMORY_KIB = 4 * 1024 * 1024  # the most cryptsetup accepts
 ARGON2_MIN_MEMORY_KIB = 32
 ARGON2_MIN_TIME = 4
 ARGON2_MAX_PARALLEL = 4
@@ -120,6 +121,13 @@ def pbkdf2_per_second(hash_name: str, key_length: int = 32) -> int:
         iterations *= 2 if elapsed < 0.05 else max(2, int(0.3 / max(elapsed, 1e-6)))
 
 
+def check_data_offset(offset: int | None) -> None:
+    """An explicit ``--offset`` (here in bytes) must be a multiple of 4096 bytes, as
+    cryptsetup's ``crypt_set_data_offset`` demands."""
+    if offset is not None and offset % 4096:
+        raise UsageError("Data offset is not multiple of 4096 bytes.")
+
+
 def benchmark_kdf(
     kind: str,
     hash_name: str,
@@ -152,9 +160,11 @@ def benchmark_kdf(
         raise UsageError(f"Unknown PBKDF type {kind}.")
     lanes = parallel if parallel is not None else min(ARGON2_MAX_PARALLEL, os.cpu_count() or 1)
     cap = max_memory_kib if max_memory_kib is not None else ARGON2_MAX_MEMORY_KIB
-    cap = max(ARGON2_MIN_MEMORY_KIB, min(cap, available_memory_kib() // 2))
+    # a requested maximum below 32 KiB is kept, as cryptsetup keeps it (Argon2 itself
+    # needs 8 KiB per thread)
+    cap = max(8 * lanes, min(cap, max(ARGON2_MIN_MEMORY_KIB, available_memory_kib() // 2)))
     target = iter_time_ms / 1000.0
-    t_cost, memory = ARGON2_MIN_TIME, max(ARGON2_MIN_MEMORY_KIB, 8 * lanes)
+    t_cost, memory = ARGON2_MIN_TIME, min(cap, max(ARGON2_MIN_MEMORY_KIB, 8 * lanes))
     for step in range(20):
         if progress:
             progress(f"Benchmarking {kind}", min(1.0, step / 10))
@@ -174,7 +184,7 @@ def benchmark_kdf(
             t_cost = new_t
         else:
             if memory > ARGON2_MIN_MEMORY_KIB and t_cost <= ARGON2_MIN_TIME:
-                memory = max(ARGON2_MIN_MEMORY_KIB, 8 * lanes, int(memory * ratio))
+                memory = max(min(cap, ARGON2_MIN_MEMORY_KIB), 8 * lanes, int(memory * ratio))
             elif t_cost > ARGON2_MIN_TIME:
                 t_cost = max(ARGON2_MIN_TIME, int(t_cost * ratio))
             else:

@@ -33,7 +33,7 @@ from ..errors import (
     UsageError,
     WrongPassphraseError,
 )
-from ..kdf import hash_size
+from ..kdf import available_memory_kib, hash_size
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import CipherSpec, parse_cipher_spec
 from ..volume import Volume, device_size, open_device
@@ -51,15 +51,18 @@ from .luks1_write import (
 from .luks2 import NUM_KEYSLOTS as LUKS2_SLOTS
 from .luks2 import PRIORITY_HIGH, PRIORITY_IGNORE, LUKS2Header, _is_backup, read_luks2_header
 from .luks2_write import Luks2Writer, build_metadata, luks2_layout
-from .luks_common import pread_exact
+from .luks_common import luks_cipher_spec, pread_exact
 from .luks_write import (
+    ARGON2_LIMIT_MEMORY_KIB,
     ARGON2_MAX_MEMORY_KIB,
     ARGON2_MAX_PARALLEL,
+    ARGON2_MIN_MEMORY_KIB,
     DIGEST_ITERATION_MS,
     PBKDF2_MIN_ITERATIONS,
     KdfParams,
     Progress,
     benchmark_kdf,
+    check_data_offset,
     pbkdf2_per_second,
     pwrite_all,
     sync,
@@ -106,6 +109,10 @@ class KdfOptions:
     memory_kib: int | None = None
     parallel: int | None = None
     force_iterations: int | None = None
+    #: ``--keyslot-cipher`` / ``--keyslot-key-size`` (bits): a new LUKS2 keyslot's area
+    #: encryption (default: the data segment's cipher with the volume key's size)
+    keyslot_cipher: str | None = None
+    keyslot_key_bits: int | None = None
 
 
 def resolve_kdf(
@@ -122,10 +129,16 @@ def resolve_kdf(
     if luks_type == "luks1" and kind != "pbkdf2":
         raise UsageError(f"PBKDF {kind} cannot be used with LUKS1 (pbkdf2 only).")
     hash_size(hash_name)  # an unknown hash is refused before anything else
-    if opts.memory_kib is not None and kind == "pbkdf2":
-        raise UsageError("--pbkdf-memory applies to argon2i/argon2id only.")
-    if opts.parallel is not None and not 1 <= opts.parallel <= 4:
-        raise UsageError("--pbkdf-parallel must be between 1 and 4.")
+    # As cryptsetup 2.6.1: --pbkdf-memory and --pbkdf-parallel are ignored for pbkdf2, 0
+    # means the default; threads are capped at 4 and at the CPUs online (no error); the
+    # memory must be at most 4 GiB (and at least 32 KiB when forced).
+    memory_kib = opts.memory_kib or None
+    parallel = min(opts.parallel or ARGON2_MAX_PARALLEL, ARGON2_MAX_PARALLEL, os.cpu_count() or 1)
+    if kind != "pbkdf2" and memory_kib is not None and memory_kib > ARGON2_LIMIT_MEMORY_KIB:
+        raise UsageError(
+            "Requested maximum PBKDF memory cost is too high "
+            f"(maximum is {ARGON2_LIMIT_MEMORY_KIB} kilobytes)."
+        )
     if opts.force_iterations is not None:
         if kind == "pbkdf2":
             if opts.force_iterations < PBKDF2_MIN_ITERATIONS:
@@ -136,12 +149,13 @@ def resolve_kdf(
             return KdfParams("pbkdf2", hash_name, opts.force_iterations)
         if opts.force_iterations < 4:
             raise UsageError(f"Forced iteration count is too low for {kind} (minimum is 4).")
-        parallel = opts.parallel or min(ARGON2_MAX_PARALLEL, os.cpu_count() or 1)
-        memory = opts.memory_kib if opts.memory_kib is not None else ARGON2_MAX_MEMORY_KIB
-        if memory < 8 * parallel:
+        memory = memory_kib if memory_kib is not None else ARGON2_MAX_MEMORY_KIB
+        if memory < ARGON2_MIN_MEMORY_KIB:
             raise UsageError(
-                f"--pbkdf-memory must be at least {8 * parallel} KiB for {parallel} threads."
+                f"Forced memory cost is too low for {kind} "
+                f"(minimum is {ARGON2_MIN_MEMORY_KIB} kilobytes)."
             )
+        memory = min(memory, max(ARGON2_MIN_MEMORY_KIB, available_memory_kib() // 2))
         return KdfParams(kind, hash_name, opts.force_iterations, memory, parallel)
     iter_time = opts.iter_time if opts.iter_time is not None else DEFAULT_ITER_TIME_MS
     return benchmark_kdf(
@@ -149,8 +163,8 @@ def resolve_kdf(
         hash_name,
         iter_time,
         key_bytes,
-        max_memory_kib=opts.memory_kib,
-        parallel=opts.parallel,
+        max_memory_kib=memory_kib,
+        parallel=parallel,
         progress=progress,
     )
 
@@ -316,6 +330,7 @@ def format_container(
     if opts.type not in ("luks1", "luks2", "luks"):
         raise UsageError(f"Unknown LUKS type {opts.type!r} (luks1 or luks2).")
     luks_type = "luks1" if opts.type == "luks1" else "luks2"
+    check_data_offset(None if opts.offset is None else opts.offset * 512)
     spec = parse_cipher_spec(opts.cipher)
     if opts.key_size % 8:
         raise UsageError("Key size must be a multiple of 8 bits.")
@@ -325,6 +340,7 @@ def format_container(
         spec, bytes(key_bytes)
     )  # an unimplemented cipher is refused now, not after writing
     hash_size(opts.hash)
+    area_spec, area_key = _keyslot_encryption(opts.kdf, spec, luks2=luks_type == "luks2")
     new_uuid = _check_uuid(opts.uuid)
     if opts.label and luks_type == "luks1" or opts.subsystem and luks_type == "luks1":
         raise UsageError("Label and subsystem are only supported for LUKS2.")
@@ -444,7 +460,15 @@ def format_container(
             pwrite_all(h.header_fd, bytes(metadata_end), 0, "LUKS2 metadata area")
             sync(h.header_fd)
             slot = opts.key_slot if opts.key_slot is not None else 0
-            writer.write_keyslot(slot, volume_key, passphrase, kdf, spec, af_hash=opts.hash)
+            writer.write_keyslot(
+                slot,
+                volume_key,
+                passphrase,
+                kdf,
+                area_spec,
+                af_hash=opts.hash,
+                area_key_bytes=area_key,
+            )
             writer.commit()
             result_uuid = writer.uuid
         if opts.wipe:
@@ -475,9 +499,35 @@ def _wipe_data(
 # -- keyslots --------------------------------------------------------------------------------
 
 
-def _luks2_area_spec(hdr: LUKS2Header) -> CipherSpec:
+def _keyslot_encryption(
+    kdf: KdfOptions, default: CipherSpec, luks2: bool
+) -> tuple[CipherSpec, int | None]:
+    """The cipher of a new keyslot's area and its key size in bytes (None: the volume
+    key's): *default* unless ``--keyslot-cipher`` and ``--keyslot-key-size`` say
+    otherwise (both or neither, LUKS2 only, as cryptsetup demands)."""
+    if (kdf.keyslot_cipher is None) != (kdf.keyslot_key_bits is None):
+        raise UsageError("Options --keyslot-cipher and --keyslot-key-size must be used together.")
+    if kdf.keyslot_cipher is None or kdf.keyslot_key_bits is None:
+        return default, None
+    if not luks2:
+        raise UsageError("Keyslot encryption parameters can be set only for LUKS2 device.")
+    if kdf.keyslot_key_bits <= 0 or kdf.keyslot_key_bits % 8:
+        raise UsageError("Key size must be a multiple of 8 bits")
+    spec = luks_cipher_spec(kdf.keyslot_cipher, "keyslot cipher")
+    if spec.cipher == "cipher_null":
+        raise UsageError(f"Cipher {kdf.keyslot_cipher} cannot encrypt a keyslot.")
+    try:
+        spec.check_key_size(kdf.keyslot_key_bits // 8)
+    except UsageError as exc:
+        raise UsageError(
+            f"Cannot use {kdf.keyslot_cipher} cipher for keyslot encryption ({exc})."
+        ) from None
+    return spec, kdf.keyslot_key_bits // 8
+
+
+def _luks2_area_spec(hdr: LUKS2Header, kdf: KdfOptions) -> tuple[CipherSpec, int | None]:
     _, spec, _ = hdr.data_segment()
-    return spec
+    return _keyslot_encryption(kdf, spec, luks2=True)
 
 
 def add_key(
@@ -501,16 +551,23 @@ def add_key(
         slot = key_slot if key_slot is not None else _free_slot(hdr)
         if isinstance(hdr, LUKS2Header):
             writer = Luks2Writer.from_header(h.header_fd, hdr)
-            spec = _luks2_area_spec(hdr)
+            spec, area_key = _luks2_area_spec(hdr, kdf)
             _, volume_key = hdr.unlock(h.header_fd, existing, existing_slot)
             if writer.find_area(_area_len(len(volume_key))) is None:
                 raise CryptfuseError("No space for new keyslot.")
             params = resolve_kdf(kdf, "luks2", len(volume_key), kdf.hash or DEFAULT_HASH, progress)
             writer.write_keyslot(
-                slot, volume_key, new, params, spec, af_hash=kdf.hash or DEFAULT_HASH
+                slot,
+                volume_key,
+                new,
+                params,
+                spec,
+                af_hash=kdf.hash or DEFAULT_HASH,
+                area_key_bytes=area_key,
             )
             writer.commit()
         else:
+            _keyslot_encryption(kdf, hdr.cipher_spec, luks2=False)
             _, volume_key = hdr.unlock(h.header_fd, existing, existing_slot)
             params = resolve_kdf(kdf, "luks1", len(volume_key), hdr.hash_spec, progress)
             set_keyslot(h.header_fd, hdr, slot, volume_key, new, params)
@@ -655,7 +712,7 @@ def change_key(
             _check_slot_number(hdr, key_slot)
         if isinstance(hdr, LUKS2Header):
             writer = Luks2Writer.from_header(h.header_fd, hdr)
-            spec = _luks2_area_spec(hdr)
+            spec, area_key = _luks2_area_spec(hdr, kdf)
             old_slot, volume_key = hdr.unlock(h.header_fd, old, key_slot)
             params = resolve_kdf(kdf, "luks2", len(volume_key), kdf.hash or DEFAULT_HASH, progress)
             free = writer.free_keyslot()
@@ -664,7 +721,13 @@ def change_key(
                 raise CryptfuseError("No space for new keyslot (the keyslots area is full).")
             if free is not None:
                 writer.write_keyslot(
-                    free, volume_key, new, params, spec, af_hash=kdf.hash or DEFAULT_HASH
+                    free,
+                    volume_key,
+                    new,
+                    params,
+                    spec,
+                    af_hash=kdf.hash or DEFAULT_HASH,
+                    area_key_bytes=area_key,
                 )
                 writer.commit()  # both passphrases open it
                 freed = writer.renumber_keyslot(free, old_slot)
@@ -679,11 +742,13 @@ def change_key(
                 spec,
                 af_hash=kdf.hash or DEFAULT_HASH,
                 replace_area=True,
+                area_key_bytes=area_key,
             )
             writer.commit()
             assert old_area is not None
             wipe_area(h.header_fd, old_area[0], old_area[1], f"old area of keyslot {old_slot}")
             return old_slot
+        _keyslot_encryption(kdf, hdr.cipher_spec, luks2=False)
         old_slot, volume_key = hdr.unlock(h.header_fd, old, key_slot)
         params = resolve_kdf(kdf, "luks1", len(volume_key), hdr.hash_spec, progress)
         free_slots = [i for i in range(LUKS1_SLOTS) if i not in _active_slots(hdr)]
