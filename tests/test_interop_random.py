@@ -55,6 +55,26 @@ def random_cipher(rng: random.Random) -> tuple[str, int]:
     return f"{alg}-{chain}-{rng.choice(IVS)}", rng.choice([128, 192, 256])
 
 
+def random_luks2_header_options(rng: random.Random) -> list[str]:
+    """luksFormat/format options of a LUKS2 header: sector size, metadata and keyslots
+    area sizes, label and subsystem, a keyslot cipher of its own (each maybe)."""
+    options = []
+    if rng.random() < 0.7:
+        options += ["--sector-size", str(rng.choice([512, 1024, 2048, 4096]))]
+    if rng.random() < 0.6:
+        options += ["--luks2-metadata-size", rng.choice(["16k", "64k", "256k", "512k", "4m"])]
+    if rng.random() < 0.4:
+        options += ["--luks2-keyslots-size", rng.choice(["1m", "3m", "8m", "16m"])]
+    if rng.random() < 0.3:
+        options += ["--label", f"l{rng.randrange(1000)}", "--subsystem", "s"]
+    if rng.random() < 0.4:
+        areas = [("aes-xts-plain64", 512), ("aes-cbc-essiv:sha256", 256),
+                 ("camellia-cbc-plain64", 128), ("aes-ctr-plain64", 192)]  # fmt: skip
+        cipher, bits = rng.choice(areas)
+        options += ["--keyslot-cipher", cipher, "--keyslot-key-size", str(bits)]
+    return options
+
+
 def random_pbkdf(rng: random.Random, luks: str) -> list[str]:
     hash_name = rng.choice(["sha1", "sha256", "sha512", "ripemd160", "whirlpool", "sha3-256"])
     kdf = "pbkdf2" if luks == "luks1" else rng.choice(["pbkdf2", "argon2i", "argon2id"])
@@ -168,23 +188,7 @@ def test_cryptsetup_formats_cryptfuse_writes(
         case = new_case(tmp_path, rng, luks)
         options = ["--cipher", case.cipher, "--key-size", str(case.key_bits)]
         if luks == "luks2":
-            options += ["--sector-size", str(rng.choice([512, 1024, 2048, 4096]))]
-            if rng.random() < 0.7:
-                options += ["--luks2-metadata-size", rng.choice(["16k", "64k", "256k", "4m"])]
-            if rng.random() < 0.4:
-                options += ["--luks2-keyslots-size", rng.choice(["1m", "3m", "8m"])]
-            if rng.random() < 0.3:
-                options += ["--label", f"l{rng.randrange(1000)}", "--subsystem", "s"]
-            if rng.random() < 0.4:
-                keyslot = rng.choice(
-                    [
-                        ("aes-xts-plain64", 512),
-                        ("aes-cbc-essiv:sha256", 256),
-                        ("camellia-cbc-plain64", 128),
-                        ("aes-ctr-plain64", 192),
-                    ]
-                )
-                options += ["--keyslot-cipher", keyslot[0], "--keyslot-key-size", str(keyslot[1])]
+            options += random_luks2_header_options(rng)
         if rng.random() < 0.4:  # in 512-byte sectors, past LUKS2's largest default header
             options += ["--offset", str(rng.choice([32768, 40960, 65536]))]
         with open(case.data, "wb") as f:

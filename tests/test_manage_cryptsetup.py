@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from seeding import seeded_rng
-from test_interop_random import random_cipher
+from test_interop_random import random_cipher, random_luks2_header_options
 
 from cryptfuse.cli import main
 from cryptfuse.formats import OpenOptions, Secret, open_volume
@@ -566,16 +566,7 @@ def test_random_format_like_cryptsetup(tmp_path: Path) -> None:
             if kdf != "pbkdf2":
                 options += ["--pbkdf-memory", str(rng.choice([0, 20, 32, 1024])),
                             "--pbkdf-parallel", str(rng.choice([0, 1, 2, 4, 8]))]  # fmt: skip
-            if rng.random() < 0.5:
-                options += ["--sector-size", str(rng.choice([512, 1024, 2048, 4096]))]
-            if rng.random() < 0.4:
-                options += ["--luks2-metadata-size", rng.choice(["16k", "64k", "512k", "4m"])]
-            if rng.random() < 0.4:
-                options += ["--luks2-keyslots-size", rng.choice(["1m", "3m", "16m"])]
-            if rng.random() < 0.3:
-                options += ["--label", f"l{rng.randrange(99)}", "--subsystem", "s"]
-            if rng.random() < 0.3:
-                options += ["--keyslot-cipher", "aes-cbc-essiv:sha256", "--keyslot-key-size", "256"]
+            options += random_luks2_header_options(rng)
         if rng.random() < 0.4:
             options += ["--offset", str(rng.choice([4096, 8192, 10000, 32768, 32770, 65536]))]
         if rng.random() < 0.3:

@@ -530,6 +530,31 @@ def _luks2_area_spec(hdr: LUKS2Header, kdf: KdfOptions) -> tuple[CipherSpec, int
     return _keyslot_encryption(kdf, spec, luks2=True)
 
 
+def _store_keyslot(
+    writer: Luks2Writer,
+    slot: int,
+    volume_key: bytes,
+    passphrase: bytes,
+    params: KdfParams,
+    kdf: KdfOptions,
+    area: tuple[CipherSpec, int | None],
+    *,
+    replace_area: bool = False,
+) -> tuple[int, int] | None:
+    """:meth:`Luks2Writer.write_keyslot` with add-key's and change-key's choices: the
+    AF hash of ``--hash`` and the area encryption *area* (:func:`_luks2_area_spec`)."""
+    return writer.write_keyslot(
+        slot,
+        volume_key,
+        passphrase,
+        params,
+        area[0],
+        af_hash=kdf.hash or DEFAULT_HASH,
+        replace_area=replace_area,
+        area_key_bytes=area[1],
+    )
+
+
 def add_key(
     path: str,
     existing: bytes,
@@ -551,20 +576,12 @@ def add_key(
         slot = key_slot if key_slot is not None else _free_slot(hdr)
         if isinstance(hdr, LUKS2Header):
             writer = Luks2Writer.from_header(h.header_fd, hdr)
-            spec, area_key = _luks2_area_spec(hdr, kdf)
+            area = _luks2_area_spec(hdr, kdf)
             _, volume_key = hdr.unlock(h.header_fd, existing, existing_slot)
             if writer.find_area(_area_len(len(volume_key))) is None:
                 raise CryptfuseError("No space for new keyslot.")
             params = resolve_kdf(kdf, "luks2", len(volume_key), kdf.hash or DEFAULT_HASH, progress)
-            writer.write_keyslot(
-                slot,
-                volume_key,
-                new,
-                params,
-                spec,
-                af_hash=kdf.hash or DEFAULT_HASH,
-                area_key_bytes=area_key,
-            )
+            _store_keyslot(writer, slot, volume_key, new, params, kdf, area)
             writer.commit()
         else:
             _keyslot_encryption(kdf, hdr.cipher_spec, luks2=False)
@@ -712,37 +729,21 @@ def change_key(
             _check_slot_number(hdr, key_slot)
         if isinstance(hdr, LUKS2Header):
             writer = Luks2Writer.from_header(h.header_fd, hdr)
-            spec, area_key = _luks2_area_spec(hdr, kdf)
+            area = _luks2_area_spec(hdr, kdf)
             old_slot, volume_key = hdr.unlock(h.header_fd, old, key_slot)
             params = resolve_kdf(kdf, "luks2", len(volume_key), kdf.hash or DEFAULT_HASH, progress)
             free = writer.free_keyslot()
-            area = _area_len(len(volume_key))
-            if writer.find_area(area) is None:
+            if writer.find_area(_area_len(len(volume_key))) is None:
                 raise CryptfuseError("No space for new keyslot (the keyslots area is full).")
             if free is not None:
-                writer.write_keyslot(
-                    free,
-                    volume_key,
-                    new,
-                    params,
-                    spec,
-                    af_hash=kdf.hash or DEFAULT_HASH,
-                    area_key_bytes=area_key,
-                )
+                _store_keyslot(writer, free, volume_key, new, params, kdf, area)
                 writer.commit()  # both passphrases open it
                 freed = writer.renumber_keyslot(free, old_slot)
                 writer.commit()  # the new one only, under the old number
                 wipe_area(h.header_fd, freed[0], freed[1], f"old area of keyslot {old_slot}")
                 return old_slot
-            old_area = writer.write_keyslot(
-                old_slot,
-                volume_key,
-                new,
-                params,
-                spec,
-                af_hash=kdf.hash or DEFAULT_HASH,
-                replace_area=True,
-                area_key_bytes=area_key,
+            old_area = _store_keyslot(
+                writer, old_slot, volume_key, new, params, kdf, area, replace_area=True
             )
             writer.commit()
             assert old_area is not None
