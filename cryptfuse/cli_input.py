@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from collections.abc import Sequence
 from typing import BinaryIO, NoReturn
 
 from .errors import KeyFileError, UsageError
@@ -35,6 +36,20 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        # cryptsetup refuses the pair for every action, before anything else
+        if (
+            getattr(parsed, "pbkdf_force_iterations", None) is not None
+            and getattr(parsed, "iter_time", None) is not None
+        ):
+            raise UsageError(
+                "PBKDF forced iterations cannot be combined with iteration time option."
+            )
+        return parsed, rest
 
 
 def _nonneg_int(text: str) -> int:
