@@ -35,15 +35,12 @@ __all__ = ["REENCRYPT_SUBCOMMANDS"]
 
 
 def _kdf_given(args: argparse.Namespace) -> bool:
+    """Whether the new keyslot gets a KDF of the options rather than the replaced
+    keyslot's: cryptsetup 2.6.1 (``set_keyslot_params``) looks at these four only;
+    ``--pbkdf-memory`` or ``--pbkdf-parallel`` alone leave the old KDF."""
     return any(
         getattr(args, name) is not None
-        for name in (
-            "pbkdf",
-            "iter_time",
-            "pbkdf_memory",
-            "pbkdf_parallel",
-            "pbkdf_force_iterations",
-        )
+        for name in ("pbkdf", "hash", "iter_time", "pbkdf_force_iterations")
     )
 
 
@@ -141,6 +138,10 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     )
     g.add_argument("--offset", type=_nonneg_int, metavar="SECTORS", help="--encrypt: data offset")
     g.add_argument("--uuid", metavar="UUID", help="--encrypt: the new header's UUID")
+    g.add_argument("--label", default="", help="--encrypt: the new header's label")
+    g.add_argument("--subsystem", default="", help="--encrypt: the new header's subsystem")
+    g.add_argument("--luks2-metadata-size", type=_size, metavar="BYTES", help="--encrypt")
+    g.add_argument("--luks2-keyslots-size", type=_size, metavar="BYTES", help="--encrypt")
     g.add_argument("--type", "-M", choices=("luks2",), default="luks2")
     g.add_argument(
         "--force-offline-reencrypt",
@@ -180,7 +181,7 @@ def reencrypt_command(argv: Sequence[str]) -> int:
             options,
             kdf_params,
             key_slot=args.key_slot,
-            af_hash=args.hash or "sha256",
+            af_hash=options.digest_hash,
             keys_out=keys,
         )
         if args.verbose:
@@ -249,6 +250,13 @@ def _start_encrypt(args: argparse.Namespace) -> int:
         hash=args.hash or "sha256",
         uuid=args.uuid,
         key_slot=args.key_slot or 0,
+        label=args.label,
+        subsystem=args.subsystem,
+        metadata_size=args.luks2_metadata_size,
+        keyslots_size=args.luks2_keyslots_size,
+        keyslot_cipher=args.keyslot_cipher,
+        keyslot_key_bits=args.keyslot_key_size,
+        benchmark_digests=args.pbkdf_force_iterations is None,
     )
     keys: dict[int, bytes] = {}
     reenc.initialize_encrypt(args.container, args.header, passphrase, options, kdf, keys_out=keys)
@@ -294,7 +302,8 @@ def _new_reencryption(args: argparse.Namespace) -> tuple[KdfParams, reenc.Reencr
     """The KDF of the new keyslot and the options of a reencryption to start."""
     if args.hotzone_size and args.hotzone_size % 512:
         raise UsageError("Hotzone size must be a multiple of 512 bytes.")
-    kdf_params = None if _kdf_given(args) else _old_kdf(args.container, args.header, args.key_slot)
+    given = _kdf_given(args)
+    kdf_params = None if given else _old_kdf(args.container, args.header, args.key_slot)
     if kdf_params is None:
         kdf_params = resolve_kdf(_kdf(args), "luks2", 64, args.hash or "sha256")
     options = reenc.ReencryptOptions(
@@ -304,6 +313,8 @@ def _new_reencryption(args: argparse.Namespace) -> tuple[KdfParams, reenc.Reencr
         resilience=args.resilience,
         resilience_hash=args.resilience_hash,
         shift=args.reduce_device_size or 0,
+        digest_hash=(args.hash or "sha256") if given else None,
+        benchmark_digests=given and args.pbkdf_force_iterations is None,
     )
     return kdf_params, options
 
@@ -326,7 +337,7 @@ def _online(args: argparse.Namespace, sock: socket.socket, started: bool) -> int
         message["init"] = {
             "options": dataclasses.asdict(options),
             "kdf": dataclasses.asdict(kdf_params),
-            "af_hash": args.hash or "sha256",
+            "af_hash": options.digest_hash,
         }
     if args.verbose:
         print(f"{PROG}: {container} is mounted: reencrypting online", file=sys.stderr)

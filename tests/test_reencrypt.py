@@ -1172,3 +1172,140 @@ def test_segment_with_iv_tweak_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedError, match="IVs start"):
         reenc.initialize_decrypt(str(img), str(tmp_path / "x.hdr"), PASS)
     assert img.read_bytes() == before and not (tmp_path / "x.hdr").exists()
+
+
+# -- --init-only against cryptsetup's, same random options --------------------------------
+
+
+def _init_dump(path: Path, data: Path | None = None) -> str:
+    """luksDump of *path* (a header; *data* its device) without what differs between
+    two runs: UUIDs, salts, digests, file names, Argon2 memory (benchmarked); a
+    benchmarked PBKDF2 count reads BENCH (1000: not benchmarked)."""
+    target = [str(data)] if data is not None else []
+    args = ["--header", str(path), *target] if data is not None else [str(path)]
+    out = []
+    for line in run("cryptsetup", "luksDump", *args).splitlines():
+        key = line.strip().split(":")[0]
+        if key == "Iterations" and line.split(":")[1].strip() != "1000":
+            line = "Iterations: BENCH"
+        elif key in ("Salt", "Digest", "UUID", "Memory"):
+            line = key + ": X"
+        elif key and all(c in "0123456789abcdef " for c in line.strip()):
+            line = "X"  # continuation of a hex field
+        out.append(line.replace(str(path.parent), "DIR"))
+    return "\n".join(out)
+
+
+def _random_init(rng: random.Random, work: Path, key: Path) -> tuple[str, list[str], list[str]]:
+    """A random reencryption start: (kind, luksFormat options or [], reencrypt options)."""
+    kind = rng.choice(["reencrypt", "reencrypt", "encrypt", "decrypt"])
+    fmt: list[str] = []
+    cipher, bits = rng.choice(RANDOM_CIPHERS)
+    if kind != "encrypt":
+        fmt = ["--cipher", cipher, "--key-size", str(bits), *FAST_KDF]
+        fmt += rng.choice([[], ["--hash", "sha1"], ["--hash", "sha512"]])
+        fmt += ["--sector-size", str(rng.choice([512, 1024, 4096]))]
+    new_cipher, new_bits = rng.choice(RANDOM_CIPHERS)
+    opts: list[str] = []
+    if kind != "decrypt" and rng.random() < 0.7:
+        opts += ["--cipher", new_cipher, "--key-size", str(new_bits)]
+    if kind != "decrypt" and rng.random() < 0.4:
+        opts += ["--sector-size", str(rng.choice([512, 2048, 4096]))]
+    if rng.random() < 0.6:
+        opts += ["--resilience", rng.choice(["checksum", "journal", "none"])]
+    if rng.random() < 0.3:
+        opts += ["--resilience-hash", rng.choice(["sha1", "sha512"])]
+    if kind != "decrypt":
+        # the KDF of the new keyslot, and with it the digests' hash and cost
+        opts += rng.choice(
+            [[], ["--hash", "sha512", "--iter-time", "10"], ["--pbkdf", "pbkdf2", "--iter-time", "10"],
+             ["--pbkdf-memory", "64"], FAST_KDF, [*FAST_KDF, "--hash", "sha1"]]
+        )  # fmt: skip
+    if kind == "encrypt":
+        opts = ["--encrypt", "--type", "luks2", *opts]
+        if "--pbkdf" not in opts and "--iter-time" not in opts:
+            opts += FAST_KDF
+        opts += rng.choice([[], ["--label", "L", "--subsystem", "S"]])
+        opts += rng.choice([[], ["--luks2-metadata-size", "64k"], ["--luks2-keyslots-size", "1m"]])
+        opts += rng.choice(
+            [[], ["--keyslot-cipher", "aes-cbc-plain64", "--keyslot-key-size", "256"]]
+        )
+        opts += rng.choice([["--reduce-device-size", rng.choice(["4m", "8m"])], ["--header", "H"]])
+    elif kind == "decrypt":
+        opts = ["--decrypt", "--header", "H", *opts]
+    elif rng.random() < 0.25:
+        opts += ["--reduce-device-size", rng.choice(["512k", "1m"])]
+    return kind, fmt, opts
+
+
+def test_random_init_like_cryptsetup(tmp_path: Path) -> None:
+    """``reencrypt --init-only`` (key change, ``--encrypt``, ``--decrypt``) with the
+    same random options on twin devices, one through cryptfuse and one through
+    cryptsetup: both start or both refuse, and luksDump shows the same metadata
+    (segments, the reencrypt keyslot's area and checksum block, the new keyslot's
+    KDF and AF hash, the digests' hash and whether their cost was benchmarked);
+    then each tool finishes the other's.  Seed as above."""
+    rng = seeded_rng()
+    key = tmp_path / "pass"
+    key.write_bytes(PASS)
+    for number in range(8):
+        work = tmp_path / str(number)
+        work.mkdir()
+        kind, fmt, opts = _random_init(rng, work, key)
+        size = rng.choice([20, 24]) * MiB
+        devices = {who: work / f"{who}.img" for who in ("cryptfuse", "cryptsetup")}
+        seed_img = work / "seed.img"
+        seed_img.write_bytes(os.urandom(size))
+        if kind != "encrypt":
+            run("cryptsetup", "luksFormat", "--type", "luks2", "-q", "--key-file", str(key),
+                *fmt, str(seed_img))  # fmt: skip
+        for path in devices.values():
+            shutil.copyfile(seed_img, path)
+        before = seed_img.read_bytes() if kind == "encrypt" else read_with(seed_img, None)
+        headers = {who: work / f"{who}.hdr" for who in devices} if "H" in opts else {}
+        codes, errors = {}, {}
+        for who, img in devices.items():
+            args = [headers[who] if a == "H" else a for a in opts]
+            args = [str(a) for a in args] + ["-q", "--key-file", str(key), str(img)]
+            if who == "cryptfuse":
+                proc = cli("reencrypt", "--init-only", *args)
+                codes[who], errors[who] = proc.returncode, proc.stderr
+            else:
+                done = subprocess.run(
+                    ["cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", *args],
+                    capture_output=True,
+                )
+                codes[who], errors[who] = done.returncode, done.stderr
+        case = f"{kind} {fmt} {opts}"
+        assert (codes["cryptfuse"] == 0) == (codes["cryptsetup"] == 0), (case, errors)
+        if codes["cryptfuse"]:
+            continue
+
+        dumps = [
+            (_init_dump(headers[w], devices[w]) if headers else _init_dump(devices[w])).replace(
+                w, "WHO"
+            )
+            for w in devices
+        ]
+        assert dumps[0] == dumps[1], case
+        # each finishes the other's start
+        for who, img in devices.items():
+            at = ["--header", str(headers[who])] if headers else []
+            if who == "cryptsetup":
+                proc = cli(
+                    "reencrypt", "--resume-only", "-q", "--key-file", str(key), *at, str(img)
+                )
+                assert proc.returncode == 0, (case, proc.stderr)
+            else:
+                run("cryptsetup", "reencrypt", "--resume-only", "--force-offline-reencrypt", "-q",
+                    "--key-file", str(key), *at, str(img))  # fmt: skip
+        if kind == "decrypt":
+            plain = [devices[w].read_bytes()[: size - 16 * MiB] for w in devices]
+            assert plain[0] == plain[1], case
+        else:
+            views = [read_with(devices[w], headers.get(w)) for w in devices]
+            usable = len(views[0])
+            if kind == "encrypt" and "--reduce-device-size" in opts:
+                # the volume's last half-reduction is given up (the moved chunk's copy)
+                usable -= int(opts[opts.index("--reduce-device-size") + 1][:-1]) * MiB // 2
+            assert views[0][:usable] == views[1][:usable] == before[:usable], case

@@ -38,6 +38,8 @@ import mmap
 import os
 import queue
 import secrets
+import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -75,7 +77,7 @@ from .luks2_write import (
     luks2_layout,
 )
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
-from .luks_write import KdfParams, check_data_offset, sync, wipe_area
+from .luks_write import KdfParams, check_data_offset, digest_iterations, sync, wipe_area
 
 __all__ = [
     "REQUIREMENT",
@@ -234,6 +236,8 @@ class Reencryption:
     seg_moved: dict[str, Any] | None
     digest_old: int | None
     digest_new: int | None
+    #: the data device's block (:func:`device_block_size`), part of the zone alignment
+    device_block: int = SECTOR
     # the run's position (bytes relative to the new data offset)
     device_size: int = 0
     offset: int = 0
@@ -334,7 +338,9 @@ class Reencryption:
     def alignment(self) -> int:
         if self.protection.type == "checksum":
             return self.protection.block_size
-        return max(SECTOR, self.sector_size_of(self.seg_old), self.sector_size_of(self.seg_new))
+        return max(
+            self.device_block, self.sector_size_of(self.seg_old), self.sector_size_of(self.seg_new)
+        )
 
     def crashed(self) -> bool:
         return _hot_index(_live_segments(self.obj)) is not None
@@ -536,8 +542,11 @@ def only_finish_left(obj: dict[str, Any]) -> bool:
     return in_reencryption(obj) and _all_done(Reencryption.from_json(obj))
 
 
-def _context(rh: Reencryption, container_size: int, max_hotzone: int, crashed: bool) -> None:
+def _context(
+    rh: Reencryption, data_fd: int, container_size: int, max_hotzone: int, crashed: bool
+) -> None:
     """Position the run: device size, hot zone length, offset, progress."""
+    rh.device_block = device_block_size(data_fd)
     if max_hotzone % rh.alignment:
         raise UsageError(
             f"Hotzone size must be multiple of calculated zone alignment ({rh.alignment} bytes)."
@@ -1547,7 +1556,7 @@ def recover(
 
 
 def _recover_locked(dev: _Devices, rh: Reencryption) -> None:
-    _context(rh, device_size(dev.data_fd), 0, crashed=True)
+    _context(rh, dev.data_fd, device_size(dev.data_fd), 0, crashed=True)
     _recover_hot(dev, rh)
     segs = _live_segments(rh.obj)
     post = _post_segments(rh, segs)
@@ -1676,7 +1685,7 @@ def _run_on(
             "unmount and run it offline."
         )
     container = device_size(dev.data_fd)
-    _context(rh, container, max_hotzone, crashed=False)
+    _context(rh, dev.data_fd, container, max_hotzone, crashed=False)
     # online the mount writes too; a zone larger than the default (--hotzone-size)
     # is done one at a time: the stages would keep four of them in memory
     zones = _zones_ahead(rh) if live is None and rh.length <= DEFAULT_HOTZONE else None
@@ -1778,6 +1787,13 @@ class ReencryptOptions:
     #: bytes the data moves towards the end (``--reduce-device-size``): resilience
     #: ``datashift``, direction backward, the volume that much smaller
     shift: int = 0
+    #: hash of the new volume key's digest and of the reencryption digest: that of
+    #: the KDF options given (``--hash``, default sha256); None when the unlocking
+    #: keyslot's KDF is reused (cryptsetup: its PBKDF2 hash, sha256 for Argon2)
+    digest_hash: str | None = None
+    #: those digests' PBKDF2 cost benchmarked (~125 ms) rather than 1000 iterations:
+    #: cryptsetup benchmarks unless a keyslot's KDF is reused or the cost is forced
+    benchmark_digests: bool = False
 
 
 def initialize(
@@ -1788,8 +1804,7 @@ def initialize(
     kdf: KdfParams,
     *,
     key_slot: int | None = None,
-    af_hash: str = "sha256",
-    digest_iterations: int = 1000,
+    af_hash: str | None = None,
     keys_out: dict[int, bytes] | None = None,
 ) -> int:
     """Start a reencryption to a new volume key (cryptsetup ``reencrypt --init-only``).
@@ -1807,7 +1822,6 @@ def initialize(
             kdf,
             key_slot=key_slot,
             af_hash=af_hash,
-            digest_iterations=digest_iterations,
             keys_out=keys_out,
         )
 
@@ -1819,8 +1833,7 @@ def initialize_on(
     kdf: KdfParams,
     *,
     key_slot: int | None = None,
-    af_hash: str = "sha256",
-    digest_iterations: int = 1000,
+    af_hash: str | None = None,
     keys_out: dict[int, bytes] | None = None,
 ) -> int:
     """:func:`initialize` on descriptors the caller holds (the daemon: online).  With
@@ -1884,18 +1897,25 @@ def initialize_on(
     if new_slot is None:
         raise CryptfuseError("All key slots full.")
     salt = os.urandom(SALT_SIZE)
-    digest_hash = str(header.metadata.digests[bound.index].hash or "sha256")
+    digest_hash = options.digest_hash
+    if digest_hash is None:
+        old_kdf = header.metadata.keyslots[slot].kdf
+        digest_hash = "sha256"
+        if old_kdf is not None and old_kdf.type == "pbkdf2" and old_kdf.hash:
+            digest_hash = str(old_kdf.hash)
+    hashlib_name(digest_hash)
+    if af_hash is None:  # cryptsetup: both are the hash of the KDF setting
+        af_hash = digest_hash
+    digest_cost = digest_iterations(digest_hash, key_bytes, options.benchmark_digests)
     new_digest = str(max((int(k) for k in obj["digests"]), default=-1) + 1)
     obj["digests"][new_digest] = {
         "type": "pbkdf2",
         "keyslots": [],
         "segments": [],
         "hash": digest_hash,
-        "iterations": digest_iterations,
+        "iterations": digest_cost,
         "salt": _b64(salt),
-        "digest": _b64(
-            pbkdf2(digest_hash, new_key, salt, digest_iterations, hash_size(digest_hash))
-        ),
+        "digest": _b64(pbkdf2(digest_hash, new_key, salt, digest_cost, hash_size(digest_hash))),
     }
     # The new keyslot's area is encrypted as the unlocking keyslot's: same cipher and
     # same key size, whatever the new volume key's size (cryptsetup's set_keyslot_params;
@@ -1932,12 +1952,15 @@ def initialize_on(
         direction=direction,
         resilience=resilience,
         hash_name=options.resilience_hash,
-        block=check,
+        block=max(device_block_size(devices.data_fd), check),
         shift=shift,
     )
     _require(obj, REQUIREMENT)
     writer.obj = rdigest.with_reencrypt_digest(
-        obj, {old_digest: old_key, int(new_digest): new_key}, hash_name=digest_hash
+        obj,
+        {old_digest: old_key, int(new_digest): new_key},
+        hash_name=digest_hash,
+        iterations=None if options.benchmark_digests else rdigest.MIN_ITERATIONS,
     )
     writer.commit()
     if keys_out is not None:
@@ -2014,8 +2037,27 @@ def _flagged(seg: dict[str, Any], flag: str) -> dict[str, Any]:
     return out
 
 
-#: checksum blocks: the larger of the file system block cryptsetup assumes and the sectors
-MIN_CHECKSUM_BLOCK = 4096
+def device_block_size(fd: int) -> int:
+    """The block cryptsetup aligns reencryption zones and checksum blocks to, besides
+    the sectors (its ``device_block_size``): a file's file system block (``statvfs``;
+    a page where that is larger than a page, as NFS's 1 MiB), a block device's logical
+    sector size."""
+    page = mmap.PAGESIZE
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            block = os.fstatvfs(fd).f_bsize
+        except OSError:
+            return page
+        return block if 0 < block <= page else page
+    try:
+        raw = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
+    except OSError:
+        return page
+    return int.from_bytes(raw, sys.byteorder) or page
+
+
+#: the logical sector size of a block device (linux/fs.h)
+BLKSSZGET = 0x1268
 
 
 @dataclass(frozen=True)
@@ -2034,6 +2076,16 @@ class EncryptOptions:
     hash: str = "sha256"
     uuid: str | None = None
     key_slot: int = 0
+    #: luksFormat's header options (cryptsetup formats the new header with them)
+    label: str = ""
+    subsystem: str = ""
+    metadata_size: int | None = None
+    keyslots_size: int | None = None
+    keyslot_cipher: str | None = None
+    keyslot_key_bits: int | None = None
+    #: the digests' PBKDF2 cost benchmarked (no --pbkdf-force-iterations), as
+    #: :attr:`ReencryptOptions.benchmark_digests`
+    benchmark_digests: bool = False
 
 
 def initialize_encrypt(
@@ -2043,7 +2095,6 @@ def initialize_encrypt(
     options: EncryptOptions,
     kdf: KdfParams,
     *,
-    digest_iterations: int = 1000,
     keys_out: dict[int, bytes] | None = None,
 ) -> int:
     """Start encrypting a plaintext device in place (``--init-only`` of ``--encrypt``).
@@ -2078,7 +2129,15 @@ def initialize_encrypt(
         raise UnsupportedError("--reduce-device-size with a detached --header is not supported.")
     if options.reduce % (2 * SECTOR):
         raise UsageError("--reduce-device-size must be a multiple of 1024 bytes.")
-    from .manage import _has_luks, _locked
+    from .manage import KdfOptions, _has_luks, _keyslot_encryption, _locked
+
+    area_spec, area_key_bytes = _keyslot_encryption(
+        KdfOptions(
+            keyslot_cipher=options.keyslot_cipher, keyslot_key_bits=options.keyslot_key_bits
+        ),
+        spec,
+        luks2=True,
+    )
 
     if detached:
         assert header_path is not None
@@ -2094,7 +2153,10 @@ def initialize_encrypt(
         total = device_size(h.data_fd)
         if detached:
             layout = luks2_layout(
-                metadata_size=None, keyslots_size=None, offset=options.offset, detached=True
+                metadata_size=options.metadata_size,
+                keyslots_size=options.keyslots_size,
+                offset=options.offset,
+                detached=True,
             )
             data_offset = layout.data_offset
             shift = 0
@@ -2102,7 +2164,10 @@ def initialize_encrypt(
         else:
             shift = options.reduce // 2
             layout = luks2_layout(
-                metadata_size=None, keyslots_size=None, offset=shift, detached=False
+                metadata_size=options.metadata_size,
+                keyslots_size=options.keyslots_size,
+                offset=shift,
+                detached=False,
             )
             data_offset = shift
             data_size = total - options.reduce
@@ -2117,7 +2182,7 @@ def initialize_encrypt(
             sector_size=ss,
             volume_key=volume_key,
             digest_hash=options.hash,
-            digest_iterations=digest_iterations,
+            digest_iterations=digest_iterations(options.hash, key_bytes, options.benchmark_digests),
         )
         final = _flagged(crypt_segment(data_offset, 0, None, str(spec), ss), "backup-final")
         if shift:
@@ -2141,8 +2206,8 @@ def initialize_encrypt(
             h.header_fd,
             obj,
             layout,
-            label="",
-            subsystem="",
+            label=options.label,
+            subsystem=options.subsystem,
             uuid=options.uuid,
             epoch=FORMAT_EPOCH + 1,
         )
@@ -2162,7 +2227,14 @@ def initialize_encrypt(
         pwrite_all(h.header_fd, bytes(metadata_end), 0, "LUKS2 metadata area")
         sync(h.header_fd)
         writer.write_keyslot(
-            rslot_hint, volume_key, passphrase, kdf, spec, af_hash=options.hash, digest="0"
+            rslot_hint,
+            volume_key,
+            passphrase,
+            kdf,
+            area_spec,
+            af_hash=options.hash,
+            digest="0",
+            area_key_bytes=area_key_bytes,
         )
         _reencrypt_keyslot(
             writer,
@@ -2170,12 +2242,15 @@ def initialize_encrypt(
             direction="backward" if shift else "forward",
             resilience=resilience,
             hash_name=options.resilience_hash,
-            block=max(MIN_CHECKSUM_BLOCK, ss),
+            block=max(device_block_size(h.data_fd), ss),
             shift=shift,
         )
         _require(writer.obj, REQUIREMENT)
         writer.obj = rdigest.with_reencrypt_digest(
-            writer.obj, {0: volume_key}, hash_name=options.hash
+            writer.obj,
+            {0: volume_key},
+            hash_name=options.hash,
+            iterations=None if options.benchmark_digests else rdigest.MIN_ITERATIONS,
         )
         # 3. one commit: from here the device is LUKS2 in reencryption
         writer.commit()
@@ -2232,6 +2307,7 @@ def initialize_decrypt(
                     max_hotzone,
                     resilience_hash,
                     wipe=header.binary.hdr_size,
+                    resilience=resilience,
                 )
                 return
             _, old_key = header.unlock(h.header_fd, passphrase, key_slot)
@@ -2250,11 +2326,11 @@ def initialize_decrypt(
                 direction="backward",
                 resilience=resilience,
                 hash_name=resilience_hash,
-                block=max(MIN_CHECKSUM_BLOCK, int(seg.sector_size or SECTOR)),
+                block=max(device_block_size(h.data_fd), int(seg.sector_size or SECTOR)),
             )
             _require(obj, REQUIREMENT)
-            writer.obj = rdigest.with_reencrypt_digest(
-                obj, {bound.index: old_key}, hash_name=str(bound.hash or "sha256")
+            writer.obj = rdigest.with_reencrypt_digest(  # (cryptsetup: sha256, benchmarked)
+                obj, {bound.index: old_key}, iterations=None
             )
             writer.commit()
         return
@@ -2273,6 +2349,10 @@ def initialize_decrypt(
             keys_out[bound.index] = old_key
         if seg.offset <= 0 or device_size(h.data_fd) <= seg.offset:
             raise UsageError(f"Device {data_path} has no header area to move the data into.")
+        if resilience not in ("checksum", "journal"):  # before anything is written
+            raise UsageError(
+                "Requested --resilience option cannot be applied to current reencryption operation."
+            )
         # 1. export the header (and keyslots) to the new file, durably
         size = header.hdr_and_areas_size
         fd = os.open(header_path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -2289,6 +2369,7 @@ def initialize_decrypt(
                 max_hotzone,
                 resilience_hash,
                 wipe=header.binary.hdr_size,
+                resilience=resilience,
             )
         finally:
             os.close(fd)
@@ -2304,10 +2385,15 @@ def _decrypt_shift_init(
     resilience_hash: str,
     *,
     wipe: int,
+    resilience: str = "checksum",
 ) -> None:
     """The decryption that moves the data back by the data offset (``online-reencrypt-v3``),
     from a detached (exported) header: wipe the device's own header signatures (at 0 and
     *wipe*), copy the first chunk of ciphertext to the start, then one commit."""
+    if resilience not in ("checksum", "journal"):  # cryptsetup: datashift-checksum/-journal
+        raise UsageError(
+            "Requested --resilience option cannot be applied to current reencryption operation."
+        )
     seg, _, bound = header.data_segment()
     shift = seg.offset
     data_size = device_size(data_fd) - shift
@@ -2316,7 +2402,7 @@ def _decrypt_shift_init(
     moved = max_hotzone or min(shift, NONE_HOTZONE)
     moved = min(moved, shift, data_size)
     ss = int(seg.sector_size or SECTOR)
-    block = max(MIN_CHECKSUM_BLOCK, ss)
+    block = max(device_block_size(data_fd), ss)
     moved -= moved % block
     if moved <= 0:
         raise UsageError("Moved segment size is too small.")
@@ -2340,20 +2426,22 @@ def _decrypt_shift_init(
         writer,
         mode="decrypt",
         direction="forward",
-        resilience="datashift-checksum",
+        resilience=f"datashift-{resilience}",
         hash_name=resilience_hash,
         block=block,
         shift=shift,
     )
     area = obj["keyslots"][str(rslot)]["area"]
-    capacity = int(area["size"]) // hash_size(resilience_hash) * block
+    capacity = int(area["size"])
+    if resilience == "checksum":
+        capacity = capacity // hash_size(resilience_hash) * block
     if moved > capacity:
         raise UsageError(
             f"Moved segment too large. Requested size {moved}, available space for: {capacity}."
         )
     _require(obj, "online-reencrypt-v3")
-    writer.obj = rdigest.with_reencrypt_digest(
-        obj, {bound.index: old_key}, hash_name=str(bound.hash or "sha256")
+    writer.obj = rdigest.with_reencrypt_digest(  # (cryptsetup: sha256, benchmarked)
+        obj, {bound.index: old_key}, iterations=None
     )
     # 2. the device stops being LUKS (the exported header opens it meanwhile)
     for offset in (0, wipe):  # again after an interrupted initialization: harmless
@@ -2402,7 +2490,7 @@ def open_reencryption(
     crashed = rh.crashed()
     hot: list[Extent] | None = None
     if crashed:
-        _context(rh, container_size, 0, crashed=True)
+        _context(rh, data_fd, container_size, 0, crashed=True)
         hot = recovered_extents(rh, data_fd, header_fd)
     extents = logical_extents(rh, container_size, hot)
     size = sum(e.length for e in extents)

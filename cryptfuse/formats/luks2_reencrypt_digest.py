@@ -42,6 +42,8 @@ from typing import Any
 from cryptfuse.errors import FormatError, UsageError
 from cryptfuse.kdf import digest_equal, hash_size, pbkdf2
 
+from .luks_write import digest_iterations
+
 __all__ = [
     "DIGEST_SALT_SIZE",
     "MIN_ITERATIONS",
@@ -477,7 +479,7 @@ def create_digest_entry(
     volume_keys: VolumeKeys,
     *,
     hash_name: str = "sha256",
-    iterations: int = MIN_ITERATIONS,
+    iterations: int | None = MIN_ITERATIONS,
     salt: bytes | None = None,
     version: int | None = None,
 ) -> tuple[str, dict[str, Any]]:
@@ -489,9 +491,13 @@ def create_digest_entry(
     given, digest the full hash size, both base64).  cryptsetup takes the hash
     of its PBKDF setting (sha256 by default) and writes 1000 iterations when
     the PBKDF is not benchmarked (``reencrypt`` reusing a keyslot's PBKDF, or
-    ``--pbkdf-force-iterations``), else what PBKDF2 does in 125 ms.
-    *version* defaults to the header's requirement version.
+    ``--pbkdf-force-iterations``), else what PBKDF2 does in 125 ms (*iterations*
+    None: benchmarked here, for an output as long as the digested data, as
+    cryptsetup does).  *version* defaults to the header's requirement version.
     """
+    if iterations is None:
+        data = verification_data(hdr_json, volume_keys, version)
+        iterations = digest_iterations(hash_name, len(data))
     if salt is None:
         salt = os.urandom(DIGEST_SALT_SIZE)
     if len(salt) != DIGEST_SALT_SIZE:
@@ -521,7 +527,7 @@ def with_reencrypt_digest(
     volume_keys: VolumeKeys,
     *,
     hash_name: str = "sha256",
-    iterations: int = MIN_ITERATIONS,
+    iterations: int | None = MIN_ITERATIONS,
     salt: bytes | None = None,
     version: int | None = None,
 ) -> dict[str, Any]:

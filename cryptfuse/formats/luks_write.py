@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..af import af_sectors, af_split
 from ..errors import DeviceError, UsageError
-from ..kdf import argon2, available_memory_kib, pbkdf2
+from ..kdf import argon2, available_memory_kib, hash_size, pbkdf2
 from ..sector import SectorCipher
 from ..spec import CipherSpec
 from ..volume import pwrite_all, pwrite_direct
@@ -119,6 +119,20 @@ def pbkdf2_per_second(hash_name: str, key_length: int = 32) -> int:
         if elapsed >= 0.25 or iterations >= 1 << 30:
             return max(1, int(iterations / max(elapsed, 1e-6)))
         iterations *= 2 if elapsed < 0.05 else max(2, int(0.3 / max(elapsed, 1e-6)))
+
+
+def digest_iterations(hash_name: str, key_length: int, benchmark: bool = True) -> int:
+    """PBKDF2 iterations of a digest over a *key_length*-byte key (a volume key, or
+    the reencryption metadata): what runs ~125 ms here, at least 1000; 1000 without
+    *benchmark* (cryptsetup skips it when the KDF cost is forced or a keyslot's KDF
+    is reused).  cryptsetup benchmarks PBKDF2 with an output as long as the key, so
+    a longer key gets proportionally fewer iterations (its blocks cost each one)."""
+    if not benchmark:
+        return PBKDF2_MIN_ITERATIONS
+    block = hash_size(hash_name)
+    blocks = max(1, -(-key_length // block))
+    per_second = pbkdf2_per_second(hash_name, block) // blocks
+    return max(PBKDF2_MIN_ITERATIONS, per_second * DIGEST_ITERATION_MS // 1000)
 
 
 def check_data_offset(offset: int | None) -> None:

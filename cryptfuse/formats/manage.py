@@ -57,13 +57,12 @@ from .luks_write import (
     ARGON2_MAX_MEMORY_KIB,
     ARGON2_MAX_PARALLEL,
     ARGON2_MIN_MEMORY_KIB,
-    DIGEST_ITERATION_MS,
     PBKDF2_MIN_ITERATIONS,
     KdfParams,
     Progress,
     benchmark_kdf,
     check_data_offset,
-    pbkdf2_per_second,
+    digest_iterations,
     pwrite_all,
     sync,
     wipe_area,
@@ -169,12 +168,10 @@ def resolve_kdf(
     )
 
 
-def _digest_iterations(hash_name: str, forced: bool) -> int:
+def _digest_iterations(hash_name: str, forced: bool, key_length: int) -> int:
     """Iterations of the volume-key digest: ~125 ms, at least 1000 (1000 when
     the keyslot KDF cost is forced, as cryptsetup skips the benchmark then)."""
-    if forced:
-        return PBKDF2_MIN_ITERATIONS
-    return max(PBKDF2_MIN_ITERATIONS, pbkdf2_per_second(hash_name) * DIGEST_ITERATION_MS // 1000)
+    return digest_iterations(hash_name, key_length, benchmark=not forced)
 
 
 # -- opening for a change ------------------------------------------------------------------
@@ -397,7 +394,9 @@ def format_container(
                 hash_spec=opts.hash,
                 volume_key=volume_key,
                 layout=layout1,
-                mk_iterations=_digest_iterations(opts.hash, opts.kdf.force_iterations is not None),
+                mk_iterations=_digest_iterations(
+                    opts.hash, opts.kdf.force_iterations is not None, len(volume_key)
+                ),
                 uuid=new_uuid,
             )
             slot = opts.key_slot if opts.key_slot is not None else 0
@@ -448,7 +447,7 @@ def format_container(
                 volume_key=volume_key,
                 digest_hash=opts.hash,
                 digest_iterations=_digest_iterations(
-                    opts.hash, opts.kdf.force_iterations is not None
+                    opts.hash, opts.kdf.force_iterations is not None, len(volume_key)
                 ),
             )
             writer = Luks2Writer.new(

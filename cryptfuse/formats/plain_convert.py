@@ -259,7 +259,9 @@ def plain_to_luks2(
             sector_size=plan.sector_size,
             volume_key=key,
             digest_hash=LUKS2_HASH,
-            digest_iterations=_digest_iterations(LUKS2_HASH, kdf.force_iterations is not None),
+            digest_iterations=_digest_iterations(
+                LUKS2_HASH, kdf.force_iterations is not None, len(key)
+            ),
         )
         segment = obj["segments"]["0"]
         segment["iv_tweak"] = str(options.skip)
