@@ -23,7 +23,7 @@ from . import control
 from .cli_input import PROG, _nonneg_int
 from .cli_luks import _existing_secret, _kdf_options, _key_options, _new_secret, _parser, _size
 from .errors import BusyError, UnsupportedError, UsageError
-from .formats import LUKS_MAGIC
+from .formats import LUKS_MAGIC, manage
 from .formats import luks2_reencrypt as reenc
 from .formats.luks2 import has_luks2_header, read_luks2_header
 from .formats.luks_write import KdfParams
@@ -361,18 +361,42 @@ def _kdf(args: argparse.Namespace) -> KdfOptions:
 
 
 def repair_command(argv: Sequence[str]) -> int:
-    """``cryptfuse repair CONTAINER`` (``cryptsetup repair``): recover an interrupted
-    reencryption hot zone."""
-    p = _parser("repair", "[options] CONTAINER", "Recover an interrupted LUKS2 reencryption.")
+    """``cryptfuse repair CONTAINER`` (``cryptsetup repair``): rewrite a damaged or
+    outdated LUKS2 header copy from the good one, then recover an interrupted
+    reencryption hot zone (the passphrase is asked only for a container in
+    reencryption, as cryptsetup asks it)."""
+    p = _parser(
+        "repair",
+        "[options] CONTAINER",
+        "Repair a damaged LUKS2 header copy; recover an interrupted LUKS2 reencryption.",
+    )
     p.add_argument("container", metavar="CONTAINER")
     _key_options(p)
     args = p.parse_args(argv)
-    passphrase = _existing_secret(args, f"Enter passphrase for {args.container}: ")
+    kind, rewritten = manage.repair_header(args.container, args.header)
+    if rewritten is not None:
+        print(
+            f"{PROG}: the {rewritten} LUKS2 header copy was damaged or outdated; "
+            "rewritten from the other copy.",
+            file=sys.stderr,
+        )
+    elif args.verbose:
+        print("No known problems detected for LUKS header.", file=sys.stderr)
+    current = _luks2_json(args.header or args.container) if kind == "luks2" else None
+    if current is None or not reenc.in_reencryption(current):
+        return 0
+    crashed = reenc.Reencryption.from_json(current).crashed()
+    prompt = "reencryption recovery" if crashed else "verify reencryption metadata digest"
+    passphrase = _existing_secret(args, f"Enter passphrase for {prompt}: ")
     done = reenc.recover(args.container, args.header, passphrase, args.key_slot)
-    if args.verbose or not done:
+    if args.verbose:
         print(
             f"{PROG}: "
-            + ("hot zone recovered." if done else "no interrupted hot zone; nothing to repair."),
+            + (
+                "hot zone recovered."
+                if done
+                else "reencryption metadata verified; no hot zone cut."
+            ),
             file=sys.stderr,
         )
     return 0

@@ -584,3 +584,107 @@ def test_random_format_like_cryptsetup(tmp_path: Path) -> None:
         assert (code == 0) == (theirs_code == 0), f"{case}: {code} {theirs_code}"
         if code == 0:
             assert masked_dump(ours) == masked_dump(theirs), case
+
+
+#: header damage for test_repair_like_cryptsetup: (LUKS type, what is done to the header)
+REPAIR_CASES = {
+    "secondary-checksum": ("luks2", "secondary"),
+    "primary-checksum": ("luks2", "primary"),
+    "primary-magic": ("luks2", "magic"),
+    "secondary-outdated": ("luks2", "outdated"),
+    "primary-with-foreign-signature": ("luks2", "foreign"),
+    "healthy-luks2": ("luks2", None),
+    "healthy-luks1": ("luks1", None),
+}
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize("case", REPAIR_CASES)
+def test_repair_like_cryptsetup(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``repair`` against ``cryptsetup repair`` on twin copies of a damaged header: both
+    succeed, the result differs only in the rewritten copy's salt and checksum (96
+    bytes), luksDump is the same (epoch kept), the passphrase opens.  No passphrase is
+    asked without a reencryption; a healthy header is left byte for byte."""
+    luks, damage = REPAIR_CASES[case]
+    key = keyfile(tmp_path, "k", b"repair me")
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    with open(theirs, "wb") as f:
+        f.truncate(20 << 20)
+    subprocess.run([CRYPTSETUP or "", "luksFormat", "--type", luks, "-q", *CHEAP_PBKDF2, "-d", key,
+                    "--label" if luks == "luks2" else "--uuid",
+                    "lab" if luks == "luks2" else str(uuidlib.uuid4()), str(theirs)],
+                   check=True, capture_output=True, input=b"")  # fmt: skip
+    if damage == "outdated":  # an older secondary: a keyslot added to the primary only
+        subprocess.run([CRYPTSETUP or "", "config", "--label", "new", str(theirs)], check=True)
+        with open(theirs, "r+b") as f:
+            f.seek(16384)
+            old_secondary = f.read(16384)
+        subprocess.run([CRYPTSETUP or "", "config", "--label", "newer", str(theirs)], check=True)
+        with open(theirs, "r+b") as f:
+            f.seek(16384)
+            f.write(old_secondary)
+    elif damage is not None:
+        with open(theirs, "r+b") as f:
+            f.seek({"secondary": 16384 + 300, "primary": 300, "magic": 0, "foreign": 300}[damage])
+            f.write(b"XXXX")
+            if damage == "foreign":
+                f.seek(512)
+                f.write(b"LABELONE" + bytes(16) + b"LVM2 001")
+    shutil.copyfile(theirs, ours)
+    before = ours.read_bytes()
+    capsys.readouterr()
+    assert cf("repair", str(ours)) == 0  # no key file: nothing to ask for
+    err = capsys.readouterr().err
+    subprocess.run([CRYPTSETUP or "", "repair", "-q", str(theirs)], check=True, capture_output=True)
+    after = ours.read_bytes()
+    if damage is None:
+        assert after == before and "rewritten" not in err
+        return
+    assert "header copy was damaged or outdated; rewritten" in err
+    differing = sum(a != b for a, b in zip(after, theirs.read_bytes(), strict=True))
+    assert 0 < differing <= 96, differing  # salt and checksum of the rewritten copy
+    assert masked_dump(ours) == masked_dump(theirs)
+    assert test_passphrase(ours, key)
+    fd = os.open(ours, os.O_RDONLY)
+    try:
+        assert read_luks2_header(fd, str(ours)).damaged is None
+    finally:
+        os.close(fd)
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize("copy", ["primary", "secondary"])
+def test_repair_killed_at_every_write(tmp_path: Path, copy: str) -> None:
+    """``repair_header`` killed at every write and fsync (whole and torn writes):
+    the container still opens with its passphrase here and in cryptsetup, and a
+    second repair finishes the job."""
+    from test_crash_safety import run_killed
+
+    from cryptfuse.formats import manage
+
+    key = keyfile(tmp_path, "k", b"repair me")
+    src = tmp_path / "src.img"
+    with open(src, "wb") as f:
+        f.truncate(20 << 20)
+    subprocess.run([CRYPTSETUP or "", "luksFormat", "--type", "luks2", "-q", *CHEAP_PBKDF2,
+                    "-d", key, str(src)], check=True)  # fmt: skip
+    with open(src, "r+b") as f:
+        f.seek(300 if copy == "primary" else 16384 + 300)
+        f.write(b"XXXX")
+    img = tmp_path / "c.img"
+    shutil.copyfile(src, img)
+    events = run_killed(lambda: manage.repair_header(str(img)), None, False)
+    assert events and set(events) <= {"w", "f"}
+    for at in range(1, len(events) + 1):
+        for torn in (False, True):
+            shutil.copyfile(src, img)
+            assert run_killed(lambda: manage.repair_header(str(img)), at, torn) == "killed"
+            assert our_key(img, b"repair me") == our_key(src, b"repair me"), (at, torn)
+            oracle = tmp_path / "oracle.img"  # (cryptsetup writes: it repairs on load)
+            shutil.copyfile(img, oracle)
+            assert test_passphrase(oracle, key), (at, torn)
+            # a second repair finishes (nothing left to do when the write had landed)
+            assert manage.repair_header(str(img)) in (("luks2", copy), ("luks2", None))
+            assert manage.repair_header(str(img)) == ("luks2", None)

@@ -1226,10 +1226,13 @@ def has_luks2_header(fd: int) -> bool:
     return False
 
 
-def read_luks2_header(fd: int, path: str) -> LUKS2Header:
+def read_luks2_header(fd: int, path: str, *, repairing: bool = False) -> LUKS2Header:
     """Read both header copies on *fd* (named *path*) and return the one
     cryptsetup would use.  Never writes; raises :class:`FormatError` when no
-    copy is valid and :class:`DeviceError` when the device is too small."""
+    copy is valid and :class:`DeviceError` when the device is too small.  With a
+    damaged copy, a foreign signature makes the header ambiguous (refused), and a
+    warning says so, except when *repairing* (``repair``, which rewrites the copy:
+    cryptsetup's does not probe either)."""
     first = _read_copy(fd, 0, secondary=False)
     if first.state in ("fail", "io"):
         second = _Copy(0, "fail", "no secondary header at any allowed offset")
@@ -1271,15 +1274,15 @@ def read_luks2_header(fd: int, path: str) -> LUKS2Header:
     damaged = None
     if other.state != "ok":
         damaged = "secondary" if source == "primary" else "primary"
-        foreign = _foreign_signature(fd)
+        foreign = None if repairing else _foreign_signature(fd)
         if foreign is not None:
             raise FormatError(
                 f"Device {path} contains ambiguous signatures ({foreign} and a damaged LUKS2 "
-                'header), cannot auto-recover LUKS2. Please run "cryptsetup repair" for recovery.'
+                'header), cannot auto-recover LUKS2. Please run "cryptfuse repair" for recovery.'
             )
-        log.warning(
+        (log.info if repairing else log.warning)(
             "%s: the %s LUKS2 header is damaged or outdated (%s); using the %s copy. "
-            "cryptfuse never repairs headers: run 'cryptsetup repair' to fix it.",
+            "cryptfuse repairs headers only when asked: run 'cryptfuse repair' to fix it.",
             path,
             damaged,
             other.reason or other.state,

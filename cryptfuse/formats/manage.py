@@ -37,7 +37,7 @@ from ..kdf import available_memory_kib, hash_size
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import CipherSpec, parse_cipher_spec
 from ..volume import Volume, device_size, open_device
-from . import detect_type
+from . import LUKS_MAGIC, detect_type
 from .luks1 import NUM_KEYSLOTS as LUKS1_SLOTS
 from .luks1 import LUKS1Header, read_luks1_header
 from .luks1_write import (
@@ -48,9 +48,16 @@ from .luks1_write import (
     set_keyslot,
     write_uuid,
 )
+from .luks2 import (
+    BIN_HEADER_SIZE,
+    PRIORITY_HIGH,
+    PRIORITY_IGNORE,
+    LUKS2Header,
+    _is_backup,
+    read_luks2_header,
+)
 from .luks2 import NUM_KEYSLOTS as LUKS2_SLOTS
-from .luks2 import PRIORITY_HIGH, PRIORITY_IGNORE, LUKS2Header, _is_backup, read_luks2_header
-from .luks2_write import Luks2Writer, build_metadata, luks2_layout
+from .luks2_write import Luks2Writer, build_metadata, luks2_layout, serialize_copy
 from .luks_common import luks_cipher_spec, pread_exact
 from .luks_write import (
     ARGON2_LIMIT_MEMORY_KIB,
@@ -81,6 +88,7 @@ __all__ = [
     "format_container",
     "get_uuid",
     "header_backup",
+    "repair_header",
     "header_restore",
     "is_luks",
     "kill_slot",
@@ -991,6 +999,46 @@ def _backup_size(hdr: LUKS1Header | LUKS2Header) -> int:
     if isinstance(hdr, LUKS1Header):
         return hdr.required_header_bytes
     return hdr.hdr_and_areas_size
+
+
+def repair_header(path: str, header: str | None = None) -> tuple[str, str | None]:
+    """The header part of ``cryptsetup repair``: LUKS2's recovery of a damaged or
+    outdated header copy, which cryptsetup runs whenever it loads a header and
+    cryptfuse only here.  The bad copy is rewritten from the good one as cryptsetup
+    does it: the good copy's JSON area byte for byte, its seqid (the epoch does not
+    change), a fresh salt.  The good copy is never touched, so a crash at any instant
+    leaves it.  A foreign signature beside the damaged copy does not stop it
+    (cryptsetup's repair does not probe either).  A LUKS1 header is validated only
+    (cryptsetup's LUKS1 keyslot repairs are not done).  Returns the LUKS type and
+    the copy rewritten ("primary"/"secondary") or None."""
+    with _locked(path, header, write=True) as h:
+        head = os.pread(h.header_fd, 8, 0)
+        if head == LUKS_MAGIC + b"\x00\x01":
+            read_luks1_header(h.header_fd, h.header_path)
+            return "luks1", None
+        hdr = read_luks2_header(h.header_fd, h.header_path, repairing=True)
+        if hdr.damaged is None:
+            return "luks2", None
+        b = hdr.binary
+        good = 0 if hdr.source == "primary" else b.hdr_size
+        area = pread_exact(
+            h.header_fd, b.hdr_size - BIN_HEADER_SIZE, good + BIN_HEADER_SIZE, "LUKS2 JSON area"
+        )
+        secondary = hdr.damaged == "secondary"
+        data = serialize_copy(
+            secondary=secondary,
+            hdr_size=b.hdr_size,
+            seqid=b.seqid,
+            label=b.label,
+            subsystem=b.subsystem,
+            salt=os.urandom(len(b.salt)),
+            uuid=b.uuid,
+            json_area=area,
+        )
+        pwrite_all(h.header_fd, data, b.hdr_size if secondary else 0, "LUKS2 header copy")
+        sync(h.header_fd)
+        log.info("%s: the %s LUKS2 header copy rewritten", h.header_path, hdr.damaged)
+        return "luks2", hdr.damaged
 
 
 def header_backup(path: str, backup_file: str, *, header: str | None = None) -> None:
