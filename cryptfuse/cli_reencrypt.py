@@ -373,14 +373,10 @@ def repair_command(argv: Sequence[str]) -> int:
     p.add_argument("container", metavar="CONTAINER")
     _key_options(p)
     args = p.parse_args(argv)
-    kind, rewritten = manage.repair_header(args.container, args.header)
-    if rewritten is not None:
-        print(
-            f"{PROG}: the {rewritten} LUKS2 header copy was damaged or outdated; "
-            "rewritten from the other copy.",
-            file=sys.stderr,
-        )
-    elif args.verbose:
+    kind, repaired = manage.repair_header(args.container, args.header)
+    for line in repaired:
+        print(f"{PROG}: {line}", file=sys.stderr)
+    if not repaired and args.verbose:
         print("No known problems detected for LUKS header.", file=sys.stderr)
     current = _luks2_json(args.header or args.container) if kind == "luks2" else None
     if current is None or not reenc.in_reencryption(current):

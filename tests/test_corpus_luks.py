@@ -328,6 +328,38 @@ def test_evil_luks1_headers(unpacked: Path, name: str, error: type, message: str
         open_volume(str(img), OpenOptions(), Secret(b"anything"))
 
 
+@pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="cryptsetup not installed")
+@pytest.mark.parametrize(("name", "error", "message"), EVIL)
+def test_evil_luks1_headers_repaired_as_cryptsetup(
+    unpacked: Path, tmp_path: Path, name: str, error: type, message: str
+) -> None:
+    """``repair_header`` against ``cryptsetup repair`` on copies of each evil header:
+    both repair (byte-identical results, which then open) or both give up (nothing
+    written)."""
+    from cryptfuse.formats import manage
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    shutil.copyfile(unpacked / name, ours)
+    shutil.copyfile(unpacked / name, theirs)
+    code = subprocess.run(
+        ["cryptsetup", "repair", "-q", str(theirs)], capture_output=True
+    ).returncode
+    before = ours.read_bytes()
+    try:
+        kind, done = manage.repair_header(str(ours))
+    except CryptfuseError:
+        assert code != 0, name
+        assert ours.read_bytes() == before
+        return
+    assert code == 0 and kind == "luks1" and done, name
+    assert ours.read_bytes() == theirs.read_bytes()
+    fd = os.open(ours, os.O_RDONLY)
+    try:
+        read_luks1_header(fd, str(ours))
+    finally:
+        os.close(fd)
+
+
 def test_valid_header_file_loads_but_has_no_keyslot(unpacked: Path) -> None:
     img = unpacked / "valid_header_file"
     fd = os.open(img, os.O_RDONLY)

@@ -292,6 +292,97 @@ class LUKS1Header:
         raise WrongPassphraseError()
 
 
+#: cryptsetup aligns LUKS1 keyslots to 4 KiB (LUKS_ALIGN_KEYSLOTS), in sectors
+_KEYSLOT_ALIGN = 4096 // 512
+#: a DOS partition table signature, which a partitioning tool may have left in keyslot 6
+_MSDOS_SIGNATURE = (0x1FE, b"\x55\xaa")
+
+
+def repaired_luks1_header(data: bytes) -> tuple[bytes, list[str]] | None:
+    """cryptsetup's LUKS1 ``repair`` (``_keyslot_repair``) of the 592 header bytes
+    *data*: None when there is nothing to repair, else the repaired bytes and what
+    was done, one line each.
+
+    A repair is tried when a keyslot's geometry is invalid, the cipher mode is
+    ``ecb-*`` or the hash name is not lower case.  Only *inactive* keyslots are
+    changed: any whose key material offset or stripes differ from the standard
+    layout for the key size (or keyslot 6 holding a DOS partition signature) gets
+    that layout back, is disabled and its salt and iterations wiped.  ``ecb-*``
+    becomes ``ecb``, the hash is lower-cased.  Raises :class:`FormatError` when
+    cryptsetup also gives up (a non-standard key size or keyslot alignment, or an
+    active keyslot still invalid afterwards)."""
+    header = LUKS1Header.parse(data)
+    try:
+        header.validate()
+        geometry_ok = True
+    except FormatError:
+        geometry_ok = False
+    ecb = header.cipher_mode.startswith("ecb-")
+    upper = header.hash_spec != header.hash_spec.lower()
+    if geometry_ok and not ecb and not upper:
+        return None
+    if header.key_bytes not in (16, 32, 64):
+        raise FormatError("Non standard key size, manual repair required.")
+    if header.keyslots[0].key_material_offset < _KEYSLOT_ALIGN:
+        raise FormatError("Non standard keyslots alignment, manual repair required.")
+    out = bytearray(data[:HEADER_SIZE])
+    done: list[str] = []
+    if ecb:
+        done.append(f"Cipher mode repaired ({header.cipher_mode} -> ecb).")
+        out[40:72] = b"ecb".ljust(32, b"\0")
+    if upper:
+        lower = header.hash_spec.lower()
+        done.append(f"Cipher hash repaired to lowercase ({lower}).")
+        out[72:104] = lower.encode().ljust(32, b"\0")
+        try:
+            supported = hash_size(lower) >= DIGEST_SIZE
+        except UnsupportedError:
+            supported = False
+        if not supported:
+            raise FormatError(f"Requested LUKS hash {lower} is not supported.")
+    mode = "ecb" if ecb else header.cipher_mode
+    check_key_size(
+        luks_cipher_spec(f"{header.cipher_name}-{mode}", "LUKS1 header cipher"),
+        header.key_bytes,
+        "LUKS1 header",
+    )
+    blocks, sector = af_sectors(header.key_bytes, STRIPES), _KEYSLOT_ALIGN
+    for slot in header.keyslots:
+        standard = sector
+        sector = -(-(sector + blocks) // _KEYSLOT_ALIGN) * _KEYSLOT_ALIGN
+        if slot.enabled:
+            continue
+        bad = False
+        if slot.key_material_offset != standard:
+            done.append(
+                f"Keyslot {slot.index}: offset repaired ({slot.key_material_offset} -> {standard})."
+            )
+            bad = True
+        if slot.stripes != STRIPES:
+            done.append(f"Keyslot {slot.index}: stripes repaired ({slot.stripes} -> {STRIPES}).")
+            bad = True
+        at, signature = _MSDOS_SIGNATURE
+        if slot.index == 6 and data[at : at + 2] == signature:
+            done.append(f"Keyslot {slot.index}: bogus partition signature.")
+            bad = True
+        if bad:
+            done.append(f"Keyslot {slot.index}: salt wiped.")
+            _KEYSLOT.pack_into(
+                out,
+                _PHDR.size + slot.index * _KEYSLOT.size,
+                KEY_DISABLED,
+                0,
+                bytes(SALT_SIZE),
+                standard,
+                STRIPES,
+            )
+    try:
+        LUKS1Header.parse(bytes(out)).validate()
+    except FormatError as exc:
+        raise FormatError(f"Repair failed: {exc}") from None
+    return bytes(out), done
+
+
 def read_luks1_header(fd: int, path: str) -> LUKS1Header:
     """Read, parse and validate the LUKS1 header on descriptor *fd* (named *path*).
 

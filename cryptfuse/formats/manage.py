@@ -38,8 +38,9 @@ from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import CipherSpec, parse_cipher_spec
 from ..volume import Volume, device_size, open_device
 from . import LUKS_MAGIC, detect_type
+from .luks1 import HEADER_SIZE as LUKS1_HEADER_SIZE
 from .luks1 import NUM_KEYSLOTS as LUKS1_SLOTS
-from .luks1 import LUKS1Header, read_luks1_header
+from .luks1 import LUKS1Header, read_luks1_header, repaired_luks1_header
 from .luks1_write import (
     clear_keyslot,
     derive_keyslot_key,
@@ -1001,24 +1002,34 @@ def _backup_size(hdr: LUKS1Header | LUKS2Header) -> int:
     return hdr.hdr_and_areas_size
 
 
-def repair_header(path: str, header: str | None = None) -> tuple[str, str | None]:
-    """The header part of ``cryptsetup repair``: LUKS2's recovery of a damaged or
-    outdated header copy, which cryptsetup runs whenever it loads a header and
-    cryptfuse only here.  The bad copy is rewritten from the good one as cryptsetup
-    does it: the good copy's JSON area byte for byte, its seqid (the epoch does not
-    change), a fresh salt.  The good copy is never touched, so a crash at any instant
-    leaves it.  A foreign signature beside the damaged copy does not stop it
-    (cryptsetup's repair does not probe either).  A LUKS1 header is validated only
-    (cryptsetup's LUKS1 keyslot repairs are not done).  Returns the LUKS type and
-    the copy rewritten ("primary"/"secondary") or None."""
+def repair_header(path: str, header: str | None = None) -> tuple[str, list[str]]:
+    """The header part of ``cryptsetup repair``.  Returns the LUKS type and what
+    was repaired, one line each (none: nothing needed it).
+
+    LUKS2: the recovery of a damaged or outdated header copy, which cryptsetup
+    runs whenever it loads a header and cryptfuse only here.  The bad copy is
+    rewritten from the good one as cryptsetup does it: the good copy's JSON area
+    byte for byte, its seqid (the epoch does not change), a fresh salt.  The good
+    copy is never touched, so a crash at any instant leaves it.  A foreign
+    signature beside the damaged copy does not stop it (cryptsetup's repair does
+    not probe either).
+
+    LUKS1: cryptsetup's keyslot repair (:func:`repaired_luks1_header`), written
+    over the 592 header bytes in one write, as cryptsetup writes it.
+    """
     with _locked(path, header, write=True) as h:
         head = os.pread(h.header_fd, 8, 0)
         if head == LUKS_MAGIC + b"\x00\x01":
-            read_luks1_header(h.header_fd, h.header_path)
-            return "luks1", None
+            data = pread_exact(h.header_fd, LUKS1_HEADER_SIZE, 0, "LUKS1 header")
+            fixed = repaired_luks1_header(data)
+            if fixed is not None:
+                pwrite_all(h.header_fd, fixed[0], 0, "LUKS1 header")
+                sync(h.header_fd)
+            read_luks1_header(h.header_fd, h.header_path)  # the device holds every keyslot
+            return "luks1", [] if fixed is None else fixed[1]
         hdr = read_luks2_header(h.header_fd, h.header_path, repairing=True)
         if hdr.damaged is None:
-            return "luks2", None
+            return "luks2", []
         b = hdr.binary
         good = 0 if hdr.source == "primary" else b.hdr_size
         area = pread_exact(
@@ -1037,8 +1048,10 @@ def repair_header(path: str, header: str | None = None) -> tuple[str, str | None
         )
         pwrite_all(h.header_fd, data, b.hdr_size if secondary else 0, "LUKS2 header copy")
         sync(h.header_fd)
-        log.info("%s: the %s LUKS2 header copy rewritten", h.header_path, hdr.damaged)
-        return "luks2", hdr.damaged
+        return "luks2", [
+            f"The {hdr.damaged} LUKS2 header copy was damaged or outdated; "
+            "rewritten from the other copy."
+        ]
 
 
 def header_backup(path: str, backup_file: str, *, header: str | None = None) -> None:
