@@ -379,6 +379,15 @@ def repair_command(argv: Sequence[str]) -> int:
     if not repaired and args.verbose:
         print("No known problems detected for LUKS header.", file=sys.stderr)
     current = _luks2_json(args.header or args.container) if kind == "luks2" else None
+    if current is not None:  # cryptsetup's repair fails on unknown requirements too
+        config = current.get("config", {})
+        mandatory = config.get("requirements", {}).get("mandatory", [])
+        unknown = [r for r in mandatory if r not in ("online-reencrypt-v2", "online-reencrypt-v3")]
+        if unknown:
+            raise UnsupportedError(
+                f"LUKS2 header requires unknown features ({', '.join(map(str, unknown))}); "
+                "cannot check it for a reencryption to recover."
+            )
     if current is None or not reenc.in_reencryption(current):
         return 0
     crashed = reenc.Reencryption.from_json(current).crashed()

@@ -980,17 +980,22 @@ class LUKS2Header:
     # -- what opening needs ---------------------------------------------------------
 
     def check_requirements(self) -> None:
-        """Refuse mandatory requirements (reencryption in progress, unknown ones)."""
+        """Refuse mandatory requirements: a reencryption in progress (for everything
+        but mounting and ``reencrypt``, which handle it), unknown ones."""
         reqs = self.metadata.config.requirements
         if not reqs:
             return
         reencrypt = [r for r in reqs if r == "offline-reencrypt" or _reencrypt_candidate(r)]
+        if reencrypt and set(reqs) <= {"online-reencrypt-v2", "online-reencrypt-v3"}:
+            # (mounting and reencrypt handle these; everything else refuses, as cryptsetup)
+            raise UnsupportedError(
+                "Operation incompatible with device marked for LUKS2 reencryption. Aborting. "
+                "Finish the reencryption first: cryptfuse reencrypt --resume-only."
+            )
         if reencrypt:
             raise UnsupportedError(
-                f"LUKS2 reencryption is in progress or was interrupted (requirement "
-                f"{', '.join(reencrypt)}); cryptfuse does not implement the reencryption "
-                "protocol and will not open or write this device. Finish it with "
-                "'cryptsetup reencrypt --resume-only' (or 'cryptsetup repair') first."
+                f"LUKS2 reencryption requirement {', '.join(reencrypt)} is not supported "
+                "(cryptfuse knows online-reencrypt-v2 and -v3); refusing to use this device."
             )
         raise UnsupportedError(
             f"LUKS2 header requires unknown features ({', '.join(reqs)}); refusing to open it."
