@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -1261,6 +1262,10 @@ def test_random_init_like_cryptsetup(tmp_path: Path) -> None:
         if kind != "encrypt":
             run("cryptsetup", "luksFormat", "--type", "luks2", "-q", "--key-file", str(key),
                 *fmt, str(seed_img))  # fmt: skip
+            for bound in rng.choice([[], [["0"]], [["0"], []]]):  # tokens follow the keyslot
+                token = work / "token.json"
+                token.write_text(json.dumps({"type": "t", "keyslots": bound}))
+                run("cryptsetup", "token", "import", "--json-file", str(token), str(seed_img))
         for path in devices.values():
             shutil.copyfile(seed_img, path)
         before = seed_img.read_bytes() if kind == "encrypt" else read_with(seed_img, None)

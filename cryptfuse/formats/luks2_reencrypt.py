@@ -1316,8 +1316,9 @@ def _finish(dev: _Devices, rh: Reencryption) -> None:
         obj["config"]["keyslots_size"] = str(size - size % 4096)
     stale.append((rh.area_offset, rh.area_size))
     del obj["keyslots"][str(rh.keyslot)]
-    for digest in obj["digests"].values():
-        digest["keyslots"] = [k for k in digest["keyslots"] if k in obj["keyslots"]]
+    for item in [*obj["digests"].values(), *obj.get("tokens", {}).values()]:
+        if isinstance(item.get("keyslots"), list):  # (cryptsetup's keyslot wipe does so)
+            item["keyslots"] = [k for k in item["keyslots"] if k in obj["keyslots"]]
     _drop_empty_digests(obj)
     _commit(dev, rh)
     for offset, length in stale:
@@ -1935,6 +1936,13 @@ def initialize_on(
         area_key_bytes=area_key_bytes,
     )
     writer.commit()
+    # tokens of the unlocking keyslot get the new one too, one commit each (cryptsetup's
+    # assign_tokens): at the end the old keyslot leaves them
+    for token_id in sorted(obj.get("tokens", {}), key=int):
+        bound_to = obj["tokens"][token_id].get("keyslots")
+        if isinstance(bound_to, list) and str(slot) in bound_to and str(new_slot) not in bound_to:
+            bound_to.append(str(new_slot))
+            writer.commit()
     # 2. everything else in one commit
     old_digest = bound.index
     segs = obj["segments"]
