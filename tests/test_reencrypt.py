@@ -1316,3 +1316,45 @@ def test_random_init_like_cryptsetup(tmp_path: Path) -> None:
                 # the volume's last half-reduction is given up (the moved chunk's copy)
                 usable -= int(opts[opts.index("--reduce-device-size") + 1][:-1]) * MiB // 2
             assert views[0][:usable] == views[1][:usable] == before[:usable], case
+
+
+@pytest.mark.parametrize("room", ["none-for-the-keyslot", "keyslot-only"])
+def test_start_that_outgrows_the_json_area_leaves_the_header(tmp_path: Path, room: str) -> None:
+    """A start whose metadata does not fit the JSON area is refused and leaves the
+    header as it was: refused before any key material is written when even the new
+    keyslot does not fit, rolled back (keyslot removed, its area wiped) when only the
+    reencryption metadata does not (as cryptsetup destroys the keyslot it made)."""
+    from cryptfuse.formats.luks2_write import Luks2Writer, serialize_json
+
+    img, key, data = make(tmp_path, data_mib=2)
+    run("cryptsetup", "luksFormat", "--type", "luks2", "-q", *FAST_KDF, "--key-file", str(key),
+        "--luks2-metadata-size", "16k", "--offset", "4096", str(img))  # fmt: skip
+    data = os.urandom(MiB)
+    with open_volume(str(img), OpenOptions(), Secret(PASS, False)) as v:
+        v.write(0, data)
+    # how much a start adds, measured on a copy
+    probe = tmp_path / "probe.img"
+    shutil.copyfile(img, probe)
+    size_before = len(json.dumps(header_json(img), separators=(",", ":")))
+    reenc.initialize(str(probe), None, PASS, reenc.ReencryptOptions(), KDF)
+    grown = len(json.dumps(header_json(probe), separators=(",", ":"))) - size_before
+    room_left = 200 if room == "none-for-the-keyslot" else grown - 200
+    fd = os.open(img, os.O_RDWR)
+    try:
+        w = Luks2Writer.from_header(fd, read_luks2_header(fd, str(img)))
+        json_size = w.hdr_size - 4096
+        w.obj["tokens"]["0"] = {"type": "pad", "keyslots": [], "p": ""}
+        pad = json_size - 1 - len(json.dumps(w.obj, separators=(",", ":"))) - room_left
+        w.obj["tokens"]["0"]["p"] = "x" * pad
+        serialize_json(w.obj, json_size)
+        w.commit()
+    finally:
+        os.close(fd)
+    before_json, before = header_json(img), img.read_bytes()
+    with pytest.raises(CryptfuseError):
+        reenc.initialize(str(img), None, PASS, reenc.ReencryptOptions(), KDF)
+    assert header_json(img) == before_json
+    if room == "none-for-the-keyslot":
+        assert img.read_bytes() == before  # nothing written at all
+    run("cryptsetup", "open", "--test-passphrase", "--key-file", str(key), str(img))
+    assert read_all(img)[: len(data)] != b"" and not reenc.in_reencryption(header_json(img))

@@ -1898,6 +1898,7 @@ def initialize_on(
     if new_slot is None:
         raise CryptfuseError("All key slots full.")
     salt = os.urandom(SALT_SIZE)
+    before = copy.deepcopy(obj)  # what a failed start goes back to
     digest_hash = options.digest_hash
     if digest_hash is None:
         old_kdf = header.metadata.keyslots[slot].kdf
@@ -1936,41 +1937,54 @@ def initialize_on(
         area_key_bytes=area_key_bytes,
     )
     writer.commit()
-    # tokens of the unlocking keyslot get the new one too, one commit each (cryptsetup's
-    # assign_tokens): at the end the old keyslot leaves them
-    for token_id in sorted(obj.get("tokens", {}), key=int):
-        bound_to = obj["tokens"][token_id].get("keyslots")
-        if isinstance(bound_to, list) and str(slot) in bound_to and str(new_slot) not in bound_to:
-            bound_to.append(str(new_slot))
-            writer.commit()
-    # 2. everything else in one commit
-    old_digest = bound.index
-    segs = obj["segments"]
-    old_seg = copy.deepcopy(segs["0"])
-    old_seg["flags"] = ["backup-previous"]
-    new_seg = crypt_segment(data_offset + shift, 0, None, str(new_spec), new_ss)
-    new_seg["flags"] = ["backup-final"]
-    segs["1"] = old_seg
-    segs["2"] = new_seg
-    obj["digests"][str(old_digest)]["segments"] = ["0", "1"]
-    obj["digests"][new_digest]["segments"] = ["2"]
-    _reencrypt_keyslot(
-        writer,
-        mode="reencrypt",
-        direction=direction,
-        resilience=resilience,
-        hash_name=options.resilience_hash,
-        block=max(device_block_size(devices.data_fd), check),
-        shift=shift,
-    )
-    _require(obj, REQUIREMENT)
-    writer.obj = rdigest.with_reencrypt_digest(
-        obj,
-        {old_digest: old_key, int(new_digest): new_key},
-        hash_name=digest_hash,
-        iterations=None if options.benchmark_digests else rdigest.MIN_ITERATIONS,
-    )
-    writer.commit()
+    new_area = obj["keyslots"][str(new_slot)]["area"]
+    try:
+        # tokens of the unlocking keyslot get the new one too, one commit each (cryptsetup's
+        # assign_tokens): at the end the old keyslot leaves them
+        for token_id in sorted(obj.get("tokens", {}), key=int):
+            bound_to = obj["tokens"][token_id].get("keyslots")
+            if (
+                isinstance(bound_to, list)
+                and str(slot) in bound_to
+                and str(new_slot) not in bound_to
+            ):
+                bound_to.append(str(new_slot))
+                writer.commit()
+        # 2. everything else in one commit
+        old_digest = bound.index
+        segs = obj["segments"]
+        old_seg = copy.deepcopy(segs["0"])
+        old_seg["flags"] = ["backup-previous"]
+        new_seg = crypt_segment(data_offset + shift, 0, None, str(new_spec), new_ss)
+        new_seg["flags"] = ["backup-final"]
+        segs["1"] = old_seg
+        segs["2"] = new_seg
+        obj["digests"][str(old_digest)]["segments"] = ["0", "1"]
+        obj["digests"][new_digest]["segments"] = ["2"]
+        _reencrypt_keyslot(
+            writer,
+            mode="reencrypt",
+            direction=direction,
+            resilience=resilience,
+            hash_name=options.resilience_hash,
+            block=max(device_block_size(devices.data_fd), check),
+            shift=shift,
+        )
+        _require(obj, REQUIREMENT)
+        writer.obj = rdigest.with_reencrypt_digest(
+            obj,
+            {old_digest: old_key, int(new_digest): new_key},
+            hash_name=digest_hash,
+            iterations=None if options.benchmark_digests else rdigest.MIN_ITERATIONS,
+        )
+        writer.commit()
+    except CryptfuseError:
+        # as cryptsetup destroys the keyslot it made when the start fails (the metadata
+        # outgrew the JSON area, ...): the header back to what it was, the area wiped
+        writer.obj = before
+        writer.commit()
+        wipe_area(devices.header_fd, int(new_area["offset"]), int(new_area["size"]), "keyslot")
+        raise
     if keys_out is not None:
         keys_out.update({old_digest: old_key, int(new_digest): new_key})
     return new_slot

@@ -454,9 +454,6 @@ class Luks2Writer:
         salt = os.urandom(SALT_SIZE)
         if area_key_bytes is None:
             area_key_bytes = key_bytes
-        derived = derive(params, passphrase, salt, area_key_bytes)
-        material = encrypt_keyslot_material(volume_key, STRIPES, af_hash, area_spec, derived)
-        self._write_durably(material, offset, f"keyslot {index} key material")
         slot: dict[str, Any] = {
             "type": "luks2",
             "key_size": key_bytes,
@@ -475,10 +472,26 @@ class Luks2Writer:
         # JSON order is cryptsetup's (json-c keeps insertion order): a keyslot and its
         # digest binding go at the end, a replaced one too (cryptsetup destroys it and
         # stores it anew).  cryptsetup tries keyslots in this order when unlocking.
-        self.obj["keyslots"].pop(key, None)
-        self.obj["keyslots"][key] = slot
-        bound = self.obj["digests"][digest if digest is not None else self.digest_for_segment()]
-        bound["keyslots"] = [k for k in bound["keyslots"] if k != key] + [key]
+        target = digest if digest is not None else self.digest_for_segment()
+
+        def add(obj: dict[str, Any]) -> None:
+            obj["keyslots"].pop(key, None)
+            obj["keyslots"][key] = slot
+            bound = obj["digests"][target]
+            bound["keyslots"] = [k for k in bound["keyslots"] if k != key] + [key]
+
+        # the metadata must still fit before any key material is written (cryptsetup's
+        # LUKS2_check_json_size): a refusal leaves the device untouched
+        trial = copy.deepcopy(self.obj)
+        add(trial)
+        try:
+            serialize_json(trial, self.hdr_size - BIN_HEADER_SIZE)
+        except CryptfuseError:
+            raise CryptfuseError("Not enough space in header json area for new keyslot.") from None
+        derived = derive(params, passphrase, salt, area_key_bytes)
+        material = encrypt_keyslot_material(volume_key, STRIPES, af_hash, area_spec, derived)
+        self._write_durably(material, offset, f"keyslot {index} key material")
+        add(self.obj)  # in place: callers hold ``obj``
         return old_area
 
     def wipe_keyslot(self, index: int) -> None:
