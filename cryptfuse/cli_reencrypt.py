@@ -123,7 +123,9 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     g.add_argument("--cipher", "-c", metavar="SPEC", help="new cipher (default: keep)")
     g.add_argument("--key-size", "-s", type=_nonneg_int, metavar="BITS", help="new key size")
     g.add_argument("--sector-size", type=_nonneg_int, metavar="BYTES", help="new sector size")
-    g.add_argument("--resilience", choices=("checksum", "journal", "none"), default="checksum")
+    g.add_argument(
+        "--resilience", choices=("checksum", "journal", "none"), help="default: checksum"
+    )
     g.add_argument("--resilience-hash", default="sha256", metavar="HASH")
     g.add_argument("--hotzone-size", type=_size, default=0, metavar="SIZE")
     g.add_argument("--init-only", action="store_true", help="write the metadata only")
@@ -156,6 +158,9 @@ def reencrypt_command(argv: Sequence[str]) -> int:
         raise UsageError("Options --encrypt and --decrypt cannot be combined.")
     current = _luks2_json(header or container)
     started = current is not None and reenc.in_reencryption(current)
+    if started:
+        assert current is not None
+        _check_resume_options(args, reenc.Reencryption.from_json(current))
     sock = control.connect(container)
     if sock is not None:  # mounted by a cryptfuse daemon: it does the work (online)
         if args.encrypt or args.decrypt:
@@ -189,6 +194,28 @@ def reencrypt_command(argv: Sequence[str]) -> int:
         if args.init_only:
             return 0
     return _run_to_end(args, passphrase, keys)
+
+
+def _check_resume_options(args: argparse.Namespace, rh: reenc.Reencryption) -> None:
+    """cryptsetup 2.6.1's checks of the options given to a reencryption in progress
+    (``reencrypt_verify_and_update_params``).  Unlike cryptsetup, a ``--resilience``
+    that passes them does not switch the mode: the metadata's is kept
+    (docs/reencryption.md)."""
+    if args.encrypt and rh.mode != "encrypt":
+        raise UsageError("Device is not in LUKS2 encryption. Conflicting option --encrypt.")
+    if args.decrypt and rh.mode != "decrypt":
+        raise UsageError("Device is not in LUKS2 decryption. Conflicting option --decrypt.")
+    if args.resilience is None:
+        return
+    if rh.area_type == "datashift":
+        raise UsageError(
+            "Device is in reencryption using datashift resilience. "
+            "Requested --resilience option cannot be applied."
+        )
+    if rh.area_type.startswith("datashift-") and args.resilience == "none":
+        raise UsageError(
+            "Requested --resilience option cannot be applied to current reencryption operation."
+        )
 
 
 def _luks2_json(path: str) -> dict[str, Any] | None:
@@ -243,7 +270,7 @@ def _start_encrypt(args: argparse.Namespace) -> int:
         cipher=cipher,
         key_size=key_bits,
         sector_size=args.sector_size or 512,
-        resilience=args.resilience,
+        resilience=args.resilience or "checksum",
         resilience_hash=args.resilience_hash,
         offset=args.offset * 512 if args.offset is not None else None,
         reduce=args.reduce_device_size or 0,
@@ -276,7 +303,7 @@ def _start_decrypt(args: argparse.Namespace) -> int:
         args.header,
         passphrase,
         key_slot=args.key_slot,
-        resilience=args.resilience,
+        resilience=args.resilience or "checksum",
         resilience_hash=args.resilience_hash,
         max_hotzone=args.hotzone_size,
         keys_out=keys,
@@ -310,7 +337,7 @@ def _new_reencryption(args: argparse.Namespace) -> tuple[KdfParams, reenc.Reencr
         cipher=args.cipher,
         key_size=args.key_size,
         sector_size=args.sector_size,
-        resilience=args.resilience,
+        resilience=args.resilience or "checksum",
         resilience_hash=args.resilience_hash,
         shift=args.reduce_device_size or 0,
         digest_hash=(args.hash or "sha256") if given else None,

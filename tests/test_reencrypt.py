@@ -1358,3 +1358,56 @@ def test_start_that_outgrows_the_json_area_leaves_the_header(tmp_path: Path, roo
         assert img.read_bytes() == before  # nothing written at all
     run("cryptsetup", "open", "--test-passphrase", "--key-file", str(key), str(img))
     assert read_all(img)[: len(data)] != b"" and not reenc.in_reencryption(header_json(img))
+
+
+def _started(tmp: Path, state: str) -> tuple[Path, Path, Path | None]:
+    """A small device in a reencryption cryptsetup started (*state*)."""
+    img, key, hdr = tmp / "c.img", tmp / "pass", None
+    key.write_bytes(PASS)
+    keyfile = ["--key-file", str(key)]
+    start = ["cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", "-q", *keyfile]
+    if state == "encrypt":
+        img.write_bytes(os.urandom(12 * MiB))
+        run(*start, "--encrypt", *FAST_KDF, "--reduce-device-size", "4m", str(img))
+        return img, key, None
+    with open(img, "wb") as f:
+        f.truncate(20 * MiB)
+    run("cryptsetup", "luksFormat", "--type", "luks2", "-q", *FAST_KDF, *keyfile, str(img))
+    if state == "decrypt":
+        hdr = tmp / "c.hdr"
+        run(*start, "--decrypt", "--header", str(hdr), str(img))
+    else:
+        run(*start, *(["--reduce-device-size", "1m"] if state == "shift" else []), str(img))
+    return img, key, hdr
+
+
+@pytest.mark.parametrize("state", ["reencrypt", "shift", "encrypt", "decrypt"])
+def test_resume_options_checked_as_cryptsetup(tmp_path: Path, state: str) -> None:
+    """Options given to a reencryption in progress: ``--encrypt``/``--decrypt`` that
+    do not match its mode, and a ``--resilience`` that cannot apply (a datashift in
+    progress; ``none`` for a decryption moving the data), are refused by both tools,
+    the rest resume in both."""
+    img, key, hdr = _started(tmp_path, state)
+    for options in (["--encrypt"], ["--decrypt"], *(["--resilience", r] for r in
+                    ("checksum", "journal", "none"))):  # fmt: skip
+        results = []
+        for tool in ("cryptfuse", "cryptsetup"):
+            work = tmp_path / f"{tool}-{'-'.join(options)}"
+            work.mkdir()
+            copy, header = work / "c.img", (work / "c.hdr" if hdr else None)
+            shutil.copyfile(img, copy)
+            if hdr and header:
+                shutil.copyfile(hdr, header)
+            args = [*options, "-q", "--key-file", str(key), "--resume-only"]
+            args += ["--header", str(header)] if header else []
+            if tool == "cryptfuse":
+                proc = cli("reencrypt", *args, str(copy))
+                assert proc.stderr.count(b"\n") <= 1 and b"Traceback" not in proc.stderr
+                results.append(proc.returncode == 0)
+            else:
+                done = subprocess.run(
+                    ["cryptsetup", "reencrypt", "--force-offline-reencrypt", *args, str(copy)],
+                    capture_output=True,
+                )
+                results.append(done.returncode == 0)
+        assert results[0] == results[1], (state, options, results)
