@@ -126,7 +126,7 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     g.add_argument(
         "--resilience", choices=("checksum", "journal", "none"), help="default: checksum"
     )
-    g.add_argument("--resilience-hash", default="sha256", metavar="HASH")
+    g.add_argument("--resilience-hash", metavar="HASH", help="default: sha256")
     g.add_argument("--hotzone-size", type=_size, default=0, metavar="SIZE")
     g.add_argument("--init-only", action="store_true", help="write the metadata only")
     g.add_argument("--resume-only", action="store_true", help="only resume a started one")
@@ -193,6 +193,18 @@ def reencrypt_command(argv: Sequence[str]) -> int:
             print(f"Key slot {slot} created for the new volume key.", file=sys.stderr)
         if args.init_only:
             return 0
+    elif args.resilience is not None:  # as cryptsetup: the resume switches to it
+        changed = reenc.switch_resilience(
+            container,
+            header,
+            passphrase,
+            args.resilience,
+            args.resilience_hash,
+            key_slot=args.key_slot,
+            keys=keys,
+        )
+        if changed and args.verbose:
+            print(f"{PROG}: resilience switched to {args.resilience}.", file=sys.stderr)
     return _run_to_end(args, passphrase, keys)
 
 
@@ -271,7 +283,7 @@ def _start_encrypt(args: argparse.Namespace) -> int:
         key_size=key_bits,
         sector_size=args.sector_size or 512,
         resilience=args.resilience or "checksum",
-        resilience_hash=args.resilience_hash,
+        resilience_hash=args.resilience_hash or "sha256",
         offset=args.offset * 512 if args.offset is not None else None,
         reduce=args.reduce_device_size or 0,
         hash=args.hash or "sha256",
@@ -304,7 +316,7 @@ def _start_decrypt(args: argparse.Namespace) -> int:
         passphrase,
         key_slot=args.key_slot,
         resilience=args.resilience or "checksum",
-        resilience_hash=args.resilience_hash,
+        resilience_hash=args.resilience_hash or "sha256",
         max_hotzone=args.hotzone_size,
         keys_out=keys,
     )
@@ -338,7 +350,7 @@ def _new_reencryption(args: argparse.Namespace) -> tuple[KdfParams, reenc.Reencr
         key_size=args.key_size,
         sector_size=args.sector_size,
         resilience=args.resilience or "checksum",
-        resilience_hash=args.resilience_hash,
+        resilience_hash=args.resilience_hash or "sha256",
         shift=args.reduce_device_size or 0,
         digest_hash=(args.hash or "sha256") if given else None,
         benchmark_digests=given and args.pbkdf_force_iterations is None,
@@ -350,6 +362,11 @@ def _online(args: argparse.Namespace, sock: socket.socket, started: bool) -> int
     """Ask the daemon that mounts the container to do the reencryption (it is the
     container's only writer), relaying progress and Ctrl-C."""
     container = args.container
+    if started and args.resilience is not None:
+        raise UnsupportedError(
+            f"{container} is mounted: its reencryption's resilience can be changed offline "
+            "only (resume without --resilience, or unmount first)."
+        )
     passphrase = _existing_secret(args, f"Enter passphrase for {container}: ")
     message: dict[str, object] = {
         "op": "reencrypt",

@@ -1411,3 +1411,51 @@ def test_resume_options_checked_as_cryptsetup(tmp_path: Path, state: str) -> Non
                 )
                 results.append(done.returncode == 0)
         assert results[0] == results[1], (state, options, results)
+
+
+@pytest.mark.parametrize(
+    "state,resilience,hash_name",
+    [
+        ("reencrypt", "journal", None),
+        ("reencrypt", "none", None),
+        ("reencrypt", "checksum", "sha1"),
+        ("decrypt", "journal", None),
+        ("decrypt", "checksum", "sha512"),
+    ],
+)
+def test_resilience_switched_on_resume(
+    tmp_path: Path, state: str, resilience: str, hash_name: str | None
+) -> None:
+    """``--resume-only --resilience R`` switches a reencryption in progress to R, as
+    cryptsetup does: the reencrypt keyslot's area and digest are rewritten, cryptsetup
+    accepts the result (its digest check) and finishes it to the right data, and so
+    does cryptfuse's own command line."""
+    img, key, hdr = _started(tmp_path, state)
+    plain = read_with(img, hdr)
+    at = ["--header", str(hdr)] if hdr else []
+    copy = tmp_path / "copy.img"
+    shutil.copyfile(img, copy)
+    copy_hdr = None
+    if hdr:
+        copy_hdr = tmp_path / "copy.hdr"
+        shutil.copyfile(hdr, copy_hdr)
+    assert reenc.switch_resilience(str(img), str(hdr) if hdr else None, PASS, resilience, hash_name)
+    area = next(
+        s["area"] for s in header_json(hdr or img)["keyslots"].values() if s["type"] == "reencrypt"
+    )
+    assert area["type"] == (f"datashift-{resilience}" if state == "decrypt" else resilience)
+    if resilience == "checksum":
+        assert area["hash"] == hash_name and area["sector_size"] == 4096
+    dump = run("cryptsetup", "luksDump", *at, str(img))
+    assert f"Resilience: {area['type']}" in dump
+    run("cryptsetup", "reencrypt", "--resume-only", "--force-offline-reencrypt", "-q",
+        "--key-file", str(key), *at, str(img))  # fmt: skip
+    copy_at = ["--header", str(copy_hdr)] if copy_hdr else []
+    proc = cli("reencrypt", "--resume-only", "-q", "--key-file", str(key), "--resilience",
+               resilience, *copy_at, str(copy))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for done in (img, copy):
+        if state == "decrypt":
+            assert done.read_bytes()[: len(plain)] == plain
+        else:
+            assert read_all(done) == plain

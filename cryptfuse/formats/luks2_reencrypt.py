@@ -91,6 +91,7 @@ __all__ = [
     "open_reencryption",
     "recover",
     "run",
+    "switch_resilience",
 ]
 
 log = logging.getLogger(__name__)
@@ -1553,6 +1554,83 @@ def recover(
         if not rh.crashed():
             return False
         _recover_locked(dev, rh)
+        return True
+
+
+def switch_resilience(
+    data_path: str,
+    header_path: str | None,
+    passphrase: bytes,
+    resilience: str,
+    resilience_hash: str | None = None,
+    *,
+    key_slot: int | None = None,
+    keys: dict[int, bytes] | None = None,
+) -> bool:
+    """Change the resilience of a reencryption in progress, as ``cryptsetup reencrypt
+    --resume-only --resilience R`` does (``LUKS2_keyslot_reencrypt_update``): the
+    reencrypt keyslot's area (same place) takes the new type (``datashift-`` kept for
+    a decryption that moves the data), a checksum hash (``resilience_hash``, else the
+    current one, else sha256) and block, and a new reencryption digest (sha256,
+    benchmarked), all in one commit, between hot zones (an interrupted one is
+    recovered first, with the old resilience).  False when nothing changes.
+    With *keys*, the volume keys are handed back for the run that follows."""
+    if resilience not in ("checksum", "journal", "none"):
+        raise UsageError(f"Unsupported resilience mode {resilience}.")
+    path = header_path or data_path
+    with _opened(data_path, header_path) as dev:
+        _, rh = _load(dev, passphrase, key_slot, path)
+        if rh.crashed():
+            _recover_locked(dev, rh)
+            _, rh = _load(dev, passphrase, key_slot, path)
+        if keys is not None:
+            keys.update(rh.keys)
+        area = rh.obj["keyslots"][str(rh.keyslot)]["area"]
+        current = str(area["type"])
+        if current == "datashift":
+            raise UsageError(
+                "Device is in reencryption using datashift resilience. "
+                "Requested --resilience option cannot be applied."
+            )
+        new_type = f"datashift-{resilience}" if current.startswith("datashift-") else resilience
+        if new_type == "datashift-none":
+            raise UsageError(
+                "Requested --resilience option cannot be applied to current reencryption operation."
+            )
+        new_area: dict[str, Any] = {
+            "offset": area["offset"],
+            "size": area["size"],
+            "type": new_type,
+        }
+        block = 0
+        if resilience == "checksum":
+            hash_name = resilience_hash or str(area.get("hash") or "sha256")
+            hashlib_name(hash_name)
+            block = max(
+                device_block_size(dev.data_fd),
+                rh.sector_size_of(rh.seg_old),
+                rh.sector_size_of(rh.seg_new),
+            )
+            new_area["hash"] = hash_name
+            new_area["sector_size"] = block
+        if "shift_size" in area:
+            new_area["shift_size"] = area["shift_size"]
+        if new_area == area:
+            return False
+        if rh.seg_moved is not None and current.startswith("datashift-"):
+            capacity = int(area["size"])
+            if block:
+                capacity = capacity // hash_size(new_area["hash"]) * block
+            moved = _seg_size(rh.seg_moved) or 0
+            if moved > capacity:
+                raise UsageError(
+                    f"Can not update resilience type. New type only provides {capacity} "
+                    f"bytes, required space is: {moved} bytes."
+                )
+        obj = copy.deepcopy(rh.obj)
+        obj["keyslots"][str(rh.keyslot)]["area"] = new_area
+        dev.writer.obj = rdigest.with_reencrypt_digest(obj, rh.keys, iterations=None)
+        dev.writer.commit()
         return True
 
 
