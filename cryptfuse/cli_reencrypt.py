@@ -210,9 +210,8 @@ def reencrypt_command(argv: Sequence[str]) -> int:
 
 def _check_resume_options(args: argparse.Namespace, rh: reenc.Reencryption) -> None:
     """cryptsetup 2.6.1's checks of the options given to a reencryption in progress
-    (``reencrypt_verify_and_update_params``).  Unlike cryptsetup, a ``--resilience``
-    that passes them does not switch the mode: the metadata's is kept
-    (docs/reencryption.md)."""
+    (``reencrypt_verify_and_update_params``); a ``--resilience`` that passes them
+    switches the reencryption to it (:func:`reenc.switch_resilience`)."""
     if args.encrypt and rh.mode != "encrypt":
         raise UsageError("Device is not in LUKS2 encryption. Conflicting option --encrypt.")
     if args.decrypt and rh.mode != "decrypt":
