@@ -1445,7 +1445,7 @@ def test_resilience_switched_on_resume(
     )
     assert area["type"] == (f"datashift-{resilience}" if state == "decrypt" else resilience)
     if resilience == "checksum":
-        assert area["hash"] == hash_name and area["sector_size"] == 4096
+        assert area["hash"] == hash_name and area["sector_size"] % 4096 == 0
     dump = run("cryptsetup", "luksDump", *at, str(img))
     assert f"Resilience: {area['type']}" in dump
     run("cryptsetup", "reencrypt", "--resume-only", "--force-offline-reencrypt", "-q",
