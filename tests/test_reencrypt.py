@@ -1459,3 +1459,20 @@ def test_resilience_switched_on_resume(
             assert done.read_bytes()[: len(plain)] == plain
         else:
             assert read_all(done) == plain
+
+
+def test_shift_into_a_detached_headers_keyslots_area_refused(tmp_path: Path) -> None:
+    """A key change with ``--reduce-device-size`` under a detached header whose
+    keyslots area reaches past the new data offset has no valid LUKS2 form: refused
+    before writing (cryptsetup 2.6.1 starts it and then fails every hot-zone commit)."""
+    img, hdr, key = tmp_path / "c.img", tmp_path / "c.hdr", tmp_path / "pass"
+    key.write_bytes(PASS)
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+    run("cryptsetup", "luksFormat", "--type", "luks2", "-q", *FAST_KDF, "--key-file", str(key),
+        "--header", str(hdr), str(img))  # fmt: skip
+    before = hdr.read_bytes(), img.read_bytes()
+    proc = cli("reencrypt", "-q", "--key-file", str(key), "--header", str(hdr),
+               "--reduce-device-size", "1m", str(img))  # fmt: skip
+    assert proc.returncode != 0 and b"keyslots area" in proc.stderr
+    assert (hdr.read_bytes(), img.read_bytes()) == before

@@ -1966,6 +1966,14 @@ def initialize_on(
         )
     if shift and shift >= data_size:
         raise UsageError(f"Device {devices.path} is too small to be reduced by {shift} bytes.")
+    area_end = 2 * header.binary.hdr_size + int(header.json["config"]["keyslots_size"])
+    if shift and data_offset + shift < area_end:
+        # (a detached header: LUKS2 keeps data clear of the keyslots area; cryptsetup
+        # 2.6.1 starts this and then cannot commit a single hot zone)
+        raise UsageError(
+            f"The data would move to offset {data_offset + shift}, inside the header's "
+            f"keyslots area (up to {area_end}): no LUKS2 header can describe that."
+        )
     if resilience == "checksum":
         hashlib_name(options.resilience_hash)
     writer = devices.writer()
