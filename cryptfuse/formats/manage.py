@@ -177,12 +177,6 @@ def resolve_kdf(
     )
 
 
-def _digest_iterations(hash_name: str, forced: bool, key_length: int) -> int:
-    """Iterations of the volume-key digest: ~125 ms, at least 1000 (1000 when
-    the keyslot KDF cost is forced, as cryptsetup skips the benchmark then)."""
-    return digest_iterations(hash_name, key_length, benchmark=not forced)
-
-
 # -- opening for a change ------------------------------------------------------------------
 
 
@@ -403,8 +397,8 @@ def format_container(
                 hash_spec=opts.hash,
                 volume_key=volume_key,
                 layout=layout1,
-                mk_iterations=_digest_iterations(
-                    opts.hash, opts.kdf.force_iterations is not None, len(volume_key)
+                mk_iterations=digest_iterations(
+                    opts.hash, len(volume_key), benchmark=opts.kdf.force_iterations is None
                 ),
                 uuid=new_uuid,
             )
@@ -455,8 +449,8 @@ def format_container(
                 sector_size=sector_size,
                 volume_key=volume_key,
                 digest_hash=opts.hash,
-                digest_iterations=_digest_iterations(
-                    opts.hash, opts.kdf.force_iterations is not None, len(volume_key)
+                digest_iterations=digest_iterations(
+                    opts.hash, len(volume_key), benchmark=opts.kdf.force_iterations is None
                 ),
             )
             writer = Luks2Writer.new(

@@ -69,8 +69,8 @@ from .luks2_write import (
     luks2_layout,
 )
 from .luks_common import data_area_size, pread_exact
-from .luks_write import Progress, sync
-from .manage import KdfOptions, _digest_iterations, resolve_kdf
+from .luks_write import Progress, digest_iterations, sync
+from .manage import KdfOptions, resolve_kdf
 from .plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE, open_plain, plain_key
 
 __all__ = [
@@ -259,8 +259,8 @@ def plain_to_luks2(
             sector_size=plan.sector_size,
             volume_key=key,
             digest_hash=LUKS2_HASH,
-            digest_iterations=_digest_iterations(
-                LUKS2_HASH, kdf.force_iterations is not None, len(key)
+            digest_iterations=digest_iterations(
+                LUKS2_HASH, len(key), benchmark=kdf.force_iterations is None
             ),
         )
         segment = obj["segments"]["0"]
