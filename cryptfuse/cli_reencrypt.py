@@ -25,7 +25,7 @@ from .cli_luks import _existing_secret, _kdf_options, _key_options, _new_secret,
 from .errors import BusyError, UnsupportedError, UsageError
 from .formats import LUKS_MAGIC, manage
 from .formats import luks2_reencrypt as reenc
-from .formats.luks2 import has_luks2_header, read_luks2_header
+from .formats.luks2 import REENCRYPT_REQUIREMENTS, has_luks2_header, read_luks2_header
 from .formats.luks_write import KdfParams
 from .formats.manage import KdfOptions, resolve_kdf
 from .spec import default_key_bits
@@ -425,7 +425,7 @@ def repair_command(argv: Sequence[str]) -> int:
     if current is not None:  # cryptsetup's repair fails on unknown requirements too
         config = current.get("config", {})
         mandatory = config.get("requirements", {}).get("mandatory", [])
-        unknown = [r for r in mandatory if r not in ("online-reencrypt-v2", "online-reencrypt-v3")]
+        unknown = [r for r in mandatory if r not in REENCRYPT_REQUIREMENTS]
         if unknown:
             raise UnsupportedError(
                 f"LUKS2 header requires unknown features ({', '.join(map(str, unknown))}); "

@@ -333,6 +333,11 @@ def _segment_has_flag(segment: Any, flag: str) -> bool:
     return isinstance(flags, list) and flag in flags
 
 
+#: the reencryption requirements cryptfuse implements (:mod:`.luks2_reencrypt`): v3
+#: marks a decryption that moves its first segment
+REENCRYPT_REQUIREMENTS = ("online-reencrypt-v2", "online-reencrypt-v3")
+
+
 def _reencrypt_candidate(flag: str) -> bool:
     """``online-reencrypt`` or ``online-reencrypt-vN`` (cryptsetup's candidate flags)."""
     return flag == "online-reencrypt" or re.fullmatch(r"online-reencrypt-v[0-9]+", flag) is not None
@@ -986,7 +991,7 @@ class LUKS2Header:
         if not reqs:
             return
         reencrypt = [r for r in reqs if r == "offline-reencrypt" or _reencrypt_candidate(r)]
-        if reencrypt and set(reqs) <= {"online-reencrypt-v2", "online-reencrypt-v3"}:
+        if reencrypt and set(reqs) <= set(REENCRYPT_REQUIREMENTS):
             # (mounting and reencrypt handle these; everything else refuses, as cryptsetup)
             raise UnsupportedError(
                 "Operation incompatible with device marked for LUKS2 reencryption. Aborting. "
@@ -1367,8 +1372,7 @@ def _open_in_reencryption(
     served from its recovered state, worked out without writing."""
     from .luks2_reencrypt import open_reencryption
 
-    supported = ("online-reencrypt-v2", "online-reencrypt-v3")
-    unknown = [r for r in header.metadata.config.requirements if r not in supported]
+    unknown = [r for r in header.metadata.config.requirements if r not in REENCRYPT_REQUIREMENTS]
     if unknown:
         header.check_requirements()
     extents, _, crashed = open_reencryption(

@@ -65,7 +65,14 @@ try:  # the C data path: its ciphers and block digests release the GIL
     from .. import _fastpath
 except ImportError:  # pragma: no cover - depends on the build
     _fastpath = None  # type: ignore[assignment]
-from .luks2 import MAX_KEYSLOTS_SIZE, PRIORITY_HIGH, PRIORITY_NORMAL, LUKS2Header, read_luks2_header
+from .luks2 import (
+    MAX_KEYSLOTS_SIZE,
+    PRIORITY_HIGH,
+    PRIORITY_NORMAL,
+    REENCRYPT_REQUIREMENTS,
+    LUKS2Header,
+    read_luks2_header,
+)
 from .luks2_write import (
     FORMAT_EPOCH,
     KEYSLOT_CIPHER,
@@ -98,8 +105,6 @@ log = logging.getLogger(__name__)
 
 SECTOR = 512
 REQUIREMENT = "online-reencrypt-v2"
-#: the versions implemented here: v3 marks a decryption that moves its first segment
-REQUIREMENTS = ("online-reencrypt-v2", "online-reencrypt-v3")
 #: cryptsetup's hard limit on one hot zone, and its default for resilience ``none``
 MAX_HOTZONE = 1 << 30
 NONE_HOTZONE = 20 << 20
@@ -1538,7 +1543,7 @@ def _load(
 
 def _check_version(obj: dict[str, Any]) -> None:
     reqs = obj["config"].get("requirements", {}).get("mandatory", [])
-    if not any(r in REQUIREMENTS for r in reqs):
+    if not any(r in REENCRYPT_REQUIREMENTS for r in reqs):
         raise UnsupportedError(
             f"LUKS2 reencryption metadata of an old cryptsetup ({', '.join(reqs)}); "
             "run 'cryptsetup repair' first."

@@ -42,6 +42,7 @@ from .luks2 import (
     MAGIC_SECONDARY,
     MAX_KEYSLOTS_SIZE,
     NUM_KEYSLOTS,
+    REENCRYPT_REQUIREMENTS,
     BinaryHeader,
     LUKS2Header,
     validate_metadata,
@@ -323,10 +324,7 @@ class Luks2Writer:
         """
         if not reencryption:
             header.check_requirements()
-        elif any(
-            r not in ("online-reencrypt-v2", "online-reencrypt-v3")
-            for r in header.metadata.config.requirements
-        ):
+        elif any(r not in REENCRYPT_REQUIREMENTS for r in header.metadata.config.requirements):
             header.check_requirements()
         hdr_size = header.binary.hdr_size
         salts = []
