@@ -216,17 +216,8 @@ def _check_resume_options(args: argparse.Namespace, rh: reenc.Reencryption) -> N
         raise UsageError("Device is not in LUKS2 encryption. Conflicting option --encrypt.")
     if args.decrypt and rh.mode != "decrypt":
         raise UsageError("Device is not in LUKS2 decryption. Conflicting option --decrypt.")
-    if args.resilience is None:
-        return
-    if rh.area_type == "datashift":
-        raise UsageError(
-            "Device is in reencryption using datashift resilience. "
-            "Requested --resilience option cannot be applied."
-        )
-    if rh.area_type.startswith("datashift-") and args.resilience == "none":
-        raise UsageError(
-            "Requested --resilience option cannot be applied to current reencryption operation."
-        )
+    if args.resilience is not None:
+        reenc.resilience_area_type(rh.area_type, args.resilience)
 
 
 def _luks2_json(path: str) -> dict[str, Any] | None:

@@ -97,6 +97,7 @@ __all__ = [
     "only_finish_left",
     "open_reencryption",
     "recover",
+    "resilience_area_type",
     "run",
     "switch_resilience",
 ]
@@ -1562,6 +1563,33 @@ def recover(
         return True
 
 
+def resilience_area_type(current: str, resilience: str) -> str:
+    """The reencrypt keyslot area type ``--resilience`` gives an operation whose area
+    type is *current* (any ``datashift-*``: a decryption that moves the data), with
+    cryptsetup 2.6.1's refusals: nothing applies to a plain data shift, and a
+    decryption moving the data takes ``checksum`` or ``journal`` only."""
+    if resilience not in ("checksum", "journal", "none"):
+        raise UsageError(f"Unsupported resilience mode {resilience}.")
+    if current == "datashift":
+        raise UsageError(
+            "Device is in reencryption using datashift resilience. "
+            "Requested --resilience option cannot be applied."
+        )
+    if not current.startswith("datashift-"):
+        return resilience
+    if resilience == "none":
+        raise UsageError(
+            "Requested --resilience option cannot be applied to current reencryption operation."
+        )
+    return f"datashift-{resilience}"
+
+
+def _area_capacity(area_size: int, hash_name: str | None, block: int) -> int:
+    """Bytes of hot zone a resilience area holds: a *hash_name* hash per *block*
+    (checksum), else the area itself (journal)."""
+    return area_size // hash_size(hash_name) * block if hash_name else area_size
+
+
 def switch_resilience(
     data_path: str,
     header_path: str | None,
@@ -1580,28 +1608,17 @@ def switch_resilience(
     benchmarked), all in one commit, between hot zones (an interrupted one is
     recovered first, with the old resilience).  False when nothing changes.
     With *keys*, the volume keys are handed back for the run that follows."""
-    if resilience not in ("checksum", "journal", "none"):
-        raise UsageError(f"Unsupported resilience mode {resilience}.")
     path = header_path or data_path
     with _opened(data_path, header_path) as dev:
         _, rh = _load(dev, passphrase, key_slot, path)
+        current = str(rh.obj["keyslots"][str(rh.keyslot)]["area"]["type"])
+        new_type = resilience_area_type(current, resilience)  # refused before any write
         if rh.crashed():
             _recover_locked(dev, rh)
             _, rh = _load(dev, passphrase, key_slot, path)
         if keys is not None:
             keys.update(rh.keys)
         area = rh.obj["keyslots"][str(rh.keyslot)]["area"]
-        current = str(area["type"])
-        if current == "datashift":
-            raise UsageError(
-                "Device is in reencryption using datashift resilience. "
-                "Requested --resilience option cannot be applied."
-            )
-        new_type = f"datashift-{resilience}" if current.startswith("datashift-") else resilience
-        if new_type == "datashift-none":
-            raise UsageError(
-                "Requested --resilience option cannot be applied to current reencryption operation."
-            )
         new_area: dict[str, Any] = {
             "offset": area["offset"],
             "size": area["size"],
@@ -1623,9 +1640,7 @@ def switch_resilience(
         if new_area == area:
             return False
         if rh.seg_moved is not None and current.startswith("datashift-"):
-            capacity = int(area["size"])
-            if block:
-                capacity = capacity // hash_size(new_area["hash"]) * block
+            capacity = _area_capacity(int(area["size"]), new_area.get("hash"), block)
             moved = _seg_size(rh.seg_moved) or 0
             if moved > capacity:
                 raise UsageError(
@@ -2462,10 +2477,7 @@ def initialize_decrypt(
             keys_out[bound.index] = old_key
         if seg.offset <= 0 or device_size(h.data_fd) <= seg.offset:
             raise UsageError(f"Device {data_path} has no header area to move the data into.")
-        if resilience not in ("checksum", "journal"):  # before anything is written
-            raise UsageError(
-                "Requested --resilience option cannot be applied to current reencryption operation."
-            )
+        resilience_area_type("datashift-checksum", resilience)  # refused before writing
         # 1. export the header (and keyslots) to the new file, durably
         size = header.hdr_and_areas_size
         fd = os.open(header_path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -2503,10 +2515,7 @@ def _decrypt_shift_init(
     """The decryption that moves the data back by the data offset (``online-reencrypt-v3``),
     from a detached (exported) header: wipe the device's own header signatures (at 0 and
     *wipe*), copy the first chunk of ciphertext to the start, then one commit."""
-    if resilience not in ("checksum", "journal"):  # cryptsetup: datashift-checksum/-journal
-        raise UsageError(
-            "Requested --resilience option cannot be applied to current reencryption operation."
-        )
+    area_type = resilience_area_type("datashift-checksum", resilience)
     seg, _, bound = header.data_segment()
     shift = seg.offset
     data_size = device_size(data_fd) - shift
@@ -2539,15 +2548,13 @@ def _decrypt_shift_init(
         writer,
         mode="decrypt",
         direction="forward",
-        resilience=f"datashift-{resilience}",
+        resilience=area_type,
         hash_name=resilience_hash,
         block=block,
         shift=shift,
     )
     area = obj["keyslots"][str(rslot)]["area"]
-    capacity = int(area["size"])
-    if resilience == "checksum":
-        capacity = capacity // hash_size(resilience_hash) * block
+    capacity = _area_capacity(int(area["size"]), area.get("hash"), block)
     if moved > capacity:
         raise UsageError(
             f"Moved segment too large. Requested size {moved}, available space for: {capacity}."
