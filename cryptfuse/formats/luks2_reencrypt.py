@@ -2525,7 +2525,8 @@ def _decrypt_shift_init(
     moved = min(moved, shift, data_size)
     ss = int(seg.sector_size or SECTOR)
     block = max(device_block_size(data_fd), ss)
-    moved -= moved % block
+    if moved < data_size:  # all of a data area off the block grid moves as it is (cryptsetup)
+        moved -= moved % block
     if moved <= 0:
         raise UsageError("Moved segment size is too small.")
     writer = Luks2Writer.from_header(header_fd, header)
