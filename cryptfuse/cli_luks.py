@@ -213,6 +213,13 @@ def format_command(argv: Sequence[str]) -> int:
     g.add_argument(
         "--offset", type=nonneg, metavar="SECTORS", help="data offset in 512-byte sectors"
     )
+    g.add_argument(
+        "--align-payload",
+        type=nonneg,
+        metavar="SECTORS",
+        help="round the data offset up to a multiple of SECTORS (512-byte) instead of 1 MiB; "
+        "with --header, the data offset",
+    )
     g.add_argument("--luks2-metadata-size", type=_size, metavar="BYTES")
     g.add_argument("--luks2-keyslots-size", type=_size, metavar="BYTES")
     g.add_argument(
@@ -238,6 +245,7 @@ def format_command(argv: Sequence[str]) -> int:
         uuid=args.uuid,
         header=args.header,
         offset=args.offset,
+        align_payload=args.align_payload,
         metadata_size=args.luks2_metadata_size,
         keyslots_size=args.luks2_keyslots_size,
         key_slot=args.key_slot,

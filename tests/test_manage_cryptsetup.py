@@ -399,6 +399,14 @@ def luks2_layout_of(img: Path) -> tuple[object, ...]:
         ["--header", "HEADER", "--offset", "2048"],  # a detached header's keyslots: bounded
         ["--header", "HEADER", "--offset", "8192"],
         ["--header", "HEADER"],
+        ["--offset", "0"],  # the default, not an offset of 0
+        # --align-payload: 16 MiB (or the end of explicit keyslots) rounded up to it, and
+        # 4096-byte sectors only where it is a multiple of 4096 bytes
+        ["--align-payload", "12345"],
+        ["--align-payload", "40000"],
+        ["--align-payload", "3", "--luks2-keyslots-size", "1m"],
+        ["--align-payload", "8", "--luks2-metadata-size", "64k", "--luks2-keyslots-size", "1m"],
+        ["--header", "HEADER", "--align-payload", "3000"],  # detached: the data offset
     ],
     ids=[
         "keyslots-shrunk",
@@ -410,6 +418,12 @@ def luks2_layout_of(img: Path) -> tuple[object, ...]:
         "detached-1m",
         "detached-4m",
         "detached",
+        "offset-0",
+        "align-12345",
+        "align-40000",
+        "align-3-keyslots-1m",
+        "align-8-metadata-64k",
+        "detached-align-3000",
     ],  # fmt: skip
 )
 def test_format_layout_like_cryptsetup(
@@ -436,6 +450,39 @@ def test_format_layout_like_cryptsetup(
     )
     changed = "keyslots area size changed" in cs.stdout + cs.stderr
     assert changed == ("keyslots area size changed" in caplog.text)
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize(
+    "layout",
+    [["--offset", "0"], ["--align-payload", "1"], ["--align-payload", "12345"],
+     ["--header", "HEADER", "--align-payload", "40000"], ["--header", "HEADER", "--offset", "8"],
+     ["--header", "HEADER", "--align-payload", "3000"], ["--offset", "8"],
+     ["--align-payload", "8", "--offset", "4096"]],
+    ids=["offset-0", "align-1", "align-12345", "detached-align", "detached-offset-in-header",
+         "detached-align-in-header", "offset-in-header", "align-and-offset"],
+)  # fmt: skip
+def test_luks1_format_offsets_like_cryptsetup(tmp_path: Path, layout: list[str]) -> None:
+    """LUKS1 payload offsets as cryptsetup 2.6.1 sets or refuses them: --offset 0 is
+    the default (1 MiB alignment); --align-payload replaces that alignment, and under
+    a detached header is the payload offset; a payload offset inside the header area
+    is refused, detached or not (cryptfuse had written such a detached header, which
+    cryptsetup then refused: "LUKS keyslot 0 is invalid")."""
+    k1 = keyfile(tmp_path, "k1", b"pass-1")
+    results = []
+    for who in ("cryptsetup", "cryptfuse"):
+        img, hdr = tmp_path / f"{who}.img", tmp_path / f"{who}.hdr"
+        with open(img, "wb") as f:
+            f.truncate(40 << 20)
+        args = [str(hdr) if a == "HEADER" else a for a in layout]
+        cmd = ["luksFormat", "-q", "--type", "luks1", *CHEAP_PBKDF2, *args, "-d", k1, str(img)]
+        if who == "cryptsetup":
+            code = subprocess.run([CRYPTSETUP or "", *cmd], capture_output=True).returncode
+        else:
+            code = cf("format", *cmd[1:])
+        dump = luks_dump_ok(hdr if "HEADER" in layout else img) if code == 0 else ""
+        results.append((code == 0, re.findall(r"Payload offset:\s*(\d+)", dump)))
+    assert results[0] == results[1]
 
 
 #: cryptsetup's command for each of ours that test_random_keyslot_commands runs
@@ -541,9 +588,10 @@ def test_random_keyslot_commands(tmp_path: Path) -> None:
 @needs_cryptsetup
 def test_random_format_like_cryptsetup(tmp_path: Path) -> None:
     """``format`` and ``luksFormat`` with the same random options (cipher, key size,
-    hash, KDF and its costs, sector size, header and keyslot-area sizes, offset,
-    label, keyslot cipher, keyslot number, UUID): both succeed or both refuse, and
-    luksDump shows the same header but for the random salts and digests."""
+    hash, KDF and its costs, sector size, header and keyslot-area sizes, offset or
+    payload alignment, label, keyslot cipher, keyslot number, UUID): both succeed or
+    both refuse, and luksDump shows the same header but for the random salts and
+    digests."""
     rng = seeded_rng()
     key = keyfile(tmp_path, "k", b"passphrase")
     ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
@@ -568,7 +616,9 @@ def test_random_format_like_cryptsetup(tmp_path: Path) -> None:
                             "--pbkdf-parallel", str(rng.choice([0, 1, 2, 4, 8]))]  # fmt: skip
             options += random_luks2_header_options(rng)
         if rng.random() < 0.4:
-            options += ["--offset", str(rng.choice([4096, 8192, 10000, 32768, 32770, 65536]))]
+            options += ["--offset", str(rng.choice([0, 4096, 8192, 10000, 32768, 32770, 65536]))]
+        elif rng.random() < 0.3:
+            options += ["--align-payload", str(rng.choice([0, 1, 3, 8, 2048, 12345, 40000]))]
         if rng.random() < 0.3:
             options += ["--key-slot", str(rng.randrange(8))]
         for img in (ours, theirs):

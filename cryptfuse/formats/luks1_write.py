@@ -108,27 +108,30 @@ class Luks1Layout:
         self.end_of_keyslots = end_of_keyslots
 
 
-def luks1_layout(key_bytes: int, *, offset: int | None, detached: bool) -> Luks1Layout:
+def luks1_layout(
+    key_bytes: int, *, offset: int | None, detached: bool, align: int | None = None
+) -> Luks1Layout:
     """cryptsetup's LUKS1 layout for a *key_bytes* key.
 
-    *offset* (sectors) fixes the payload; otherwise it is the end of the
-    keyslots rounded up to 1 MiB (0 for a detached header).
+    *offset* (sectors) fixes the payload; otherwise it is the end of the keyslots
+    rounded up to *align* sectors (default 1 MiB), or 0 for a detached header.  A
+    payload offset inside the header area is refused, detached or not: cryptsetup's
+    keyslot checks would refuse the header (the keyslots must end before the data).
     """
     per_slot = _round_up(af_sectors(key_bytes, STRIPES), KEYSLOT_ALIGN_SECTORS)
     first = _round_up(_round_up(HEADER_SIZE, 512) // 512, KEYSLOT_ALIGN_SECTORS)
     slots = tuple(first + i * per_slot for i in range(NUM_KEYSLOTS))
     end = first + NUM_KEYSLOTS * per_slot
-    if detached:
-        payload = offset or 0
-    elif offset is not None:
+    if offset:
         if offset < end:
             raise UsageError(
-                f"Requested data offset is too small: the LUKS1 header and keyslots "
-                f"need {end} sectors."
+                "Data offset for LUKS header must be either 0 or higher than header size."
             )
         payload = offset
+    elif detached:
+        payload = 0
     else:
-        payload = _round_up(end, DEFAULT_ALIGN_SECTORS)
+        payload = _round_up(end, align or DEFAULT_ALIGN_SECTORS)
     return Luks1Layout(slots, payload, end)
 
 

@@ -148,10 +148,15 @@ SMALL_KEYSLOTS_SIZE = 0x400000 - 2 * 0x4000
 
 
 def luks2_layout(
-    *, metadata_size: int | None, keyslots_size: int | None, offset: int | None, detached: bool
+    *,
+    metadata_size: int | None,
+    keyslots_size: int | None,
+    offset: int | None,
+    detached: bool,
+    alignment: int | None = None,
 ) -> Luks2Layout:
     """:func:`_layout`, with cryptsetup's warning when few keyslots fit."""
-    layout = _layout(metadata_size, keyslots_size, offset, detached)
+    layout = _layout(metadata_size, keyslots_size, offset, detached, alignment)
     if layout.keyslots_size < SMALL_KEYSLOTS_SIZE:
         _log.warning(
             "WARNING: keyslots area (%d bytes) is very small, available LUKS2 keyslot "
@@ -162,7 +167,11 @@ def luks2_layout(
 
 
 def _layout(
-    metadata_size: int | None, keyslots_size: int | None, offset: int | None, detached: bool
+    metadata_size: int | None,
+    keyslots_size: int | None,
+    offset: int | None,
+    detached: bool,
+    alignment: int | None = None,
 ) -> Luks2Layout:
     """cryptsetup's LUKS2 layout (``LUKS2_generate_hdr``), all sizes in bytes.
 
@@ -170,7 +179,8 @@ def _layout(
     space between the two copies and the data.  An explicit *offset* bounds the
     keyslots area (an explicit keyslots size that does not fit before it shrinks to
     fit, as cryptsetup's does: the caller may warn); explicit keyslots without an
-    offset put the data at the next 1 MiB boundary.
+    offset put the data at the next 1 MiB boundary.  *alignment* (``--align-payload``)
+    replaces that 1 MiB, and rounds the default 16 MiB up to a multiple of it.
     """
     md = metadata_size if metadata_size is not None else DEFAULT_METADATA_SIZE
     if md not in HDR2_OFFSETS:
@@ -198,10 +208,12 @@ def _layout(
                 f"Requested data offset {offset} is too small for the LUKS2 metadata and keyslots."
             )
         return Luks2Layout(md, ks, offset)
+    align = alignment or ALIGNMENT
     if keyslots_size is not None:
-        data = -(-(2 * md + keyslots_size) // ALIGNMENT) * ALIGNMENT
+        data = -(-(2 * md + keyslots_size) // align) * align
         return Luks2Layout(md, keyslots_size, data)
-    return Luks2Layout(md, DEFAULT_DATA_OFFSET - 2 * md, DEFAULT_DATA_OFFSET)
+    data = -(-DEFAULT_DATA_OFFSET // align) * align
+    return Luks2Layout(md, DEFAULT_DATA_OFFSET - 2 * md, data)
 
 
 def area_size(key_bytes: int) -> int:

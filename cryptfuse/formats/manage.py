@@ -266,7 +266,10 @@ class FormatOptions:
     subsystem: str = ""
     uuid: str | None = None
     header: str | None = None  # detached header file
-    offset: int | None = None  # data offset, 512-byte sectors
+    offset: int | None = None  # data offset, 512-byte sectors (0: the default, as None)
+    #: ``--align-payload``, 512-byte sectors: the data offset is rounded up to a multiple
+    #: of it instead of 1 MiB (with a detached header it is the data offset itself)
+    align_payload: int | None = None
     metadata_size: int | None = None  # LUKS2, bytes
     keyslots_size: int | None = None  # LUKS2, bytes
     key_slot: int | None = None
@@ -330,7 +333,9 @@ def format_container(
     if opts.type not in ("luks1", "luks2", "luks"):
         raise UsageError(f"Unknown LUKS type {opts.type!r} (luks1 or luks2).")
     luks_type = "luks1" if opts.type == "luks1" else "luks2"
-    check_data_offset(None if opts.offset is None else opts.offset * 512)
+    if opts.offset and opts.align_payload:
+        raise UsageError("Options --align-payload and --offset cannot be combined.")
+    check_data_offset(opts.offset * 512 if opts.offset else None)
     spec = parse_cipher_spec(opts.cipher)
     if opts.key_size % 8:
         raise UsageError("Key size must be a multiple of 8 bits.")
@@ -354,6 +359,10 @@ def format_container(
     ):
         raise UsageError(f"Key slot {opts.key_slot} is invalid.")
     detached = opts.header is not None
+    # cryptsetup: an offset of 0 is no offset; --align-payload under a detached header
+    # is the data offset, elsewhere the alignment the offset is rounded up to
+    offset = opts.offset or (opts.align_payload if detached else None) or None
+    align = None if detached else opts.align_payload or None
 
     _prepare_file(path, opts.size, "container")
     if detached:
@@ -379,7 +388,7 @@ def format_container(
         data_size = device_size(h.data_fd)
         volume_key = os.urandom(key_bytes)
         if luks_type == "luks1":
-            layout1 = luks1_layout(key_bytes, offset=opts.offset, detached=detached)
+            layout1 = luks1_layout(key_bytes, offset=offset, detached=detached, align=align)
             data_offset = layout1.payload_offset * 512
             if not detached and data_size <= data_offset:
                 raise DeviceError(
@@ -407,12 +416,12 @@ def format_container(
             sector_size = 512
             result_uuid = header1.uuid
         else:
-            offset_bytes = opts.offset * 512 if opts.offset is not None else None
             layout2 = luks2_layout(
                 metadata_size=opts.metadata_size,
                 keyslots_size=opts.keyslots_size,
-                offset=offset_bytes,
+                offset=offset * 512 if offset is not None else None,
                 detached=detached,
+                alignment=align * 512 if align is not None else None,
             )
             if opts.keyslots_size is not None and layout2.keyslots_size != opts.keyslots_size:
                 log.warning(
@@ -434,7 +443,10 @@ def format_container(
                 # cryptsetup 2.6.1 tests an explicit --offset for 4096-byte alignment in
                 # 512-byte sectors (MISALIGNED(cd->data_offset, sector_size)): 4096 bytes
                 # only where the offset is a multiple of 2 MiB.  The same choice here.
-                if opts.offset is not None and opts.offset % 4096:
+                if offset is not None and offset % 4096:
+                    aligned = False
+                # and --align-payload likewise, in bytes (its required alignment)
+                if align is not None and align * 512 % 4096:
                     aligned = False
                 sector_size = 4096 if aligned and data_size > data_offset else 512
             if data_offset % sector_size or (data_size - data_offset) % sector_size:
