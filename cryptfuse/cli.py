@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     g.add_argument(
+        "--volume-key-file",
+        "--master-key-file",
+        metavar="FILE",
+        help="LUKS: open with the volume key in FILE (checked against the header) "
+        "instead of a passphrase",
+    )
+    g.add_argument(
         "--keyfile-offset",
         type=_nonneg_int,
         default=0,
@@ -340,6 +347,7 @@ def _open_options(args: argparse.Namespace, kind: str | None) -> OpenOptions:
         size=args.size,
         sector_size=args.sector_size,
         iv_large_sectors=args.iv_large_sectors,
+        volume_key_file=args.volume_key_file,
     )
 
 
@@ -440,6 +448,8 @@ def mount_command(argv: Sequence[str]) -> int:
     check_fuse()
     foreign = foreign_kind(kind, args.header or args.container)
     check_options(args, foreign)
+    if args.volume_key_file is not None and (foreign is not None or kind == "plain"):
+        raise UsageError("--volume-key-file is for LUKS containers.")
     if foreign is None:  # repeatable for TCRYPT only (-o key-file= gives a string)
         files = key_files(args)
         args.key_file = files[0] if files else None
@@ -486,6 +496,8 @@ def mount_command(argv: Sequence[str]) -> int:
     with unlock_progress(args.container, sys.stderr.isatty() and kind != "plain" and not foreign):
         if foreign is not None:
             volume = open_foreign_volume(args, foreign)
+        elif args.volume_key_file is not None:
+            volume = open_volume(args.container, _open_options(args, kind), None)
         else:
             secret = get_secret(args, plain_key_bytes)
             volume = open_volume(args.container, _open_options(args, kind), secret)

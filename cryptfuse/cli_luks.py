@@ -183,6 +183,10 @@ def _progress() -> Callable[[str, float], None] | None:
     return show
 
 
+def _volume_key_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--volume-key-file", "--master-key-file", metavar="FILE", help=what)
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 
@@ -220,6 +224,7 @@ def format_command(argv: Sequence[str]) -> int:
         help="round the data offset up to a multiple of SECTORS (512-byte) instead of 1 MiB; "
         "with --header, the data offset",
     )
+    _volume_key_option(p, "use the volume key in FILE (--key-size bits of it), not a random one")
     g.add_argument("--luks2-metadata-size", type=_size, metavar="BYTES")
     g.add_argument("--luks2-keyslots-size", type=_size, metavar="BYTES")
     g.add_argument(
@@ -246,6 +251,7 @@ def format_command(argv: Sequence[str]) -> int:
         header=args.header,
         offset=args.offset,
         align_payload=args.align_payload,
+        volume_key_file=args.volume_key_file,
         metadata_size=args.luks2_metadata_size,
         keyslots_size=args.luks2_keyslots_size,
         key_slot=args.key_slot,
@@ -277,9 +283,12 @@ def add_key_command(argv: Sequence[str]) -> int:
     p.add_argument("container", metavar="CONTAINER")
     p.add_argument("new_key_file", nargs="?", metavar="NEW_KEY_FILE")
     _key_options(p)
+    _volume_key_option(p, "unlock with the volume key in FILE instead of a passphrase")
     _kdf_options(p)
     args = p.parse_args(argv)
-    existing = _existing_secret(args, "Enter any existing passphrase: ")
+    existing = b""
+    if args.volume_key_file is None:
+        existing = _existing_secret(args, "Enter any existing passphrase: ")
     new = _new_secret(
         args.new_key_file,
         args.new_keyfile_offset,
@@ -294,6 +303,7 @@ def add_key_command(argv: Sequence[str]) -> int:
         key_slot=args.key_slot,
         kdf=_kdf(args),
         progress=_progress(),
+        volume_key_file=args.volume_key_file,
     )
     if args.verbose:
         print(f"Key slot {slot} created.", file=sys.stderr)
@@ -380,7 +390,10 @@ def dump_command(argv: Sequence[str]) -> int:
         help="print the volume key (needs a passphrase and a confirmation)",
     )
     _key_options(p)
+    _volume_key_option(p, "with --dump-volume-key: write the key to this new file instead")
     args = p.parse_args(argv)
+    if args.volume_key_file is not None and not args.dump_volume_key:
+        raise UsageError("--volume-key-file is only used with --dump-volume-key here.")
     if args.dump_volume_key:
         if not args.batch and not _ask_yes(
             "Header dump with volume key is sensitive information\n"
@@ -391,7 +404,11 @@ def dump_command(argv: Sequence[str]) -> int:
         secret = _existing_secret(args, f"Enter passphrase for {args.container}: ")
         print(
             manage.dump_volume_key(
-                args.container, secret, header=args.header, key_slot=args.key_slot
+                args.container,
+                secret,
+                header=args.header,
+                key_slot=args.key_slot,
+                key_file=args.volume_key_file,
             )
         )
         return 0

@@ -570,3 +570,40 @@ def test_fuse_options_pass_through(cf: Cryptfuse, tmp_path: Path) -> None:
     assert "allow_other" in options and "default_permissions" in options
     assert os.listdir(mnt) == ["disk.raw"]
     cf.unmount(mnt, pids)
+
+
+@pytest.mark.parametrize("kind", ["luks1", "luks2"])
+def test_mount_with_the_volume_key(cf: Cryptfuse, tmp_path: Path, kind: str) -> None:
+    """``--volume-key-file`` (cryptsetup's, e.g. a key kept with ``luksDump
+    --dump-volume-key --volume-key-file``): the mount opens with the key instead of a
+    passphrase, writes land under it, and a key that is not the volume's is refused
+    in one line before anything is mounted."""
+    container = tmp_path / f"{kind}.img"
+    with open(container, "wb") as f:
+        f.truncate(24 * MiB)
+    luks_format(kind, container)
+    vk = tmp_path / "volume.key"
+    sh("cryptsetup", "luksDump", "-q", "--dump-volume-key", "--volume-key-file", vk,
+       "--key-file", "-", container, input=PASSPHRASE)  # fmt: skip
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pids = cf.mount("--volume-key-file", vk, container, mountpoint=mnt)
+    with open(mnt / "volume", "r+b") as f:
+        f.seek(3 * MiB + 5)
+        f.write(MARKER)
+    cf.unmount(mnt, pids)
+    key = tmp_path / "key"
+    key.write_bytes(PASSPHRASE)
+    pids = cf.mount("-r", "--key-file", key, container, mountpoint=mnt)
+    with open(mnt / "volume", "rb") as f:
+        f.seek(3 * MiB + 5)
+        assert f.read(len(MARKER)) == MARKER
+    cf.unmount(mnt, pids)
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(os.urandom(vk.stat().st_size))
+    result = cf.run("--volume-key-file", wrong, container, mnt)
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        "cryptfuse: Volume key does not match the volume."
+    ]
+    assert not os.path.ismount(mnt)

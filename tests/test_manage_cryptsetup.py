@@ -758,3 +758,102 @@ def test_repair_killed_at_every_write(tmp_path: Path, copy: str) -> None:
             # a second repair finishes (nothing left to do when the write had landed)
             assert len(manage.repair_header(str(img))[1]) <= 1
             assert manage.repair_header(str(img)) == ("luks2", [])
+
+
+def _cs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CRYPTSETUP or "", *args], capture_output=True, text=True)
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize("luks", ["luks1", "luks2"])
+def test_volume_key_file_like_cryptsetup(tmp_path: Path, luks: str) -> None:
+    """cryptsetup's ``--volume-key-file`` in each command that takes it, against
+    cryptsetup itself: ``dump --dump-volume-key`` writes the same key to a new file
+    (mode 0400; an existing one is refused); opening with that key reads what the
+    passphrase opens, a wrong or short key is refused; ``add-key`` makes a keyslot
+    with it that cryptsetup opens; ``format`` writes the given key, as cryptsetup's
+    ``luksFormat --volume-key-file`` does."""
+    from cryptfuse.errors import KeyFileError, WrongPassphraseError
+
+    key = keyfile(tmp_path, "k", b"first passphrase")
+    img = tmp_path / "c.img"
+    with open(img, "wb") as f:
+        f.truncate(20 << 20)
+    cipher = ["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"]
+    assert not _cs("luksFormat", "-q", "--type", luks, *CHEAP_PBKDF2, *cipher, "-d", key,
+                   str(img)).returncode  # fmt: skip
+    with open_volume(str(img), OpenOptions(), Secret(b"first passphrase")) as vol:
+        vol.write(12345, b"written with the passphrase")
+        plain = vol.read(0, vol.size)
+    theirs, ours = tmp_path / "theirs.key", tmp_path / "ours.key"
+    assert not _cs("luksDump", "-q", "--dump-volume-key", "--volume-key-file", str(theirs),
+                   "-d", key, str(img)).returncode  # fmt: skip
+    assert cf("dump", "-q", "--dump-volume-key", "--volume-key-file", str(ours), "-d", key,
+              str(img)) == 0  # fmt: skip
+    assert ours.read_bytes() == theirs.read_bytes() and len(ours.read_bytes()) == 32
+    assert ours.stat().st_mode & 0o777 == theirs.stat().st_mode & 0o777 == 0o400
+    assert cf("dump", "-q", "--dump-volume-key", "--volume-key-file", str(ours), "-d", key,
+              str(img)) == 1  # fmt: skip
+
+    with open_volume(str(img), OpenOptions(readonly=True, volume_key_file=str(ours)), None) as vol:
+        assert vol.read(0, vol.size) == plain
+        assert vol.key_slot is None
+    wrong, short = tmp_path / "wrong.key", tmp_path / "short.key"
+    wrong.write_bytes(os.urandom(32))
+    short.write_bytes(ours.read_bytes()[:31])
+    with pytest.raises(WrongPassphraseError, match="Volume key does not match the volume"):
+        open_volume(str(img), OpenOptions(volume_key_file=str(wrong)), None)
+    with pytest.raises(KeyFileError, match="Cannot read 32 bytes"):
+        open_volume(str(img), OpenOptions(volume_key_file=str(short)), None)
+    assert _cs("open", "--test-passphrase", "--volume-key-file", str(wrong), str(img)).returncode
+
+    new = keyfile(tmp_path, "new", b"second passphrase")
+    before = img.read_bytes()
+    assert cf("add-key", "-q", *CHEAP_PBKDF2, "--volume-key-file", str(wrong), str(img), new) == 2
+    assert img.read_bytes() == before
+    assert cf("add-key", "-q", *CHEAP_PBKDF2, "--volume-key-file", str(ours), "--key-slot", "5",
+              str(img), new) == 0  # fmt: skip
+    opened = _cs("open", "--test-passphrase", "-v", "-d", new, str(img))
+    assert opened.returncode == 0 and "Key slot 5 unlocked" in opened.stdout
+
+    formatted = {}
+    for who in ("cryptsetup", "cryptfuse"):
+        target = tmp_path / f"{who}.img"
+        with open(target, "wb") as f:
+            f.truncate(20 << 20)
+        args = ["-q", "--type", luks, *CHEAP_PBKDF2, *cipher, "--volume-key-file", str(ours),
+                "-d", key, str(target)]  # fmt: skip
+        if who == "cryptsetup":
+            assert not _cs("luksFormat", *args).returncode
+        else:
+            assert cf("format", *args) == 0
+        dumped = tmp_path / f"{who}.dumped"
+        assert not _cs("luksDump", "-q", "--dump-volume-key", "--volume-key-file", str(dumped),
+                       "-d", key, str(target)).returncode  # fmt: skip
+        formatted[who] = dumped.read_bytes()
+    assert formatted["cryptfuse"] == formatted["cryptsetup"] == ours.read_bytes()
+
+
+@needs_cryptsetup
+def test_volume_key_file_refused_in_reencryption(tmp_path: Path) -> None:
+    """A container in reencryption has two volume keys: opening it with one is refused
+    (before any recovery could write), as is --volume-key-file for plain mode."""
+    from cryptfuse.errors import UnsupportedError, UsageError
+
+    key = keyfile(tmp_path, "k", b"first passphrase")
+    img = tmp_path / "c.img"
+    with open(img, "wb") as f:
+        f.truncate(20 << 20)
+    assert not _cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, "-d", key,
+                   str(img)).returncode  # fmt: skip
+    vk = tmp_path / "vk"
+    assert not _cs("luksDump", "-q", "--dump-volume-key", "--volume-key-file", str(vk),
+                   "-d", key, str(img)).returncode  # fmt: skip
+    assert not _cs("reencrypt", "--init-only", "-q", "--force-offline-reencrypt", "-d", key,
+                   str(img)).returncode  # fmt: skip
+    before = img.read_bytes()
+    with pytest.raises(UnsupportedError, match="two volume keys"):
+        open_volume(str(img), OpenOptions(volume_key_file=str(vk)), None)
+    with pytest.raises(UsageError, match="for LUKS containers"):
+        open_volume(str(img), OpenOptions(type="plain", volume_key_file=str(vk)), None)
+    assert img.read_bytes() == before

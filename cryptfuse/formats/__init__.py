@@ -53,6 +53,8 @@ class OpenOptions:
     sector_size: int | None = None
     iv_large_sectors: bool = False
     tcrypt: TcryptOptions | None = None  # --type tcrypt: PIM, hidden, key files, ...
+    #: LUKS: open with the volume key in this file (checked), not a keyslot
+    volume_key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,14 @@ def open_volume(container: str, options: OpenOptions, secret: Secret | None) -> 
     kind = options.type
     if kind is not None and kind not in TYPES:
         raise UsageError(f"unknown device type {kind!r} (use one of {', '.join(TYPES)})")
+    if options.volume_key_file is not None and kind not in (None, "luks", "luks1", "luks2"):
+        raise UsageError("--volume-key-file is for LUKS containers.")
     if kind in FOREIGN_TYPES:
         return _open_foreign(container, options, secret)
     if secret is None:
-        raise UsageError("a passphrase or key file is needed")
+        if options.volume_key_file is None:
+            raise UsageError("a passphrase or key file is needed")
+        secret = Secret(b"")
     if kind == "plain":
         if options.header is not None:
             raise UsageError("--header is meaningless for plain mode")
@@ -165,8 +171,11 @@ def open_volume(container: str, options: OpenOptions, secret: Secret | None) -> 
         )
     if kind in ("luks1", "luks2") and found != kind:
         raise FormatError(f"{header} is {found.upper()}, not {kind.upper()}")
+    vk = options.volume_key_file
     if found == "luks1":
         return open_luks1(
-            container, options.header, secret.data, options.key_slot, options.readonly
+            container, options.header, secret.data, options.key_slot, options.readonly, vk
         )
-    return open_luks2(container, options.header, secret.data, options.key_slot, options.readonly)
+    return open_luks2(
+        container, options.header, secret.data, options.key_slot, options.readonly, vk
+    )

@@ -406,17 +406,25 @@ def open_luks1(
     passphrase: bytes,
     key_slot: int | None,
     readonly: bool,
+    volume_key_file: str | None = None,
 ) -> Volume:
     """Open a LUKS1 container and return its data area as a :class:`Volume`.
 
     *header_path* names a detached header (None: the header is at the start of
-    *data_path*); the payload offset is then relative to *data_path*.  Nothing
-    is ever written to either file here.
+    *data_path*); the payload offset is then relative to *data_path*.
+    *volume_key_file*: the volume key, read from that file and checked against the
+    digest, instead of a keyslot that *passphrase* opens.  Nothing is ever written
+    to either file here.
     """
     with open_devices(data_path, header_path, readonly) as dev:
         header = read_luks1_header(dev.header_fd, dev.header_path)
         spec = header.check_supported()
-        slot, key = header.unlock(dev.header_fd, passphrase, key_slot)
+        if volume_key_file is not None:
+            from .volume_key import volume_key_from_file
+
+            slot, key = None, volume_key_from_file(header, volume_key_file)
+        else:
+            slot, key = header.unlock(dev.header_fd, passphrase, key_slot)
         offset = header.payload_offset * 512
         size = data_area_size(dev.data_size, offset, 512, None, data_path)
         cipher = SectorCipher(spec, key, 512, iv_offset=0)

@@ -1308,13 +1308,20 @@ def open_luks2(
     passphrase: bytes,
     key_slot: int | None,
     readonly: bool,
+    volume_key_file: str | None = None,
 ) -> Volume:
     """Open a LUKS2 container and return its data segment as a :class:`Volume`.
 
     *header_path* names a detached header (None: the header is at the start of
     *data_path*); the segment offset is relative to *data_path* either way.
+    *volume_key_file*: the volume key, read from that file and checked against the
+    digest, instead of a keyslot that *passphrase* opens.
     Nothing is ever written to either file here.
     """
+    if volume_key_file is not None and _in_reencryption(header_path or data_path):
+        raise UnsupportedError(
+            "A container in reencryption has two volume keys: open it with a passphrase."
+        )
     if not readonly and _interrupted_reencryption(header_path or data_path):
         # As cryptsetup does on activation: finish the interrupted hot zone first.
         from .luks2_reencrypt import recover
@@ -1326,7 +1333,12 @@ def open_luks2(
         if any(_reencrypt_candidate(r) for r in header.metadata.config.requirements):
             return _open_in_reencryption(header, dev, passphrase, key_slot, readonly)
         segment, spec, _ = header.data_segment()
-        slot, key = header.unlock(dev.header_fd, passphrase, key_slot)
+        if volume_key_file is not None:
+            from .volume_key import volume_key_from_file
+
+            slot, key = None, volume_key_from_file(header, volume_key_file)
+        else:
+            slot, key = header.unlock(dev.header_fd, passphrase, key_slot)
         assert segment.sector_size is not None and segment.iv_tweak is not None
         size = data_area_size(
             dev.data_size, segment.offset, segment.sector_size, segment.size, data_path
@@ -1346,6 +1358,22 @@ def open_luks2(
         volume.dynamic_size = segment.size is None
         volume.persistent_flags = tuple(header.metadata.config.flags)
         return volume
+
+
+def _in_reencryption(path: str) -> bool:
+    """True when *path* holds a LUKS2 header that requires a reencryption (a hint, as
+    :func:`_interrupted_reencryption`; the open that follows reports what is wrong)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        header = read_luks2_header(fd, path)
+    except CryptfuseError:
+        return False
+    finally:
+        os.close(fd)
+    return any(_reencrypt_candidate(r) for r in header.metadata.config.requirements)
 
 
 def _interrupted_reencryption(path: str) -> bool:

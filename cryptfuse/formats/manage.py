@@ -267,6 +267,8 @@ class FormatOptions:
     uuid: str | None = None
     header: str | None = None  # detached header file
     offset: int | None = None  # data offset, 512-byte sectors (0: the default, as None)
+    #: ``--volume-key-file``: the volume key is read from this file (not random)
+    volume_key_file: str | None = None
     #: ``--align-payload``, 512-byte sectors: the data offset is rounded up to a multiple
     #: of it instead of 1 MiB (with a detached header it is the data offset itself)
     align_payload: int | None = None
@@ -358,6 +360,11 @@ def format_container(
         LUKS1_SLOTS if luks_type == "luks1" else LUKS2_SLOTS
     ):
         raise UsageError(f"Key slot {opts.key_slot} is invalid.")
+    given_key = None  # read before anything is created or written
+    if opts.volume_key_file is not None:
+        from .volume_key import read_volume_key
+
+        given_key = read_volume_key(opts.volume_key_file, key_bytes)
     detached = opts.header is not None
     # cryptsetup: an offset of 0 is no offset; --align-payload under a detached header
     # is the data offset, elsewhere the alignment the offset is rounded up to
@@ -386,7 +393,7 @@ def format_container(
             raise CryptfuseError("Operation aborted.")
         kdf = resolve_kdf(opts.kdf, luks_type, key_bytes, opts.hash, progress)
         data_size = device_size(h.data_fd)
-        volume_key = os.urandom(key_bytes)
+        volume_key = given_key if given_key is not None else os.urandom(key_bytes)
         if luks_type == "luks1":
             layout1 = luks1_layout(key_bytes, offset=offset, detached=detached, align=align)
             data_offset = layout1.payload_offset * 512
@@ -579,8 +586,10 @@ def add_key(
     kdf: KdfOptions = KdfOptions(),
     existing_slot: int | None = None,
     progress: Progress | None = None,
+    volume_key_file: str | None = None,
 ) -> int:
-    """Add a keyslot for *new*, unlocking with *existing*; return its number."""
+    """Add a keyslot for *new*, unlocking with *existing* (or, with *volume_key_file*,
+    with the volume key in that file, checked against the digest); return its number."""
     with _locked(path, header, write=True) as h:
         hdr = _read(h)
         if key_slot is not None:
@@ -591,7 +600,7 @@ def add_key(
         if isinstance(hdr, LUKS2Header):
             writer = Luks2Writer.from_header(h.header_fd, hdr)
             area = _luks2_area_spec(hdr, kdf)
-            _, volume_key = hdr.unlock(h.header_fd, existing, existing_slot)
+            volume_key = _volume_key(h, hdr, existing, existing_slot, volume_key_file)
             if writer.find_area(_area_len(len(volume_key))) is None:
                 raise CryptfuseError("No space for new keyslot.")
             params = resolve_kdf(kdf, "luks2", len(volume_key), kdf.hash or DEFAULT_HASH, progress)
@@ -599,10 +608,25 @@ def add_key(
             writer.commit()
         else:
             _keyslot_encryption(kdf, hdr.cipher_spec, luks2=False)
-            _, volume_key = hdr.unlock(h.header_fd, existing, existing_slot)
+            volume_key = _volume_key(h, hdr, existing, existing_slot, volume_key_file)
             params = resolve_kdf(kdf, "luks1", len(volume_key), hdr.hash_spec, progress)
             set_keyslot(h.header_fd, hdr, slot, volume_key, new, params)
     return slot
+
+
+def _volume_key(
+    h: _Handle,
+    hdr: LUKS1Header | LUKS2Header,
+    passphrase: bytes,
+    key_slot: int | None,
+    volume_key_file: str | None,
+) -> bytes:
+    """The volume key: from the keyslot *passphrase* opens, or from *volume_key_file*."""
+    if volume_key_file is not None:
+        from .volume_key import volume_key_from_file
+
+        return volume_key_from_file(hdr, volume_key_file)
+    return _unlock(h, hdr, passphrase, key_slot)[1]
 
 
 def _area_len(key_bytes: int) -> int:
@@ -974,9 +998,16 @@ def dump(path: str, *, header: str | None = None, as_json: bool = False) -> str:
 
 
 def dump_volume_key(
-    path: str, passphrase: bytes, *, header: str | None = None, key_slot: int | None = None
+    path: str,
+    passphrase: bytes,
+    *,
+    header: str | None = None,
+    key_slot: int | None = None,
+    key_file: str | None = None,
 ) -> str:
-    """``luksDump --dump-volume-key``: header summary and volume key, as cryptsetup prints them."""
+    """``luksDump --dump-volume-key``: header summary and volume key, as cryptsetup prints
+    them; with *key_file* (``--volume-key-file``) the key goes to that new file (mode
+    0400; an existing file is refused, as cryptsetup refuses it) instead."""
     with _locked(path, header, write=False) as h:
         hdr = _read(h)
         if isinstance(hdr, LUKS1Header):
@@ -995,8 +1026,23 @@ def dump_volume_key(
             f"UUID:          \t{hdr.uuid}",
             f"MK bits:       \t{len(key) * 8}",
         ]
-        lines += _hex_lines(key, "\t\t", "MK dump:\t")
+        if key_file is not None:
+            _write_new_key_file(key_file, key)
+            lines.append(f"Key stored to file {key_file}.")
+        else:
+            lines += _hex_lines(key, "\t\t", "MK dump:\t")
         return "\n".join(lines)
+
+
+def _write_new_key_file(path: str, key: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+    except OSError:
+        raise KeyFileError(f"Cannot open keyfile {path} for write.") from None
+    try:
+        pwrite_all(fd, key, 0, f"volume key file {path}", durable=True)
+    finally:
+        os.close(fd)
 
 
 # -- header backup / restore ----------------------------------------------------------------
