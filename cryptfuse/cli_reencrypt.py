@@ -144,6 +144,12 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     g.add_argument("--subsystem", default="", help="--encrypt: the new header's subsystem")
     g.add_argument("--luks2-metadata-size", type=_size, metavar="BYTES", help="--encrypt")
     g.add_argument("--luks2-keyslots-size", type=_size, metavar="BYTES", help="--encrypt")
+    g.add_argument(
+        "--volume-key-file",
+        "--master-key-file",
+        metavar="FILE",
+        help="the new volume key, from FILE (--key-size bits of it) instead of a random one",
+    )
     g.add_argument("--type", "-M", choices=("luks2",), default="luks2")
     g.add_argument(
         "--force-offline-reencrypt",
@@ -158,6 +164,8 @@ def reencrypt_command(argv: Sequence[str]) -> int:
         raise UsageError("Options --encrypt and --decrypt cannot be combined.")
     current = _luks2_json(header or container)
     started = current is not None and reenc.in_reencryption(current)
+    if args.volume_key_file is not None and (started or args.resume_only or args.decrypt):
+        raise UsageError("--volume-key-file gives the new volume key of a reencryption to start.")
     if started:
         assert current is not None
         _check_resume_options(args, reenc.Reencryption.from_json(current))
@@ -165,6 +173,8 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     if sock is not None:  # mounted by a cryptfuse daemon: it does the work (online)
         if args.encrypt or args.decrypt:
             raise BusyError(f"{container} is mounted; --encrypt/--decrypt work offline only.")
+        if args.volume_key_file is not None:
+            raise BusyError(f"{container} is mounted; --volume-key-file works offline only.")
         with sock:
             return _online(args, sock, started)
     if args.resume_only and not started:
@@ -286,6 +296,7 @@ def _start_encrypt(args: argparse.Namespace) -> int:
         keyslot_cipher=args.keyslot_cipher,
         keyslot_key_bits=args.keyslot_key_size,
         benchmark_digests=args.pbkdf_force_iterations is None,
+        volume_key_file=args.volume_key_file,
     )
     keys: dict[int, bytes] = {}
     reenc.initialize_encrypt(args.container, args.header, passphrase, options, kdf, keys_out=keys)
@@ -344,6 +355,7 @@ def _new_reencryption(args: argparse.Namespace) -> tuple[KdfParams, reenc.Reencr
         shift=args.reduce_device_size or 0,
         digest_hash=(args.hash or "sha256") if given else None,
         benchmark_digests=given and args.pbkdf_force_iterations is None,
+        volume_key_file=args.volume_key_file,
     )
     return kdf_params, options
 

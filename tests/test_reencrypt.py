@@ -1527,3 +1527,52 @@ def test_shift_into_a_detached_headers_keyslots_area_refused(tmp_path: Path) -> 
                "--reduce-device-size", "1m", str(img))  # fmt: skip
     assert proc.returncode != 0 and b"keyslots area" in proc.stderr
     assert (hdr.read_bytes(), img.read_bytes()) == before
+
+
+def test_volume_key_file_is_the_new_key(tmp_path: Path) -> None:
+    """``--volume-key-file`` gives a new reencryption's new volume key, as cryptsetup
+    2.6.1 takes it: for a key change and for ``--encrypt``, the finished container's
+    key (``luksDump --dump-volume-key``) is the file's, for cryptfuse and cryptsetup
+    alike; a short file is refused before anything is written, and so is the option
+    where there is no new key (a resume, a decryption)."""
+    key = tmp_path / "pass"
+    key.write_bytes(PASS)
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(os.urandom(32))
+    opts = ["--volume-key-file", str(new_key), "--key-size", "256", "-q", "--key-file", str(key)]
+
+    def dumped_key(img: Path, *at: str) -> bytes:
+        out = tmp_path / f"{img.name}.dumped"
+        run("cryptsetup", "luksDump", "-q", "--dump-volume-key", "--volume-key-file", str(out),
+            "--key-file", str(key), *at, str(img))  # fmt: skip
+        return out.read_bytes()
+
+    img, _, data = make(tmp_path, data_mib=2)
+    theirs = tmp_path / "theirs.img"
+    shutil.copyfile(img, theirs)
+    assert cli("reencrypt", "--cipher", "aes-cbc-essiv:sha256", *opts, str(img)).returncode == 0
+    run("cryptsetup", "reencrypt", "--force-offline-reencrypt", "--cipher",
+        "aes-cbc-essiv:sha256", *opts, str(theirs))  # fmt: skip
+    assert dumped_key(img) == dumped_key(theirs) == new_key.read_bytes()
+    assert read_with(img, None)[: len(data)] == data
+
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(os.urandom(2 * MiB))
+    before = plain.read_bytes()
+    hdr = tmp_path / "plain.hdr"
+    proc = cli("reencrypt", "--encrypt", "--header", str(hdr), *FAST_KDF, *opts, str(plain))
+    assert proc.returncode == 0, proc.stderr
+    assert dumped_key(plain, "--header", str(hdr)) == new_key.read_bytes()
+    assert read_with(plain, hdr) == before
+
+    short = tmp_path / "short.key"
+    short.write_bytes(new_key.read_bytes()[:31])
+    unchanged = img.read_bytes()
+    proc = cli("reencrypt", "--volume-key-file", str(short), "--key-size", "256", "-q",
+               "--key-file", str(key), str(img))  # fmt: skip
+    assert proc.returncode == 1 and b"Cannot read 32 bytes" in proc.stderr
+    assert img.read_bytes() == unchanged
+    exported = tmp_path / "exported.hdr"
+    proc = cli("reencrypt", "--decrypt", "--header", str(exported), *opts, str(img))
+    assert proc.returncode == 1 and b"new volume key of a reencryption to start" in proc.stderr
+    assert img.read_bytes() == unchanged and not exported.exists()

@@ -1873,6 +1873,15 @@ def _steps(
         raise
 
 
+def _new_volume_key(path: str | None, key_bytes: int) -> bytes:
+    """A new volume key: random, or the first *key_bytes* of *path* (``--volume-key-file``)."""
+    if path is None:
+        return os.urandom(key_bytes)
+    from .volume_key import read_volume_key
+
+    return read_volume_key(path, key_bytes)
+
+
 @dataclass(frozen=True)
 class ReencryptOptions:
     """``cryptsetup reencrypt`` options of a new (key-changing) reencryption."""
@@ -1893,6 +1902,8 @@ class ReencryptOptions:
     #: those digests' PBKDF2 cost benchmarked (~125 ms) rather than 1000 iterations:
     #: cryptsetup benchmarks unless a keyslot's KDF is reused or the cost is forced
     benchmark_digests: bool = False
+    #: ``--volume-key-file``: the new volume key is read from this file, not random
+    volume_key_file: str | None = None
 
 
 def initialize(
@@ -1998,7 +2009,7 @@ def initialize_on(
         hashlib_name(options.resilience_hash)
     writer = devices.writer()
     obj = writer.obj
-    new_key = os.urandom(key_bytes)
+    new_key = _new_volume_key(options.volume_key_file, key_bytes)
     # 1. the new keyslot, bound to a new digest and no segment
     new_slot = writer.free_keyslot()
     if new_slot is None:
@@ -2214,6 +2225,8 @@ class EncryptOptions:
     #: the digests' PBKDF2 cost benchmarked (no --pbkdf-force-iterations), as
     #: :attr:`ReencryptOptions.benchmark_digests`
     benchmark_digests: bool = False
+    #: ``--volume-key-file``: the new volume key is read from this file, not random
+    volume_key_file: str | None = None
 
 
 def initialize_encrypt(
@@ -2303,7 +2316,7 @@ def initialize_encrypt(
             raise UsageError(f"Device {data_path} is too small.")
         if data_size % max(ss, SECTOR):
             raise UsageError(f"Data device is not aligned to encryption sector size ({ss} bytes).")
-        volume_key = os.urandom(key_bytes)
+        volume_key = _new_volume_key(options.volume_key_file, key_bytes)
         obj = build_metadata(
             layout=layout,
             encryption=str(spec),
