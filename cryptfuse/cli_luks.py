@@ -378,6 +378,21 @@ def kill_slot_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def erase_command(argv: Sequence[str]) -> int:
+    """``cryptfuse erase CONTAINER`` (``cryptsetup erase``/``luksErase``)."""
+    p = _parser(
+        "erase",
+        "[options] CONTAINER",
+        "Wipe every keyslot: the container becomes permanently inaccessible.",
+    )
+    p.add_argument("container", metavar="CONTAINER")
+    args = p.parse_args(argv)
+    slots = manage.erase(args.container, header=args.header, confirm=_confirm(args))
+    if args.verbose:
+        print(f"Keyslots wiped: {', '.join(map(str, slots)) or 'none'}.", file=sys.stderr)
+    return 0
+
+
 def dump_command(argv: Sequence[str]) -> int:
     """``cryptfuse dump CONTAINER`` (``cryptsetup luksDump``)."""
     p = _parser("dump", "[options] CONTAINER", "Show the LUKS header.")
@@ -482,6 +497,7 @@ LUKS_SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "remove-key": remove_key_command,
     "change-key": change_key_command,
     "kill-slot": kill_slot_command,
+    "erase": erase_command,
     "dump": dump_command,
     "header-backup": header_backup_command,
     "header-restore": header_restore_command,

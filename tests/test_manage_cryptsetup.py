@@ -857,3 +857,48 @@ def test_volume_key_file_refused_in_reencryption(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="for LUKS containers"):
         open_volume(str(img), OpenOptions(type="plain", volume_key_file=str(vk)), None)
     assert img.read_bytes() == before
+
+
+@needs_cryptsetup
+@pytest.mark.parametrize("luks", ["luks1", "luks2"])
+def test_erase_like_cryptsetup(tmp_path: Path, luks: str) -> None:
+    """``erase`` wipes every keyslot as ``cryptsetup erase`` does (LUKS2: one commit per
+    keyslot, tokens unbound, digests kept): the same luksDump on twins, nothing opens,
+    no byte of the old key material is left; refused without confirmation, with the
+    container untouched."""
+    key = keyfile(tmp_path, "k", b"first passphrase")
+    second = keyfile(tmp_path, "k2", b"second passphrase")
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    with open(theirs, "wb") as f:
+        f.truncate(20 << 20)
+    assert not _cs("luksFormat", "-q", "--type", luks, *CHEAP_PBKDF2, "-d", key,
+                   str(theirs)).returncode  # fmt: skip
+    assert not _cs("luksAddKey", "-q", *CHEAP_PBKDF2, "-d", key, "--key-slot", "3",
+                   str(theirs), second).returncode  # fmt: skip
+    if luks == "luks2":
+        token = tmp_path / "token.json"
+        token.write_text('{"type": "t", "keyslots": ["0", "3"]}')
+        assert not _cs("token", "import", "--json-file", str(token), str(theirs)).returncode
+    shutil.copyfile(theirs, ours)
+    before = ours.read_bytes()
+    assert cf("erase", str(ours)) == 1  # no terminal, no -q: not confirmed
+    assert ours.read_bytes() == before
+    assert cf("erase", "-q", str(ours)) == 0
+    assert not _cs("erase", "-q", str(theirs)).returncode
+    assert masked_dump(ours) == masked_dump(theirs).replace("theirs", "ours")
+    for passphrase in (key, second):
+        assert _cs("open", "--test-passphrase", "-d", passphrase, str(ours)).returncode
+    after = ours.read_bytes()
+    if luks == "luks1":
+        fd = os.open(ours, os.O_RDONLY)
+        try:
+            hdr = read_luks1_header(fd, str(ours))
+        finally:
+            os.close(fd)
+        areas = [(s.key_material_offset * 512, hdr.keyslot_sectors * 512) for s in hdr.keyslots]
+        areas = [areas[0], areas[3]]
+    else:
+        areas = [(32768, 258048), (32768 + 258048, 258048)]
+    for offset, length in areas:
+        old, new = before[offset : offset + length], after[offset : offset + length]
+        assert sum(a == b for a, b in zip(old, new, strict=True)) < length // 64

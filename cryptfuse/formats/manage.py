@@ -727,6 +727,37 @@ def kill_slot(
         _destroy(h, hdr, slot)
 
 
+ERASE_WARNING = (
+    "WARNING!\n========\nThis operation will erase all keyslots on device {path}.\n"
+    "Device will become unusable after this operation."
+)
+
+
+def erase(path: str, *, header: str | None = None, confirm: Confirm) -> list[int]:
+    """Wipe every keyslot (``cryptsetup erase``/``luksErase``); return their numbers.
+
+    Each keyslot's area is overwritten and the keyslot removed in turn, one commit
+    each for LUKS2 (tokens and digests lose it too), as cryptsetup does; the digests,
+    segments and tokens stay, so the header still reads but nothing opens it.
+    """
+    with _locked(path, header, write=True) as h:
+        hdr = _read(h)
+        if isinstance(hdr, LUKS2Header):
+            Luks2Writer.from_header(h.header_fd, hdr)  # refuses requirements (reencryption)
+        if not confirm(ERASE_WARNING.format(path=h.header_path)):
+            raise CryptfuseError("Operation aborted, no keyslot was wiped.")
+        slots = _active_slots(hdr)
+        for slot in slots:
+            if isinstance(hdr, LUKS2Header):
+                writer = Luks2Writer.from_header(h.header_fd, hdr)
+                writer.wipe_keyslot(slot)
+                writer.commit()
+                hdr = _read(h)
+            else:
+                hdr = clear_keyslot(h.header_fd, hdr, slot)
+    return slots
+
+
 def _opens_any(
     h: _Handle, hdr: LUKS1Header | LUKS2Header, passphrase: bytes, slots: list[int]
 ) -> bool:
