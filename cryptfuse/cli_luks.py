@@ -378,6 +378,30 @@ def kill_slot_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def config_command(argv: Sequence[str]) -> int:
+    """``cryptfuse config CONTAINER`` (``cryptsetup config``, LUKS2)."""
+    p = _parser(
+        "config",
+        "[options] CONTAINER",
+        "Set a LUKS2 keyslot's priority, or the label and subsystem.",
+    )
+    p.add_argument("container", metavar="CONTAINER")
+    p.add_argument("--priority", metavar="ignore|normal|prefer", help="with --key-slot")
+    p.add_argument("--key-slot", "-S", type=_nonneg_int, metavar="N")
+    p.add_argument("--label", help="the new label (none when only --subsystem is given)")
+    p.add_argument("--subsystem", help="the new subsystem (none when only --label is given)")
+    args = p.parse_args(argv)
+    manage.configure(
+        args.container,
+        header=args.header,
+        priority=args.priority,
+        key_slot=args.key_slot,
+        label=args.label,
+        subsystem=args.subsystem,
+    )
+    return 0
+
+
 def erase_command(argv: Sequence[str]) -> int:
     """``cryptfuse erase CONTAINER`` (``cryptsetup erase``/``luksErase``)."""
     p = _parser(
@@ -498,6 +522,7 @@ LUKS_SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "change-key": change_key_command,
     "kill-slot": kill_slot_command,
     "erase": erase_command,
+    "config": config_command,
     "dump": dump_command,
     "header-backup": header_backup_command,
     "header-restore": header_restore_command,

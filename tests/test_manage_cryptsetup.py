@@ -902,3 +902,39 @@ def test_erase_like_cryptsetup(tmp_path: Path, luks: str) -> None:
     for offset, length in areas:
         old, new = before[offset : offset + length], after[offset : offset + length]
         assert sum(a == b for a, b in zip(old, new, strict=True)) < length // 64
+
+
+@needs_cryptsetup
+def test_config_like_cryptsetup(tmp_path: Path) -> None:
+    """``config`` and ``cryptsetup config`` on twin LUKS2 containers, step by step:
+    the same exit code and the same luksDump (epoch included: a priority and the
+    labels are one commit each) after every one; a LUKS1 container is refused."""
+    key = keyfile(tmp_path, "k", b"first passphrase")
+    second = keyfile(tmp_path, "k2", b"second passphrase")
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    with open(theirs, "wb") as f:
+        f.truncate(20 << 20)
+    assert not _cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, "-d", key, "--label",
+                   "L0", "--subsystem", "S0", str(theirs)).returncode  # fmt: skip
+    assert not _cs("luksAddKey", "-q", *CHEAP_PBKDF2, "-d", key, str(theirs), second).returncode
+    shutil.copyfile(theirs, ours)
+    steps = [
+        ["--label", "L1"], ["--subsystem", "S2"], ["--priority", "prefer", "--key-slot", "1"],
+        ["--priority", "ignore", "--key-slot", "0"], ["--priority", "prefer"],
+        ["--priority", "prefer", "--key-slot", "5"], ["--priority", "bogus", "--key-slot", "1"],
+        ["--priority", "prefer", "--key-slot", "1", "--label", "X"], [],
+        ["--priority", "normal", "--key-slot", "1"], ["--label", ""],
+        ["--label", "L4", "--subsystem", "S4"], ["--priority", "normal", "--key-slot", "0"],
+    ]  # fmt: skip
+    for step in steps:
+        theirs_code = _cs("config", *step, str(theirs)).returncode
+        assert (cf("config", *step, str(ours)) == 0) == (theirs_code == 0), step
+        assert masked_dump(ours) == masked_dump(theirs), step
+    opened = _cs("open", "--test-passphrase", "-v", "-d", key, str(ours))
+    assert opened.returncode == 0 and "Key slot 0 unlocked" in opened.stdout
+    luks1 = tmp_path / "luks1.img"
+    with open(luks1, "wb") as f:
+        f.truncate(20 << 20)
+    assert not _cs("luksFormat", "-q", "--type", "luks1", *CHEAP_PBKDF2, "-d", key,
+                   str(luks1)).returncode  # fmt: skip
+    assert cf("config", "--label", "x", str(luks1)) == 1

@@ -727,6 +727,45 @@ def kill_slot(
         _destroy(h, hdr, slot)
 
 
+#: ``config --priority``: LUKS2 keyslot priorities (normal is the field's absence)
+PRIORITIES = {"ignore": 0, "normal": 1, "prefer": 2}
+
+
+def configure(
+    path: str,
+    *,
+    header: str | None = None,
+    priority: str | None = None,
+    key_slot: int | None = None,
+    label: str | None = None,
+    subsystem: str | None = None,
+) -> None:
+    """``cryptsetup config`` (LUKS2): a keyslot's priority (one commit), then the label
+    and subsystem (another; both are set, a missing one to none, as cryptsetup does)."""
+    if priority is None and label is None and subsystem is None:
+        raise UsageError("Option --priority, --label or --subsystem is missing.")
+    if priority is not None and priority not in PRIORITIES:
+        raise UsageError("Option --priority can be only ignore/normal/prefer.")
+    if priority is not None and key_slot is None:
+        raise UsageError("Keyslot specification is required.")
+    with _locked(path, header, write=True) as h:
+        hdr = _read(h)
+        if not isinstance(hdr, LUKS2Header):
+            raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
+        writer = Luks2Writer.from_header(h.header_fd, hdr)
+        if priority is not None:
+            slot = writer.obj["keyslots"].get(str(key_slot))
+            if slot is None:
+                raise CryptfuseError(f"Keyslot {key_slot} is not active.")
+            slot.pop("priority", None)
+            if priority != "normal":
+                slot["priority"] = PRIORITIES[priority]
+            writer.commit()
+        if label is not None or subsystem is not None:
+            writer.label, writer.subsystem = label or "", subsystem or ""
+            writer.commit()
+
+
 ERASE_WARNING = (
     "WARNING!\n========\nThis operation will erase all keyslots on device {path}.\n"
     "Device will become unusable after this operation."
