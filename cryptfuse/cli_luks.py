@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -402,6 +403,58 @@ def config_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def token_command(argv: Sequence[str]) -> int:
+    """``cryptfuse token import|export|remove CONTAINER`` (``cryptsetup token``, LUKS2)."""
+    p = _parser(
+        "token",
+        "import|export|remove [options] CONTAINER",
+        "Import, export or remove a LUKS2 token (JSON metadata, e.g. systemd-cryptenroll's).",
+    )
+    p.add_argument("action", choices=("import", "export", "remove"))
+    p.add_argument("container", metavar="CONTAINER")
+    p.add_argument("--token-id", type=_nonneg_int, metavar="N")
+    p.add_argument("--json-file", metavar="FILE", help="import from / export to FILE (default: "
+                   "standard input / output)")  # fmt: skip
+    p.add_argument("--key-slot", "-S", type=_nonneg_int, metavar="N", help="import: assign to")
+    p.add_argument("--token-replace", action="store_true", help="import: replace --token-id")
+    args = p.parse_args(argv)
+    if args.action != "import" and args.token_id is None:
+        raise UsageError(f"Action token {args.action} requires --token-id.")
+    if args.action == "import":
+        try:
+            if args.json_file is None:
+                text = sys.stdin.read()
+            else:
+                with open(args.json_file, encoding="utf-8") as f:
+                    text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyFileError(f"Failed to read JSON token: {exc}.") from None
+        token_id = manage.token_import(
+            args.container,
+            text,
+            header=args.header,
+            token_id=args.token_id,
+            key_slot=args.key_slot,
+            replace=args.token_replace,
+        )
+        if args.verbose:
+            print(f"Token {token_id} created.", file=sys.stderr)
+    elif args.action == "export":
+        text = manage.token_export(args.container, args.token_id, header=args.header)
+        if args.json_file is None:
+            sys.stdout.write(text)
+        else:
+            try:
+                fd = os.open(args.json_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+            except OSError as exc:
+                raise KeyFileError(f"Cannot write {args.json_file}: {exc.strerror}.") from None
+    else:
+        manage.token_remove(args.container, args.token_id, header=args.header)
+    return 0
+
+
 def erase_command(argv: Sequence[str]) -> int:
     """``cryptfuse erase CONTAINER`` (``cryptsetup erase``/``luksErase``)."""
     p = _parser(
@@ -523,6 +576,7 @@ LUKS_SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "kill-slot": kill_slot_command,
     "erase": erase_command,
     "config": config_command,
+    "token": token_command,
     "dump": dump_command,
     "header-backup": header_backup_command,
     "header-restore": header_restore_command,

@@ -766,6 +766,95 @@ def configure(
             writer.commit()
 
 
+#: LUKS2 has token ids 0..31 (cryptsetup's LUKS2_TOKENS_MAX)
+TOKENS_MAX = 32
+
+
+def _token_writer(h: _Handle, hdr: LUKS1Header | LUKS2Header) -> Luks2Writer:
+    if not isinstance(hdr, LUKS2Header):
+        raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
+    return Luks2Writer.from_header(h.header_fd, hdr)
+
+
+def _check_token_id(token_id: int | None) -> None:
+    if token_id is not None and not 0 <= token_id < TOKENS_MAX:
+        raise UsageError(f"Token {token_id} is invalid.")
+
+
+def token_import(
+    path: str,
+    text: str,
+    *,
+    header: str | None = None,
+    token_id: int | None = None,
+    key_slot: int | None = None,
+    replace: bool = False,
+) -> int:
+    """``cryptsetup token import``: the token in *text* (JSON; what follows the first
+    object is ignored, as json-c's parser ignores it) under *token_id* or the first
+    free id, in one commit; with *key_slot*, assigned to that keyslot in a second.
+    Validated as cryptsetup validates it (a ``type``, ``keyslots`` naming keyslots;
+    the ``luks2-`` types are cryptsetup's own: only ``luks2-keyring``, with its
+    ``key_description``).  Returns the token id."""
+    _check_token_id(token_id)
+    try:
+        token, _ = json.JSONDecoder().raw_decode(text.lstrip())
+    except ValueError:
+        raise FormatError("Failed to import token from file.") from None
+    kind = token.get("type") if isinstance(token, dict) else None
+    if (
+        not isinstance(kind, str)
+        or not kind
+        or not isinstance(token.get("keyslots"), list)
+        or kind.startswith("luks2-")
+        and (kind != "luks2-keyring" or not isinstance(token.get("key_description"), str))
+    ):
+        raise FormatError("Failed to import token from file.")
+    with _locked(path, header, write=True) as h:
+        writer = _token_writer(h, _read(h))
+        tokens = writer.obj["tokens"]
+        if token_id is None:
+            token_id = next((i for i in range(TOKENS_MAX) if str(i) not in tokens), None)
+            if token_id is None:
+                raise CryptfuseError("No free token slot.")
+        elif str(token_id) in tokens and not replace:
+            raise CryptfuseError(f"Token {token_id} in use.")
+        if key_slot is not None and str(key_slot) not in writer.obj["keyslots"]:
+            raise CryptfuseError(f"Keyslot {key_slot} is not active.")
+        if not all(isinstance(k, str) and k in writer.obj["keyslots"] for k in token["keyslots"]):
+            raise FormatError("Failed to import token from file.")
+        tokens[str(token_id)] = token  # a new id last, a replaced one in its place (json-c)
+        writer.commit()
+        if key_slot is not None:  # a commit even when the token names it already
+            if str(key_slot) not in token["keyslots"]:
+                token["keyslots"].append(str(key_slot))
+            writer.commit()
+    return token_id
+
+
+def token_export(path: str, token_id: int, *, header: str | None = None) -> str:
+    """``cryptsetup token export``: the token's JSON, compact, as cryptsetup prints it."""
+    _check_token_id(token_id)
+    with _locked(path, header, write=False) as h:
+        hdr = _read(h)
+        if not isinstance(hdr, LUKS2Header):
+            raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
+        token = hdr.json["tokens"].get(str(token_id))
+    if token is None:
+        raise CryptfuseError(f"Failed to get token {token_id} for export.")
+    return json.dumps(token, separators=(",", ":"), ensure_ascii=False)
+
+
+def token_remove(path: str, token_id: int, *, header: str | None = None) -> None:
+    """``cryptsetup token remove``: one commit."""
+    _check_token_id(token_id)
+    with _locked(path, header, write=True) as h:
+        writer = _token_writer(h, _read(h))
+        if writer.obj["tokens"].pop(str(token_id), None) is None:
+            raise CryptfuseError(f"Token {token_id} is not in use.")
+        writer.commit()
+
+
 ERASE_WARNING = (
     "WARNING!\n========\nThis operation will erase all keyslots on device {path}.\n"
     "Device will become unusable after this operation."
