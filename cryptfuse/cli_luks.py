@@ -358,6 +358,31 @@ def change_key_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def convert_key_command(argv: Sequence[str]) -> int:
+    """``cryptfuse convert-key CONTAINER`` (``cryptsetup luksConvertKey``, LUKS2)."""
+    p = _parser(
+        "convert-key",
+        "[options] CONTAINER",
+        "Store a LUKS2 keyslot again with new KDF parameters (--pbkdf, --iter-time, ...).",
+    )
+    p.add_argument("container", metavar="CONTAINER")
+    _key_options(p)
+    _kdf_options(p)
+    args = p.parse_args(argv)
+    passphrase = _existing_secret(args, "Enter passphrase for keyslot to be converted: ")
+    slot = manage.convert_key(
+        args.container,
+        passphrase,
+        header=args.header,
+        key_slot=args.key_slot,
+        kdf=_kdf(args),
+        progress=_progress(),
+    )
+    if args.verbose:
+        print(f"Key slot {slot} converted.", file=sys.stderr)
+    return 0
+
+
 def kill_slot_command(argv: Sequence[str]) -> int:
     """``cryptfuse kill-slot CONTAINER SLOT`` (``cryptsetup luksKillSlot``)."""
     p = _parser("kill-slot", "[options] CONTAINER SLOT", "Wipe a keyslot.")
@@ -574,6 +599,7 @@ LUKS_SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "remove-key": remove_key_command,
     "change-key": change_key_command,
     "kill-slot": kill_slot_command,
+    "convert-key": convert_key_command,
     "erase": erase_command,
     "config": config_command,
     "token": token_command,

@@ -1006,3 +1006,46 @@ def test_token_commands_like_cryptsetup(tmp_path: Path) -> None:
     exported = tmp_path / "exported.json"
     assert cf("token", "export", "--token-id", "0", "--json-file", str(exported), str(ours)) == 0
     assert exported.read_text() == TOKENS["a"]
+
+
+@needs_cryptsetup
+def test_convert_key_like_cryptsetup(tmp_path: Path) -> None:
+    """``convert-key`` and ``cryptsetup luksConvertKey`` on twin LUKS2 containers:
+    KDF, keyslot cipher and a wrong passphrase give the same exit code and luksDump
+    (with ``--key-slot``, but for the area and epoch: the documented change-key
+    difference); both passphrases still open; LUKS1 is refused as cryptsetup refuses
+    it."""
+    key = keyfile(tmp_path, "k", b"first passphrase")
+    second = keyfile(tmp_path, "k2", b"second passphrase")
+    wrong = keyfile(tmp_path, "wrong", b"not a passphrase")
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    with open(theirs, "wb") as f:
+        f.truncate(20 << 20)
+    assert not _cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, "-d", key,
+                   str(theirs)).returncode  # fmt: skip
+    assert not _cs("luksAddKey", "-q", *CHEAP_PBKDF2, "-d", key, str(theirs), second).returncode
+    shutil.copyfile(theirs, ours)
+    steps = [
+        (["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32",
+          "-d", second], True),
+        (["--pbkdf", "pbkdf2", "--hash", "sha512", "--pbkdf-force-iterations", "1000",
+          "-S", "1", "-d", key], True),
+        ([*CHEAP_PBKDF2, "--keyslot-cipher", "aes-cbc-plain64", "--keyslot-key-size", "256",
+          "-d", key], True),
+        ([*CHEAP_PBKDF2, "-d", wrong], True),
+        ([*CHEAP_PBKDF2, "-S", "0", "-d", key], False),
+    ]  # fmt: skip
+    for step, same_layout in steps:
+        theirs_code = _cs("luksConvertKey", "-q", *step, str(theirs)).returncode
+        assert (cf("convert-key", "-q", *step, str(ours)) == 0) == (theirs_code == 0), step
+        assert masked_dump(ours, same_layout) == masked_dump(theirs, same_layout), step
+    for passphrase in (key, second):
+        assert not _cs("open", "--test-passphrase", "-d", passphrase, str(ours)).returncode
+    luks1 = tmp_path / "luks1.img"
+    with open(luks1, "wb") as f:
+        f.truncate(20 << 20)
+    assert not _cs("luksFormat", "-q", "--type", "luks1", *CHEAP_PBKDF2, "-d", key,
+                   str(luks1)).returncode  # fmt: skip
+    before = luks1.read_bytes()
+    assert cf("convert-key", "-q", *CHEAP_PBKDF2, "-d", key, str(luks1)) == 1
+    assert luks1.read_bytes() == before

@@ -898,6 +898,26 @@ def _opens_any(
     return False
 
 
+def convert_key(
+    path: str,
+    passphrase: bytes,
+    *,
+    header: str | None = None,
+    key_slot: int | None = None,
+    kdf: KdfOptions = KdfOptions(),
+    progress: Progress | None = None,
+) -> int:
+    """``cryptsetup luksConvertKey`` (LUKS2): the keyslot *passphrase* opens is stored
+    again with new KDF (or keyslot cipher) parameters, under the same number, as
+    :func:`change_key` stores a new passphrase (cryptsetup's is that same change with
+    the same passphrase); return its number."""
+    if detect_type(header or path) != "luks2":
+        raise FormatError(f"Device {header or path} is not a valid LUKS2 device.")
+    return change_key(
+        path, passphrase, passphrase, header=header, key_slot=key_slot, kdf=kdf, progress=progress
+    )
+
+
 def change_key(
     path: str,
     old: bytes,
