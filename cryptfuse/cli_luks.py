@@ -184,6 +184,12 @@ def _progress() -> Callable[[str, float], None] | None:
     return show
 
 
+def _new_key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--new-keyfile", metavar="FILE", help="the new passphrase's file (as NEW_KEY_FILE)"
+    )
+
+
 def _volume_key_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--volume-key-file", "--master-key-file", metavar="FILE", help=what)
 
@@ -284,14 +290,25 @@ def add_key_command(argv: Sequence[str]) -> int:
     p.add_argument("container", metavar="CONTAINER")
     p.add_argument("new_key_file", nargs="?", metavar="NEW_KEY_FILE")
     _key_options(p)
+    _new_key_options(p)
+    p.add_argument(
+        "--new-key-slot",
+        type=_nonneg_int,
+        metavar="N",
+        help="the new keyslot (--key-slot then names the one that unlocks)",
+    )
     _volume_key_option(p, "unlock with the volume key in FILE instead of a passphrase")
     _kdf_options(p)
     args = p.parse_args(argv)
+    # cryptsetup 2.6: --key-slot is the new keyslot, unless --new-key-slot names it
+    new_slot, unlocking = args.key_slot, None
+    if args.new_key_slot is not None:
+        new_slot, unlocking = args.new_key_slot, args.key_slot
     existing = b""
     if args.volume_key_file is None:
         existing = _existing_secret(args, "Enter any existing passphrase: ")
     new = _new_secret(
-        args.new_key_file,
+        args.new_key_file if args.new_key_file is not None else args.new_keyfile,
         args.new_keyfile_offset,
         args.new_keyfile_size,
         "Enter new passphrase for key slot: ",
@@ -301,7 +318,8 @@ def add_key_command(argv: Sequence[str]) -> int:
         existing,
         new,
         header=args.header,
-        key_slot=args.key_slot,
+        key_slot=new_slot,
+        existing_slot=unlocking,
         kdf=_kdf(args),
         progress=_progress(),
         volume_key_file=args.volume_key_file,

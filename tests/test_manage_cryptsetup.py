@@ -1049,3 +1049,35 @@ def test_convert_key_like_cryptsetup(tmp_path: Path) -> None:
     before = luks1.read_bytes()
     assert cf("convert-key", "-q", *CHEAP_PBKDF2, "-d", key, str(luks1)) == 1
     assert luks1.read_bytes() == before
+
+
+@needs_cryptsetup
+def test_new_keyfile_and_new_key_slot_like_cryptsetup(tmp_path: Path) -> None:
+    """cryptsetup 2.6's ``--new-keyfile`` (for NEW_KEY_FILE) and ``--new-key-slot``
+    (the new keyslot; ``--key-slot`` then names the one that unlocks, and a passphrase
+    that does not open it is refused), for add-key only as in cryptsetup: the same
+    outcomes and luksDump as cryptsetup's."""
+    keys = {n: keyfile(tmp_path, n, f"passphrase {n}".encode()) for n in ("k", "a", "b", "c")}
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    with open(theirs, "wb") as f:
+        f.truncate(20 << 20)
+    assert not _cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, "-d", keys["k"],
+                   str(theirs)).returncode  # fmt: skip
+    shutil.copyfile(theirs, ours)
+    steps = [
+        ("luksAddKey", ["-d", keys["k"], "--new-keyfile", keys["a"], "--new-key-slot", "4"]),
+        ("luksAddKey", ["-d", keys["a"], "-S", "4", "--new-keyfile", keys["b"],
+                        "--new-key-slot", "6"]),
+        ("luksAddKey", ["-d", keys["a"], "-S", "0", "--new-keyfile", keys["c"],
+                        "--new-key-slot", "7"]),
+        ("luksChangeKey", ["-d", keys["b"], "--new-keyfile", keys["c"]]),  # refused: add only
+    ]  # fmt: skip
+    ours_command = {"luksAddKey": "add-key", "luksChangeKey": "change-key"}
+    for command, args in [*steps, ("luksChangeKey", ["-d", keys["b"], "NEW"])]:
+        new = [keys["c"]] if args[-1] == "NEW" else []
+        args = [a for a in args if a != "NEW"]
+        theirs_code = _cs(command, "-q", *CHEAP_PBKDF2, *args, str(theirs), *new).returncode
+        code = cf(ours_command[command], "-q", *CHEAP_PBKDF2, *args, str(ours), *new)
+        assert (code == 0) == (theirs_code == 0), (command, args)
+        assert masked_dump(ours) == masked_dump(theirs), (command, args)
+    assert unlocked_slot(ours, keys["c"]) == unlocked_slot(theirs, keys["c"]) == "6"
