@@ -85,6 +85,7 @@ from .luks2_write import (
 )
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
 from .luks_write import KdfParams, check_data_offset, digest_iterations, sync, wipe_area
+from .volume_key import read_volume_key
 
 __all__ = [
     "REQUIREMENT",
@@ -1877,8 +1878,6 @@ def _new_volume_key(path: str | None, key_bytes: int) -> bytes:
     """A new volume key: random, or the first *key_bytes* of *path* (``--volume-key-file``)."""
     if path is None:
         return os.urandom(key_bytes)
-    from .volume_key import read_volume_key
-
     return read_volume_key(path, key_bytes)
 
 

@@ -75,6 +75,7 @@ from .luks_write import (
     sync,
     wipe_area,
 )
+from .volume_key import read_volume_key, volume_key_from_file
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +363,6 @@ def format_container(
         raise UsageError(f"Key slot {opts.key_slot} is invalid.")
     given_key = None  # read before anything is created or written
     if opts.volume_key_file is not None:
-        from .volume_key import read_volume_key
-
         given_key = read_volume_key(opts.volume_key_file, key_bytes)
     detached = opts.header is not None
     # cryptsetup: an offset of 0 is no offset; --align-payload under a detached header
@@ -623,8 +622,6 @@ def _volume_key(
 ) -> bytes:
     """The volume key: from the keyslot *passphrase* opens, or from *volume_key_file*."""
     if volume_key_file is not None:
-        from .volume_key import volume_key_from_file
-
         return volume_key_from_file(hdr, volume_key_file)
     return _unlock(h, hdr, passphrase, key_slot)[1]
 
