@@ -765,6 +765,19 @@ def _cs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CRYPTSETUP or "", *args], capture_output=True, text=True)
 
 
+def _twins(tmp_path: Path, key: str, second: str, *format_options: str) -> tuple[Path, Path]:
+    """ours.img and theirs.img: the same LUKS2 container (cryptsetup's luksFormat with
+    *format_options*, keyslot 0 for *key*, 1 for *second*), twice."""
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    with open(theirs, "wb") as f:
+        f.truncate(20 << 20)
+    assert not _cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, "-d", key,
+                   *format_options, str(theirs)).returncode  # fmt: skip
+    assert not _cs("luksAddKey", "-q", *CHEAP_PBKDF2, "-d", key, str(theirs), second).returncode
+    shutil.copyfile(theirs, ours)
+    return ours, theirs
+
+
 @needs_cryptsetup
 @pytest.mark.parametrize("luks", ["luks1", "luks2"])
 def test_volume_key_file_like_cryptsetup(tmp_path: Path, luks: str) -> None:
@@ -912,13 +925,7 @@ def test_config_like_cryptsetup(tmp_path: Path) -> None:
     labels are one commit each) after every one; a LUKS1 container is refused."""
     key = keyfile(tmp_path, "k", b"first passphrase")
     second = keyfile(tmp_path, "k2", b"second passphrase")
-    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
-    with open(theirs, "wb") as f:
-        f.truncate(20 << 20)
-    assert not _cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, "-d", key, "--label",
-                   "L0", "--subsystem", "S0", str(theirs)).returncode  # fmt: skip
-    assert not _cs("luksAddKey", "-q", *CHEAP_PBKDF2, "-d", key, str(theirs), second).returncode
-    shutil.copyfile(theirs, ours)
+    ours, theirs = _twins(tmp_path, key, second, "--label", "L0", "--subsystem", "S0")
     steps = [
         ["--label", "L1"], ["--subsystem", "S2"], ["--priority", "prefer", "--key-slot", "1"],
         ["--priority", "ignore", "--key-slot", "0"], ["--priority", "prefer"],
@@ -968,13 +975,7 @@ def test_token_commands_like_cryptsetup(tmp_path: Path) -> None:
     second = keyfile(tmp_path, "k2", b"second passphrase")
     for name, text in TOKENS.items():
         (tmp_path / f"{name}.json").write_text(text)
-    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
-    with open(theirs, "wb") as f:
-        f.truncate(20 << 20)
-    assert not _cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, "-d", key,
-                   str(theirs)).returncode  # fmt: skip
-    assert not _cs("luksAddKey", "-q", *CHEAP_PBKDF2, "-d", key, str(theirs), second).returncode
-    shutil.copyfile(theirs, ours)
+    ours, theirs = _twins(tmp_path, key, second)
 
     def imp(name: str, *extra: str) -> list[str]:
         return ["import", "--json-file", str(tmp_path / f"{name}.json"), *extra]
@@ -1018,13 +1019,7 @@ def test_convert_key_like_cryptsetup(tmp_path: Path) -> None:
     key = keyfile(tmp_path, "k", b"first passphrase")
     second = keyfile(tmp_path, "k2", b"second passphrase")
     wrong = keyfile(tmp_path, "wrong", b"not a passphrase")
-    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
-    with open(theirs, "wb") as f:
-        f.truncate(20 << 20)
-    assert not _cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, "-d", key,
-                   str(theirs)).returncode  # fmt: skip
-    assert not _cs("luksAddKey", "-q", *CHEAP_PBKDF2, "-d", key, str(theirs), second).returncode
-    shutil.copyfile(theirs, ours)
+    ours, theirs = _twins(tmp_path, key, second)
     steps = [
         (["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32",
           "-d", second], True),

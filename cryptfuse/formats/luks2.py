@@ -1360,36 +1360,35 @@ def open_luks2(
         return volume
 
 
-def _in_reencryption(path: str) -> bool:
-    """True when *path* holds a LUKS2 header that requires a reencryption (a hint, as
-    :func:`_interrupted_reencryption`; the open that follows reports what is wrong)."""
+def _peek(path: str) -> LUKS2Header | None:
+    """*path*'s LUKS2 header, read without locking (only a hint: whoever acts on it
+    locks and rereads), or None where there is none (the open that follows says why)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
     try:
-        header = read_luks2_header(fd, path)
+        return read_luks2_header(fd, path)
     except CryptfuseError:
-        return False
+        return None
     finally:
         os.close(fd)
-    return any(_reencrypt_candidate(r) for r in header.metadata.config.requirements)
+
+
+def _in_reencryption(path: str) -> bool:
+    """True when *path* holds a LUKS2 header that requires a reencryption."""
+    header = _peek(path)
+    return header is not None and any(
+        _reencrypt_candidate(r) for r in header.metadata.config.requirements
+    )
 
 
 def _interrupted_reencryption(path: str) -> bool:
-    """True when *path* holds a LUKS2 header with a hot zone flagged in-reencryption
-    (read without locking: only a hint; the recovery itself locks and rereads)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False  # reported properly by the open that follows
-    try:
-        header = read_luks2_header(fd, path)
-    except CryptfuseError:
-        return False
-    finally:
-        os.close(fd)
-    return any(_segment_has_flag(s, "in-reencryption") for s in header.json["segments"].values())
+    """True when *path* holds a LUKS2 header with a hot zone flagged in-reencryption."""
+    header = _peek(path)
+    return header is not None and any(
+        _segment_has_flag(s, "in-reencryption") for s in header.json["segments"].values()
+    )
 
 
 def _open_in_reencryption(
