@@ -517,7 +517,12 @@ def dump_command(argv: Sequence[str]) -> int:
     """``cryptfuse dump CONTAINER`` (``cryptsetup luksDump``)."""
     p = _parser("dump", "[options] CONTAINER", "Show the LUKS header.")
     p.add_argument("container", metavar="CONTAINER")
-    p.add_argument("--json", action="store_true", help="LUKS2: print the JSON metadata")
+    p.add_argument(
+        "--json",
+        "--dump-json-metadata",
+        action="store_true",
+        help="LUKS2: print the JSON metadata (as cryptsetup does: no final newline)",
+    )
     p.add_argument(
         "--dump-volume-key",
         "--dump-master-key",
@@ -547,7 +552,8 @@ def dump_command(argv: Sequence[str]) -> int:
             )
         )
         return 0
-    print(manage.dump(args.container, header=args.header, as_json=args.json))
+    text = manage.dump(args.container, header=args.header, as_json=args.json)
+    sys.stdout.write(text if args.json else text + "\n")
     return 0
 
 

@@ -258,6 +258,9 @@ def test_dump_matches_cryptsetup_in_more_states(
     capsys.readouterr()
     assert cf("dump", str(img)) == 0
     assert capsys.readouterr().out.rstrip("\n") == luks_dump_ok(img).rstrip("\n")
+    # the JSON metadata as cryptsetup prints it (json-c's pretty form), byte for byte
+    assert cf("dump", "--dump-json-metadata", str(img)) == 0
+    assert capsys.readouterr().out == _cs("luksDump", "--dump-json-metadata", str(img)).stdout
 
 
 @needs_cryptsetup

@@ -1167,10 +1167,25 @@ def dump(path: str, *, header: str | None = None, as_json: bool = False) -> str:
         if as_json:
             if not isinstance(hdr, LUKS2Header):
                 raise UsageError("--json is only available for LUKS2 containers.")
-            return json.dumps(hdr.json, indent=2)
+            return json_c_pretty(hdr.json)
         if isinstance(hdr, LUKS1Header):
             return _dump_luks1(hdr, h.header_path)
         return _dump_luks2(hdr, h.header_path)
+
+
+def json_c_pretty(value: Any, level: int = 0) -> str:
+    """*value* as cryptsetup's ``luksDump --dump-json-metadata`` prints it: json-c's
+    pretty form (two spaces a level, no space after a colon, an empty array or object
+    still on two lines, ``/`` not escaped), without a final newline."""
+    pad, inner = "  " * level, "  " * (level + 1)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}:{json_c_pretty(v, level + 1)}"
+                 for k, v in value.items()]  # fmt: skip
+        return "{\n" + ",\n".join(items) + ("\n" if items else "") + pad + "}"
+    if isinstance(value, list):
+        items = [inner + json_c_pretty(v, level + 1) for v in value]
+        return "[\n" + ",\n".join(items) + ("\n" if items else "") + pad + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def dump_volume_key(
