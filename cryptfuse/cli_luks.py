@@ -298,14 +298,23 @@ def add_key_command(argv: Sequence[str]) -> int:
         help="the new keyslot (--key-slot then names the one that unlocks)",
     )
     _volume_key_option(p, "unlock with the volume key in FILE instead of a passphrase")
+    p.add_argument(
+        "--unbound",
+        action="store_true",
+        help="LUKS2: a keyslot bound to no segment, for a key of its own (--key-size bits; "
+        "random, or --volume-key-file)",
+    )
+    p.add_argument("--key-size", "-s", type=_nonneg_int, metavar="BITS", help="with --unbound")
     _kdf_options(p)
     args = p.parse_args(argv)
+    if args.unbound and not args.key_size:
+        raise UsageError("Key size is required with --unbound option.")
     # cryptsetup 2.6: --key-slot is the new keyslot, unless --new-key-slot names it
     new_slot, unlocking = args.key_slot, None
     if args.new_key_slot is not None:
         new_slot, unlocking = args.new_key_slot, args.key_slot
     existing = b""
-    if args.volume_key_file is None:
+    if args.volume_key_file is None and not args.unbound:
         existing = _existing_secret(args, "Enter any existing passphrase: ")
     new = _new_secret(
         args.new_key_file if args.new_key_file is not None else args.new_keyfile,
@@ -323,6 +332,7 @@ def add_key_command(argv: Sequence[str]) -> int:
         kdf=_kdf(args),
         progress=_progress(),
         volume_key_file=args.volume_key_file,
+        unbound_bits=args.key_size if args.unbound else None,
     )
     if args.verbose:
         print(f"Key slot {slot} created.", file=sys.stderr)
@@ -531,7 +541,16 @@ def dump_command(argv: Sequence[str]) -> int:
     )
     _key_options(p)
     _volume_key_option(p, "with --dump-volume-key: write the key to this new file instead")
+    p.add_argument(
+        "--unbound", action="store_true", help="LUKS2: print the key of unbound keyslot --key-slot"
+    )
     args = p.parse_args(argv)
+    if args.unbound:
+        if args.key_slot is None:
+            raise UsageError("Keyslot specification is required.")
+        secret = _existing_secret(args, f"Enter passphrase for {args.container}: ")
+        print(manage.dump_unbound_key(args.container, secret, args.key_slot, header=args.header))
+        return 0
     if args.volume_key_file is not None and not args.dump_volume_key:
         raise UsageError("--volume-key-file is only used with --dump-volume-key here.")
     if args.dump_volume_key:

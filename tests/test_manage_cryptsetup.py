@@ -1079,3 +1079,54 @@ def test_new_keyfile_and_new_key_slot_like_cryptsetup(tmp_path: Path) -> None:
         assert (code == 0) == (theirs_code == 0), (command, args)
         assert masked_dump(ours) == masked_dump(theirs), (command, args)
     assert unlocked_slot(ours, keys["c"]) == unlocked_slot(theirs, keys["c"]) == "6"
+
+
+@needs_cryptsetup
+def test_unbound_keyslots_like_cryptsetup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``add-key --unbound --key-size N`` and cryptsetup's on twin LUKS2 containers,
+    step by step: the same outcome and luksDump (a new digest bound to no segment, the
+    area encrypted as an ordinary keyslot's), no existing passphrase asked; then
+    ``dump --unbound -S N`` prints what ``luksDump --unbound`` prints, the key in the
+    file for ``--volume-key-file``."""
+    key = keyfile(tmp_path, "k", b"first passphrase")
+    new = keyfile(tmp_path, "new", b"unbound passphrase")
+    stored = tmp_path / "stored.key"
+    stored.write_bytes(os.urandom(32))
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    with open(theirs, "wb") as f:
+        f.truncate(20 << 20)
+    assert not _cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, "-d", key, "--cipher",
+                   "aes-cbc-essiv:sha256", "--key-size", "256", str(theirs)).returncode  # fmt: skip
+    shutil.copyfile(theirs, ours)
+    steps = [
+        [*CHEAP_PBKDF2, "--unbound", "--key-size", "256"],
+        [*CHEAP_PBKDF2, "--unbound"],
+        [*CHEAP_PBKDF2, "--unbound", "--key-size", "128", "-S", "7"],
+        [*CHEAP_PBKDF2, "--unbound", "--key-size", "128", "-S", "7"],
+        ["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32",
+         "--unbound", "--key-size", "512", "--hash", "sha512"],
+        [*CHEAP_PBKDF2, "--unbound", "--key-size", "256", "--volume-key-file", str(stored)],
+        [*CHEAP_PBKDF2, "--hash", "sha1", "--unbound", "--key-size", "256",
+         "--keyslot-cipher", "aes-cbc-plain64", "--keyslot-key-size", "256"],
+    ]  # fmt: skip
+    for step in steps:
+        theirs_code = subprocess.run(
+            [CRYPTSETUP or "", "luksAddKey", "-q", *step, str(theirs), new],
+            capture_output=True, stdin=subprocess.DEVNULL,
+        ).returncode  # fmt: skip
+        assert (cf("add-key", "-q", *step, str(ours), new) == 0) == (theirs_code == 0), step
+        assert masked_dump(ours) == masked_dump(theirs), step
+    unbound = re.findall(r"^  (\d+): luks2 \(unbound\)", luks_dump_ok(ours), re.M)
+    assert unbound == ["1", "2", "3", "4", "7"]
+    for slot in unbound:
+        capsys.readouterr()
+        assert cf("dump", "--unbound", "-S", slot, "-d", new, str(ours)) == 0
+        mine = capsys.readouterr().out
+        dumped = _cs("luksDump", "--unbound", "-S", slot, "-d", new, str(ours)).stdout
+        assert mine.rstrip("\n") == dumped.rstrip("\n")
+    capsys.readouterr()
+    assert cf("dump", "--unbound", "-S", "3", "-d", new, str(ours)) == 0
+    key_hex = capsys.readouterr().out.split("Unbound Key:")[1].split()
+    assert bytes.fromhex("".join(key_hex)) == stored.read_bytes()

@@ -504,6 +504,24 @@ class Luks2Writer:
         add(self.obj)  # in place: callers hold ``obj``
         return old_area
 
+    def add_digest(self, volume_key: bytes, hash_name: str, iterations: int) -> str:
+        """A PBKDF2 digest of *volume_key*, bound to nothing yet, under the first free
+        id (cryptsetup's ``LUKS2_digest_create``); returns the id."""
+        digests = self.obj["digests"]
+        key = str(next(i for i in range(len(digests) + 1) if str(i) not in digests))
+        salt = os.urandom(SALT_SIZE)
+        digest = pbkdf2(hash_name, volume_key, salt, iterations, hash_size(hash_name))
+        digests[key] = {
+            "type": "pbkdf2",
+            "keyslots": [],
+            "segments": [],
+            "hash": hash_name,
+            "iterations": iterations,
+            "salt": _b64(salt),
+            "digest": _b64(digest),
+        }
+        return key
+
     def wipe_keyslot(self, index: int) -> None:
         """Overwrite keyslot *index*'s area (durably) and drop it from ``obj``
         and from every digest and token; the caller commits."""

@@ -75,7 +75,7 @@ from .luks_write import (
     sync,
     wipe_area,
 )
-from .volume_key import read_volume_key, volume_key_from_file
+from .volume_key import read_volume_key, volume_key_from_file, volume_key_length
 
 log = logging.getLogger(__name__)
 
@@ -586,11 +586,18 @@ def add_key(
     existing_slot: int | None = None,
     progress: Progress | None = None,
     volume_key_file: str | None = None,
+    unbound_bits: int | None = None,
 ) -> int:
     """Add a keyslot for *new*, unlocking with *existing* (or, with *volume_key_file*,
-    with the volume key in that file, checked against the digest); return its number."""
+    with the volume key in that file, checked against the digest); return its number.
+
+    *unbound_bits* (``--unbound --key-size``, LUKS2): a keyslot bound to no segment,
+    storing a key of its own (random, or from *volume_key_file*) under a new digest;
+    *existing* is not needed."""
     with _locked(path, header, write=True) as h:
         hdr = _read(h)
+        if unbound_bits is not None:
+            return _add_unbound(h, hdr, new, key_slot, kdf, progress, volume_key_file, unbound_bits)
         if key_slot is not None:
             _check_slot_number(hdr, key_slot)
             if key_slot in _active_slots(hdr):
@@ -611,6 +618,67 @@ def add_key(
             params = resolve_kdf(kdf, "luks1", len(volume_key), hdr.hash_spec, progress)
             set_keyslot(h.header_fd, hdr, slot, volume_key, new, params)
     return slot
+
+
+def _add_unbound(
+    h: _Handle,
+    hdr: LUKS1Header | LUKS2Header,
+    passphrase: bytes,
+    key_slot: int | None,
+    kdf: KdfOptions,
+    progress: Progress | None,
+    key_file: str | None,
+    bits: int,
+) -> int:
+    """cryptsetup's ``luksAddKey --unbound``: one commit with a new digest and a keyslot
+    bound to it and to no segment; the area is encrypted as an ordinary keyslot's
+    (the segment cipher, under a key as long as the volume key)."""
+    if not isinstance(hdr, LUKS2Header):
+        raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
+    if not bits or bits % 8:
+        raise UsageError("Key size is required with --unbound option.")
+    if key_slot is not None:
+        _check_slot_number(hdr, key_slot)
+        if key_slot in _active_slots(hdr):
+            raise CryptfuseError(f"Key slot {key_slot} is full, please select another one.")
+    slot = key_slot if key_slot is not None else _free_slot(hdr)
+    key = read_volume_key(key_file, bits // 8) if key_file else os.urandom(bits // 8)
+    writer = Luks2Writer.from_header(h.header_fd, hdr)
+    spec, area_bytes = _luks2_area_spec(hdr, kdf)
+    if area_bytes is None:
+        area_bytes = volume_key_length(hdr)
+    digest_hash = kdf.hash or DEFAULT_HASH
+    params = resolve_kdf(kdf, "luks2", len(key), digest_hash, progress)
+    cost = digest_iterations(digest_hash, len(key), benchmark=kdf.force_iterations is None)
+    digest = writer.add_digest(key, digest_hash, cost)
+    writer.write_keyslot(
+        slot, key, passphrase, params, spec, af_hash=digest_hash, digest=digest,
+        area_key_bytes=area_bytes,
+    )  # fmt: skip
+    writer.commit()
+    return slot
+
+
+def dump_unbound_key(
+    path: str, passphrase: bytes, key_slot: int, *, header: str | None = None
+) -> str:
+    """``luksDump --unbound -S N``: an unbound keyslot's key, as cryptsetup prints it."""
+    with _locked(path, header, write=False) as h:
+        hdr = _read(h)
+        if not isinstance(hdr, LUKS2Header):
+            raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
+        slot = hdr.metadata.keyslots.get(key_slot)
+        if slot is None or any(str(key_slot) in d["keyslots"] and d["segments"]
+                               for d in hdr.json["digests"].values()):  # fmt: skip
+            raise CryptfuseError(f"Keyslot {key_slot} is not an unbound keyslot.")
+        _, key = hdr.unlock(h.header_fd, passphrase, key_slot, any_segment=True)
+        lines = [
+            f"LUKS header information for {h.header_path}",
+            f"UUID:    \t{hdr.uuid}",
+            f"Keyslot: \t{key_slot}",
+            f"Key bits:\t{len(key) * 8}",
+        ]
+        return "\n".join(lines + _hex_lines(key, "\t\t", "Unbound Key:\t"))
 
 
 def _volume_key(
