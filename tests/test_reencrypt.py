@@ -1287,6 +1287,7 @@ def test_random_init_like_cryptsetup(tmp_path: Path) -> None:
                 done = subprocess.run(
                     ["cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", *args],
                     capture_output=True,
+                    cwd=work,  # where a refused --encrypt leaves its LUKS2-temp-*.new
                 )
                 codes[who], errors[who] = done.returncode, done.stderr
         case = f"{kind} {fmt} {opts}"
