@@ -81,6 +81,7 @@ from .luks2_write import (
     Luks2Writer,
     _b64,
     build_metadata,
+    drop_empty_digests,
     luks2_layout,
 )
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
@@ -1327,7 +1328,7 @@ def _finish(dev: _Devices, rh: Reencryption) -> None:
     for item in [*obj["digests"].values(), *obj.get("tokens", {}).values()]:
         if isinstance(item.get("keyslots"), list):  # (cryptsetup's keyslot wipe does so)
             item["keyslots"] = [k for k in item["keyslots"] if k in obj["keyslots"]]
-    _drop_empty_digests(obj)
+    drop_empty_digests(obj)
     _commit(dev, rh)
     for offset, length in stale:
         wipe_area(dev.header_fd, offset, length, "unused keyslot area")
@@ -1343,11 +1344,6 @@ def _wipe_random(fd: int, offset: int, length: int) -> None:
     for at in range(offset, offset + length, chunk):
         pwrite_all(fd, os.urandom(min(chunk, offset + length - at)), at, "wipe")
     sync(fd)
-
-
-def _drop_empty_digests(obj: dict[str, Any]) -> None:
-    for key in [k for k, d in obj["digests"].items() if not d["keyslots"] and not d["segments"]]:
-        del obj["digests"][key]
 
 
 # ---------------------------------------------------------------------------

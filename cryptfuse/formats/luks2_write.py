@@ -216,6 +216,12 @@ def _layout(
     return Luks2Layout(md, DEFAULT_DATA_OFFSET - 2 * md, data)
 
 
+def drop_empty_digests(obj: dict[str, Any]) -> None:
+    """Remove the digests bound to no keyslot and no segment, as cryptsetup does."""
+    for key in [k for k, d in obj["digests"].items() if not d["keyslots"] and not d["segments"]]:
+        del obj["digests"][key]
+
+
 def area_size(key_bytes: int) -> int:
     """Bytes of a keyslot area for a *key_bytes* key (AF material, 4 KiB aligned)."""
     return -(-af_sectors(key_bytes, STRIPES) * 512 // KEYSLOT_ALIGN) * KEYSLOT_ALIGN
@@ -534,6 +540,7 @@ class Luks2Writer:
         )
         del self.obj["keyslots"][key]
         self._unbind_keyslot(key)
+        drop_empty_digests(self.obj)  # an unbound keyslot's digest goes with it (cryptsetup)
 
     def _unbind_keyslot(self, key: str) -> None:
         """Drop keyslot *key* from every digest and token of ``obj``."""

@@ -58,7 +58,14 @@ from .luks2 import (
     read_luks2_header,
 )
 from .luks2 import NUM_KEYSLOTS as LUKS2_SLOTS
-from .luks2_write import Luks2Writer, build_metadata, luks2_layout, serialize_copy
+from .luks2_write import (
+    KEYSLOT_CIPHER,
+    KEYSLOT_KEY_BYTES,
+    Luks2Writer,
+    build_metadata,
+    luks2_layout,
+    serialize_copy,
+)
 from .luks_common import luks_cipher_spec, pread_exact
 from .luks_write import (
     ARGON2_LIMIT_MEMORY_KIB,
@@ -550,6 +557,33 @@ def _luks2_area_spec(hdr: LUKS2Header, kdf: KdfOptions) -> tuple[CipherSpec, int
     return _keyslot_encryption(kdf, spec, luks2=True)
 
 
+def _area_and_digest(
+    hdr: LUKS2Header, slot: int, area: tuple[CipherSpec, int | None]
+) -> tuple[tuple[CipherSpec, int | None], str | None]:
+    """For a keyslot stored again (change-key, convert-key): its digest when that is not
+    the data segment's (an unbound keyslot), whose area is then encrypted under a key
+    as long as the volume key, as a new unbound keyslot's is."""
+    _, _, bound = hdr.data_segment()
+    if slot in bound.keyslots:
+        return area, None
+    digest = next(k for k, d in hdr.json["digests"].items() if str(slot) in d["keyslots"])
+    return _unbound_area(hdr, area), digest
+
+
+def _unbound_area(
+    hdr: LUKS2Header, area: tuple[CipherSpec, int | None]
+) -> tuple[CipherSpec, int | None]:
+    """An unbound keyslot's area encryption: as given (``--keyslot-cipher``), else the
+    segment cipher under a key as long as the volume key, else (no keyslot left to
+    tell that length) LUKS2's default keyslot encryption, as cryptsetup falls back."""
+    if area[1] is not None:
+        return area
+    try:
+        return area[0], volume_key_length(hdr)
+    except FormatError:
+        return luks_cipher_spec(KEYSLOT_CIPHER, "keyslot"), KEYSLOT_KEY_BYTES
+
+
 def _store_keyslot(
     writer: Luks2Writer,
     slot: int,
@@ -560,9 +594,11 @@ def _store_keyslot(
     area: tuple[CipherSpec, int | None],
     *,
     replace_area: bool = False,
+    digest: str | None = None,
 ) -> tuple[int, int] | None:
     """:meth:`Luks2Writer.write_keyslot` with add-key's and change-key's choices: the
-    AF hash of ``--hash`` and the area encryption *area* (:func:`_luks2_area_spec`)."""
+    AF hash of ``--hash`` and the area encryption *area* (:func:`_luks2_area_spec`);
+    *digest*: the digest it joins (default: the data segment's)."""
     return writer.write_keyslot(
         slot,
         volume_key,
@@ -571,6 +607,7 @@ def _store_keyslot(
         area[0],
         af_hash=kdf.hash or DEFAULT_HASH,
         replace_area=replace_area,
+        digest=digest,
         area_key_bytes=area[1],
     )
 
@@ -644,9 +681,7 @@ def _add_unbound(
     slot = key_slot if key_slot is not None else _free_slot(hdr)
     key = read_volume_key(key_file, bits // 8) if key_file else os.urandom(bits // 8)
     writer = Luks2Writer.from_header(h.header_fd, hdr)
-    spec, area_bytes = _luks2_area_spec(hdr, kdf)
-    if area_bytes is None:
-        area_bytes = volume_key_length(hdr)
+    spec, area_bytes = _unbound_area(hdr, _luks2_area_spec(hdr, kdf))
     digest_hash = kdf.hash or DEFAULT_HASH
     params = resolve_kdf(kdf, "luks2", len(key), digest_hash, progress)
     cost = digest_iterations(digest_hash, len(key), benchmark=kdf.force_iterations is None)
@@ -1012,20 +1047,30 @@ def change_key(
         if isinstance(hdr, LUKS2Header):
             writer = Luks2Writer.from_header(h.header_fd, hdr)
             area = _luks2_area_spec(hdr, kdf)
-            old_slot, volume_key = hdr.unlock(h.header_fd, old, key_slot)
+            # cryptsetup opens any keyslot here, an unbound one too (which stays so)
+            old_slot, volume_key = hdr.unlock(h.header_fd, old, key_slot, any_segment=True)
+            area, digest = _area_and_digest(hdr, old_slot, area)
             params = resolve_kdf(kdf, "luks2", len(volume_key), kdf.hash or DEFAULT_HASH, progress)
             free = writer.free_keyslot()
             if writer.find_area(_area_len(len(volume_key))) is None:
                 raise CryptfuseError("No space for new keyslot (the keyslots area is full).")
             if free is not None:
-                _store_keyslot(writer, free, volume_key, new, params, kdf, area)
+                _store_keyslot(writer, free, volume_key, new, params, kdf, area, digest=digest)
                 writer.commit()  # both passphrases open it
                 freed = writer.renumber_keyslot(free, old_slot)
                 writer.commit()  # the new one only, under the old number
                 wipe_area(h.header_fd, freed[0], freed[1], f"old area of keyslot {old_slot}")
                 return old_slot
             old_area = _store_keyslot(
-                writer, old_slot, volume_key, new, params, kdf, area, replace_area=True
+                writer,
+                old_slot,
+                volume_key,
+                new,
+                params,
+                kdf,
+                area,
+                replace_area=True,
+                digest=digest,
             )
             writer.commit()
             assert old_area is not None
