@@ -86,7 +86,7 @@ from .luks2_write import (
 )
 from .luks_common import check_key_size, luks_cipher_spec, pread_exact
 from .luks_write import KdfParams, check_data_offset, digest_iterations, sync, wipe_area
-from .volume_key import read_volume_key
+from .volume_key import new_volume_key
 
 __all__ = [
     "REQUIREMENT",
@@ -1870,13 +1870,6 @@ def _steps(
         raise
 
 
-def _new_volume_key(path: str | None, key_bytes: int) -> bytes:
-    """A new volume key: random, or the first *key_bytes* of *path* (``--volume-key-file``)."""
-    if path is None:
-        return os.urandom(key_bytes)
-    return read_volume_key(path, key_bytes)
-
-
 @dataclass(frozen=True)
 class ReencryptOptions:
     """``cryptsetup reencrypt`` options of a new (key-changing) reencryption."""
@@ -2004,7 +1997,7 @@ def initialize_on(
         hashlib_name(options.resilience_hash)
     writer = devices.writer()
     obj = writer.obj
-    new_key = _new_volume_key(options.volume_key_file, key_bytes)
+    new_key = new_volume_key(options.volume_key_file, key_bytes)
     # 1. the new keyslot, bound to a new digest and no segment
     new_slot = writer.free_keyslot()
     if new_slot is None:
@@ -2311,7 +2304,7 @@ def initialize_encrypt(
             raise UsageError(f"Device {data_path} is too small.")
         if data_size % max(ss, SECTOR):
             raise UsageError(f"Data device is not aligned to encryption sector size ({ss} bytes).")
-        volume_key = _new_volume_key(options.volume_key_file, key_bytes)
+        volume_key = new_volume_key(options.volume_key_file, key_bytes)
         obj = build_metadata(
             layout=layout,
             encryption=str(spec),

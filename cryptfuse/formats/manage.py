@@ -82,7 +82,7 @@ from .luks_write import (
     sync,
     wipe_area,
 )
-from .volume_key import read_volume_key, volume_key_from_file, volume_key_length
+from .volume_key import new_volume_key, volume_key_from_file, volume_key_length
 
 log = logging.getLogger(__name__)
 
@@ -368,9 +368,7 @@ def format_container(
         LUKS1_SLOTS if luks_type == "luks1" else LUKS2_SLOTS
     ):
         raise UsageError(f"Key slot {opts.key_slot} is invalid.")
-    given_key = None  # read before anything is created or written
-    if opts.volume_key_file is not None:
-        given_key = read_volume_key(opts.volume_key_file, key_bytes)
+    volume_key = new_volume_key(opts.volume_key_file, key_bytes)  # before anything is written
     detached = opts.header is not None
     # cryptsetup: an offset of 0 is no offset; --align-payload under a detached header
     # is the data offset, elsewhere the alignment the offset is rounded up to
@@ -399,7 +397,6 @@ def format_container(
             raise CryptfuseError("Operation aborted.")
         kdf = resolve_kdf(opts.kdf, luks_type, key_bytes, opts.hash, progress)
         data_size = device_size(h.data_fd)
-        volume_key = given_key if given_key is not None else os.urandom(key_bytes)
         if luks_type == "luks1":
             layout1 = luks1_layout(key_bytes, offset=offset, detached=detached, align=align)
             data_offset = layout1.payload_offset * 512
@@ -635,11 +632,7 @@ def add_key(
         hdr = _read(h)
         if unbound_bits is not None:
             return _add_unbound(h, hdr, new, key_slot, kdf, progress, volume_key_file, unbound_bits)
-        if key_slot is not None:
-            _check_slot_number(hdr, key_slot)
-            if key_slot in _active_slots(hdr):
-                raise CryptfuseError(f"Key slot {key_slot} is full, please select another one.")
-        slot = key_slot if key_slot is not None else _free_slot(hdr)
+        slot = _new_slot(hdr, key_slot)
         if isinstance(hdr, LUKS2Header):
             writer = Luks2Writer.from_header(h.header_fd, hdr)
             area = _luks2_area_spec(hdr, kdf)
@@ -670,16 +663,11 @@ def _add_unbound(
     """cryptsetup's ``luksAddKey --unbound``: one commit with a new digest and a keyslot
     bound to it and to no segment; the area is encrypted as an ordinary keyslot's
     (the segment cipher, under a key as long as the volume key)."""
-    if not isinstance(hdr, LUKS2Header):
-        raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
+    hdr = _luks2_only(h, hdr)
     if not bits or bits % 8:
         raise UsageError("Key size is required with --unbound option.")
-    if key_slot is not None:
-        _check_slot_number(hdr, key_slot)
-        if key_slot in _active_slots(hdr):
-            raise CryptfuseError(f"Key slot {key_slot} is full, please select another one.")
-    slot = key_slot if key_slot is not None else _free_slot(hdr)
-    key = read_volume_key(key_file, bits // 8) if key_file else os.urandom(bits // 8)
+    slot = _new_slot(hdr, key_slot)
+    key = new_volume_key(key_file, bits // 8)
     writer = Luks2Writer.from_header(h.header_fd, hdr)
     spec, area_bytes = _unbound_area(hdr, _luks2_area_spec(hdr, kdf))
     digest_hash = kdf.hash or DEFAULT_HASH
@@ -699,9 +687,7 @@ def dump_unbound_key(
 ) -> str:
     """``luksDump --unbound -S N``: an unbound keyslot's key, as cryptsetup prints it."""
     with _locked(path, header, write=False) as h:
-        hdr = _read(h)
-        if not isinstance(hdr, LUKS2Header):
-            raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
+        hdr = _luks2_only(h, _read(h))
         slot = hdr.metadata.keyslots.get(key_slot)
         if slot is None or any(str(key_slot) in d["keyslots"] and d["segments"]
                                for d in hdr.json["digests"].values()):  # fmt: skip
@@ -733,6 +719,17 @@ def _area_len(key_bytes: int) -> int:
     from .luks2_write import area_size
 
     return area_size(key_bytes)
+
+
+def _new_slot(hdr: LUKS1Header | LUKS2Header, key_slot: int | None) -> int:
+    """The number of a keyslot to add: *key_slot* (a valid, unused number), else the
+    first free one."""
+    if key_slot is None:
+        return _free_slot(hdr)
+    _check_slot_number(hdr, key_slot)
+    if key_slot in _active_slots(hdr):
+        raise CryptfuseError(f"Key slot {key_slot} is full, please select another one.")
+    return key_slot
 
 
 def _free_slot(hdr: LUKS1Header | LUKS2Header) -> int:
@@ -849,10 +846,7 @@ def configure(
     if priority is not None and key_slot is None:
         raise UsageError("Keyslot specification is required.")
     with _locked(path, header, write=True) as h:
-        hdr = _read(h)
-        if not isinstance(hdr, LUKS2Header):
-            raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
-        writer = Luks2Writer.from_header(h.header_fd, hdr)
+        writer = Luks2Writer.from_header(h.header_fd, _luks2_only(h, _read(h)))
         if priority is not None:
             slot = writer.obj["keyslots"].get(str(key_slot))
             if slot is None:
@@ -870,10 +864,11 @@ def configure(
 TOKENS_MAX = 32
 
 
-def _token_writer(h: _Handle, hdr: LUKS1Header | LUKS2Header) -> Luks2Writer:
+def _luks2_only(h: _Handle, hdr: LUKS1Header | LUKS2Header) -> LUKS2Header:
+    """*hdr*, refused as cryptsetup refuses a LUKS2-only command on LUKS1."""
     if not isinstance(hdr, LUKS2Header):
         raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
-    return Luks2Writer.from_header(h.header_fd, hdr)
+    return hdr
 
 
 def _check_token_id(token_id: int | None) -> None:
@@ -911,7 +906,7 @@ def token_import(
     ):
         raise FormatError("Failed to import token from file.")
     with _locked(path, header, write=True) as h:
-        writer = _token_writer(h, _read(h))
+        writer = Luks2Writer.from_header(h.header_fd, _luks2_only(h, _read(h)))
         tokens = writer.obj["tokens"]
         if token_id is None:
             token_id = next((i for i in range(TOKENS_MAX) if str(i) not in tokens), None)
@@ -936,10 +931,7 @@ def token_export(path: str, token_id: int, *, header: str | None = None) -> str:
     """``cryptsetup token export``: the token's JSON, compact, as cryptsetup prints it."""
     _check_token_id(token_id)
     with _locked(path, header, write=False) as h:
-        hdr = _read(h)
-        if not isinstance(hdr, LUKS2Header):
-            raise FormatError(f"Device {h.header_path} is not a valid LUKS2 device.")
-        token = hdr.json["tokens"].get(str(token_id))
+        token = _luks2_only(h, _read(h)).json["tokens"].get(str(token_id))
     if token is None:
         raise CryptfuseError(f"Failed to get token {token_id} for export.")
     return json.dumps(token, separators=(",", ":"), ensure_ascii=False)
@@ -949,7 +941,7 @@ def token_remove(path: str, token_id: int, *, header: str | None = None) -> None
     """``cryptsetup token remove``: one commit."""
     _check_token_id(token_id)
     with _locked(path, header, write=True) as h:
-        writer = _token_writer(h, _read(h))
+        writer = Luks2Writer.from_header(h.header_fd, _luks2_only(h, _read(h)))
         if writer.obj["tokens"].pop(str(token_id), None) is None:
             raise CryptfuseError(f"Token {token_id} is not in use.")
         writer.commit()
@@ -970,18 +962,17 @@ def erase(path: str, *, header: str | None = None, confirm: Confirm) -> list[int
     """
     with _locked(path, header, write=True) as h:
         hdr = _read(h)
-        if isinstance(hdr, LUKS2Header):
-            Luks2Writer.from_header(h.header_fd, hdr)  # refuses requirements (reencryption)
+        # (the writer refuses requirements, a reencryption's, before the question)
+        writer = Luks2Writer.from_header(h.header_fd, hdr) if isinstance(hdr, LUKS2Header) else None
         if not confirm(ERASE_WARNING.format(path=h.header_path)):
             raise CryptfuseError("Operation aborted, no keyslot was wiped.")
         slots = _active_slots(hdr)
         for slot in slots:
-            if isinstance(hdr, LUKS2Header):
-                writer = Luks2Writer.from_header(h.header_fd, hdr)
+            if writer is not None:
                 writer.wipe_keyslot(slot)
                 writer.commit()
-                hdr = _read(h)
             else:
+                assert isinstance(hdr, LUKS1Header)
                 hdr = clear_keyslot(h.header_fd, hdr, slot)
     return slots
 

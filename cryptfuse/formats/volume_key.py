@@ -9,6 +9,8 @@ the header's digest before anything uses it, as cryptsetup checks it.
 
 from __future__ import annotations
 
+import os
+
 from ..errors import FormatError, KeyFileError, WrongPassphraseError
 from .luks1 import LUKS1Header
 from .luks2 import LUKS2Header
@@ -24,6 +26,11 @@ def read_volume_key(path: str, length: int) -> bytes:
     if len(data) < length:
         raise KeyFileError(f"Cannot read {length} bytes from keyfile {path}.")
     return data
+
+
+def new_volume_key(path: str | None, length: int) -> bytes:
+    """A new volume key of *length* bytes: random, or read from *path*."""
+    return os.urandom(length) if path is None else read_volume_key(path, length)
 
 
 def volume_key_length(hdr: LUKS1Header | LUKS2Header) -> int:
