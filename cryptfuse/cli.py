@@ -53,7 +53,7 @@ from .cli_input import (
     read_passphrase_line,
 )
 from .cli_lifecycle import LIFECYCLE_SUBCOMMANDS, setup_volume, volume_info
-from .cli_luks import LUKS_SUBCOMMANDS, dump_command
+from .cli_luks import LUKS_SUBCOMMANDS, _volume_key_option, dump_command
 from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
 from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
@@ -118,13 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
             "tcrypt: a TrueCrypt key file (repeatable)"
         ),
     )
-    g.add_argument(
-        "--volume-key-file",
-        "--master-key-file",
-        metavar="FILE",
-        help="LUKS: open with the volume key in FILE (checked against the header) "
-        "instead of a passphrase",
-    )
+    _volume_key_option(
+        g, "LUKS: open with the volume key in FILE (checked against the header) instead of "
+        "a passphrase"
+    )  # fmt: skip
     g.add_argument(
         "--keyfile-offset",
         type=_nonneg_int,

@@ -190,7 +190,9 @@ def _new_key_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _volume_key_option(p: argparse.ArgumentParser, what: str) -> None:
+def _volume_key_option(p: argparse._ActionsContainer, what: str) -> None:
+    """cryptsetup's ``--volume-key-file`` (alias ``--master-key-file``); *what* it does
+    in this command."""
     p.add_argument("--volume-key-file", "--master-key-file", metavar="FILE", help=what)
 
 

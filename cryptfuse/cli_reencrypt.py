@@ -21,7 +21,15 @@ from typing import Any
 
 from . import control
 from .cli_input import PROG, _nonneg_int
-from .cli_luks import _existing_secret, _kdf_options, _key_options, _new_secret, _parser, _size
+from .cli_luks import (
+    _existing_secret,
+    _kdf_options,
+    _key_options,
+    _new_secret,
+    _parser,
+    _size,
+    _volume_key_option,
+)
 from .errors import BusyError, UnsupportedError, UsageError
 from .formats import LUKS_MAGIC, manage
 from .formats import luks2_reencrypt as reenc
@@ -144,11 +152,8 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     g.add_argument("--subsystem", default="", help="--encrypt: the new header's subsystem")
     g.add_argument("--luks2-metadata-size", type=_size, metavar="BYTES", help="--encrypt")
     g.add_argument("--luks2-keyslots-size", type=_size, metavar="BYTES", help="--encrypt")
-    g.add_argument(
-        "--volume-key-file",
-        "--master-key-file",
-        metavar="FILE",
-        help="the new volume key, from FILE (--key-size bits of it) instead of a random one",
+    _volume_key_option(
+        g, "the new volume key, from FILE (--key-size bits of it) instead of a random one"
     )
     g.add_argument("--type", "-M", choices=("luks2",), default="luks2")
     g.add_argument(
