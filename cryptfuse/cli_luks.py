@@ -184,12 +184,6 @@ def _progress() -> Callable[[str, float], None] | None:
     return show
 
 
-def _new_key_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--new-keyfile", metavar="FILE", help="the new passphrase's file (as NEW_KEY_FILE)"
-    )
-
-
 def _volume_key_option(p: argparse._ActionsContainer, what: str) -> None:
     """cryptsetup's ``--volume-key-file`` (alias ``--master-key-file``); *what* it does
     in this command."""
@@ -292,7 +286,9 @@ def add_key_command(argv: Sequence[str]) -> int:
     p.add_argument("container", metavar="CONTAINER")
     p.add_argument("new_key_file", nargs="?", metavar="NEW_KEY_FILE")
     _key_options(p)
-    _new_key_options(p)
+    p.add_argument(
+        "--new-keyfile", metavar="FILE", help="the new passphrase's file (as NEW_KEY_FILE)"
+    )
     p.add_argument(
         "--new-key-slot",
         type=_nonneg_int,
