@@ -902,7 +902,7 @@ def test_erase_like_cryptsetup(tmp_path: Path, luks: str) -> None:
     assert ours.read_bytes() == before
     assert cf("erase", "-q", str(ours)) == 0
     assert not _cs("erase", "-q", str(theirs)).returncode
-    assert masked_dump(ours) == masked_dump(theirs).replace("theirs", "ours")
+    assert masked_dump(ours) == masked_dump(theirs)
     for passphrase in (key, second):
         assert _cs("open", "--test-passphrase", "-d", passphrase, str(ours)).returncode
     after = ours.read_bytes()
