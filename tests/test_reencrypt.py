@@ -1330,6 +1330,50 @@ def test_random_init_like_cryptsetup(tmp_path: Path) -> None:
             assert views[0][:usable] == views[1][:usable] == before[:usable], case
 
 
+def test_start_takes_the_first_free_digest_id_like_cryptsetup(tmp_path: Path) -> None:
+    """With a gap among the digest ids (two unbound keyslots added, the first killed:
+    digests 0 and 2), the new keyslot's digest takes the free id 1 and the reencrypt
+    keyslot's digest 3, as in cryptsetup (``LUKS2_digest_create``); cryptfuse had given
+    the new keyslot the highest id + 1. Both starts dump the same and each tool
+    finishes the other's."""
+    keys = []
+    for i in range(3):
+        keys.append(tmp_path / f"k{i}")
+        keys[-1].write_bytes(PASS + b"%d" % i if i else PASS)  # read_with opens with PASS
+    seed_img = tmp_path / "seed.img"
+    seed_img.write_bytes(os.urandom(20 * MiB))
+    cs = ["cryptsetup", "-q", *FAST_KDF]
+    run(*cs[:1], "luksFormat", *cs[1:], "--type", "luks2", "--key-file", str(keys[0]),
+        str(seed_img))  # fmt: skip
+    for k in keys[1:]:
+        run(*cs[:1], "luksAddKey", *cs[1:], "--unbound", "--key-size", "256", str(seed_img),
+            str(k))  # fmt: skip
+    run("cryptsetup", "luksKillSlot", "-q", str(seed_img), "1")
+    assert sorted(_cryptsetup_json(seed_img)["digests"]) == ["0", "2"]
+    before = read_with(seed_img, None)
+    devices = {who: tmp_path / f"{who}.img" for who in ("cryptfuse", "cryptsetup")}
+    for path in devices.values():
+        shutil.copyfile(seed_img, path)
+    opts = ["-q", *FAST_KDF, "--key-file", str(keys[0]), "--key-slot", "0"]
+    proc = cli("reencrypt", "--init-only", *opts, str(devices["cryptfuse"]))
+    assert proc.returncode == 0, proc.stderr
+    run("cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", *opts,
+        str(devices["cryptsetup"]))  # fmt: skip
+    dumps = [_init_dump(path).replace(who, "WHO") for who, path in devices.items()]
+    assert dumps[0] == dumps[1]
+    digests = _cryptsetup_json(devices["cryptfuse"])["digests"]
+    assert digests["1"]["keyslots"] == ["1"] and digests["1"]["segments"] == ["2"]
+    assert digests["3"]["keyslots"] == ["3"]  # the reencrypt keyslot's
+    proc = cli("reencrypt", "--resume-only", "-q", "--key-file", str(keys[0]),
+               str(devices["cryptsetup"]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run("cryptsetup", "reencrypt", "--resume-only", "--force-offline-reencrypt", "-q",
+        "--key-file", str(keys[0]), str(devices["cryptfuse"]))  # fmt: skip
+    for path in devices.values():
+        assert read_with(path, None) == before
+        assert sorted(_cryptsetup_json(path)["digests"]) == ["1", "2"]
+
+
 @pytest.mark.parametrize("tail", [3072, 4096 + 512])
 def test_decrypt_of_data_off_the_block_grid_like_cryptsetup(tmp_path: Path, tail: int) -> None:
     """A decryption that exports the header, of a data area that is smaller than the

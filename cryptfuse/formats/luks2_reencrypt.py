@@ -55,7 +55,7 @@ from ..errors import (
     UsageError,
     WrongPassphraseError,
 )
-from ..kdf import hash_size, hashlib_name, pbkdf2
+from ..kdf import hash_size, hashlib_name
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import default_key_bits, parse_cipher_spec
 from ..volume import device_size, open_direct, pwrite_all, pwrite_direct
@@ -77,9 +77,7 @@ from .luks2_write import (
     FORMAT_EPOCH,
     KEYSLOT_CIPHER,
     KEYSLOT_KEY_BYTES,
-    SALT_SIZE,
     Luks2Writer,
-    _b64,
     build_metadata,
     drop_empty_digests,
     luks2_layout,
@@ -2002,7 +2000,6 @@ def initialize_on(
     new_slot = writer.free_keyslot()
     if new_slot is None:
         raise CryptfuseError("All key slots full.")
-    salt = os.urandom(SALT_SIZE)
     before = copy.deepcopy(obj)  # what a failed start goes back to
     digest_hash = options.digest_hash
     if digest_hash is None:
@@ -2014,16 +2011,7 @@ def initialize_on(
     if af_hash is None:  # cryptsetup: both are the hash of the KDF setting
         af_hash = digest_hash
     digest_cost = digest_iterations(digest_hash, key_bytes, options.benchmark_digests)
-    new_digest = str(max((int(k) for k in obj["digests"]), default=-1) + 1)
-    obj["digests"][new_digest] = {
-        "type": "pbkdf2",
-        "keyslots": [],
-        "segments": [],
-        "hash": digest_hash,
-        "iterations": digest_cost,
-        "salt": _b64(salt),
-        "digest": _b64(pbkdf2(digest_hash, new_key, salt, digest_cost, hash_size(digest_hash))),
-    }
+    new_digest = writer.add_digest(new_key, digest_hash, digest_cost)  # first free id
     # The new keyslot's area is encrypted as the unlocking keyslot's: same cipher and
     # same key size, whatever the new volume key's size (cryptsetup's set_keyslot_params;
     # cipher_null gives way to LUKS2's default keyslot encryption).
