@@ -16,6 +16,7 @@ import fcntl
 import mmap
 import os
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -120,6 +121,53 @@ def pread_into(fd: int, out: memoryview, position: int) -> None:
 def device_size(fd: int) -> int:
     """Size in bytes of an open regular file or block device."""
     return os.lseek(fd, 0, os.SEEK_END)
+
+
+def device_block_size(fd: int) -> int:
+    """The block cryptsetup aligns reencryption zones and checksum blocks to, besides
+    the sectors (its ``device_block_size``): a file's file system block (``statvfs``;
+    a page where that is larger than a page, as NFS's 1 MiB), a block device's logical
+    sector size."""
+    page = mmap.PAGESIZE
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            block = os.fstatvfs(fd).f_bsize
+        except OSError:
+            return page
+        return block if 0 < block <= page else page
+    try:
+        raw = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
+    except OSError:
+        return page
+    return int.from_bytes(raw, sys.byteorder) or page
+
+
+def optimal_sector_size(fd: int) -> int:
+    """The encryption sector size LUKS2 format chooses for a device when none is asked
+    for (cryptsetup 2.6.1's ``device_optimal_encryption_sector_size``): 4096 for a
+    file; for a block device its logical sector size, or its physical one where that
+    is larger, a multiple of the logical one and at most 4096 (a 512e disk: 4096; a
+    loop device: 512). The caller falls back to 512 where the data area is not
+    aligned to it."""
+    logical = device_block_size(fd)
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        physical = 4096
+    else:
+        try:
+            raw = fcntl.ioctl(fd, BLKPBSZGET, b"\0" * 4)
+            physical = int.from_bytes(raw, sys.byteorder)
+        except OSError:
+            physical = 512
+    if logical >= 4096:
+        return 512 if logical % 4096 else 4096
+    if logical >= physical or physical <= 512 or physical > 4096 or physical % logical:
+        return logical
+    return physical
+
+
+#: the logical and physical sector sizes of a block device (linux/fs.h)
+BLKSSZGET = 0x1268
+BLKPBSZGET = 0x127B
 
 
 FALLOC_FL_KEEP_SIZE = 0x01

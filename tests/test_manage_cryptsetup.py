@@ -457,6 +457,48 @@ def test_format_layout_like_cryptsetup(
 
 
 @needs_cryptsetup
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("block", "size", "detached"),
+    [(512, 40 << 20, False), (1024, 40 << 20, False), (2048, (40 << 20) + 2048, False),
+     (4096, 40 << 20, False), (1024, 20 << 20, True)],
+    ids=["512", "1024", "2048-data-off-4096", "4096", "1024-detached"],
+)  # fmt: skip
+def test_format_sector_size_on_block_devices_like_cryptsetup(
+    tmp_path: Path, block: int, size: int, detached: bool
+) -> None:
+    """On a block device LUKS2 format takes the device's own sector size when none is
+    asked for (cryptsetup 2.6.1's device_optimal_encryption_sector_size: the logical
+    sector size, the physical one where larger), not 4096 as for a file, and 512
+    where the data area is off that grid; the data device decides under a detached
+    header. Loop devices made with ``losetup --sector-size`` (whose physical sector size
+    is the logical one). cryptfuse had taken 4096 on every device."""
+    k1 = keyfile(tmp_path, "k1", b"pass-1")
+    found = []
+    for who in ("cryptsetup", "cryptfuse"):
+        img, hdr = tmp_path / f"{who}.img", tmp_path / f"{who}.hdr"
+        with open(img, "wb") as f:
+            f.truncate(size)
+        loop = subprocess.run(
+            ["losetup", "--find", "--show", "--sector-size", str(block), str(img)],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        try:
+            at = ["--header", str(hdr)] if detached else []
+            cmd = ["luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, *at, "-d", k1, loop]
+            if who == "cryptsetup":
+                subprocess.run([CRYPTSETUP or "", *cmd], capture_output=True, check=True)
+            else:
+                assert cf("format", *cmd[1:]) == 0
+            dump = luks_dump_ok(hdr if detached else Path(loop))
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=True)
+        found.append(re.findall(r"\s(sector|offset): (\S+)", dump))
+    assert found[0] == found[1]
+    assert found[0][1] == ("sector", str(block)), found
+
+
+@needs_cryptsetup
 @pytest.mark.parametrize(
     "layout",
     [["--offset", "0"], ["--align-payload", "1"], ["--align-payload", "12345"],

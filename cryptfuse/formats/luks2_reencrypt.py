@@ -38,8 +38,6 @@ import mmap
 import os
 import queue
 import secrets
-import stat
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -58,7 +56,7 @@ from ..errors import (
 from ..kdf import hash_size, hashlib_name
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import default_key_bits, parse_cipher_spec
-from ..volume import device_size, open_direct, pwrite_all, pwrite_direct
+from ..volume import device_block_size, device_size, open_direct, pwrite_all, pwrite_direct
 from . import luks2_reencrypt_digest as rdigest
 
 try:  # the C data path: its ciphers and block digests release the GIL
@@ -2150,29 +2148,6 @@ def _flagged(seg: dict[str, Any], flag: str) -> dict[str, Any]:
     out = copy.deepcopy(seg)
     out["flags"] = [*out.get("flags", []), flag]
     return out
-
-
-def device_block_size(fd: int) -> int:
-    """The block cryptsetup aligns reencryption zones and checksum blocks to, besides
-    the sectors (its ``device_block_size``): a file's file system block (``statvfs``;
-    a page where that is larger than a page, as NFS's 1 MiB), a block device's logical
-    sector size."""
-    page = mmap.PAGESIZE
-    if stat.S_ISREG(os.fstat(fd).st_mode):
-        try:
-            block = os.fstatvfs(fd).f_bsize
-        except OSError:
-            return page
-        return block if 0 < block <= page else page
-    try:
-        raw = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
-    except OSError:
-        return page
-    return int.from_bytes(raw, sys.byteorder) or page
-
-
-#: the logical sector size of a block device (linux/fs.h)
-BLKSSZGET = 0x1268
 
 
 @dataclass(frozen=True)

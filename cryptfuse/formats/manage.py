@@ -36,7 +36,7 @@ from ..errors import (
 from ..kdf import available_memory_kib, hash_size
 from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import CipherSpec, parse_cipher_spec
-from ..volume import Volume, device_size, open_device
+from ..volume import Volume, device_size, open_device, optimal_sector_size
 from . import LUKS_MAGIC, detect_type
 from .luks1 import HEADER_SIZE as LUKS1_HEADER_SIZE
 from .luks1 import NUM_KEYSLOTS as LUKS1_SLOTS
@@ -268,7 +268,7 @@ class FormatOptions:
     cipher: str = DEFAULT_CIPHER
     key_size: int = DEFAULT_KEY_BITS  # bits
     hash: str = DEFAULT_HASH
-    sector_size: int | None = None  # bytes; None: 4096 when aligned (LUKS2), 512 (LUKS1)
+    sector_size: int | None = None  # bytes; None: the optimal one when aligned (LUKS2), 512
     kdf: KdfOptions = KdfOptions()
     label: str = ""
     subsystem: str = ""
@@ -449,16 +449,18 @@ def format_container(
             if opts.sector_size is not None:
                 sector_size = opts.sector_size
             else:
-                aligned = data_offset % 4096 == 0 and (data_size - data_offset) % 4096 == 0
-                # cryptsetup 2.6.1 tests an explicit --offset for 4096-byte alignment in
-                # 512-byte sectors (MISALIGNED(cd->data_offset, sector_size)): 4096 bytes
-                # only where the offset is a multiple of 2 MiB.  The same choice here.
-                if offset is not None and offset % 4096:
+                # the device's optimal sector size (4096 for a file), where aligned
+                optimal = optimal_sector_size(h.data_fd)
+                aligned = data_offset % optimal == 0 and (data_size - data_offset) % optimal == 0
+                # cryptsetup 2.6.1 tests an explicit --offset for alignment in 512-byte
+                # sectors (MISALIGNED(cd->data_offset, sector_size)): 4096 bytes only
+                # where the offset is a multiple of 2 MiB.  The same choice here.
+                if offset is not None and offset % optimal:
                     aligned = False
                 # and --align-payload likewise, in bytes (its required alignment)
-                if align is not None and align * 512 % 4096:
+                if align is not None and align * 512 % optimal:
                     aligned = False
-                sector_size = 4096 if aligned and data_size > data_offset else 512
+                sector_size = optimal if aligned and data_size > data_offset else 512
             if data_offset % sector_size or (data_size - data_offset) % sector_size:
                 raise UsageError(
                     "Device size and data offset must be aligned to the "
