@@ -159,7 +159,8 @@ def reencrypt_command(argv: Sequence[str]) -> int:
     g.add_argument(
         "--force-offline-reencrypt",
         action="store_true",
-        help="accepted: cryptfuse reencrypts containers that are not mounted",
+        help="offline only (a mounted container is refused as busy); as in cryptsetup, a "
+        "larger --sector-size is then not checked against the file system",
     )
     args = p.parse_args(argv)
     if args.init_only and args.resume_only:
@@ -180,6 +181,11 @@ def reencrypt_command(argv: Sequence[str]) -> int:
             raise BusyError(f"{container} is mounted; --encrypt/--decrypt work offline only.")
         if args.volume_key_file is not None:
             raise BusyError(f"{container} is mounted; --volume-key-file works offline only.")
+        if args.force_offline_reencrypt:
+            raise BusyError(
+                f"{container} is mounted; --force-offline-reencrypt needs it unmounted "
+                "(without the option the mount's daemon reencrypts it online)."
+            )
         with sock:
             return _online(args, sock, started)
     if args.resume_only and not started:
@@ -361,6 +367,7 @@ def _new_reencryption(args: argparse.Namespace) -> tuple[KdfParams, reenc.Reencr
         digest_hash=(args.hash or "sha256") if given else None,
         benchmark_digests=given and args.pbkdf_force_iterations is None,
         volume_key_file=args.volume_key_file,
+        check_filesystem=not args.force_offline_reencrypt,
     )
     return kdf_params, options
 

@@ -1374,6 +1374,71 @@ def test_start_takes_the_first_free_digest_id_like_cryptsetup(tmp_path: Path) ->
         assert sorted(_cryptsetup_json(path)["digests"]) == ["1", "2"]
 
 
+def _ext4_1k(path: Path, size: int) -> bytes:
+    """An ext4 image with 1 KiB blocks, *size* bytes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    run("mkfs.ext4", "-q", "-F", "-b", "1024", str(path))
+    return path.read_bytes()
+
+
+@pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="mkfs.ext4 not installed")
+def test_larger_sector_size_over_smaller_file_system_blocks_is_refused(tmp_path: Path) -> None:
+    """``reencrypt --sector-size`` above the block size of the file system in the
+    volume is refused before anything is written (cryptsetup 2.6.1 checks the active
+    device's superblock: dm-crypt's larger sectors would make such a file system
+    unmountable); ``--force-offline-reencrypt`` skips the check, as in cryptsetup, and
+    a sector size the blocks allow passes it. ``--encrypt --sector-size`` checks the
+    plaintext device, refused or not as by cryptsetup."""
+    key = tmp_path / "pass"
+    key.write_bytes(PASS)
+    size = 20 * MiB
+    fs = _ext4_1k(tmp_path / "fs.img", size - 16 * MiB)
+    img = tmp_path / "c.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    run("cryptsetup", "luksFormat", "--type", "luks2", "-q", *FAST_KDF, "--sector-size", "512",
+        "--key-file", str(key), str(img))  # fmt: skip
+    with open_volume(str(img), OpenOptions(), Secret(PASS, False)) as v:
+        v.write(0, fs)
+    before = img.read_bytes()
+    proc = cli("reencrypt", "-q", *FAST_KDF, "--key-file", str(key), "--sector-size", "4096",
+               str(img))  # fmt: skip
+    assert proc.returncode == 1  # (cryptsetup: -EINVAL)
+    assert proc.stderr.decode().strip().splitlines() == [
+        f"cryptfuse: Requested --sector-size 4096 is incompatible with ext4 superblock "
+        f"(block size: 1024 bytes) detected on device {img}."
+    ]
+    assert img.read_bytes() == before
+    for allowed in (
+        ["--sector-size", "1024"],
+        ["--sector-size", "4096", "--force-offline-reencrypt"],
+    ):
+        copy = tmp_path / "copy.img"
+        copy.write_bytes(before)
+        proc = cli("reencrypt", "-q", *FAST_KDF, "--key-file", str(key), *allowed, str(copy))
+        assert proc.returncode == 0, (allowed, proc.stderr)
+        assert read_with(copy, None)[: len(fs)] == fs
+    # --encrypt: the plaintext device itself, compared with cryptsetup
+    for sector in ("1024", "4096"):
+        codes = []
+        for who in ("cryptfuse", "cryptsetup"):
+            dev, hdr = tmp_path / f"{who}{sector}.img", tmp_path / f"{who}{sector}.hdr"
+            dev.write_bytes(fs)
+            args = ["--encrypt", "--type", "luks2", "-q", *FAST_KDF, "--sector-size", sector,
+                    "--header", str(hdr), "--key-file", str(key), str(dev)]  # fmt: skip
+            if who == "cryptfuse":
+                codes.append(cli("reencrypt", *args).returncode)
+            else:
+                codes.append(subprocess.run(
+                    ["cryptsetup", "reencrypt", "--force-offline-reencrypt", *args],
+                    capture_output=True, cwd=tmp_path,
+                ).returncode)  # fmt: skip
+            if codes[-1]:
+                assert dev.read_bytes() == fs, who
+        assert (codes[0] == 0) == (codes[1] == 0) == (sector == "1024"), (sector, codes)
+
+
 @pytest.mark.parametrize("tail", [3072, 4096 + 512])
 def test_decrypt_of_data_off_the_block_grid_like_cryptsetup(tmp_path: Path, tail: int) -> None:
     """A decryption that exports the header, of a data area that is smaller than the

@@ -441,3 +441,33 @@ def test_online_command_killed(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: 
     assert volume.read_bytes() == model
     cf.unmount(mnt, pids)
     assert offline(img) == model
+
+
+def test_online_refusals(cf: Cryptfuse, tmp_path: Path) -> None:  # noqa: F811 - fixtures
+    """On a mounted container ``--force-offline-reencrypt`` is refused as busy (the
+    daemon holds it), and a larger ``--sector-size`` over a file system with smaller
+    blocks is refused as cryptsetup refuses it on an active device; neither touches
+    the container, and the mount goes on serving."""
+    need("mkfs.ext4")
+    img, key, mnt, pids, _ = mounted(cf, tmp_path, 16, sector_size=512)
+    volume = mnt / "volume"
+    sh("mkfs.ext4", "-q", "-F", "-b", "1024", volume)
+    with open(volume, "rb+") as f:
+        os.fsync(f.fileno())
+    contents = volume.read_bytes()
+    before = img.read_bytes()
+    proc = reencrypt(cf, img, key, "--force-offline-reencrypt")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 5, err.decode()
+    assert "--force-offline-reencrypt needs it unmounted" in err.decode()
+    proc = reencrypt(cf, img, key, "--sector-size", "4096")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err.decode()
+    assert err.decode().splitlines() == [
+        "cryptfuse: Requested --sector-size 4096 is incompatible with ext4 superblock "
+        f"(block size: 1024 bytes) detected on device {img}."
+    ]
+    assert img.read_bytes() == before
+    assert not reenc.in_reencryption(header_json(img))
+    assert volume.read_bytes() == contents
+    cf.unmount(mnt, pids)

@@ -58,6 +58,7 @@ from ..sector import SECTOR_SIZES, SectorCipher
 from ..spec import default_key_bits, parse_cipher_spec
 from ..volume import device_block_size, device_size, open_direct, pwrite_all, pwrite_direct
 from . import luks2_reencrypt_digest as rdigest
+from .fs_probe import PROBE_HEAD, check_sector_size, probe_bytes, probe_fd
 
 try:  # the C data path: its ciphers and block digests release the GIL
     from .. import _fastpath
@@ -1888,6 +1889,9 @@ class ReencryptOptions:
     benchmark_digests: bool = False
     #: ``--volume-key-file``: the new volume key is read from this file, not random
     volume_key_file: str | None = None
+    #: a larger sector size is refused over a file system with smaller blocks
+    #: (cryptsetup checks the active device; ``--force-offline-reencrypt`` skips it)
+    check_filesystem: bool = True
 
 
 def initialize(
@@ -1991,6 +1995,10 @@ def initialize_on(
         )
     if resilience == "checksum":
         hashlib_name(options.resilience_hash)
+    if new_ss > old_ss and options.check_filesystem:
+        head = _pread(devices.data_fd, min(PROBE_HEAD, data_size), data_offset, "volume")
+        plain = _segment_cipher(header.json["segments"]["0"], old_key).decrypt(bytes(head), 0)
+        check_sector_size(probe_bytes(plain, data_size), new_ss, devices.path)
     writer = devices.writer()
     obj = writer.obj
     new_key = new_volume_key(options.volume_key_file, key_bytes)
@@ -2242,6 +2250,8 @@ def initialize_encrypt(
                 f"Device {h.header_path if detached else data_path} already contains a LUKS "
                 "header; refusing to encrypt it again."
             )
+        if ss > SECTOR:  # (cryptsetup: when --sector-size is given)
+            check_sector_size(probe_fd(h.data_fd), ss, data_path)
         total = device_size(h.data_fd)
         if detached:
             layout = luks2_layout(
