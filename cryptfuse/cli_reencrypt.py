@@ -286,6 +286,21 @@ def _start_encrypt(args: argparse.Namespace) -> int:
         args.keyfile_size,
         f"Enter passphrase for {args.container}: ",
     )
+    reduce = args.reduce_device_size or 0
+    if args.header is None and args.offset and reduce:
+        # cryptsetup 2.6.1: the data offset is half the reduction; a smaller --offset
+        # lowers the reduction to twice it, a larger one is refused
+        if args.offset * 2 * 512 > reduce:
+            raise UsageError(
+                "Requested data offset must be less than or equal to half of "
+                "--reduce-device-size parameter."
+            )
+        if args.offset * 2 * 512 < reduce:
+            reduce = args.offset * 2 * 512
+            print(
+                f"Adjusting --reduce-device-size value to twice the --offset {args.offset * 2} "
+                "(sectors)."
+            )
     cipher = args.cipher or "aes-xts-plain64"
     key_bits = args.key_size or default_key_bits(cipher)
     kdf = resolve_kdf(_kdf(args), "luks2", key_bits // 8, args.hash or "sha256")
@@ -296,7 +311,7 @@ def _start_encrypt(args: argparse.Namespace) -> int:
         resilience=args.resilience or "checksum",
         resilience_hash=args.resilience_hash or "sha256",
         offset=args.offset * 512 if args.offset is not None else None,
-        reduce=args.reduce_device_size or 0,
+        reduce=reduce,
         hash=args.hash or "sha256",
         uuid=args.uuid,
         key_slot=args.key_slot or 0,

@@ -1234,6 +1234,9 @@ def _random_init(rng: random.Random, work: Path, key: Path) -> tuple[str, list[s
             [[], ["--keyslot-cipher", "aes-cbc-plain64", "--keyslot-key-size", "256"]]
         )
         opts += rng.choice([["--reduce-device-size", rng.choice(["4m", "8m"])], ["--header", "H"]])
+        if "--reduce-device-size" in opts and rng.random() < 0.3:
+            # half the reduction, or less (which lowers it), or more (refused)
+            opts += ["--offset", rng.choice(["2048", "4096", "8192"])]
     elif kind == "decrypt":
         opts = ["--decrypt", "--header", "H", *opts]
     elif rng.random() < 0.25:
@@ -1372,6 +1375,40 @@ def test_start_takes_the_first_free_digest_id_like_cryptsetup(tmp_path: Path) ->
     for path in devices.values():
         assert read_with(path, None) == before
         assert sorted(_cryptsetup_json(path)["digests"]) == ["1", "2"]
+
+
+@pytest.mark.parametrize("offset", ["2048", "8192", "16384"], ids=["lower", "half", "higher"])
+def test_encrypt_offset_and_reduction_like_cryptsetup(tmp_path: Path, offset: str) -> None:
+    """``--encrypt --reduce-device-size 8m --offset N`` as cryptsetup 2.6.1 takes it:
+    the data offset is half the reduction, so a smaller --offset lowers the reduction
+    to twice it (saying so on stdout), an equal one changes nothing and a larger one
+    is refused. cryptfuse had ignored --offset there."""
+    key = tmp_path / "pass"
+    key.write_bytes(PASS)
+    plain = os.urandom(24 * MiB)
+    results, dumps = [], []
+    for who in ("cryptfuse", "cryptsetup"):
+        img = tmp_path / f"{who}.img"
+        img.write_bytes(plain)
+        args = ["--encrypt", "--init-only", "-q", *FAST_KDF, "--reduce-device-size", "8m",
+                "--offset", offset, "--key-file", str(key), str(img)]  # fmt: skip
+        if who == "cryptfuse":
+            done = cli("reencrypt", *args)
+        else:
+            done = subprocess.run(["cryptsetup", "reencrypt", "--force-offline-reencrypt", *args],
+                                  capture_output=True, cwd=tmp_path)  # fmt: skip
+        notes = [n for n in done.stdout.decode().splitlines() if n.startswith("Adjusting")]
+        results.append((done.returncode == 0, notes))
+        if done.returncode == 0:
+            dumps.append(_init_dump(img).replace(who, "WHO"))
+        else:
+            assert img.read_bytes() == plain
+    assert results[0] == results[1]
+    assert results[0][0] == (offset != "16384")
+    assert bool(results[0][1]) == (offset == "2048")
+    assert dumps[:1] == dumps[1:]
+    if dumps:
+        assert f"offset: {int(offset) * 512} [bytes]" in dumps[0]
 
 
 def _ext4_1k(path: Path, size: int) -> bytes:
