@@ -53,6 +53,7 @@ from .luks2 import (
     BIN_HEADER_SIZE,
     PRIORITY_HIGH,
     PRIORITY_IGNORE,
+    REENCRYPT_REQUIREMENTS,
     LUKS2Header,
     _is_backup,
     read_luks2_header,
@@ -1468,48 +1469,86 @@ def _data_offset(hdr: LUKS1Header | LUKS2Header) -> int:
     return min((s.offset for s in hdr.metadata.segments.values()), default=0)
 
 
-def _key_size(hdr: LUKS1Header | LUKS2Header) -> int:
-    if isinstance(hdr, LUKS1Header):
-        return hdr.key_bytes
-    return next((s.key_size for s in hdr.metadata.keyslots.values()), 0)
-
-
 def header_restore(
     path: str, backup_file: str, *, header: str | None = None, confirm: Confirm
 ) -> None:
-    """Write a header backup back (``luksHeaderRestore``).
-
-    The backup must fit: same data offset and key size as the header on the
-    device, same UUID unless *confirm* agrees to replace a different header.
-    Not atomic (neither is cryptsetup's): after a crash, run it again -- the
-    backup file is the source of truth.
+    """Write a header backup back (``luksHeaderRestore``), with cryptsetup 2.6.1's
+    checks against the header of the *same* LUKS version on the device: LUKS1, the
+    same payload offset and key size; LUKS2 (unless the device is marked for an
+    offline reencryption), the same data offset and the same size of binary headers
+    and keyslot areas.  A LUKS2 backup with requirements other than an online
+    reencryption is refused.  A device without such a header (none, a damaged one,
+    the other version) is overwritten only if *confirm* agrees, as is one with a
+    different UUID or with unknown requirements.  Not atomic (neither is
+    cryptsetup's): after a crash, run it again -- the backup file is the source of
+    truth.
     """
     data, backup = _read_backup(backup_file)
+    version = "LUKS2" if isinstance(backup, LUKS2Header) else "LUKS"
+    if isinstance(backup, LUKS2Header) and any(
+        r not in REENCRYPT_REQUIREMENTS for r in backup.metadata.config.requirements
+    ):
+        raise CryptfuseError(f"Forbidden LUKS2 requirements detected in backup {backup_file}.")
     with _locked(path, header, write=True) as h:
+        current: LUKS1Header | LUKS2Header | None = None
         if _has_luks(h.header_fd):
             try:
-                current: LUKS1Header | LUKS2Header | None = _read(h)
+                current = _read(h)
             except CryptfuseError:
-                current = None
-            if current is not None:
-                if _data_offset(current) != _data_offset(backup) or (
-                    _key_size(current)
-                    and _key_size(backup)
-                    and _key_size(current) != _key_size(backup)
-                ):
+                current = None  # damaged: as no header
+            if isinstance(current, LUKS2Header) != isinstance(backup, LUKS2Header):
+                current = None  # the other version: as no header (cryptsetup)
+        warnings = []
+        if isinstance(current, LUKS1Header) and isinstance(backup, LUKS1Header):
+            if (
+                current.payload_offset != backup.payload_offset
+                or current.key_bytes != backup.key_bytes
+            ):
+                raise CryptfuseError(
+                    "Data offset or key size differs on device and backup, restore failed."
+                )
+        elif isinstance(current, LUKS2Header) and isinstance(backup, LUKS2Header):
+            reqs = current.metadata.config.requirements
+            if "offline-reencrypt" in reqs:
+                warnings.append(
+                    "WARNING: Unfinished offline reencryption detected on the device! "
+                    "Replacing header with backup may corrupt data."
+                )
+            else:
+                if _data_offset(current) != _data_offset(backup):
+                    raise CryptfuseError("Data offset differ on device and backup, restore failed.")
+                if current.hdr_and_areas_size != backup.hdr_and_areas_size:
                     raise CryptfuseError(
-                        "Data offset or key size differs on device and backup, restore failed."
+                        "Binary header with keyslot areas size differ on device and backup, "
+                        "restore failed."
                     )
-                if current.uuid != backup.uuid and not confirm(
-                    f"Device {h.header_path} already contains LUKS header with a different UUID. "
-                    "Replacing header will destroy existing keyslots."
-                ):
-                    raise CryptfuseError("Operation aborted (the UUIDs differ; use --force).")
-        elif not confirm(
-            f"Device {h.header_path} does not contain LUKS header. "
-            "Replacing header can destroy data on that device."
-        ):
-            raise CryptfuseError("Operation aborted.")
+            if any(r not in REENCRYPT_REQUIREMENTS and r != "offline-reencrypt" for r in reqs):
+                warnings.append(
+                    "WARNING: unknown LUKS2 requirements detected in real device header! "
+                    "Replacing header with backup may corrupt the data on that device!"
+                )
+        if current is None:
+            if not confirm(
+                f"Device {h.header_path} does not contain {version} header. "
+                "Replacing header can destroy data on that device."
+            ):
+                raise CryptfuseError("Operation aborted.")
+        elif current.uuid != backup.uuid or warnings:
+            different = current.uuid != backup.uuid
+            question = " ".join(
+                [
+                    f"Device {h.header_path} already contains {version} header. "
+                    "Replacing header will destroy existing keyslots.",
+                    *(["WARNING: real device header has different UUID than backup!"] * different),
+                    *warnings,
+                ]
+            )
+            if not confirm(question):
+                raise CryptfuseError(
+                    "Operation aborted (the UUIDs differ; use --force)."
+                    if different
+                    else "Operation aborted."
+                )
         if device_size(h.header_fd) < len(data) and h.header_fd == h.data_fd:
             raise DeviceError(
                 f"Device {path} is too small for the header backup ({len(data)} bytes)."
