@@ -355,6 +355,53 @@ def test_header_restore_checks_like_cryptsetup(tmp_path: Path, corpus: Path) -> 
     assert 0 < sum(outcomes) < len(outcomes)
 
 
+@needs_cryptsetup
+@pytest.mark.parametrize(
+    "given",
+    ["AAAAAAAA-2222-3333-4444-555555555555", "11111111222233334444555555555555",
+     "{11111111-2222-3333-4444-555555555555}", "urn:uuid:11111111-2222-3333-4444-555555555555",
+     "bad"],
+    ids=["upper", "no-dashes", "braces", "urn", "bad"],
+)  # fmt: skip
+def test_uuid_forms_like_cryptsetup(tmp_path: Path, given: str) -> None:
+    """``--uuid`` in format, uuid (luksUUID) and reencrypt --encrypt takes libuuid's
+    one form (uuid_parse), stored lower-case, as cryptsetup 2.6.1 does; cryptfuse had
+    taken every form Python's uuid module parses, and ``reencrypt --encrypt`` ended
+    a malformed one with an internal error."""
+    k = keyfile(tmp_path, "k", b"pass")
+    found = []
+    for who in ("cryptsetup", "cryptfuse"):
+        img, hdr = tmp_path / f"{who}.img", tmp_path / f"{who}.hdr"
+        runs = [
+            ["luksFormat", "-q", "--type", "luks1", *CHEAP_PBKDF2, "--uuid", given, str(img), k],
+            ["luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, str(img), k],
+            ["luksUUID", "-q", "--uuid", given, str(img)],
+            ["reencrypt", "--encrypt", "--init-only", "-q", *CHEAP_PBKDF2, "--header", str(hdr),
+             "--uuid", given, "-d", k, str(img)],
+        ]  # fmt: skip
+        outcome = []
+        for argv in runs:
+            if argv[0] != "luksUUID":  # (which changes the LUKS2 container just made)
+                with open(img, "wb") as f:
+                    f.truncate(24 << 20)
+            if who == "cryptsetup":
+                extra = ["--force-offline-reencrypt"] if argv[0] == "reencrypt" else []
+                ok = _cs(argv[0], *extra, *argv[1:]).returncode == 0
+            else:
+                names = {"luksFormat": "format", "luksUUID": "uuid", "reencrypt": "reencrypt"}
+                ok = cf(names[argv[0]], *argv[1:]) == 0
+            target = hdr if argv[0] == "reencrypt" else img
+            given_here = "--uuid" in argv  # (else a random one)
+            uuid = _cs("luksUUID", str(target)).stdout.strip() if ok and given_here else None
+            outcome.append((ok, uuid, hdr.exists()))
+        found.append(outcome)
+    assert found[0] == found[1]
+    accepted = given == "AAAAAAAA-2222-3333-4444-555555555555"
+    assert [ok for ok, _, _ in found[0]] == [accepted, True, accepted, accepted]
+    if accepted:
+        assert found[0][0][1] == given.lower()
+
+
 @pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img is not installed")
 def test_qemu_img_reads_luks1_we_formatted(tmp_path: Path) -> None:
     assert QEMU_IMG is not None

@@ -37,6 +37,7 @@ from .luks1 import (
     LUKS1Header,
     LUKS1Keyslot,
 )
+from .luks_common import check_uuid
 from .luks_write import KdfParams, derive, encrypt_keyslot_material, pwrite_all, sync, wipe_area
 
 __all__ = [
@@ -155,7 +156,7 @@ def format_luks1(
         raise UnsupportedError(f"Requested LUKS hash {hash_spec} is not supported.")
     salt = os.urandom(SALT_SIZE)
     digest = pbkdf2(hash_spec, volume_key, salt, mk_iterations, 20)
-    text_uuid = str(uuidlib.UUID(uuid)) if uuid else str(uuidlib.uuid4())
+    text_uuid = check_uuid(uuid) if uuid else str(uuidlib.uuid4())
     header = LUKS1Header(
         version=1,
         cipher_name=cipher_name,
@@ -257,7 +258,7 @@ def clear_keyslot(fd: int, header: LUKS1Header, index: int) -> LUKS1Header:
 
 def write_uuid(fd: int, header: LUKS1Header, new_uuid: str) -> LUKS1Header:
     """Replace the UUID field (40 bytes; the keyslots do not depend on it)."""
-    text = str(uuidlib.UUID(new_uuid))
+    text = check_uuid(new_uuid)
     pwrite_all(fd, _field(text, 40, "UUID"), _UUID_OFFSET, "LUKS1 UUID")
     sync(fd)
     return replace(header, uuid=text)

@@ -81,7 +81,7 @@ from .luks2_write import (
     drop_empty_digests,
     luks2_layout,
 )
-from .luks_common import check_key_size, luks_cipher_spec, pread_exact
+from .luks_common import check_key_size, check_uuid, luks_cipher_spec, pread_exact
 from .luks_write import KdfParams, check_data_offset, digest_iterations, sync, wipe_area
 from .volume_key import new_volume_key
 
@@ -2208,6 +2208,8 @@ def initialize_encrypt(
     first chunk is intact in the copy at the end).  Returns the new keyslot.
     """
     check_data_offset(options.offset)
+    if options.uuid is not None:
+        check_uuid(options.uuid)  # before any file is made
     spec = parse_cipher_spec(options.cipher)
     if options.key_size % 8:
         raise UsageError("Key size must be a multiple of 8 bits.")

@@ -47,7 +47,7 @@ from .luks2 import (
     LUKS2Header,
     validate_metadata,
 )
-from .luks_common import pread_exact
+from .luks_common import check_uuid, pread_exact
 from .luks_write import KdfParams, derive, encrypt_keyslot_material, pwrite_all, sync, wipe_area
 
 _log = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ class Luks2Writer:
     ) -> Luks2Writer:
         """A writer for a container being formatted: its first commit writes seqid
         *epoch* (cryptsetup's luksFormat leaves 3, see :data:`FORMAT_EPOCH`)."""
-        text_uuid = str(uuidlib.UUID(uuid)) if uuid else str(uuidlib.uuid4())
+        text_uuid = check_uuid(uuid) if uuid else str(uuidlib.uuid4())
         return cls(
             fd,
             obj,

@@ -7,6 +7,7 @@ leave every byte of its metadata untouched.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,3 +175,15 @@ def open_devices(data_path: str, header_path: str | None, readonly: bool) -> Ite
         raise
     if header_fd != data_fd:
         os.close(header_fd)
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def check_uuid(text: str) -> str:
+    """A LUKS UUID as given (``--uuid``), in libuuid's one form (``uuid_parse``: 36
+    characters, hex and dashes; no braces, no ``urn:uuid:``, not without dashes),
+    lower-cased as cryptsetup stores it."""
+    if not _UUID.fullmatch(text):
+        raise UsageError(f"Wrong LUKS UUID format provided: {text!r}.")
+    return text.lower()

@@ -67,7 +67,7 @@ from .luks2_write import (
     luks2_layout,
     serialize_copy,
 )
-from .luks_common import luks_cipher_spec, pread_exact
+from .luks_common import check_uuid, luks_cipher_spec, pread_exact
 from .luks_write import (
     ARGON2_LIMIT_MEMORY_KIB,
     ARGON2_MAX_MEMORY_KIB,
@@ -289,12 +289,7 @@ class FormatOptions:
 
 
 def _check_uuid(text: str | None) -> str | None:
-    if text is None:
-        return None
-    try:
-        return str(uuidlib.UUID(text))
-    except ValueError:
-        raise UsageError(f"Wrong LUKS UUID format provided: {text!r}.") from None
+    return None if text is None else check_uuid(text)
 
 
 def _prepare_file(path: str, size: int | None, what: str) -> None:
