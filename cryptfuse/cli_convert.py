@@ -20,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from .cli_input import PROG, _nonneg_int, plain_secret, plain_spec_warnings
+from .cli_input import PROG, _count32, _nonneg_int, plain_secret, plain_spec_warnings
 from .cli_luks import _confirm, _new_secret, _parser, _progress
 from .errors import UsageError
 from .formats import OpenOptions
@@ -83,7 +83,7 @@ def _plain_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iter-time", "-i", type=nonneg, metavar="MS", help="default 2000")
     g.add_argument("--pbkdf-memory", type=nonneg, metavar="KiB")
     g.add_argument("--pbkdf-parallel", type=nonneg, metavar="N")
-    g.add_argument("--pbkdf-force-iterations", type=nonneg, metavar="N")
+    g.add_argument("--pbkdf-force-iterations", type=_count32, metavar="N")
 
 
 def _given(args: argparse.Namespace) -> list[str]:

@@ -59,6 +59,16 @@ def _nonneg_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    if value >= 1 << 63:  # (cryptsetup: "invalid numeric value")
+        raise argparse.ArgumentTypeError(f"{text} is too large")
+    return value
+
+
+def _count32(text: str) -> int:
+    """A count cryptsetup keeps in 32 bits (``--pbkdf-force-iterations``)."""
+    value = _nonneg_int(text)
+    if value >= 1 << 32:
+        raise argparse.ArgumentTypeError(f"{text} is too large (at most {(1 << 32) - 1})")
     return value
 
 
@@ -74,7 +84,7 @@ def _read_limited(stream: BinaryIO, offset: int, size: int | None, limit: int, w
     chunks: list[bytes] = []
     have = 0
     while have < wanted:
-        chunk = stream.read(wanted - have)
+        chunk = stream.read(min(wanted - have, 1 << 20))  # (a huge --keyfile-size: no huge buffer)
         if not chunk:
             break
         chunks.append(chunk)

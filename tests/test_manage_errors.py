@@ -189,6 +189,39 @@ def test_unsupported_cipher_and_options(
         assert digest(target) == before
 
 
+def test_numbers_out_of_range(
+    img: Path, keys: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Numbers no C type of cryptsetup holds are refused as arguments (cryptsetup:
+    "invalid numeric value"), not carried into an overflow, a huge buffer or a PBKDF2
+    that never ends; a huge --keyfile-size reads the key file in pieces and finds it
+    short. Found by a sweep of odd option values over every command (they had ended
+    in internal errors: OverflowError, MemoryError). Format over a LUKS header in
+    batch mode fails with one line: the superblock warning is not printed (cryptsetup
+    prints it only when it asks)."""
+    before = digest(img)
+    huge = "99999999999999999999"
+    for argv, words in (
+        (["add-key", *PBKDF2, "-d", keys["good"], "--keyfile-size", huge, str(img), keys["new"]],
+         "too large"),
+        (["add-key", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", str(1 << 32),
+          "-d", keys["good"], str(img), keys["new"]], "too large"),
+        (["add-key", *PBKDF2, "-d", keys["good"], "--keyfile-size", str(1 << 62), str(img),
+          keys["new"]], "too short"),
+        (["format", "-q", *PBKDF2, "--luks2-keyslots-size", "1k", "-d", keys["new"], str(img)],
+         "keyslots size"),
+        (["format", "-q", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "0",
+          "-d", keys["new"], str(img)], "too low"),
+        (["format", "-q", *PBKDF2, "--luks2-metadata-size", huge + "k", "-d", keys["new"],
+          str(img)], "too large"),
+    ):  # fmt: skip
+        code, err = run(capsys, *argv)
+        assert code == 1, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and words in err, (argv, err)
+        assert "internal error" not in err
+        assert digest(img) == before
+
+
 def test_format_refuses_existing_luks(
     img: Path, keys: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
