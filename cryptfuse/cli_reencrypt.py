@@ -323,6 +323,7 @@ def _start_encrypt(args: argparse.Namespace) -> int:
         keyslot_key_bits=args.keyslot_key_size,
         benchmark_digests=args.pbkdf_force_iterations is None,
         volume_key_file=args.volume_key_file,
+        max_hotzone=args.hotzone_size or 0,
     )
     keys: dict[int, bytes] = {}
     reenc.initialize_encrypt(args.container, args.header, passphrase, options, kdf, keys_out=keys)
@@ -383,6 +384,7 @@ def _new_reencryption(args: argparse.Namespace) -> tuple[KdfParams, reenc.Reencr
         benchmark_digests=given and args.pbkdf_force_iterations is None,
         volume_key_file=args.volume_key_file,
         check_filesystem=not args.force_offline_reencrypt,
+        max_hotzone=args.hotzone_size or 0,
     )
     return kdf_params, options
 

@@ -548,15 +548,22 @@ def only_finish_left(obj: dict[str, Any]) -> bool:
     return in_reencryption(obj) and _all_done(Reencryption.from_json(obj))
 
 
+def check_hotzone(max_hotzone: int, alignment: int) -> None:
+    """Refuse a ``--hotzone-size`` off the zone alignment (the data device's block and
+    the sector sizes): at a start, before anything is written (cryptsetup 2.6.1 finds
+    out only once its header is marked, and leaves it so)."""
+    if max_hotzone % alignment:
+        raise UsageError(
+            f"Hotzone size must be multiple of calculated zone alignment ({alignment} bytes)."
+        )
+
+
 def _context(
     rh: Reencryption, data_fd: int, container_size: int, max_hotzone: int, crashed: bool
 ) -> None:
     """Position the run: device size, hot zone length, offset, progress."""
     rh.device_block = device_block_size(data_fd)
-    if max_hotzone % rh.alignment:
-        raise UsageError(
-            f"Hotzone size must be multiple of calculated zone alignment ({rh.alignment} bytes)."
-        )
+    check_hotzone(max_hotzone, rh.alignment)
     rh.device_size = _device_size(rh, container_size, not crashed)
     if crashed:
         segs = _live_segments(rh.obj)
@@ -1892,6 +1899,8 @@ class ReencryptOptions:
     #: a larger sector size is refused over a file system with smaller blocks
     #: (cryptsetup checks the active device; ``--force-offline-reencrypt`` skips it)
     check_filesystem: bool = True
+    #: ``--hotzone-size`` of the run that follows: checked against the alignment first
+    max_hotzone: int = 0
 
 
 def initialize(
@@ -1995,6 +2004,7 @@ def initialize_on(
         )
     if resilience == "checksum":
         hashlib_name(options.resilience_hash)
+    check_hotzone(options.max_hotzone, max(device_block_size(devices.data_fd), check))
     if new_ss > old_ss and options.check_filesystem:
         head = _pread(devices.data_fd, min(PROBE_HEAD, data_size), data_offset, "volume")
         plain = _segment_cipher(header.json["segments"]["0"], old_key).decrypt(bytes(head), 0)
@@ -2186,6 +2196,8 @@ class EncryptOptions:
     benchmark_digests: bool = False
     #: ``--volume-key-file``: the new volume key is read from this file, not random
     volume_key_file: str | None = None
+    #: ``--hotzone-size`` of the run that follows: checked against the alignment first
+    max_hotzone: int = 0
 
 
 def initialize_encrypt(
@@ -2210,6 +2222,10 @@ def initialize_encrypt(
     check_data_offset(options.offset)
     if options.uuid is not None:
         check_uuid(options.uuid)  # before any file is made
+    if options.max_hotzone and os.path.exists(data_path):
+        with open(data_path, "rb") as data:
+            block = device_block_size(data.fileno())
+        check_hotzone(options.max_hotzone, max(block, options.sector_size))
     spec = parse_cipher_spec(options.cipher)
     if options.key_size % 8:
         raise UsageError("Key size must be a multiple of 8 bits.")
@@ -2363,6 +2379,23 @@ def initialize_encrypt(
         return rslot_hint
 
 
+def _check_decrypt_hotzone(data_path: str, header_path: str, max_hotzone: int) -> None:
+    """:func:`check_hotzone` for a decryption, before anything is written: the header
+    is the detached one given, or the device's (which an export copies)."""
+    if not max_hotzone:
+        return
+    source = header_path if os.path.exists(header_path) else data_path
+    if not os.path.exists(data_path):
+        return  # (refused where it is opened)
+    with open(source, "rb") as hf, open(data_path, "rb") as df:
+        try:
+            seg = read_luks2_header(hf.fileno(), source).metadata.segments.get(0)
+        except CryptfuseError:
+            return  # (refused with its own message where it is read again)
+        ss = int(seg.sector_size or SECTOR) if seg is not None else SECTOR
+        check_hotzone(max_hotzone, max(device_block_size(df.fileno()), ss))
+
+
 def initialize_decrypt(
     data_path: str,
     header_path: str,
@@ -2386,6 +2419,7 @@ def initialize_decrypt(
     """
     from .manage import _locked
 
+    _check_decrypt_hotzone(data_path, header_path, max_hotzone)
     if os.path.exists(header_path) and not os.path.samefile(header_path, data_path):
         with _locked(data_path, header_path, write=True) as h:
             header = read_luks2_header(h.header_fd, header_path)
