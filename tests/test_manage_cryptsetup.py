@@ -560,6 +560,41 @@ def test_format_layout_like_cryptsetup(
 
 
 @needs_cryptsetup
+@pytest.mark.parametrize("extra", [0, 512, 3072])
+@pytest.mark.parametrize(
+    "layout",
+    [[], ["--align-payload", "12345"], ["--align-payload", "8"], ["--offset", "10000"],
+     ["--header", "HEADER", "--align-payload", "3000"]],
+    ids=["default", "align-12345", "align-8", "offset-10000", "detached-align-3000"],
+)  # fmt: skip
+def test_sector_size_autodetection_like_cryptsetup(
+    tmp_path: Path, layout: list[str], extra: int
+) -> None:
+    """LUKS2 format without --sector-size on a file of 48 MiB + *extra* bytes: 4096
+    unless cryptsetup 2.6.1's autodetection falls back to 512 (an explicit offset off
+    4096 sectors, or the device size less the required alignment off 4096 bytes),
+    and refused where the data area then does not fit the sector size. cryptfuse had
+    judged --align-payload by itself and taken 512 where cryptsetup takes 4096 and
+    refuses (48 MiB + 512 with --align-payload 12345: found by
+    test_random_format_like_cryptsetup, seed 3312988353)."""
+    k1 = keyfile(tmp_path, "k1", b"pass-1")
+    found = []
+    for who in ("cryptsetup", "cryptfuse"):
+        img, hdr = tmp_path / f"{who}.img", tmp_path / f"{who}.hdr"
+        with open(img, "wb") as f:
+            f.truncate((48 << 20) + extra)
+        args = [str(hdr) if a == "HEADER" else a for a in layout]
+        cmd = ["luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, *args, "-d", k1, str(img)]
+        if who == "cryptsetup":
+            ok = subprocess.run([CRYPTSETUP or "", *cmd], capture_output=True).returncode == 0
+        else:
+            ok = cf("format", *cmd[1:]) == 0
+        dump = luks_dump_ok(hdr if "HEADER" in layout else img) if ok else ""
+        found.append((ok, re.findall(r"\s(sector|offset): (\S+)", dump)))
+    assert found[0] == found[1]
+
+
+@needs_cryptsetup
 @pytest.mark.root
 @pytest.mark.parametrize(
     ("block", "size", "detached"),

@@ -60,6 +60,9 @@ from .luks2 import (
 )
 from .luks2 import NUM_KEYSLOTS as LUKS2_SLOTS
 from .luks2_write import (
+    ALIGNMENT as LUKS2_ALIGNMENT,
+)
+from .luks2_write import (
     KEYSLOT_CIPHER,
     KEYSLOT_KEY_BYTES,
     Luks2Writer,
@@ -445,18 +448,23 @@ def format_container(
             if opts.sector_size is not None:
                 sector_size = opts.sector_size
             else:
-                # the device's optimal sector size (4096 for a file), where aligned
+                # the device's optimal sector size (4096 for a file), unless cryptsetup
+                # 2.6.1's autodetection falls back to 512: an explicit data offset (in
+                # 512-byte sectors: MISALIGNED(cd->data_offset, sector_size), so 4096
+                # bytes only where it is a multiple of 2 MiB), or the device size less
+                # the required alignment (--align-payload, else 1 MiB; under a detached
+                # header --align-payload or nothing), off that size.  A data area that
+                # then does not fit the size is refused below, as by cryptsetup.
                 optimal = optimal_sector_size(h.data_fd)
-                aligned = data_offset % optimal == 0 and (data_size - data_offset) % optimal == 0
-                # cryptsetup 2.6.1 tests an explicit --offset for alignment in 512-byte
-                # sectors (MISALIGNED(cd->data_offset, sector_size)): 4096 bytes only
-                # where the offset is a multiple of 2 MiB.  The same choice here.
+                if detached:
+                    required = (opts.align_payload or 0) * 512
+                else:
+                    required = align * 512 if align else LUKS2_ALIGNMENT
+                sector_size = optimal
                 if offset is not None and offset % optimal:
-                    aligned = False
-                # and --align-payload likewise, in bytes (its required alignment)
-                if align is not None and align * 512 % optimal:
-                    aligned = False
-                sector_size = optimal if aligned and data_size > data_offset else 512
+                    sector_size = 512
+                elif (data_size - required) % optimal or data_size <= data_offset:
+                    sector_size = 512
             if data_offset % sector_size or (data_size - data_offset) % sector_size:
                 raise UsageError(
                     "Device size and data offset must be aligned to the "
