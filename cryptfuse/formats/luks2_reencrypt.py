@@ -70,6 +70,7 @@ from .luks2 import (
     PRIORITY_NORMAL,
     REENCRYPT_REQUIREMENTS,
     LUKS2Header,
+    Segment,
     read_luks2_header,
 )
 from .luks2_write import (
@@ -2379,21 +2380,9 @@ def initialize_encrypt(
         return rslot_hint
 
 
-def _check_decrypt_hotzone(data_path: str, header_path: str, max_hotzone: int) -> None:
-    """:func:`check_hotzone` for a decryption, before anything is written: the header
-    is the detached one given, or the device's (which an export copies)."""
-    if not max_hotzone:
-        return
-    source = header_path if os.path.exists(header_path) else data_path
-    if not os.path.exists(data_path):
-        return  # (refused where it is opened)
-    with open(source, "rb") as hf, open(data_path, "rb") as df:
-        try:
-            seg = read_luks2_header(hf.fileno(), source).metadata.segments.get(0)
-        except CryptfuseError:
-            return  # (refused with its own message where it is read again)
-        ss = int(seg.sector_size or SECTOR) if seg is not None else SECTOR
-        check_hotzone(max_hotzone, max(device_block_size(df.fileno()), ss))
+def _check_decrypt_hotzone(data_fd: int, seg: Segment, max_hotzone: int) -> None:
+    """:func:`check_hotzone` for a decryption of *seg*, before anything is written."""
+    check_hotzone(max_hotzone, max(device_block_size(data_fd), int(seg.sector_size or SECTOR)))
 
 
 def initialize_decrypt(
@@ -2419,7 +2408,6 @@ def initialize_decrypt(
     """
     from .manage import _locked
 
-    _check_decrypt_hotzone(data_path, header_path, max_hotzone)
     if os.path.exists(header_path) and not os.path.samefile(header_path, data_path):
         with _locked(data_path, header_path, write=True) as h:
             header = read_luks2_header(h.header_fd, header_path)
@@ -2429,6 +2417,7 @@ def initialize_decrypt(
                 )
             seg, _, bound = header.data_segment()
             _no_iv_tweak(seg)
+            _check_decrypt_hotzone(h.data_fd, seg, max_hotzone)
             if seg.offset:
                 # an exported header whose decryption did not start yet (interrupted
                 # initialization, or a detached header with a data offset): move the
@@ -2482,6 +2471,7 @@ def initialize_decrypt(
             )
         seg, _, bound = header.data_segment()
         _no_iv_tweak(seg)
+        _check_decrypt_hotzone(h.data_fd, seg, max_hotzone)
         _, old_key = header.unlock(h.data_fd, passphrase, key_slot)
         if keys_out is not None:
             keys_out[bound.index] = old_key
