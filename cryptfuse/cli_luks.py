@@ -459,22 +459,43 @@ def config_command(argv: Sequence[str]) -> int:
 
 
 def token_command(argv: Sequence[str]) -> int:
-    """``cryptfuse token import|export|remove CONTAINER`` (``cryptsetup token``, LUKS2)."""
+    """``cryptfuse token add|remove|import|export|unassign CONTAINER`` (``cryptsetup
+    token``, LUKS2)."""
     p = _parser(
         "token",
-        "import|export|remove [options] CONTAINER",
-        "Import, export or remove a LUKS2 token (JSON metadata, e.g. systemd-cryptenroll's).",
+        "add|remove|import|export|unassign [options] CONTAINER",
+        "Add, remove, import, export or unassign a LUKS2 token (JSON metadata, e.g. "
+        "systemd-cryptenroll's; add makes cryptsetup's luks2-keyring token).",
     )
-    p.add_argument("action", choices=("import", "export", "remove"))
+    p.add_argument("action", choices=("add", "remove", "import", "export", "unassign"))
     p.add_argument("container", metavar="CONTAINER")
     p.add_argument("--token-id", type=_nonneg_int, metavar="N")
     p.add_argument("--json-file", metavar="FILE", help="import from / export to FILE (default: "
                    "standard input / output)")  # fmt: skip
-    p.add_argument("--key-slot", "-S", type=_nonneg_int, metavar="N", help="import: assign to")
-    p.add_argument("--token-replace", action="store_true", help="import: replace --token-id")
+    p.add_argument("--key-slot", "-S", type=_nonneg_int, metavar="N",
+                   help="add, import: assign to (add: default every keyslot); "
+                   "unassign: from")  # fmt: skip
+    p.add_argument("--key-description", metavar="TEXT",
+                   help="add: the kernel keyring key's description (e.g. user:name)")  # fmt: skip
+    p.add_argument("--unbound", action="store_true", help="add: assign to no keyslot")
+    p.add_argument("--token-replace", action="store_true",
+                   help="add, import: replace --token-id")  # fmt: skip
     args = p.parse_args(argv)
-    if args.action != "import" and args.token_id is None:
-        raise UsageError(f"Action token {args.action} requires --token-id.")
+    # (cryptsetup 2.6.1's verify_token, in its order)
+    if args.action == "add" and args.key_description is None:
+        raise UsageError("--key-description parameter is mandatory for token add action.")
+    if args.action in ("remove", "export") and args.token_id is None:
+        raise UsageError("Action requires specific token. Use --token-id parameter.")
+    if args.unbound:
+        if args.action != "add":
+            raise UsageError("Option --unbound is valid only with token add action.")
+        if args.key_slot is not None:
+            raise UsageError("Options --key-slot and --unbound cannot be combined.")
+    if args.action == "unassign":
+        if args.key_slot is None:
+            raise UsageError("Action requires specific keyslot. Use --key-slot parameter.")
+        if args.token_id is None:
+            raise UsageError("Action requires specific token. Use --token-id parameter.")
     if args.action == "import":
         try:
             if args.json_file is None:
@@ -494,6 +515,18 @@ def token_command(argv: Sequence[str]) -> int:
         )
         if args.verbose:
             print(f"Token {token_id} created.", file=sys.stderr)
+    elif args.action == "add":
+        token_id = manage.token_add(
+            args.container,
+            args.key_description,
+            header=args.header,
+            token_id=args.token_id,
+            key_slot=args.key_slot,
+            unbound=args.unbound,
+            replace=args.token_replace,
+        )
+        if args.verbose:
+            print(f"Token {token_id} created.", file=sys.stderr)
     elif args.action == "export":
         text = manage.token_export(args.container, args.token_id, header=args.header)
         if args.json_file is None:
@@ -505,8 +538,12 @@ def token_command(argv: Sequence[str]) -> int:
                     f.write(text)
             except OSError as exc:
                 raise KeyFileError(f"Cannot write {args.json_file}: {exc.strerror}.") from None
+    elif args.action == "unassign":
+        manage.token_unassign(args.container, args.token_id, args.key_slot, header=args.header)
     else:
         manage.token_remove(args.container, args.token_id, header=args.header)
+        if args.verbose:
+            print(f"Token {args.token_id} removed.", file=sys.stderr)
     return 0
 
 

@@ -1138,6 +1138,9 @@ TOKENS = {
     "no-type": '{"keyslots":[]}',
     "keyring-bad": '{"type":"luks2-keyring","keyslots":[]}',
     "keyring": '{"type":"luks2-keyring","keyslots":[],"key_description":"abc"}',
+    "keyring-empty": '{"type":"luks2-keyring","keyslots":[],"key_description":""}',
+    "keyring-more": '{"type":"luks2-keyring","keyslots":[],"key_description":"a","b":1}',
+    "keyring-number": '{"type":"luks2-keyring","keyslots":[],"key_description":1}',
     "missing-keyslot": '{"type":"x","keyslots":["7"]}',
     "numeric-keyslot": '{"type":"x","keyslots":[0]}',
     "array": "[1]",
@@ -1146,14 +1149,17 @@ TOKENS = {
     "empty-type": '{"type":"","keyslots":[]}',
     "twice": '{"type":"x","keyslots":["0","0"]}',
     "text": '{"type":"x/y","keyslots":[],"u":"\\u00e9\\u0001","f":1.5,"t":true,"n":null}',
+    "too-big": '{"type":"big","keyslots":[],"x":"%s"}' % ("a" * 13000),
 }
 
 
 @needs_cryptsetup
 def test_token_commands_like_cryptsetup(tmp_path: Path) -> None:
-    """``token import/export/remove`` and cryptsetup's on twin LUKS2 containers, step
-    by step: the same exit code, the same exported text, and the same JSON metadata
-    byte for byte (token order, epochs) after every step, refusals included."""
+    """``token add/import/export/unassign/remove`` and cryptsetup's on twin LUKS2
+    containers, step by step: the same exit code, the same exported text, and the same
+    JSON metadata byte for byte (token order, epochs) after every step, refusals
+    included. What this found: cryptsetup takes a ``luks2-keyring`` token only with
+    exactly its three fields and a non-empty description."""
     key = keyfile(tmp_path, "k", b"first passphrase")
     second = keyfile(tmp_path, "k2", b"second passphrase")
     for name, text in TOKENS.items():
@@ -1162,6 +1168,9 @@ def test_token_commands_like_cryptsetup(tmp_path: Path) -> None:
 
     def imp(name: str, *extra: str) -> list[str]:
         return ["import", "--json-file", str(tmp_path / f"{name}.json"), *extra]
+
+    def add(description: str, *extra: str) -> list[str]:
+        return ["add", "--key-description", description, *extra]
 
     steps = [
         imp("a"), imp("b", "--token-id", "5"), imp("b", "--token-id", "5"),
@@ -1172,6 +1181,21 @@ def test_token_commands_like_cryptsetup(tmp_path: Path) -> None:
         imp("b", "--key-slot", "3"), ["export"], ["remove"],
         *(imp(name) for name in TOKENS if name not in ("a", "b")),
         imp("text", "--token-id", "20"), ["export", "--token-id", "20"],
+        # add: a luks2-keyring token, bound to every keyslot unless told
+        add("user:k"), add("user:k", "--key-slot", "1"), add("u", "--unbound"),
+        add("v", "--token-id", "20"), add("w", "--token-id", "20", "--token-replace"),
+        add("x", "--key-slot", "5"), add(""), add('a"b'), add("a\\u0041\\nb"),
+        add("y", "--token-id", "40"), add("z", "--unbound", "--key-slot", "0"), ["add"],
+        ["export", "--token-id", "21"],
+        # unassign: one keyslot off a token
+        ["unassign", "--token-id", "21", "--key-slot", "1"],
+        ["unassign", "--token-id", "21", "--key-slot", "1"],
+        ["unassign", "--token-id", "21", "--key-slot", "0"],
+        ["unassign", "--token-id", "21", "--key-slot", "40"],
+        ["unassign", "--token-id", "31", "--key-slot", "0"], ["unassign", "--token-id", "0"],
+        ["unassign", "--key-slot", "0"], ["remove", "--unbound", "--token-id", "0"],
+        # every token id in use: a new token has no id
+        *(imp("b", "--token-id", str(i)) for i in range(32)), imp("b"), add("full"),
     ]  # fmt: skip
 
     def json_of(img: Path) -> str:
@@ -1329,7 +1353,7 @@ def test_unbound_keyslots_like_cryptsetup(
 @needs_cryptsetup
 def test_random_metadata_commands_like_cryptsetup(tmp_path: Path) -> None:
     """Random sequences of add-key (also ``--unbound``), change-key, convert-key,
-    kill-slot, token import/remove and config on twin LUKS2 containers, each step by
+    kill-slot, token add/import/unassign/remove and config on twin LUKS2 containers, each step by
     cryptfuse on one and cryptsetup on the other: the same outcome and the same luksDump
     after every step. What this found: cryptsetup changes and converts an unbound
     keyslot's passphrase (it stays unbound: any keyslot opens there), and removes an
@@ -1364,9 +1388,16 @@ def test_random_metadata_commands_like_cryptsetup(tmp_path: Path) -> None:
             elif kind == "kill":
                 theirs_cmd, ours_cmd = ["luksKillSlot", "-q"], ["kill-slot"]
             elif kind == "token":
-                extra = rng.choice([[], ["--key-slot", slot], ["--token-id", "1"]])
-                theirs_cmd = ["token", "import", "--json-file", str(rng.choice(tokens)), *extra]
-                ours_cmd = ["token"]
+                tid = ["--token-id", str(rng.randrange(3))]
+                extra = rng.choice([[], ["--key-slot", slot], tid, [*tid, "--token-replace"]])
+                action = rng.choice([
+                    ["import", "--json-file", str(rng.choice(tokens)), *extra],
+                    ["add", "--key-description", rng.choice(["user:a", "b", ""]), *extra],
+                    ["add", "--key-description", "user:c", "--unbound", *tid],
+                    ["unassign", *tid, "--key-slot", slot],
+                    ["remove", *tid],
+                ])  # fmt: skip
+                theirs_cmd, ours_cmd = ["token", *action], ["token"]
             else:
                 theirs_cmd = ["config", *rng.choice([["--priority", "prefer", "--key-slot", slot],
                                                      ["--label", "L" + slot]])]  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -882,6 +883,46 @@ def _check_token_id(token_id: int | None) -> None:
         raise UsageError(f"Token {token_id} is invalid.")
 
 
+def _token_valid(token: Any) -> bool:
+    """A token as cryptsetup 2.6.1 takes it: a ``type`` and a ``keyslots`` array; the
+    ``luks2-`` types are its own, of which only ``luks2-keyring`` exists: exactly
+    ``type``, ``keyslots`` and a non-empty ``key_description``."""
+    kind = token.get("type") if isinstance(token, dict) else None
+    if not isinstance(kind, str) or not kind or not isinstance(token.get("keyslots"), list):
+        return False
+    if kind.startswith("luks2-"):
+        description = token.get("key_description")
+        return (
+            kind == "luks2-keyring"
+            and len(token) == 3
+            and isinstance(description, str)
+            and bool(description)
+        )
+    return True
+
+
+def _token_id_for(tokens: dict[str, Any], token_id: int | None, replace: bool, full: str) -> int:
+    """*token_id*, or the first free one (none: *full*, cryptsetup's message for its
+    failed creation); one in use only with *replace*."""
+    if token_id is None:
+        free = next((i for i in range(TOKENS_MAX) if str(i) not in tokens), None)
+        if free is None:
+            raise CryptfuseError(full)
+        return free
+    if str(token_id) in tokens and not replace:
+        raise CryptfuseError(f"Token {token_id} in use.")
+    return token_id
+
+
+def _commit_token(writer: Luks2Writer, failed: str) -> None:
+    """Commit a new token; one the JSON area has no room for (or that our reader would
+    refuse: the commit checks before it writes) is refused with *failed*."""
+    try:
+        writer.commit()
+    except FormatError:
+        raise FormatError(failed) from None
+
+
 def token_import(
     path: str,
     text: str,
@@ -902,35 +943,83 @@ def token_import(
         token, _ = json.JSONDecoder().raw_decode(text.lstrip())
     except ValueError:
         raise FormatError("Failed to import token from file.") from None
-    kind = token.get("type") if isinstance(token, dict) else None
-    if (
-        not isinstance(kind, str)
-        or not kind
-        or not isinstance(token.get("keyslots"), list)
-        or kind.startswith("luks2-")
-        and (kind != "luks2-keyring" or not isinstance(token.get("key_description"), str))
-    ):
+    if not _token_valid(token):
         raise FormatError("Failed to import token from file.")
     with _locked(path, header, write=True) as h:
         writer = Luks2Writer.from_header(h.header_fd, _luks2_only(h, _read(h)))
-        tokens = writer.obj["tokens"]
-        if token_id is None:
-            token_id = next((i for i in range(TOKENS_MAX) if str(i) not in tokens), None)
-            if token_id is None:
-                raise CryptfuseError("No free token slot.")
-        elif str(token_id) in tokens and not replace:
-            raise CryptfuseError(f"Token {token_id} in use.")
+        token_id = _token_id_for(
+            writer.obj["tokens"], token_id, replace, "Failed to import token from file."
+        )
         if key_slot is not None and str(key_slot) not in writer.obj["keyslots"]:
             raise CryptfuseError(f"Keyslot {key_slot} is not active.")
         if not all(isinstance(k, str) and k in writer.obj["keyslots"] for k in token["keyslots"]):
             raise FormatError("Failed to import token from file.")
-        tokens[str(token_id)] = token  # a new id last, a replaced one in its place (json-c)
-        writer.commit()
+        writer.obj["tokens"][str(token_id)] = token  # a new id last, a replaced one in place
+        _commit_token(writer, "Failed to import token from file.")
         if key_slot is not None:  # a commit even when the token names it already
             if str(key_slot) not in token["keyslots"]:
                 token["keyslots"].append(str(key_slot))
             writer.commit()
     return token_id
+
+
+def token_add(
+    path: str,
+    key_description: str,
+    *,
+    header: str | None = None,
+    token_id: int | None = None,
+    key_slot: int | None = None,
+    unbound: bool = False,
+    replace: bool = False,
+) -> int:
+    """``cryptsetup token add``: a ``luks2-keyring`` token naming the kernel keyring key
+    *key_description*, under *token_id* or the first free id, in one commit; then,
+    unless *unbound*, assigned in a second commit to *key_slot*, or to every keyslot
+    (as cryptsetup's ``CRYPT_ANY_SLOT``).  Returns the token id."""
+    _check_token_id(token_id)
+    # (cryptsetup builds the JSON with a format string: a description is not escaped)
+    text = f'{{ "type": "luks2-keyring", "keyslots":[],"key_description":"{key_description}"}}'
+    failed = f"Failed to add luks2-keyring token {-1 if token_id is None else token_id}."
+    try:
+        token, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        raise FormatError(failed) from None
+    if not _token_valid(token):
+        raise FormatError(failed)
+    with _locked(path, header, write=True) as h:
+        writer = Luks2Writer.from_header(h.header_fd, _luks2_only(h, _read(h)))
+        token_id = _token_id_for(writer.obj["tokens"], token_id, replace, failed)
+        keyslots = writer.obj["keyslots"]
+        if key_slot is not None and str(key_slot) not in keyslots:
+            raise CryptfuseError(f"Keyslot {key_slot} is not active.")
+        writer.obj["tokens"][str(token_id)] = token
+        _commit_token(writer, failed)
+        if not unbound:  # a commit even when there is no keyslot to assign
+            token["keyslots"].extend([str(key_slot)] if key_slot is not None else list(keyslots))
+            writer.commit()
+    return token_id
+
+
+def token_unassign(path: str, token_id: int, key_slot: int, *, header: str | None = None) -> None:
+    """``cryptsetup token unassign``: *key_slot* off the token's keyslots, one commit."""
+    if not 0 <= token_id < TOKENS_MAX or not 0 <= key_slot < LUKS2_SLOTS:
+        raise CryptfuseError(f"Failed to unassign token {token_id} from keyslot {key_slot}.")
+    with _locked(path, header, write=True) as h:
+        writer = Luks2Writer.from_header(h.header_fd, _luks2_only(h, _read(h)))
+        token = writer.obj["tokens"].get(str(token_id))
+        slots = token.get("keyslots", []) if isinstance(token, dict) else []
+        if not any(_atoi(k) == key_slot for k in slots):
+            raise CryptfuseError(f"Token {token_id} is not assigned to keyslot {key_slot}.")
+        if str(key_slot) in slots:  # the first one of that name (json-c: LUKS2_array_remove)
+            slots.remove(str(key_slot))
+        writer.commit()
+
+
+def _atoi(text: Any) -> int:
+    """C's ``atoi`` of a JSON string (cryptsetup compares keyslot names so)."""
+    m = re.match(r"\s*([+-]?\d+)", text) if isinstance(text, str) else None
+    return int(m.group(1)) if m else 0
 
 
 def token_export(path: str, token_id: int, *, header: str | None = None) -> str:
