@@ -442,6 +442,10 @@ def mount_command(argv: Sequence[str]) -> int:
     if args.header is not None:
         check_container(args.header, True)
     check_mountpoint(args.mountpoint)
+    if args.log_file is not None:
+        from .mount import usable_log_file
+
+        args.log_file = usable_log_file(args.log_file)
     check_fuse()
     foreign = foreign_kind(kind, args.header or args.container)
     check_options(args, foreign)

@@ -30,7 +30,7 @@ import pyfuse3
 import trio
 
 from .channel import Channel, find_fuse_fds
-from .errors import CryptfuseError
+from .errors import CryptfuseError, UsageError
 from .fs import FSOptions, VolumeFS, VolumeLike
 from .hygiene import protect_process
 from .lifecycle import lock_memory, start_control
@@ -326,6 +326,17 @@ def _redirect_stdio(log_file: str | None) -> None:
         os.close(fd)
 
 
+def usable_log_file(name: str) -> str:
+    """*name* made absolute, once it opens for appending (made if missing): one it
+    cannot be is the user's error, refused before anything is mounted."""
+    path = os.path.abspath(name) if name else ""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise UsageError(f"Cannot open log file {name!r}: {exc.strerror}.") from None
+    return path
+
+
 def _daemon_child(volume: ServedVolume, config: MountConfig, ready_fd: int) -> int:
     """The forked daemon: mount, report readiness on *ready_fd*, serve. Returns the exit code."""
     reported = False
@@ -381,7 +392,7 @@ def run(volume: ServedVolume, config: MountConfig) -> int:
     # The daemon changes to / before it opens the log file for good.
     config.mountpoint = os.path.abspath(config.mountpoint)
     if config.log_file is not None:
-        config.log_file = os.path.abspath(config.log_file)
+        config.log_file = usable_log_file(config.log_file)
     if config.foreground:
         serve(volume, config)
         return 0

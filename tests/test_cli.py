@@ -151,6 +151,24 @@ def test_nonempty_mountpoint(run: Callable[..., Result], plain_img: Path, mnt: P
 
 
 @pytest.mark.parametrize(
+    ("name", "needle"),
+    [("", "''"), ("missing/log", "no such file"), (".", "is a directory")],
+)
+def test_unusable_log_file(
+    run: Callable[..., Result], plain_img: Path, mnt: Path, name: str, needle: str
+) -> None:
+    """A --log-file that cannot be opened is refused before anything is opened or
+    mounted (found by a sweep of odd option values: it had been opened only once
+    mounted, and the failed mount then took 10 s to tear down, saying two lines)."""
+    before = sha256(plain_img)
+    result = run(*PLAIN, "--log-file", name, plain_img, mnt, input=b"pw\n")
+    assert_one_line_error(result, 1, "cannot open log file")
+    assert needle in result.stderr.lower()
+    assert not os.path.ismount(mnt)
+    assert sha256(plain_img) == before
+
+
+@pytest.mark.parametrize(
     ("options", "needle"),
     [
         pytest.param(["-c", "aes-foo-plain64"], "foo", id="unknown-chain-mode"),
