@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import getpass
 import logging
 import os
@@ -62,7 +63,7 @@ from .hygiene import protect_process
 from .mount_options import apply as apply_mount_options
 from .mount_options import parse as parse_mount_options
 from .spec import CipherSpec, parse_cipher_spec
-from .volume import open_device
+from .volume import Volume, open_device
 
 if TYPE_CHECKING:  # the mount's modules (pyfuse3, trio) load only when mounting
     from .fs import FSOptions
@@ -122,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
         g, "LUKS: open with the volume key in FILE (checked against the header) instead of "
         "a passphrase"
     )  # fmt: skip
+    g.add_argument(
+        "--token-id",
+        type=_nonneg_int,
+        metavar="N",
+        help="LUKS2: try only token N (all its keyslots) before asking for a passphrase",
+    )
+    g.add_argument(
+        "--token-type",
+        metavar="TYPE",
+        help="LUKS2: try only tokens of TYPE (luks2-keyring is the one cryptfuse can use)",
+    )
+    g.add_argument(
+        "--token-only",
+        action="store_true",
+        help="LUKS2: open through a token (a luks2-keyring key) or fail; no passphrase",
+    )
     g.add_argument(
         "--keyfile-offset",
         type=_nonneg_int,
@@ -329,6 +346,54 @@ def weak_spec_warning(spec: CipherSpec, readonly: bool) -> str | None:
     return None
 
 
+def open_by_token(args: argparse.Namespace, kind: str | None) -> Volume | None:
+    """The LUKS2 container opened through a ``luks2-keyring`` token (the kernel keyring
+    key it names holds a keyslot's passphrase), as cryptsetup 2.6.1's ``open`` tries
+    before it asks (docs/keyslots.md, "Tokens"); None where none opens, unless
+    ``--token-only``.  A container in reencryption is not opened so."""
+    from .errors import WrongPassphraseError
+    from .formats.luks2 import read_luks2_header
+    from .formats.luks2_token import Outcome, token_attempts
+
+    where = args.header or args.container
+    if detect_type(where) != "luks2":
+        return None
+    fd = open_device(where, True, lock=False)  # (a look only: the open locks and rereads)
+    try:
+        header = read_luks2_header(fd, where)
+    finally:
+        os.close(fd)
+    outcome = Outcome()
+    if not header.metadata.config.requirements:
+        for attempt in token_attempts(header, args.token_id, args.token_type, outcome):
+            options = dataclasses.replace(_open_options(args, kind), key_slot=attempt.key_slot)
+            try:
+                volume = open_volume(args.container, options, Secret(attempt.passphrase))
+            except WrongPassphraseError:
+                continue
+            log.info("Key slot %d unlocked by token %d.", attempt.key_slot, attempt.token)
+            return volume
+    if not args.token_only:
+        return None
+    if header.metadata.config.requirements:
+        raise UsageError("Tokens are not used for a container with requirements (reencryption).")
+    # (cryptsetup's messages: tools_token_error_msg)
+    which = (
+        f"Token {args.token_id}"
+        if args.token_id is not None
+        else f"Token (type {args.token_type})"
+        if args.token_type
+        else "No token"
+    )
+    if outcome.usable:
+        raise WrongPassphraseError(
+            f"{which} cannot unlock assigned keyslot(s) (wrong keyslot passphrase, or no such "
+            "key in the kernel keyring)."
+        )
+    kind_text = f" (type {args.token_type})" if args.token_type else ""
+    raise CryptfuseError(f"No usable token{kind_text} is available.")
+
+
 def _open_options(args: argparse.Namespace, kind: str | None) -> OpenOptions:
     return OpenOptions(
         type=kind,
@@ -451,6 +516,11 @@ def mount_command(argv: Sequence[str]) -> int:
     check_options(args, foreign)
     if args.volume_key_file is not None and (foreign is not None or kind == "plain"):
         raise UsageError("--volume-key-file is for LUKS containers.")
+    token_options = args.token_id is not None or args.token_type or args.token_only
+    if token_options and (foreign is not None or kind in ("plain", "luks1")):
+        raise UsageError("--token-id, --token-type and --token-only are for LUKS2 containers.")
+    if token_options and args.volume_key_file is not None:
+        raise UsageError("Token options cannot be combined with --volume-key-file.")
     if foreign is None:  # repeatable for TCRYPT only (-o key-file= gives a string)
         files = key_files(args)
         args.key_file = files[0] if files else None
@@ -475,6 +545,8 @@ def mount_command(argv: Sequence[str]) -> int:
     else:
         where = args.header or args.container
         found = detect_type(where)
+        if token_options and found != "luks2":
+            raise UsageError("--token-id, --token-type and --token-only are for LUKS2 containers.")
         if found is None:
             raise FormatError(
                 f"{where} has no LUKS header (nor a BitLocker or FileVault 2 one); use --type "
@@ -500,9 +572,14 @@ def mount_command(argv: Sequence[str]) -> int:
         elif args.volume_key_file is not None:
             volume = open_volume(args.container, _open_options(args, kind), None)
         else:
-            secret = get_secret(args, plain_key_bytes)
-            volume = open_volume(args.container, _open_options(args, kind), secret)
-            del secret
+            # cryptsetup's open tries the tokens first, a key file given or not
+            found_token = None if kind == "plain" else open_by_token(args, kind)
+            if found_token is not None:
+                volume = found_token
+            else:
+                secret = get_secret(args, plain_key_bytes)
+                volume = open_volume(args.container, _open_options(args, kind), secret)
+                del secret
     try:
         setup_volume(volume, args.allow_discards)
         volume_spec = getattr(getattr(volume, "cipher", None), "spec", None)

@@ -37,6 +37,7 @@ LAYERS: dict[str, float] = {
     "spec": 1,
     "af": 1,
     "hygiene": 1,  # no core dumps, not dumpable (stdlib only)
+    "keyring": 1,  # the kernel keyring's user keys, for luks2-keyring tokens (stdlib only)
     "_xts": 1.5,  # C accelerator for sector's XTS tweak chain
     "sector": 2,
     "_fastpath": 2.5,  # C READ/WRITE loop for AES-XTS/CBC volumes, Volume's range lock
