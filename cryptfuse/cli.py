@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from . import __version__
 from .cli_close import CLOSE_SUBCOMMANDS
@@ -66,7 +66,10 @@ from .spec import CipherSpec, parse_cipher_spec
 from .volume import Volume, open_device
 
 if TYPE_CHECKING:  # the mount's modules (pyfuse3, trio) load only when mounting
+    from .formats.luks2_token import Attempt
     from .fs import FSOptions
+
+T = TypeVar("T")
 
 log = logging.getLogger("cryptfuse")
 
@@ -93,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("container", metavar="CONTAINER", help="container file or block device")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="empty directory to mount on")
+    p.add_argument(
+        "mountpoint",
+        metavar="MOUNTPOINT",
+        nargs="?",
+        help="empty directory to mount on (none with --test-passphrase)",
+    )
 
     g = p.add_argument_group("container")
     g.add_argument(
@@ -123,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
         g, "LUKS: open with the volume key in FILE (checked against the header) instead of "
         "a passphrase"
     )  # fmt: skip
+    g.add_argument(
+        "--test-passphrase",
+        action="store_true",
+        help=(
+            "only check the passphrase, key file, volume key or token (LUKS, TCRYPT, BITLK, "
+            "FVAULT2): nothing is mounted or written"
+        ),
+    )
+    g.add_argument(
+        "--unbound",
+        action="store_true",
+        help="with --test-passphrase: unbound LUKS2 keyslots count too (as with --key-slot)",
+    )
     g.add_argument(
         "--token-id",
         type=_nonneg_int,
@@ -346,11 +367,17 @@ def weak_spec_warning(spec: CipherSpec, readonly: bool) -> str | None:
     return None
 
 
-def open_by_token(args: argparse.Namespace, kind: str | None) -> Volume | None:
+def open_by_token(
+    args: argparse.Namespace,
+    kind: str | None,
+    opener: Callable[[Attempt], T] | None = None,
+    any_segment: bool = False,
+) -> T | Volume | None:
     """The LUKS2 container opened through a ``luks2-keyring`` token (the kernel keyring
     key it names holds a keyslot's passphrase), as cryptsetup 2.6.1's ``open`` tries
     before it asks (docs/keyslots.md, "Tokens"); None where none opens, unless
-    ``--token-only``.  A container in reencryption is not opened so."""
+    ``--token-only``.  A container in reencryption is not opened so.  *opener* (by
+    default: open the volume) tries one attempt, raising WrongPassphraseError."""
     from .errors import WrongPassphraseError
     from .formats.luks2 import read_luks2_header
     from .formats.luks2_token import Outcome, token_attempts
@@ -365,14 +392,19 @@ def open_by_token(args: argparse.Namespace, kind: str | None) -> Volume | None:
         os.close(fd)
     outcome = Outcome()
     if not header.metadata.config.requirements:
-        for attempt in token_attempts(header, args.token_id, args.token_type, outcome):
-            options = dataclasses.replace(_open_options(args, kind), key_slot=attempt.key_slot)
+        for attempt in token_attempts(header, args.token_id, args.token_type, outcome, any_segment):
             try:
-                volume = open_volume(args.container, options, Secret(attempt.passphrase))
+                if opener is not None:
+                    opened: T | Volume = opener(attempt)
+                else:
+                    options = dataclasses.replace(
+                        _open_options(args, kind), key_slot=attempt.key_slot
+                    )
+                    opened = open_volume(args.container, options, Secret(attempt.passphrase))
             except WrongPassphraseError:
                 continue
             log.info("Key slot %d unlocked by token %d.", attempt.key_slot, attempt.token)
-            return volume
+            return opened
     if not args.token_only:
         return None
     if header.metadata.config.requirements:
@@ -392,6 +424,46 @@ def open_by_token(args: argparse.Namespace, kind: str | None) -> Volume | None:
         )
     kind_text = f" (type {args.token_type})" if args.token_type else ""
     raise CryptfuseError(f"No usable token{kind_text} is available.")
+
+
+def _test_passphrase(args: argparse.Namespace, kind: str | None, foreign: str | None) -> int:
+    """``--test-passphrase`` (cryptsetup's ``open --test-passphrase``): unlock and say
+    so (``-v``: the keyslot), open nothing, write nothing."""
+    from .formats import manage
+
+    if foreign is not None:
+        args.readonly = True
+        open_foreign_volume(args, foreign).close()
+        return 0
+    if args.volume_key_file is not None:
+        manage.test_passphrase(
+            args.container, b"", header=args.header, volume_key_file=args.volume_key_file
+        )
+        return 0
+
+    # (cryptsetup: --key-slot or --unbound let an unbound keyslot count)
+    any_segment = args.key_slot is not None or args.unbound
+
+    def by_token(attempt: Attempt) -> int:
+        manage.test_passphrase(
+            args.container,
+            attempt.passphrase,
+            attempt.key_slot,
+            header=args.header,
+            any_segment=any_segment,
+        )
+        return attempt.key_slot
+
+    if open_by_token(args, kind, by_token, any_segment) is None:  # (logs a token's keyslot)
+        secret = get_secret(args, None)
+        slot = manage.test_passphrase(
+            args.container, secret.data, args.key_slot, header=args.header,
+            any_segment=any_segment,
+        )  # fmt: skip
+        del secret
+        if slot is not None:
+            log.info("Key slot %d unlocked.", slot)
+    return 0
 
 
 def _open_options(args: argparse.Namespace, kind: str | None) -> OpenOptions:
@@ -494,9 +566,15 @@ def mount_command(argv: Sequence[str]) -> int:
     """``cryptfuse [options] CONTAINER MOUNTPOINT``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.mountpoint is None and not args.test_passphrase:
+        parser.error("the following arguments are required: MOUNTPOINT")
+    if args.test_passphrase:
+        args.readonly = True  # (nothing is written: a read-only container can be tested)
+    elif args.unbound:
+        raise UsageError("Option --unbound cannot be used without --test-passphrase.")
     configure_logging(args.verbose, args.debug, args.log_file)
     # crypttab's names inside -o (mount -t fuse.cryptfuse, fstab): see mount_options.py
-    defaults = parser.parse_args([args.container, args.mountpoint])
+    defaults = parser.parse_args([args.container])
     apply_mount_options(args, parse_mount_options(args.fuse_options), defaults, TYPES)
     fs_options, fuse_options = _fs_options(args)
     kind: str | None = args.type
@@ -506,12 +584,20 @@ def mount_command(argv: Sequence[str]) -> int:
     check_container(args.container, args.readonly)
     if args.header is not None:
         check_container(args.header, True)
-    check_mountpoint(args.mountpoint)
-    if args.log_file is not None:
-        from .mount import usable_log_file
+    if args.test_passphrase:
+        if args.unbound and kind is not None and not kind.startswith("luks"):
+            raise UsageError("Option --unbound is allowed only for open of luks device.")
+        if kind == "plain":
+            raise UsageError("--test-passphrase is for LUKS, TCRYPT, BITLK and FVAULT2 containers.")
+        if args.mount_fs is not None:
+            raise UsageError("--mount-fs cannot be combined with --test-passphrase.")
+    else:
+        check_mountpoint(args.mountpoint)
+        if args.log_file is not None:
+            from .mount import usable_log_file
 
-        args.log_file = usable_log_file(args.log_file)
-    check_fuse()
+            args.log_file = usable_log_file(args.log_file)
+        check_fuse()
     foreign = foreign_kind(kind, args.header or args.container)
     check_options(args, foreign)
     if args.volume_key_file is not None and (foreign is not None or kind == "plain"):
@@ -545,13 +631,13 @@ def mount_command(argv: Sequence[str]) -> int:
     else:
         where = args.header or args.container
         found = detect_type(where)
-        if token_options and found != "luks2":
-            raise UsageError("--token-id, --token-type and --token-only are for LUKS2 containers.")
         if found is None:
             raise FormatError(
                 f"{where} has no LUKS header (nor a BitLocker or FileVault 2 one); use --type "
                 "plain or --type tcrypt for a plain dm-crypt or TrueCrypt/VeraCrypt container"
             )
+        if token_options and found != "luks2":
+            raise UsageError("--token-id, --token-type and --token-only are for LUKS2 containers.")
         if kind in ("luks1", "luks2") and found != kind:
             raise FormatError(f"{where} is {found.upper()}, not {kind.upper()}")
         ignored = [
@@ -567,6 +653,8 @@ def mount_command(argv: Sequence[str]) -> int:
             log.warning("%s ignored: the LUKS header defines the encryption", ", ".join(ignored))
 
     with unlock_progress(args.container, sys.stderr.isatty() and kind != "plain" and not foreign):
+        if args.test_passphrase:
+            return _test_passphrase(args, kind, foreign)
         if foreign is not None:
             volume = open_foreign_volume(args, foreign)
         elif args.volume_key_file is not None:

@@ -86,10 +86,24 @@ def ours(img: Path, *options: str) -> tuple[int, int | None]:
         volume.close()
 
 
-def theirs(img: Path, *options: str) -> tuple[int, int | None]:
-    """The same of ``cryptsetup open --test-passphrase --token-only -v``."""
-    r = cs("open", "--test-passphrase", "--token-only", "-v", *options, str(img), cwd=img.parent)
+def theirs(img: Path, *options: str, token_only: bool = True) -> tuple[int, int | None]:
+    """The same of ``cryptsetup open --test-passphrase [--token-only] -v``."""
+    only = ["--token-only"] if token_only else []
+    r = cs("open", "--test-passphrase", *only, "-v", *options, str(img), cwd=img.parent)
     slots = [int(line.split()[2]) for line in r.stdout.splitlines() if line.endswith("unlocked.")]
+    return r.returncode, slots[0] if slots else None
+
+
+def run_test_passphrase(img: Path, *options: str) -> tuple[int, int | None]:
+    """The same of ``cryptfuse --test-passphrase -v`` (a subprocess: the keyring is
+    inherited)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "cryptfuse", "--test-passphrase", "-v", *options, str(img)],
+        capture_output=True, text=True, cwd=img.parent, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+    )  # fmt: skip
+    assert "Traceback" not in r.stderr
+    slots = [int(line.split()[3]) for line in r.stderr.splitlines() if "unlocked" in line]
     return r.returncode, slots[0] if slots else None
 
 
@@ -110,7 +124,8 @@ def test_random_token_opens_like_cryptsetup(session_keyring: None, tmp_path: Pat
     luks2-keyring tokens (keyslot lists in random order; keys in the keyring right,
     wrong or missing), a token of a plugin's type, and random ``--token-id`` /
     ``--token-type``: cryptfuse opens the keyslot cryptsetup opens, or fails with its
-    exit code. Replay with CRYPTFUSE_TEST_SEED."""
+    exit code; so does ``--test-passphrase`` with ``--key-slot``, ``--unbound`` and a
+    key file to fall back on. Replay with CRYPTFUSE_TEST_SEED."""
     rng = seeded_rng()
     tag = uuid.uuid4().hex[:8]
     serials: list[int] = []
@@ -160,6 +175,15 @@ def test_random_token_opens_like_cryptsetup(session_keyring: None, tmp_path: Pat
                 code, slot = theirs(img, *options)
                 mine = ours(img, "--token-only", *options)
                 assert mine == (code, slot), (case, options)
+            # --test-passphrase itself: --key-slot and --unbound let unbound keyslots
+            # count, a key file is the fallback when no token opens
+            key = str(rng.choice(keys))
+            for options in [["--token-only", "--unbound"],
+                            ["--token-only", "-S", str(rng.randrange(n))],
+                            ["-d", key], ["-d", key, "-S", str(rng.randrange(n))],
+                            ["-d", key, "--unbound", *rng.choice(variants)]]:  # fmt: skip
+                expected = theirs(img, *options, token_only=False)
+                assert run_test_passphrase(img, *options) == expected, (case, options)
     finally:
         for serial in serials:
             drop_key(serial)
@@ -240,3 +264,61 @@ def test_mount_through_a_token(
         assert cryptfuse("close", str(mnt)).returncode == 0
     with open_volume(str(img), OpenOptions(readonly=True), Secret(b"passphrase")) as volume:
         assert volume.read(12345, len(payload)) == payload
+
+
+def test_test_passphrase_like_cryptsetup(tmp_path: Path) -> None:
+    """``--test-passphrase`` against ``cryptsetup open --test-passphrase``, both exit
+    code and the keyslot ``-v`` names: LUKS2 with an unbound keyslot and an *ignore*
+    one (cryptsetup's last-keyslot error rule), ``--key-slot``/``--unbound``, volume
+    key files, LUKS1, and a container in reencryption (exit codes only: cryptsetup
+    names a keyslot there, cryptfuse does not). Nothing is written."""
+
+    def key(name: str, data: bytes) -> str:
+        (tmp_path / name).write_bytes(data)
+        return str(tmp_path / name)
+
+    k0, k1, k2 = (key(f"k{i}", f"pass {i}".encode()) for i in range(3))
+    wrong = key("w", b"x")
+    img, luks1, reenc = tmp_path / "c.img", tmp_path / "l1.img", tmp_path / "r.img"
+    for path in (img, luks1, reenc):
+        with open(path, "wb") as f:
+            f.truncate(20 << 20)
+    assert not cs("luksFormat", "-q", "--type", "luks2", *CHEAP_PBKDF2, str(img), k0,
+                  cwd=tmp_path).returncode  # fmt: skip
+    assert not cs("luksAddKey", "-q", *CHEAP_PBKDF2, "--unbound", "--key-size", "256", "-d",
+                  k0, str(img), k1, cwd=tmp_path).returncode  # fmt: skip
+    assert not cs("luksAddKey", "-q", *CHEAP_PBKDF2, "-d", k0, str(img), k2,
+                  cwd=tmp_path).returncode  # fmt: skip
+    vk, bad_vk = str(tmp_path / "vk"), key("badvk", os.urandom(64))
+    assert not cs("luksDump", "-q", "--dump-volume-key", "--volume-key-file", vk, "-d", k0,
+                  str(img), cwd=tmp_path).returncode  # fmt: skip
+    assert not cs("luksFormat", "-q", "--type", "luks1", *CHEAP_PBKDF2, str(luks1), k0,
+                  cwd=tmp_path).returncode  # fmt: skip
+    shutil.copyfile(img, reenc)
+    assert not cs("reencrypt", "-q", "--init-only", *CHEAP_PBKDF2, "-d", k0, "-S", "0",
+                  str(reenc), cwd=tmp_path).returncode  # fmt: skip
+    cases = [
+        (img, ["-d", k0]), (img, ["-d", k1]), (img, ["-d", k2]), (img, ["-d", wrong]),
+        (img, ["-d", k1, "-S", "1"]), (img, ["-d", k2, "-S", "1"]), (img, ["-d", k1, "--unbound"]),
+        (img, ["-d", k2, "-S", "7"]), (img, ["-d", k2, "-S", "40"]),
+        (img, ["--volume-key-file", vk]), (img, ["--volume-key-file", bad_vk]),
+        (luks1, ["-d", k0]), (luks1, ["-d", wrong]), (luks1, ["-d", k0, "-S", "3"]),
+        (reenc, ["-d", k0]), (reenc, ["-d", wrong]),
+    ]  # fmt: skip
+    ignored = tmp_path / "ignore.img"
+    shutil.copyfile(img, ignored)
+    assert not cs("config", "--priority", "ignore", "-S", "2", str(ignored),
+                  cwd=tmp_path).returncode  # fmt: skip
+    cases += [(ignored, ["-d", k2]), (ignored, ["-d", wrong]), (ignored, ["-d", k2, "-S", "2"])]
+    codes = set()
+    for path, options in cases:
+        before = path.read_bytes()
+        expected = theirs(path, *options, token_only=False)
+        got = run_test_passphrase(path, *options)
+        codes.add(expected[0])
+        if path == reenc:
+            assert got[0] == expected[0], options
+        else:
+            assert got == expected, (path.name, options)
+        assert path.read_bytes() == before
+    assert codes == {0, 1, 2}  # successes, wrong passphrases and unusable keyslots

@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1214,13 +1215,33 @@ class LUKS2Header:
                 "No key available with this passphrase; some keyslots could not be tried: "
                 + " ".join(str(e) for e in skipped)
             )
+        if key_slot is None and not self.wrong_passphrase_last(digest_for):
+            raise KeyslotError("No usable keyslot is available.")
         tokens = {t for s in candidates for t in self._token_types(s.index)}
         if tokens and all(self._token_types(s.index) for s in candidates):
             raise WrongPassphraseError(
                 "No key available with this passphrase. (Every keyslot is bound to a token "
-                f"of type {', '.join(sorted(tokens))}; cryptfuse cannot run LUKS2 tokens.)"
+                f"of type {', '.join(sorted(tokens))}; cryptfuse runs luks2-keyring tokens "
+                "only, from the kernel keyring.)"
             )
         raise WrongPassphraseError()
+
+    def wrong_passphrase_last(self, digest_for: Callable[[int], Digest | None]) -> bool:
+        """Which error cryptsetup 2.6.1 reports once no keyslot opened: each priority's
+        pass (preferred, then normal) keeps the result of the *last* keyslot of exactly
+        that priority in JSON order (a wrong passphrase, or "unusable" for one not bound
+        to the segment, or of another type), and a wrong passphrase in the first pass
+        wins over "unusable" in the second (``LUKS2_keyslot_open``).  True: "No key
+        available with this passphrase" (exit 2); False: "No usable keyslot" (exit 1)."""
+
+        def last(priority: int) -> bool:
+            wrong = False
+            for i, s in self.metadata.keyslots.items():
+                if s.priority == priority:
+                    wrong = s.type == "luks2" and digest_for(i) is not None
+            return wrong
+
+        return last(PRIORITY_HIGH) or last(PRIORITY_NORMAL)
 
 
 def has_luks2_header(fd: int) -> bool:

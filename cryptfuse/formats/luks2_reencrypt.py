@@ -69,6 +69,7 @@ from .luks2 import (
     PRIORITY_HIGH,
     PRIORITY_NORMAL,
     REENCRYPT_REQUIREMENTS,
+    Digest,
     LUKS2Header,
     Segment,
     read_luks2_header,
@@ -1478,6 +1479,11 @@ def _unlock_digest(
     return None
 
 
+def _bound_to(digest: Digest) -> Callable[[int], Digest | None]:
+    """*digest* for the keyslots it names, None for the others."""
+    return lambda index: digest if index in digest.keyslots else None
+
+
 def unlock(
     header: LUKS2Header,
     fd: int,
@@ -1498,6 +1504,11 @@ def unlock(
         if key is None or not header.verify_volume_key(key, header.metadata.digests[digest]):
             key = _unlock_digest(header, fd, digest, passphrase, key_slot)
         if key is None:
+            if key_slot is None and not header.wrong_passphrase_last(
+                _bound_to(header.metadata.digests[digest])
+            ):
+                # (cryptsetup's LUKS2_keyslot_open_by_digest: the last keyslot's result)
+                raise KeyslotError("No usable keyslot is available.")
             raise WrongPassphraseError()
         rh.keys[digest] = key
     if not rdigest.verify_digest(rh.obj, rh.keys):

@@ -69,10 +69,13 @@ def token_attempts(
     token_id: int | None = None,
     token_type: str | None = None,
     outcome: Outcome | None = None,
+    any_segment: bool = False,
 ) -> Iterator[Attempt]:
     """The keyslots to try, in cryptsetup's order, each with its token's passphrase
     (read from the kernel keyring when the token's turn comes).  A (passphrase,
-    keyslot) pair already tried is not repeated: it cannot open the second time."""
+    keyslot) pair already tried is not repeated: it cannot open the second time.
+    With *any_segment* (``--test-passphrase`` with ``--key-slot`` or ``--unbound``)
+    unbound keyslots count too."""
     tokens = header.json.get("tokens", {})
     _, _, bound = header.data_segment()
     slots = header.metadata.keyslots
@@ -90,7 +93,9 @@ def token_attempts(
             continue  # no handler here (an external plugin's type), or not a valid one
         order = [_atoi(k) for k in token["keyslots"]]
         usable = [
-            n for n in order if n in slots and slots[n].priority >= minimum and n in bound.keyslots
+            n
+            for n in order
+            if n in slots and slots[n].priority >= minimum and (any_segment or n in bound.keyslots)
         ]
         if not usable:
             continue  # cryptsetup: unusable for the segment with that priority

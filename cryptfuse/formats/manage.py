@@ -14,6 +14,7 @@ I/O; the command line lives in :mod:`cryptfuse.cli_luks`.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -720,6 +721,41 @@ def _volume_key(
     if volume_key_file is not None:
         return volume_key_from_file(hdr, volume_key_file)
     return _unlock(h, hdr, passphrase, key_slot)[1]
+
+
+def test_passphrase(
+    path: str,
+    passphrase: bytes,
+    key_slot: int | None = None,
+    *,
+    header: str | None = None,
+    volume_key_file: str | None = None,
+    any_segment: bool = False,
+) -> int | None:
+    """``cryptsetup open --test-passphrase`` of a LUKS container: check that
+    *passphrase* opens a keyslot bound to the data segment (*key_slot* only, if
+    given; with *any_segment*, cryptsetup's ``--key-slot``/``--unbound`` there, an
+    unbound one too), or that *volume_key_file* holds the volume key, reading and
+    writing nothing else (no lock: a mounted container can be tested).  Returns the keyslot,
+    or None for a volume key file and for a container in reencryption (whose keys
+    of both digests must open, and its metadata digest verify, as cryptsetup checks).
+    Raises :class:`WrongPassphraseError` when none opens."""
+    with _locked(path, header, write=False) as h:
+        hdr = _read(h)
+        if volume_key_file is not None:
+            volume_key_from_file(hdr, volume_key_file)
+            return None
+        if isinstance(hdr, LUKS2Header) and any(
+            r in REENCRYPT_REQUIREMENTS for r in hdr.metadata.config.requirements
+        ):
+            from .luks2_reencrypt import Reencryption, unlock
+
+            state = Reencryption.from_json(copy.deepcopy(hdr.json))
+            unlock(hdr, h.header_fd, state, passphrase, key_slot)
+            return None
+        if isinstance(hdr, LUKS2Header):
+            return hdr.unlock(h.header_fd, passphrase, key_slot, any_segment=any_segment)[0]
+        return _unlock(h, hdr, passphrase, key_slot)[0]
 
 
 def _area_len(key_bytes: int) -> int:
