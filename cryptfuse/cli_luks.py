@@ -505,26 +505,17 @@ def token_command(argv: Sequence[str]) -> int:
                     text = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise KeyFileError(f"Failed to read JSON token: {exc}.") from None
-        token_id = manage.token_import(
-            args.container,
-            text,
-            header=args.header,
-            token_id=args.token_id,
-            key_slot=args.key_slot,
-            replace=args.token_replace,
-        )
-        if args.verbose:
-            print(f"Token {token_id} created.", file=sys.stderr)
-    elif args.action == "add":
-        token_id = manage.token_add(
-            args.container,
-            args.key_description,
-            header=args.header,
-            token_id=args.token_id,
-            key_slot=args.key_slot,
-            unbound=args.unbound,
-            replace=args.token_replace,
-        )
+    if args.action in ("import", "add"):
+        where = {"header": args.header, "token_id": args.token_id, "key_slot": args.key_slot}
+        if args.action == "import":
+            token_id = manage.token_import(
+                args.container, text, replace=args.token_replace, **where
+            )
+        else:
+            token_id = manage.token_add(
+                args.container, args.key_description, unbound=args.unbound,
+                replace=args.token_replace, **where,
+            )  # fmt: skip
         if args.verbose:
             print(f"Token {token_id} created.", file=sys.stderr)
     elif args.action == "export":
