@@ -415,7 +415,7 @@ def open_by_token(
         if args.token_id is not None
         else f"Token (type {args.token_type})"
         if args.token_type
-        else "No token"
+        else "The tokens"
     )
     if outcome.usable:
         raise WrongPassphraseError(
@@ -568,10 +568,13 @@ def mount_command(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.mountpoint is None and not args.test_passphrase:
         parser.error("the following arguments are required: MOUNTPOINT")
+    if args.unbound:  # (cryptsetup's verify_open, in its order)
+        if args.type is not None and not args.type.startswith("luks"):
+            raise UsageError("Option --unbound is allowed only for open of luks device.")
+        if not args.test_passphrase:
+            raise UsageError("Option --unbound cannot be used without --test-passphrase.")
     if args.test_passphrase:
         args.readonly = True  # (nothing is written: a read-only container can be tested)
-    elif args.unbound:
-        raise UsageError("Option --unbound cannot be used without --test-passphrase.")
     configure_logging(args.verbose, args.debug, args.log_file)
     # crypttab's names inside -o (mount -t fuse.cryptfuse, fstab): see mount_options.py
     defaults = parser.parse_args([args.container])
@@ -585,8 +588,6 @@ def mount_command(argv: Sequence[str]) -> int:
     if args.header is not None:
         check_container(args.header, True)
     if args.test_passphrase:
-        if args.unbound and kind is not None and not kind.startswith("luks"):
-            raise UsageError("Option --unbound is allowed only for open of luks device.")
         if kind == "plain":
             raise UsageError("--test-passphrase is for LUKS, TCRYPT, BITLK and FVAULT2 containers.")
         if args.mount_fs is not None:
@@ -605,8 +606,6 @@ def mount_command(argv: Sequence[str]) -> int:
     token_options = args.token_id is not None or args.token_type or args.token_only
     if token_options and (foreign is not None or kind in ("plain", "luks1")):
         raise UsageError("--token-id, --token-type and --token-only are for LUKS2 containers.")
-    if token_options and args.volume_key_file is not None:
-        raise UsageError("Token options cannot be combined with --volume-key-file.")
     if foreign is None:  # repeatable for TCRYPT only (-o key-file= gives a string)
         files = key_files(args)
         args.key_file = files[0] if files else None
@@ -778,6 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # OpenBLAS starts a thread per CPU at import that spins for a while: 0.12 CPU s of a
     # 0.9 s reencryption of 1 GiB (bench/reencrypt.py's CPU column)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # a LUKS2 label or token may hold any byte (cryptsetup writes them as given): print
+    # them as they are, as luksDump does, not fail on them
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
     try:
         # before any passphrase is read: no core dump, no same-user ptrace (hygiene.py)
         protect_process()

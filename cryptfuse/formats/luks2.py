@@ -118,7 +118,7 @@ assert _BIN.size == 512
 
 def _cstr(raw: bytes) -> str:
     """A NUL-terminated text field (cryptsetup forces the last byte to NUL)."""
-    return raw[: len(raw) - 1].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return raw[: len(raw) - 1].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -232,11 +232,13 @@ def parse_json_area(area: bytes) -> Any:
     if end < 0:
         raise FormatError("JSON area has no terminating NUL byte")
     try:
-        text = area[:end].decode("utf-8")
+        # (surrogateescape: cryptsetup writes and reads any byte in a string, e.g. a
+        # label from a Latin-1 terminal; each comes back as it was on a commit)
+        text = area[:end].decode("utf-8", "surrogateescape")
         obj, consumed = json.JSONDecoder().raw_decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"JSON area does not parse: {exc}") from None
-    if len(text[:consumed].encode("utf-8")) != end:
+    if len(text[:consumed].encode("utf-8", "surrogateescape")) != end:
         raise FormatError("illegal data right after the JSON text in the JSON area")
     if area.count(0, end) != len(area) - end:
         raise FormatError("non-NUL bytes beyond the JSON text in the JSON area")
@@ -602,7 +604,8 @@ def _validate_areas(obj: dict[str, Any]) -> None:
 
 def _compact_length(obj: Any) -> int:
     """Length of json-c's plain, no-slash-escape serialisation (what cryptsetup writes)."""
-    return len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode("utf-8", "surrogateescape"))
 
 
 def _validate_json_size(obj: dict[str, Any], area_size: int) -> None:
@@ -1218,7 +1221,11 @@ class LUKS2Header:
         if key_slot is None and not self.wrong_passphrase_last(digest_for):
             raise KeyslotError("No usable keyslot is available.")
         tokens = {t for s in candidates for t in self._token_types(s.index)}
-        if tokens and all(self._token_types(s.index) for s in candidates):
+        if (
+            tokens
+            and "luks2-keyring" not in tokens
+            and all(self._token_types(s.index) for s in candidates)
+        ):
             raise WrongPassphraseError(
                 "No key available with this passphrase. (Every keyslot is bound to a token "
                 f"of type {', '.join(sorted(tokens))}; cryptfuse runs luks2-keyring tokens "

@@ -244,7 +244,7 @@ def _field(obj: Any, key: str, kind: str) -> bytes:
     if kind == "str":
         if not isinstance(value, str):
             raise FormatError(f"reencryption metadata field {key!r} is not a string")
-        raw = value.encode("utf-8").split(b"\0", 1)[0]  # strlen()
+        raw = value.encode("utf-8", "surrogateescape").split(b"\0", 1)[0]  # strlen()
         if not raw or len(raw) > _MAX_STR:
             raise FormatError(f"reencryption metadata field {key!r} has a bad length")
         return raw

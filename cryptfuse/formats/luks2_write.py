@@ -81,7 +81,7 @@ def _b64(data: bytes) -> str:
 
 
 def _text_field(text: str, size: int, name: str) -> bytes:
-    raw = text.encode("utf-8")
+    raw = text.encode("utf-8", "surrogateescape")
     if len(raw) >= size:
         raise UsageError(f"{name} {text!r} is too long (at most {size - 1} bytes)")
     return raw.ljust(size, b"\0")
@@ -89,7 +89,9 @@ def _text_field(text: str, size: int, name: str) -> bytes:
 
 def serialize_json(obj: dict[str, Any], json_size: int) -> bytes:
     """The JSON area: compact json-c style text, then NULs up to *json_size*."""
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogateescape"
+    )
     if len(text) >= json_size:
         raise CryptfuseError(
             f"LUKS2 metadata ({len(text)} bytes of JSON) does not fit in the "

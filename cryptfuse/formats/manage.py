@@ -59,6 +59,7 @@ from .luks2 import (
     LUKS2Header,
     _is_backup,
     read_luks2_header,
+    validate_metadata,
 )
 from .luks2 import NUM_KEYSLOTS as LUKS2_SLOTS
 from .luks2_write import (
@@ -71,6 +72,7 @@ from .luks2_write import (
     build_metadata,
     luks2_layout,
     serialize_copy,
+    serialize_json,
 )
 from .luks_common import check_uuid, luks_cipher_spec, pread_exact
 from .luks_write import (
@@ -741,7 +743,14 @@ def test_passphrase(
     of both digests must open, and its metadata digest verify, as cryptsetup checks).
     Raises :class:`WrongPassphraseError` when none opens."""
     with _locked(path, header, write=False) as h:
-        hdr = _read(h)
+        kind = detect_type(h.header_path)  # (a primary header lost: the secondary copy)
+        if kind is None:
+            raise FormatError(f"Device {h.header_path} is not a valid LUKS device.")
+        hdr: LUKS1Header | LUKS2Header = (
+            read_luks1_header(h.header_fd, h.header_path)
+            if kind == "luks1"
+            else read_luks2_header(h.header_fd, h.header_path)
+        )
         if volume_key_file is not None:
             volume_key_from_file(hdr, volume_key_file)
             return None
@@ -950,13 +959,56 @@ def _token_id_for(tokens: dict[str, Any], token_id: int | None, replace: bool, f
     return token_id
 
 
-def _commit_token(writer: Luks2Writer, failed: str) -> None:
-    """Commit a new token; one the JSON area has no room for (or that our reader would
-    refuse: the commit checks before it writes) is refused with *failed*."""
+def _fits(writer: Luks2Writer, obj: dict[str, Any]) -> bool:
+    """Whether *obj* can be committed: valid, and its JSON within the area (the checks
+    the commit makes before it writes)."""
+    json_size = writer.hdr_size - BIN_HEADER_SIZE
     try:
+        validate_metadata(obj, json_size)
+        serialize_json(obj, json_size)
+    except CryptfuseError:
+        return False
+    return True
+
+
+def _commit_token(
+    writer: Luks2Writer, token_id: int, token: dict[str, Any], assign: list[str] | None, failed: str
+) -> None:
+    """Commit *token* as *token_id*, then, unless *assign* is None, a second commit with
+    those keyslots assigned (made even when the list is empty, as cryptsetup's).  A token
+    the JSON area has no room for is refused with *failed*, cryptsetup's message; one
+    whose assignment would not fit, with cryptsetup's assignment message, but before
+    anything is written (cryptsetup writes the token, fails to assign it and removes
+    it again)."""
+    tokens = writer.obj["tokens"]
+    tokens[str(token_id)] = token  # a new id last, a replaced one in its place (json-c)
+    if not _fits(writer, writer.obj):
+        raise FormatError(failed)
+    if assign is not None:
+        trial = copy.deepcopy(writer.obj)
+        trial["tokens"][str(token_id)]["keyslots"].extend(assign)
+        if not _fits(writer, trial):
+            slot = assign[0] if len(assign) == 1 else "-1"
+            raise CryptfuseError(f"Failed to assign token {token_id} to keyslot {slot}.")
+    writer.commit()
+    if assign is not None:
+        token["keyslots"].extend(assign)
         writer.commit()
-    except FormatError:
+
+
+def _parse_token(text: str, failed: str) -> dict[str, Any]:
+    """The first JSON object of *text*, as json-c parses it (control characters taken in
+    strings, what follows ignored), and valid as a token (:func:`_token_valid`); a text
+    that is not UTF-8 (a lone surrogate) is refused too."""
+    try:
+        token, _ = json.JSONDecoder(strict=False).raw_decode(text.lstrip())
+        json.dumps(token, ensure_ascii=False).encode("utf-8", "surrogateescape")
+    except (ValueError, UnicodeError):
         raise FormatError(failed) from None
+    if not _token_valid(token):
+        raise FormatError(failed)
+    assert isinstance(token, dict)
+    return token
 
 
 def token_import(
@@ -973,29 +1025,22 @@ def token_import(
     free id, in one commit; with *key_slot*, assigned to that keyslot in a second.
     Validated as cryptsetup validates it (a ``type``, ``keyslots`` naming keyslots;
     the ``luks2-`` types are cryptsetup's own: only ``luks2-keyring``, with its
-    ``key_description``).  Returns the token id."""
+    ``key_description``), after the checks of the id and keyslot, in cryptsetup's
+    order.  Returns the token id."""
+    failed = "Failed to import token from file."
     _check_token_id(token_id)
-    try:
-        token, _ = json.JSONDecoder().raw_decode(text.lstrip())
-    except ValueError:
-        raise FormatError("Failed to import token from file.") from None
-    if not _token_valid(token):
-        raise FormatError("Failed to import token from file.")
     with _locked(path, header, write=True) as h:
         writer = Luks2Writer.from_header(h.header_fd, _luks2_only(h, _read(h)))
-        token_id = _token_id_for(
-            writer.obj["tokens"], token_id, replace, "Failed to import token from file."
-        )
+        token_id = _token_id_for(writer.obj["tokens"], token_id, replace, failed)
         if key_slot is not None and str(key_slot) not in writer.obj["keyslots"]:
             raise CryptfuseError(f"Keyslot {key_slot} is not active.")
+        token = _parse_token(text, failed)
         if not all(isinstance(k, str) and k in writer.obj["keyslots"] for k in token["keyslots"]):
-            raise FormatError("Failed to import token from file.")
-        writer.obj["tokens"][str(token_id)] = token  # a new id last, a replaced one in place
-        _commit_token(writer, "Failed to import token from file.")
-        if key_slot is not None:  # a commit even when the token names it already
-            if str(key_slot) not in token["keyslots"]:
-                token["keyslots"].append(str(key_slot))
-            writer.commit()
+            raise FormatError(failed)
+        assign = None
+        if key_slot is not None:  # a second commit even when the token names it already
+            assign = [] if str(key_slot) in token["keyslots"] else [str(key_slot)]
+        _commit_token(writer, token_id, token, assign, failed)
     return token_id
 
 
@@ -1014,26 +1059,21 @@ def token_add(
     unless *unbound*, assigned in a second commit to *key_slot*, or to every keyslot
     (as cryptsetup's ``CRYPT_ANY_SLOT``).  Returns the token id."""
     _check_token_id(token_id)
-    # (cryptsetup builds the JSON with a format string: a description is not escaped)
-    text = f'{{ "type": "luks2-keyring", "keyslots":[],"key_description":"{key_description}"}}'
     failed = f"Failed to add luks2-keyring token {-1 if token_id is None else token_id}."
-    try:
-        token, _ = json.JSONDecoder().raw_decode(text)
-    except ValueError:
-        raise FormatError(failed) from None
-    if not _token_valid(token):
-        raise FormatError(failed)
     with _locked(path, header, write=True) as h:
         writer = Luks2Writer.from_header(h.header_fd, _luks2_only(h, _read(h)))
         token_id = _token_id_for(writer.obj["tokens"], token_id, replace, failed)
         keyslots = writer.obj["keyslots"]
         if key_slot is not None and str(key_slot) not in keyslots:
             raise CryptfuseError(f"Keyslot {key_slot} is not active.")
-        writer.obj["tokens"][str(token_id)] = token
-        _commit_token(writer, failed)
-        if not unbound:  # a commit even when there is no keyslot to assign
-            token["keyslots"].extend([str(key_slot)] if key_slot is not None else list(keyslots))
-            writer.commit()
+        # cryptsetup builds the JSON with a format string into 4096 bytes: a description
+        # is not escaped, and one too long for the buffer is refused
+        text = f'{{ "type": "luks2-keyring", "keyslots":[],"key_description":"{key_description}"}}'
+        if len(text.encode("utf-8", "surrogateescape")) >= 4096:
+            raise FormatError(failed)
+        token = _parse_token(text, failed)
+        assign = None if unbound else [str(key_slot)] if key_slot is not None else list(keyslots)
+        _commit_token(writer, token_id, token, assign, failed)
     return token_id
 
 
