@@ -17,6 +17,7 @@ KDFs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +60,10 @@ def keyring_token_valid(token: Any) -> bool:
     )
 
 
-def _atoi(text: Any) -> int:
-    """C's atoi on a keyslot name (the header's validation made them digits)."""
-    return int(text) if isinstance(text, str) and text.isdigit() else -1
+def atoi(text: Any) -> int:
+    """C's ``atoi`` of a JSON string (cryptsetup reads token and keyslot ids so)."""
+    m = re.match(r"\s*([+-]?\d+)", text) if isinstance(text, str) else None
+    return int(m.group(1)) if m else 0
 
 
 def token_attempts(
@@ -82,7 +84,7 @@ def token_attempts(
     if token_id is not None:
         passes = [(token_id, PRIORITY_IGNORE)] if str(token_id) in tokens else []
     else:
-        ids = [_atoi(t) for t in tokens]
+        ids = [atoi(t) for t in tokens]
         passes = [(t, PRIORITY_HIGH) for t in ids] + [(t, PRIORITY_NORMAL) for t in ids]
     tried: set[tuple[bytes, int]] = set()
     for tid, minimum in passes:
@@ -91,7 +93,7 @@ def token_attempts(
             continue
         if token.get("type") != KEYRING or not keyring_token_valid(token):
             continue  # no handler here (an external plugin's type), or not a valid one
-        order = [_atoi(k) for k in token["keyslots"]]
+        order = [atoi(k) for k in token["keyslots"]]
         usable = [
             n
             for n in order

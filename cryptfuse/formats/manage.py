@@ -18,7 +18,6 @@ import copy
 import json
 import logging
 import os
-import re
 import stat
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -62,6 +61,7 @@ from .luks2 import (
     validate_metadata,
 )
 from .luks2 import NUM_KEYSLOTS as LUKS2_SLOTS
+from .luks2_token import KEYRING, atoi, keyring_token_valid
 from .luks2_write import (
     ALIGNMENT as LUKS2_ALIGNMENT,
 )
@@ -936,13 +936,7 @@ def _token_valid(token: Any) -> bool:
     if not isinstance(kind, str) or not kind or not isinstance(token.get("keyslots"), list):
         return False
     if kind.startswith("luks2-"):
-        description = token.get("key_description")
-        return (
-            kind == "luks2-keyring"
-            and len(token) == 3
-            and isinstance(description, str)
-            and bool(description)
-        )
+        return kind == KEYRING and keyring_token_valid(token)
     return True
 
 
@@ -1085,17 +1079,11 @@ def token_unassign(path: str, token_id: int, key_slot: int, *, header: str | Non
         writer = Luks2Writer.from_header(h.header_fd, _luks2_only(h, _read(h)))
         token = writer.obj["tokens"].get(str(token_id))
         slots = token.get("keyslots", []) if isinstance(token, dict) else []
-        if not any(_atoi(k) == key_slot for k in slots):
+        if not any(atoi(k) == key_slot for k in slots):
             raise CryptfuseError(f"Token {token_id} is not assigned to keyslot {key_slot}.")
         if str(key_slot) in slots:  # the first one of that name (json-c: LUKS2_array_remove)
             slots.remove(str(key_slot))
         writer.commit()
-
-
-def _atoi(text: Any) -> int:
-    """C's ``atoi`` of a JSON string (cryptsetup compares keyslot names so)."""
-    m = re.match(r"\s*([+-]?\d+)", text) if isinstance(text, str) else None
-    return int(m.group(1)) if m else 0
 
 
 def token_export(path: str, token_id: int, *, header: str | None = None) -> str:
