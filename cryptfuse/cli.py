@@ -74,6 +74,15 @@ T = TypeVar("T")
 log = logging.getLogger("cryptfuse")
 
 
+#: cryptsetup's --perf-* options (dm-crypt's workqueue flags) -> their LUKS2 flag names
+PERF_FLAGS = {
+    "same_cpu_crypt": "same-cpu-crypt",
+    "submit_from_crypt_cpus": "submit-from-crypt-cpus",
+    "no_read_workqueue": "no-read-workqueue",
+    "no_write_workqueue": "no-write-workqueue",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the mount command."""
     subcommands = ", ".join(sorted(SUBCOMMANDS))
@@ -188,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
             "down as holes in the container; see the README on what they reveal"
         ),
     )
+    g.add_argument(
+        "--persistent",
+        action="store_true",
+        help=(
+            "LUKS2: keep the flags given (--allow-discards, --perf-*) in the header, "
+            "replacing those there (which this mount then ignores)"
+        ),
+    )
+    for name in PERF_FLAGS:
+        g.add_argument(
+            f"--perf-{name}",
+            action="store_true",
+            help=f"dm-crypt's {name} flag: no effect here, kept in the header by --persistent",
+        )
     g.add_argument(
         "--lock-memory",
         action="store_true",
@@ -573,6 +596,8 @@ def mount_command(argv: Sequence[str]) -> int:
             raise UsageError("Option --unbound is allowed only for open of luks device.")
         if not args.test_passphrase:
             raise UsageError("Option --unbound cannot be used without --test-passphrase.")
+    if args.persistent and args.test_passphrase:
+        raise UsageError("Option --persistent is not allowed with --test-passphrase.")
     if args.test_passphrase:
         args.readonly = True  # (nothing is written: a read-only container can be tested)
     configure_logging(args.verbose, args.debug, args.log_file)
@@ -668,7 +693,7 @@ def mount_command(argv: Sequence[str]) -> int:
                 volume = open_volume(args.container, _open_options(args, kind), secret)
                 del secret
     try:
-        setup_volume(volume, args.allow_discards)
+        setup_volume(volume, args.allow_discards, header_flags=not args.persistent)
         volume_spec = getattr(getattr(volume, "cipher", None), "spec", None)
         if isinstance(volume_spec, CipherSpec):
             warning = weak_spec_warning(volume_spec, volume.readonly)
@@ -696,6 +721,7 @@ def mount_command(argv: Sequence[str]) -> int:
                 volume.readonly,
             ),
             lock_memory=args.lock_memory,
+            after_mount=_persist_flags(args) if args.persistent and not foreign else None,
         )
     except BaseException:
         volume.close()
@@ -707,6 +733,29 @@ def mount_command(argv: Sequence[str]) -> int:
     if code != 0 or args.mount_fs is None:
         return code
     return mount_filesystem(args, config.mountpoint, readonly)
+
+
+def _persist_flags(args: argparse.Namespace) -> Callable[[], None] | None:
+    """``--persistent`` (LUKS): what the daemon does once mounted, as cryptsetup's open
+    does once activated: the header's flags become those given here.  A failure is
+    reported and the mount stays (cryptsetup's exit code is 0 then too).  Plain
+    ignores the option, as cryptsetup does."""
+    if args.type == "plain":
+        return None
+    flags = [PERF_FLAGS[n] for n in PERF_FLAGS if getattr(args, f"perf_{n}")]
+    flags += ["allow-discards"] * args.allow_discards
+    header = args.header or args.container
+
+    def persist() -> None:
+        from .formats import manage
+
+        try:
+            manage.set_persistent_flags(header, flags)
+        except (CryptfuseError, OSError) as exc:
+            log.error("%s", exc)
+            log.error("Device activated but cannot make flags persistent.")
+
+    return persist
 
 
 def mount_filesystem(args: argparse.Namespace, mountpoint: str, readonly: bool) -> int:

@@ -24,10 +24,11 @@ __all__ = ["LIFECYCLE_SUBCOMMANDS", "setup_volume", "volume_info"]
 log = logging.getLogger(__name__)
 
 
-def setup_volume(volume: Volume, allow_discards: bool) -> None:
+def setup_volume(volume: Volume, allow_discards: bool, header_flags: bool = True) -> None:
     """Turn discards on when asked (``--allow-discards``) or when the LUKS2 header
-    carries the persistent ``allow-discards`` flag, as cryptsetup honours it."""
-    if allow_discards or "allow-discards" in volume.persistent_flags:
+    carries the persistent ``allow-discards`` flag, as cryptsetup honours it; not
+    *header_flags* (``--persistent``): only what the command line asks for."""
+    if allow_discards or (header_flags and "allow-discards" in volume.persistent_flags):
         volume.enable_discards()
 
 

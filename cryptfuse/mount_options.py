@@ -24,6 +24,10 @@ there, with crypttab(5)'s names and meanings where crypttab has one:
 ``key-slot=N``       ``--key-slot N``
 ``readonly``         ``--readonly``                     also ``read-only`` (and ``ro``)
 ``discard``          ``--allow-discards``
+``same-cpu-crypt``   ``--perf-same_cpu_crypt``          and ``submit-from-crypt-cpus``,
+                                                        ``no-read-workqueue``,
+                                                        ``no-write-workqueue``: dm-crypt's
+                                                        workqueue flags, no effect here
 ``key-file=FILE``    ``--key-file FILE``                fstab has no key-file column
 ``mount-fs=DIR``     ``--mount-fs DIR``
 ``fs-type=T``        ``--fs-type T``
@@ -74,7 +78,15 @@ VALUE_OPTIONS: dict[str, tuple[str, str]] = {
 }
 
 #: flag options -> namespace attribute set to True
-FLAG_OPTIONS = {"readonly": "readonly", "read-only": "readonly", "discard": "allow_discards"}
+FLAG_OPTIONS = {
+    "readonly": "readonly",
+    "read-only": "readonly",
+    "discard": "allow_discards",
+    "same-cpu-crypt": "perf_same_cpu_crypt",
+    "submit-from-crypt-cpus": "perf_submit_from_crypt_cpus",
+    "no-read-workqueue": "perf_no_read_workqueue",
+    "no-write-workqueue": "perf_no_write_workqueue",
+}
 
 #: What mount(8)/mount.fuse3 add or forward and FUSE has no use for (or refuses).
 MOUNT8_OPTIONS = frozenset(

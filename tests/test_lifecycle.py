@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_e2e_mount import PASSPHRASE, Cryptfuse, Stack, losetup, mount_fs, need, sh
+from test_e2e_mount import PASSPHRASE, Cryptfuse, Stack, daemon_pids, losetup, mount_fs, need, sh
 from test_luks2 import build
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -218,6 +218,79 @@ def test_static_luks2_segment_and_persistent_discards_flag(
     assert (mnt / "volume").stat().st_size == 4 * MiB
     assert status(cf, mnt)["flags"] == ["discards"]
     cf.unmount(mnt, pids)
+
+
+def json_flags(container: Path) -> list[str] | None:
+    """``config.flags`` as cryptsetup reads the header (None: no such key)."""
+    dump = sh("cryptsetup", "luksDump", "--dump-json-metadata", container).stdout
+    flags: list[str] | None = json.loads(dump)["config"].get("flags")
+    return flags
+
+
+def test_persistent_flags_as_cryptsetup_keeps_them(
+    cf: Cryptfuse, stack: Stack, tmp_path: Path
+) -> None:
+    """``--persistent`` (cryptsetup's ``open --persistent``): once mounted, the header's
+    flags become exactly those given (in cryptsetup's order; the ``--perf-*`` ones and
+    their crypttab words too), and this mount ignores the old ones; later mounts honour
+    the new ones.  LUKS1 mounts and says why nothing was kept; --test-passphrase
+    refuses the option.  cryptsetup reads every header written."""
+    container, mnt = tmp_path / "c.img", tmp_path / "mnt"
+    luks2(container, 12 * MiB)
+    mnt.mkdir()
+    assert json_flags(container) is None
+
+    def mounted(*options: object) -> list[str]:
+        """Mount with *options*, return the status flags, unmount."""
+        pids = cf.mount(*options, container, mountpoint=mnt)
+        flags = status(cf, mnt)["flags"]
+        cf.unmount(mnt, pids)
+        assert isinstance(flags, list)
+        return flags
+
+    assert mounted("--persistent", "--allow-discards") == ["discards"]
+    assert json_flags(container) == ["allow-discards"]
+    assert re.search(
+        r"Flags:\s+allow-discards \n", sh("cryptsetup", "luksDump", container).stdout.decode()
+    )
+    assert mounted() == ["discards"]  # the header's flag
+    # the header's flag ignored by this mount; the new ones written in cryptsetup's order
+    assert mounted("--persistent", "--perf-no_write_workqueue", "-o", "same-cpu-crypt") == []
+    assert json_flags(container) == ["same-cpu-crypt", "no-write-workqueue"]
+    assert mounted() == []
+    assert mounted("--persistent", "--readonly", "--allow-discards", "--perf-same_cpu_crypt",
+                   "--perf-submit_from_crypt_cpus", "--perf-no_read_workqueue",
+                   "--perf-no_write_workqueue") == ["discards", "read-only"]  # fmt: skip
+    assert json_flags(container) == [
+        "allow-discards", "same-cpu-crypt", "submit-from-crypt-cpus", "no-read-workqueue",
+        "no-write-workqueue",
+    ]  # fmt: skip
+    assert mounted("--persistent") == []
+    assert json_flags(container) == []  # cryptsetup too leaves an empty array
+    assert "(no flags)" in sh("cryptsetup", "luksDump", container).stdout.decode()
+    sh("cryptsetup", "open", "--test-passphrase", "--key-file", "-", container, input=PASSPHRASE)
+    result = cf.run("--persistent", "--test-passphrase", container, input=PASSPHRASE)
+    assert result.returncode == 1
+    assert (
+        result.stderr == b"cryptfuse: Option --persistent is not allowed with --test-passphrase.\n"
+    )
+
+    luks1 = tmp_path / "l1.img"
+    with open(luks1, "wb") as f:
+        f.truncate(12 * MiB)
+    sh("cryptsetup", "luksFormat", "-q", "--type", "luks1", "--pbkdf-force-iterations", "1000",
+       "--key-file", "-", luks1, input=PASSPHRASE)  # fmt: skip
+    before = luks1.read_bytes()
+    stack.push(f"fuse {mnt}", lambda: cf._force_unmount(mnt))
+    result = cf.run("--persistent", "--allow-discards", luks1, mnt, input=PASSPHRASE)
+    assert result.returncode == 0, result.stderr  # as cryptsetup: activated, exit 0
+    assert result.stderr.decode().splitlines() == [
+        "cryptfuse: This operation is supported only for LUKS2 device.",
+        "cryptfuse: Device activated but cannot make flags persistent.",
+    ]
+    assert status(cf, mnt)["flags"] == ["discards"]
+    cf.unmount(mnt, daemon_pids(mnt))
+    assert luks1.read_bytes() == before
 
 
 # -- discards -------------------------------------------------------------------------------

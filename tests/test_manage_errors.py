@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from cryptfuse.cli import main
+from cryptfuse.errors import CryptfuseError
 from cryptfuse.formats import manage
 from cryptfuse.formats.luks2 import read_luks2_header
 from cryptfuse.formats.luks2_write import Luks2Writer
@@ -285,6 +287,35 @@ def test_unknown_luks2_requirement_refused(
     ):
         code, err = run(capsys, *argv)
         assert code == 1 and "future-feature" in err, (argv, err)
+    assert digest(img) == before
+
+
+def test_persistent_flags_refused_as_cryptsetup_refuses(
+    img: Path, tmp_path: Path, keys: dict[str, str]
+) -> None:
+    """``--persistent``'s header write (manage.set_persistent_flags) refuses LUKS1 and a
+    LUKS2 header in reencryption (made by cryptsetup) with cryptsetup's messages, and
+    writes nothing."""
+    luks2 = img.read_bytes()[6:8] == b"\0\2"
+    if not luks2:
+        before = digest(img)
+        with pytest.raises(CryptfuseError, match=r"^This operation is supported only for LUKS2"):
+            manage.set_persistent_flags(str(img), ["allow-discards"])
+        assert digest(img) == before
+        return
+    if shutil.which("cryptsetup") is None:
+        pytest.skip("no cryptsetup")
+    subprocess.run(
+        ["cryptsetup", "reencrypt", "--init-only", "-q", *PBKDF2, "-d", keys["good"], str(img)],
+        check=True,
+        capture_output=True,
+    )
+    before = digest(img)
+    with pytest.raises(
+        CryptfuseError,
+        match=r"^Operation incompatible with device marked for LUKS2 reencryption\. Aborting\.",
+    ):
+        manage.set_persistent_flags(str(img), ["allow-discards"])
     assert digest(img) == before
 
 

@@ -20,7 +20,7 @@ import logging
 import os
 import stat
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +111,7 @@ __all__ = [
     "kill_slot",
     "remove_key",
     "resolve_kdf",
+    "set_persistent_flags",
     "set_uuid",
 ]
 
@@ -910,6 +911,37 @@ def configure(
         if label is not None or subsystem is not None:
             writer.label, writer.subsystem = label or "", subsystem or ""
             writer.commit()
+
+
+#: The activation flags a LUKS2 header can keep (``config.flags``), in cryptsetup
+#: 2.6.1's order (``persistent_flags[]``), which is the order it writes them in
+PERSISTENT_FLAGS = (
+    "allow-discards",
+    "same-cpu-crypt",
+    "submit-from-crypt-cpus",
+    "no-journal",
+    "no-read-workqueue",
+    "no-write-workqueue",
+)
+
+
+def set_persistent_flags(path: str, flags: Iterable[str]) -> None:
+    """``cryptsetup open --persistent``: ``config.flags`` becomes *flags* (those of
+    :data:`PERSISTENT_FLAGS`, in its order; none gives an empty array), one commit.
+
+    For the daemon that has just mounted the container and holds its lock: *path*
+    (the header) is opened without locking.  Refused as cryptsetup refuses it: LUKS1,
+    a header with requirements (a reencryption in progress)."""
+    fd = open_device(path, False, lock=False)
+    try:
+        if _luks_type(fd, path) != "luks2":
+            raise FormatError("This operation is supported only for LUKS2 device.")
+        writer = Luks2Writer.from_header(fd, read_luks2_header(fd, path))
+        wanted = set(flags)
+        writer.obj["config"]["flags"] = [f for f in PERSISTENT_FLAGS if f in wanted]
+        writer.commit()
+    finally:
+        os.close(fd)
 
 
 #: LUKS2 has token ids 0..31 (cryptsetup's LUKS2_TOKENS_MAX)
