@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
             "one file, the decrypted volume (like /dev/mapper/NAME), without device-mapper."
         ),
         epilog=(
-            f"commands: {subcommands} (see '{PROG} COMMAND --help'). "
+            f"commands: {subcommands} (see '{PROG} COMMAND --help'); cryptsetup's "
+            "action names work too (open, luksOpen, luksDump, luksAddKey, luksClose, ...). "
             "Option names are cryptsetup's, except that -o passes FUSE mount options "
             "(e.g. -o allow_other) and the data offset is --offset only. "
             "Sizes and offsets count 512-byte sectors. "
@@ -815,12 +816,56 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+#: cryptsetup 2.6.1's action names and aliases -> (our command, None for the mount
+#: command; the ``--type`` the name implies).  Its own names (``status``, ``resize``,
+#: ``reencrypt``, ``config``, ...) are ours already.
+CRYPTSETUP_ACTIONS: dict[str, tuple[str | None, str | None]] = {
+    "open": (None, None),
+    "luksOpen": (None, "luks"),
+    "plainOpen": (None, "plain"),
+    "tcryptOpen": (None, "tcrypt"),
+    "bitlkOpen": (None, "bitlk"),
+    "fvault2Open": (None, "fvault2"),
+    **dict.fromkeys(
+        ["remove", "luksClose", "plainClose", "tcryptClose", "bitlkClose", "fvault2Close"],
+        ("close", None),
+    ),
+    "luksFormat": ("format", None),
+    "luksAddKey": ("add-key", None),
+    "luksRemoveKey": ("remove-key", None),
+    "luksChangeKey": ("change-key", None),
+    "luksConvertKey": ("convert-key", None),
+    "luksKillSlot": ("kill-slot", None),
+    "luksUUID": ("uuid", None),
+    "isLuks": ("is-luks", None),
+    "luksDump": ("dump", None),
+    "tcryptDump": ("dump", "tcrypt"),
+    "bitlkDump": ("dump", "bitlk"),
+    "fvault2Dump": ("dump", "fvault2"),
+    "luksHeaderBackup": ("header-backup", None),
+    "luksHeaderRestore": ("header-restore", None),
+    "luksErase": ("erase", None),
+    "luksConfig": ("config", None),
+}
+
+
+def cryptsetup_action(argv: list[str]) -> list[str]:
+    """*argv* with a leading cryptsetup action name (``luksDump C``, ``open C M``)
+    replaced by our command; the type it implies comes first, so that a ``--type``
+    given after it wins."""
+    if not argv or argv[0] not in CRYPTSETUP_ACTIONS:
+        return argv
+    command, kind = CRYPTSETUP_ACTIONS[argv[0]]
+    implied = ["--type", kind] if kind is not None else []
+    return ([command] if command is not None else []) + implied + argv[1:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the exit code.
 
     Never raises, except ``SystemExit(0)`` from ``--help`` and ``--version``.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = cryptsetup_action(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     # numpy (the Python engine, e.g. a keyslot's decryption) never calls BLAS here, but
     # OpenBLAS starts a thread per CPU at import that spins for a while: 0.12 CPU s of a

@@ -285,6 +285,38 @@ def test_subcommand_dispatch(run: Callable[..., Result]) -> None:
     assert "benchmark" in result.stdout
 
 
+def test_cryptsetup_action_names(run: Callable[..., Result], tmp_path: Path, mnt: Path) -> None:
+    """cryptsetup's action names and aliases run our commands with the same arguments
+    (``open``/``*Open``: the mount command, with the ``--type`` the name implies)."""
+    assert all(
+        command is None or command in cli.SUBCOMMANDS
+        for command, _ in cli.CRYPTSETUP_ACTIONS.values()
+    )
+    if shutil.which("cryptsetup") is None:
+        pytest.skip("no cryptsetup")
+    c, key, new = tmp_path / "c.img", tmp_path / "key", tmp_path / "new"
+    key.write_bytes(b"pass")
+    new.write_bytes(b"other")
+    c.write_bytes(bytes(20 * MiB))
+    cheap = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
+    subprocess.run(["cryptsetup", "luksFormat", "-q", *cheap, c, key], check=True)
+    assert run("luksDump", c).stdout == run("dump", c).stdout != ""
+    assert run("luksUUID", c).stdout == run("uuid", c).stdout != ""
+    assert run("isLuks", c).code == 0 and run("isLuks", tmp_path / "key").code == 1
+    opened = run("luksOpen", "--test-passphrase", "-v", "-d", key, c)
+    assert (opened.code, opened.stderr) == (0, "cryptfuse: Key slot 0 unlocked.\n")
+    assert run("open", "--test-passphrase", "-d", new, c).code == 2
+    assert_one_line_error(run("plainOpen", "--test-passphrase", "-d", key, c), 1, "LUKS, TCRYPT")
+    assert run("luksAddKey", *cheap, "-d", key, c, new).code == 0
+    assert run("luksOpen", "--test-passphrase", "-d", new, c).code == 0
+    closed = run("luksClose", mnt)
+    assert (closed.code, closed.stderr) == (run("close", mnt).code, run("close", mnt).stderr)
+    assert closed.code != 0
+    bitlk, dumped = run("bitlkDump", c), run("dump", "--type", "bitlk", c)
+    assert bitlk.code == dumped.code != 0 and bitlk.stderr == dumped.stderr
+    assert "BITLK" in bitlk.stderr
+
+
 def test_plain_defaults_warning_before_error(
     run: Callable[..., Result], plain_img: Path, tmp_path: Path
 ) -> None:
