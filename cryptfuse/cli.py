@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import getpass
+import hashlib
 import logging
 import os
 import shutil
@@ -56,9 +57,9 @@ from .cli_input import (
 from .cli_lifecycle import LIFECYCLE_SUBCOMMANDS, setup_volume, volume_info
 from .cli_luks import LUKS_SUBCOMMANDS, _volume_key_option, dump_command
 from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
-from .errors import CryptfuseError, FormatError, KeyFileError, UsageError
+from .errors import CryptfuseError, FormatError, KeyFileError, UnsupportedError, UsageError
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
-from .formats.plain import DEFAULT_CIPHER, DEFAULT_KEY_SIZE
+from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE, plain_key
 from .hygiene import protect_process
 from .mount_options import apply as apply_mount_options
 from .mount_options import parse as parse_mount_options
@@ -450,9 +451,12 @@ def open_by_token(
     raise CryptfuseError(f"No usable token{kind_text} is available.")
 
 
-def _test_passphrase(args: argparse.Namespace, kind: str | None, foreign: str | None) -> int:
+def _test_passphrase(
+    args: argparse.Namespace, kind: str | None, foreign: str | None, unbound: bool = True
+) -> int:
     """``--test-passphrase`` (cryptsetup's ``open --test-passphrase``): unlock and say
-    so (``-v``: the keyslot), open nothing, write nothing."""
+    so (``-v``: the keyslot), open nothing, write nothing.  Not *unbound*: an unbound
+    keyslot never counts (``refresh``)."""
     from .formats import manage
 
     if foreign is not None:
@@ -466,7 +470,7 @@ def _test_passphrase(args: argparse.Namespace, kind: str | None, foreign: str | 
         return 0
 
     # (cryptsetup: --key-slot or --unbound let an unbound keyslot count)
-    any_segment = args.key_slot is not None or args.unbound
+    any_segment = unbound and (args.key_slot is not None or args.unbound)
 
     def by_token(attempt: Attempt) -> int:
         manage.test_passphrase(
@@ -759,6 +763,81 @@ def _persist_flags(args: argparse.Namespace) -> Callable[[], None] | None:
     return persist
 
 
+def refresh_command(argv: Sequence[str]) -> int:
+    """``cryptfuse refresh MOUNTPOINT``: cryptsetup's ``refresh`` of a mounted volume."""
+    p = _Parser(
+        prog=f"{PROG} refresh",
+        add_help=False,
+        description=(
+            "Change the flags of a mounted LUKS or plain volume, as 'cryptsetup refresh' "
+            "does: discards on or off (--allow-discards, or the LUKS2 header's persistent "
+            "flag), and with --persistent the header's flags replaced by those given. The "
+            "passphrase (key file, token or volume key file; plain: the key) is asked for and "
+            "checked again, as cryptsetup does. A read-only mount stays read-only."
+        ),
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument(
+        "--key-file", "-d", metavar="FILE", help="passphrase (LUKS) or raw key (plain) file"
+    )
+    p.add_argument("--keyfile-offset", type=_nonneg_int, default=0, metavar="BYTES")
+    p.add_argument("--keyfile-size", "-l", type=_nonneg_int, metavar="BYTES")
+    p.add_argument("--key-slot", "-S", type=_nonneg_int, metavar="N", help="LUKS keyslot")
+    _volume_key_option(p, "LUKS: the volume key in FILE instead of a passphrase")
+    p.add_argument("--token-id", type=_nonneg_int, metavar="N", help="LUKS2: only token N")
+    p.add_argument("--token-type", metavar="TYPE", help="LUKS2: only tokens of TYPE")
+    p.add_argument("--token-only", action="store_true", help="LUKS2: a token or fail")
+    p.add_argument(
+        "--hash", "-h", metavar="HASH", help=f"plain: the passphrase hash (default {DEFAULT_HASH})"
+    )
+    p.add_argument("--allow-discards", action="store_true", help="discards on (else off)")
+    p.add_argument(
+        "--persistent", action="store_true", help="LUKS2: keep the flags given in the header"
+    )
+    for name in PERF_FLAGS:
+        p.add_argument(f"--perf-{name}", action="store_true", help="kept by --persistent")
+    p.add_argument("--verbose", "-v", action="store_true", help="name the keyslot")
+    p.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    p.add_argument("--help", action="help", help="show this help and exit")
+    args = p.parse_args(argv)
+    configure_logging(args.verbose, args.debug, None)
+    from .cli_lifecycle import ask, entry_of
+
+    entry = entry_of(args.mountpoint)
+    state = ask(entry, {"op": "status"})
+    kind = str(state.get("type", ""))
+    if kind not in ("LUKS1", "LUKS2", "PLAIN"):
+        raise UnsupportedError(f"Refresh is not supported for device type {kind}")
+    # the mount command's options, as if it opened the mounted container again
+    again = build_parser().parse_args([str(state["device"])])
+    for name in ("key_file", "keyfile_offset", "keyfile_size", "key_slot", "volume_key_file"):
+        setattr(again, name, getattr(args, name))
+    for name in ("token_id", "token_type", "token_only", "hash"):
+        setattr(again, name, getattr(args, name))
+    again.header = state.get("header")
+    request: dict[str, object] = {"op": "refresh", "discards": args.allow_discards}
+    if kind == "PLAIN":  # (cryptsetup compares the key it derives with the mapping's)
+        bits = int(state["keysize"])
+        secret = get_secret(again, bits // 8)
+        key = plain_key(
+            str(state["cipher"]), bits, args.hash or DEFAULT_HASH, secret.data,
+            secret.from_keyfile,
+        )  # fmt: skip
+        del secret
+        request["key_digest"] = hashlib.sha256(key).hexdigest()
+    else:
+        with unlock_progress(again.container, sys.stderr.isatty()):
+            _test_passphrase(again, kind.lower(), None, unbound=False)
+        if args.persistent:
+            request["persist"] = [
+                PERF_FLAGS[n] for n in PERF_FLAGS if getattr(args, f"perf_{n}")
+            ] + ["allow-discards"] * args.allow_discards
+    answer = ask(entry, request)
+    for line in answer.get("messages", []):
+        print(f"{PROG}: {line}", file=sys.stderr)
+    return 0
+
+
 def mount_filesystem(args: argparse.Namespace, mountpoint: str, readonly: bool) -> int:
     """``--mount-fs``: the filesystem after the volume; when it fails, the volume is
     unmounted again and the daemon gone before the error (exit 32) is reported."""
@@ -813,6 +892,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     **LIFECYCLE_SUBCOMMANDS,
     **FOREIGN_SUBCOMMANDS,
     "dump": lambda argv: foreign_dump_command(argv, dump_command),
+    "refresh": refresh_command,
 }
 
 

@@ -19,7 +19,7 @@ from .cli_input import PROG, _nonneg_int, _Parser
 from .errors import CryptfuseError, DeviceError
 from .volume import Volume
 
-__all__ = ["LIFECYCLE_SUBCOMMANDS", "setup_volume", "volume_info"]
+__all__ = ["LIFECYCLE_SUBCOMMANDS", "ask", "entry_of", "setup_volume", "volume_info"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def volume_info(
 # -- finding the daemon ---------------------------------------------------------------------
 
 
-def _entry_of(path: str) -> control.MountEntry:
+def entry_of(path: str) -> control.MountEntry:
     """The cryptfuse mount at *path* (or holding the file *path*), without touching it."""
     absolute = os.path.abspath(path)
     real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
@@ -70,7 +70,7 @@ def _entry_of(path: str) -> control.MountEntry:
     raise DeviceError(f"{path} is not a cryptfuse mount.")
 
 
-def _ask(entry: control.MountEntry, message: dict[str, Any]) -> dict[str, Any]:
+def ask(entry: control.MountEntry, message: dict[str, Any]) -> dict[str, Any]:
     sock = control.connect_mount(entry.device)
     if sock is None:
         raise DeviceError(
@@ -123,7 +123,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 def _one_line(entry: control.MountEntry) -> str:
     try:
-        s = _ask(entry, {"op": "status"})
+        s = ask(entry, {"op": "status"})
     except CryptfuseError as exc:
         return f"{entry.mountpoint}  {entry.source}  ({exc})"
     flags = ",".join(s.get("flags", [])) or "-"
@@ -150,7 +150,7 @@ def status_command(argv: Sequence[str]) -> int:
     p.add_argument("--help", action="help", help="show this help and exit")
     args = p.parse_args(argv)
     if args.mountpoint is not None:
-        status = _ask(_entry_of(args.mountpoint), {"op": "status"})
+        status = ask(entry_of(args.mountpoint), {"op": "status"})
         print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
         return 0
     uid = os.getuid()
@@ -159,7 +159,7 @@ def status_command(argv: Sequence[str]) -> int:
         listed = []
         for e in entries:
             try:
-                listed.append(_ask(e, {"op": "status"}))
+                listed.append(ask(e, {"op": "status"}))
             except CryptfuseError as exc:
                 listed.append({"mountpoint": e.mountpoint, "source": e.source, "error": str(exc)})
         print(json.dumps(listed, indent=2, sort_keys=True))
@@ -190,8 +190,8 @@ def resize_command(argv: Sequence[str]) -> int:
     p.add_argument("--verbose", "-v", action="store_true", help="say what changed")
     p.add_argument("--help", action="help", help="show this help and exit")
     args = p.parse_args(argv)
-    entry = _entry_of(args.mountpoint)
-    result = _ask(entry, {"op": "resize", "size": args.size})
+    entry = entry_of(args.mountpoint)
+    result = ask(entry, {"op": "resize", "size": args.size})
     # The daemon dropped the kernel's cached attributes; this stat makes the kernel ask
     # again now, so even what reads the inode's cached size sees the new one.
     try:

@@ -442,6 +442,16 @@ class ControlServer:
         """True while an online reencryption runs."""
         return self._work.locked()
 
+    @contextlib.contextmanager
+    def exclusive(self, busy: str) -> Iterator[None]:
+        """Hold off an online reencryption meanwhile (one that runs: BusyError *busy*)."""
+        if not self._work.acquire(blocking=False):
+            raise BusyError(busy)
+        try:
+            yield
+        finally:
+            self._work.release()
+
     def _listen(self, path: str) -> socket.socket:
         with contextlib.suppress(FileNotFoundError):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

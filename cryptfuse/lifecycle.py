@@ -1,5 +1,5 @@
-"""A mounted volume's life, daemon side: ``status`` and ``resize`` over the control
-socket, and ``--lock-memory`` (see docs/lifecycle.md).
+"""A mounted volume's life, daemon side: ``status``, ``resize`` and ``refresh`` over the
+control socket, and ``--lock-memory`` (see docs/lifecycle.md).
 
 The commands (:mod:`cryptfuse.cli_lifecycle`) find the daemon by the mount's device
 number (:func:`cryptfuse.control.mount_socket_path`); the handlers here answer with
@@ -18,6 +18,7 @@ from typing import Any
 from .channel import Channel
 from .control import ControlServer, Served, find_mount
 from .errors import CryptfuseError, InsufficientMemoryError, UsageError
+from .formats import manage
 from .fs import FILE_INODE, VolumeFS
 from .volume import SegmentedVolume, Volume
 
@@ -92,9 +93,9 @@ def start_control(
             counters["reads"] += fast.reads
             counters["writes"] += fast.writes
         answer = dict(info)
-        flags = list(answer.get("flags", []))
-        if getattr(volume, "discards", False) and "discards" not in flags:
-            flags.append("discards")
+        # (discards as they are now: refresh turns them on and off)
+        flags = ["discards"] * bool(getattr(volume, "discards", False))
+        flags += [f for f in answer.get("flags", []) if f != "discards"]
         answer.update(
             mountpoint=mountpoint,
             file=os.path.join(mountpoint, ops.options.name),
@@ -131,12 +132,56 @@ def start_control(
         log.info("resized %s from %d to %d sectors", mountpoint, old // 512, new_size // 512)
         return {"size": new_size // 512, "old_size": old // 512, "file": status({})["file"]}
 
+    def refresh(request: dict[str, Any]) -> dict[str, Any]:
+        """``cryptfuse refresh`` (cryptsetup's): discards on or off as the command says
+        (it has checked the passphrase; for plain it sends the SHA-256 of the key it
+        derived, compared here as cryptsetup compares keys), and with ``persist`` the
+        LUKS2 header's flags, written as at a ``--persistent`` mount."""
+        busy = f"{mountpoint} is in reencryption: refresh it once that is done"
+        luks2 = info.get("type") == "LUKS2"
+        with holder[0].exclusive(busy):
+            volume = ops.volume
+            if isinstance(volume, SegmentedVolume) or not isinstance(volume, Volume):
+                raise UsageError(
+                    f"{mountpoint} is served through a LUKS2 reencryption's segments: "
+                    "remount it before a refresh"
+                )
+            digest = request.get("key_digest")
+            if digest is not None:
+                cipher = getattr(volume, "cipher", None)
+                try:
+                    expected = bytes.fromhex(digest)
+                except (TypeError, ValueError):
+                    raise UsageError(f"invalid key digest {digest!r}") from None
+                if cipher is None or not cipher.key_digest_matches(expected):
+                    raise CryptfuseError(f"Mismatching parameters on device {mountpoint}.")
+            persist = request.get("persist")
+            path = header or container or ""
+            # as at a mount: the header's flags count, unless they are being replaced
+            kept = manage.persistent_flags(path) if persist is None and luks2 else ()
+            if request.get("discards") is True or "allow-discards" in kept:
+                volume.enable_discards()
+            else:
+                volume.disable_discards()
+            messages: list[str] = []
+            if persist is not None:
+                try:
+                    if not isinstance(persist, list) or not all(
+                        isinstance(f, str) for f in persist
+                    ):
+                        raise UsageError(f"invalid flags {persist!r}")
+                    manage.set_persistent_flags(path, persist)
+                except (CryptfuseError, OSError) as exc:
+                    messages = [str(exc), "Device activated but cannot make flags persistent."]
+            log.info("refreshed %s: discards %s", mountpoint, "on" if volume.discards else "off")
+            return {"flags": status({})["flags"], "messages": messages}
+
     served = Served(
         container or "",
         header,
         getter,
         setter,
-        handlers={"status": status, "resize": resize},
+        handlers={"status": status, "resize": resize, "refresh": refresh},
     )
     try:
         server = ControlServer(served, by_container=by_container, mount_device=device)

@@ -22,6 +22,7 @@ test oracle.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
 import threading
@@ -382,6 +383,11 @@ class SectorCipher:
         if self._subkeys:
             return b"".join(sub.key for sub in self._subkeys)
         return b"".join(self._engine_subkeys)
+
+    def key_digest_matches(self, digest: bytes) -> bool:
+        """True when *digest* is the SHA-256 of this key (compared in constant time):
+        ``cryptfuse refresh`` checks the key it derived without sending the key."""
+        return hmac.compare_digest(hashlib.sha256(self._key_material()).digest(), digest)
 
     def same_as(self, other: SectorCipher) -> bool:
         """True when *other* turns the same plaintext into the same sectors: the same

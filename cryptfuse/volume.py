@@ -620,8 +620,15 @@ class Volume:
     def enable_discards(self) -> None:
         """Discards on: fallocate punches/zeroes (:meth:`discard`) and holes read as zeros."""
         self.discards = True
-        if self.fast is not None:
-            self.fast.set_discards(True)
+        for fast in self._fast_paths():
+            fast.set_discards(True)
+
+    def disable_discards(self) -> None:
+        """Discards off again (``cryptfuse refresh``): fallocate is refused and holes read
+        as dm-crypt reads them (decrypted zeros: noise)."""
+        self.discards = False
+        for fast in self._fast_paths():
+            fast.set_discards(False)
 
     def container_size(self) -> int:
         """Bytes of the container now (a file may have grown since the volume opened)."""

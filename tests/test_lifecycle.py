@@ -293,6 +293,63 @@ def test_persistent_flags_as_cryptsetup_keeps_them(
     assert luks1.read_bytes() == before
 
 
+def punch(path: Path) -> bool:
+    """Whether ``fallocate --punch-hole`` of *path*'s first MiB is taken (discards on)."""
+    result = subprocess.run(["fallocate", "-p", "-o", "0", "-l", str(MiB), path], check=False)
+    return result.returncode == 0
+
+
+def test_refresh_like_cryptsetup(cf: Cryptfuse, stack: Stack, tmp_path: Path) -> None:
+    """``cryptfuse refresh MOUNTPOINT`` (cryptsetup's refresh): the passphrase again
+    (wrong: exit 2, nothing changed), then discards on or off as given, the header's
+    persistent flag counting unless --persistent replaces the header's flags; plain
+    compares the key it derives with the mount's (cryptsetup: "Mismatching parameters");
+    a read-only mount stays read-only."""
+    container, mnt = tmp_path / "c.img", tmp_path / "mnt"
+    luks2(container, 12 * MiB)
+    mnt.mkdir()
+    pids = cf.mount(container, mountpoint=mnt)
+    volume = mnt / "volume"
+    assert status(cf, mnt)["flags"] == [] and not punch(volume)
+
+    def refresh(*options: str, secret: bytes = PASSPHRASE) -> subprocess.CompletedProcess[bytes]:
+        return cf.run("refresh", mnt, *options, input=secret)
+
+    assert refresh("--allow-discards").returncode == 0
+    assert status(cf, mnt)["flags"] == ["discards"] and punch(volume)
+    wrong = refresh(secret=b"wrong")
+    assert wrong.returncode == 2 and b"No key available" in wrong.stderr
+    assert status(cf, mnt)["flags"] == ["discards"]
+    assert refresh().returncode == 0
+    assert status(cf, mnt)["flags"] == [] and not punch(volume)
+    done = refresh("--allow-discards", "--persistent", "--perf-no_read_workqueue", "-v")
+    assert done.returncode == 0 and done.stderr == b"cryptfuse: Key slot 0 unlocked.\n"
+    assert status(cf, mnt)["flags"] == ["discards"]
+    cf.unmount(mnt, pids)
+    assert json_flags(container) == ["allow-discards", "no-read-workqueue"]
+    pids = cf.mount("--readonly", container, mountpoint=mnt)
+    assert status(cf, mnt)["flags"] == ["discards", "read-only"]
+    assert refresh().returncode == 0  # the header's flag still counts
+    assert status(cf, mnt)["flags"] == ["discards", "read-only"]
+    assert refresh("--persistent").returncode == 0
+    assert status(cf, mnt)["flags"] == ["read-only"] and status(cf, mnt)["mode"] == "readonly"
+    cf.unmount(mnt, pids)
+    assert json_flags(container) == []
+
+    plain = tmp_path / "p.img"
+    plain.write_bytes(bytes(8 * MiB))
+    pids = cf.mount(*PLAIN, plain, mountpoint=mnt)
+    mismatch = refresh("--allow-discards")  # ripemd160, not the mount's sha256
+    assert mismatch.returncode == 1
+    assert mismatch.stderr.decode() == f"cryptfuse: Mismatching parameters on device {mnt}.\n"
+    assert status(cf, mnt)["flags"] == []
+    assert refresh("-h", "sha256", "--allow-discards").returncode == 0
+    assert status(cf, mnt)["flags"] == ["discards"]
+    cf.unmount(mnt, pids)
+    gone = cf.run("refresh", mnt)
+    assert gone.returncode != 0 and gone.stderr.decode().count("\n") == 1
+
+
 # -- discards -------------------------------------------------------------------------------
 
 

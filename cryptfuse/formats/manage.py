@@ -111,6 +111,7 @@ __all__ = [
     "kill_slot",
     "remove_key",
     "resolve_kdf",
+    "persistent_flags",
     "set_persistent_flags",
     "set_uuid",
 ]
@@ -923,6 +924,16 @@ PERSISTENT_FLAGS = (
     "no-read-workqueue",
     "no-write-workqueue",
 )
+
+
+def persistent_flags(path: str) -> tuple[str, ...]:
+    """The LUKS2 header's ``config.flags`` at *path*, read now without locking (for the
+    daemon that holds the lock: ``cryptfuse refresh``)."""
+    fd = open_device(path, True, lock=False)
+    try:
+        return read_luks2_header(fd, path).metadata.config.flags
+    finally:
+        os.close(fd)
 
 
 def set_persistent_flags(path: str, flags: Iterable[str]) -> None:
