@@ -57,7 +57,14 @@ from .cli_input import (
 from .cli_lifecycle import LIFECYCLE_SUBCOMMANDS, setup_volume, volume_info
 from .cli_luks import LUKS_SUBCOMMANDS, _volume_key_option, dump_command
 from .cli_reencrypt import REENCRYPT_SUBCOMMANDS
-from .errors import CryptfuseError, FormatError, KeyFileError, UnsupportedError, UsageError
+from .errors import (
+    BusyError,
+    CryptfuseError,
+    FormatError,
+    KeyFileError,
+    UnsupportedError,
+    UsageError,
+)
 from .formats import TYPES, OpenOptions, Secret, detect_type, open_volume
 from .formats.plain import DEFAULT_CIPHER, DEFAULT_HASH, DEFAULT_KEY_SIZE, plain_key
 from .hygiene import protect_process
@@ -747,8 +754,7 @@ def _persist_flags(args: argparse.Namespace) -> Callable[[], None] | None:
     ignores the option, as cryptsetup does."""
     if args.type == "plain":
         return None
-    flags = [PERF_FLAGS[n] for n in PERF_FLAGS if getattr(args, f"perf_{n}")]
-    flags += ["allow-discards"] * args.allow_discards
+    flags = _requested_flags(args)
     header = args.header or args.container
 
     def persist() -> None:
@@ -761,6 +767,13 @@ def _persist_flags(args: argparse.Namespace) -> Callable[[], None] | None:
             log.error("Device activated but cannot make flags persistent.")
 
     return persist
+
+
+def _requested_flags(args: argparse.Namespace) -> list[str]:
+    """The LUKS2 names of the activation flags on the command line (cryptsetup's
+    ``set_activation_flags``), for ``--persistent``."""
+    flags = [flag for name, flag in PERF_FLAGS.items() if getattr(args, f"perf_{name}")]
+    return flags + ["allow-discards"] * args.allow_discards
 
 
 def refresh_command(argv: Sequence[str]) -> int:
@@ -808,6 +821,8 @@ def refresh_command(argv: Sequence[str]) -> int:
     kind = str(state.get("type", ""))
     if kind not in ("LUKS1", "LUKS2", "PLAIN"):
         raise UnsupportedError(f"Refresh is not supported for device type {kind}")
+    if state.get("reencryption"):  # (the daemon refuses it too; no passphrase asked for)
+        raise BusyError(f"{entry.mountpoint} is in reencryption: refresh it once that is done")
     # the mount command's options, as if it opened the mounted container again
     again = build_parser().parse_args([str(state["device"])])
     for name in ("key_file", "keyfile_offset", "keyfile_size", "key_slot", "volume_key_file"):
@@ -829,9 +844,7 @@ def refresh_command(argv: Sequence[str]) -> int:
         with unlock_progress(again.container, sys.stderr.isatty()):
             _test_passphrase(again, kind.lower(), None, unbound=False)
         if args.persistent:
-            request["persist"] = [
-                PERF_FLAGS[n] for n in PERF_FLAGS if getattr(args, f"perf_{n}")
-            ] + ["allow-discards"] * args.allow_discards
+            request["persist"] = _requested_flags(args)
     answer = ask(entry, request)
     for line in answer.get("messages", []):
         print(f"{PROG}: {line}", file=sys.stderr)
