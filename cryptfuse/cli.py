@@ -76,6 +76,7 @@ from .volume import Volume, open_device
 if TYPE_CHECKING:  # the mount's modules (pyfuse3, trio) load only when mounting
     from .formats.luks2_token import Attempt
     from .fs import FSOptions
+    from .mount import ServedVolume
 
 T = TypeVar("T")
 
@@ -458,47 +459,50 @@ def open_by_token(
     raise CryptfuseError(f"No usable token{kind_text} is available.")
 
 
-def _test_passphrase(
-    args: argparse.Namespace, kind: str | None, foreign: str | None, unbound: bool = True
-) -> int:
+def _test_passphrase(args: argparse.Namespace, kind: str | None, foreign: str | None) -> int:
     """``--test-passphrase`` (cryptsetup's ``open --test-passphrase``): unlock and say
-    so (``-v``: the keyslot), open nothing, write nothing.  Not *unbound*: an unbound
-    keyslot never counts (``refresh``)."""
-    from .formats import manage
-
+    so (``-v``: the keyslot), open nothing, write nothing."""
     if foreign is not None:
         args.readonly = True
         open_foreign_volume(args, foreign).close()
         return 0
-    if args.volume_key_file is not None:
-        manage.test_passphrase(
-            args.container, b"", header=args.header, volume_key_file=args.volume_key_file
-        )
-        return 0
-
     # (cryptsetup: --key-slot or --unbound let an unbound keyslot count)
-    any_segment = unbound and (args.key_slot is not None or args.unbound)
+    _unlock_again(args, kind, args.key_slot is not None or args.unbound)
+    return 0
 
-    def by_token(attempt: Attempt) -> int:
-        manage.test_passphrase(
+
+def _unlock_again(args: argparse.Namespace, kind: str | None, any_segment: bool) -> bytes | None:
+    """A LUKS container's volume key, as ``open`` would unlock it (a volume key file, the
+    tokens, then the passphrase or key file; ``-v``: the keyslot), reading the header
+    without a lock (a mounted container too) and writing nothing.  *any_segment*: an
+    unbound keyslot counts.  None for a container in reencryption (two keys)."""
+    from .formats import manage
+
+    if args.volume_key_file is not None:
+        return manage.unlock_again(
+            args.container, b"", header=args.header, volume_key_file=args.volume_key_file
+        )[1]
+
+    def by_token(attempt: Attempt) -> tuple[int | None, bytes | None]:
+        return manage.unlock_again(
             args.container,
             attempt.passphrase,
             attempt.key_slot,
             header=args.header,
             any_segment=any_segment,
         )
-        return attempt.key_slot
 
-    if open_by_token(args, kind, by_token, any_segment) is None:  # (logs a token's keyslot)
-        secret = get_secret(args, None)
-        slot = manage.test_passphrase(
-            args.container, secret.data, args.key_slot, header=args.header,
-            any_segment=any_segment,
-        )  # fmt: skip
-        del secret
-        if slot is not None:
-            log.info("Key slot %d unlocked.", slot)
-    return 0
+    found = open_by_token(args, kind, by_token, any_segment)  # (logs a token's keyslot)
+    if isinstance(found, tuple):
+        return found[1]
+    secret = get_secret(args, None)
+    slot, key = manage.unlock_again(
+        args.container, secret.data, args.key_slot, header=args.header, any_segment=any_segment
+    )
+    del secret
+    if slot is not None:
+        log.info("Key slot %d unlocked.", slot)
+    return key
 
 
 def _open_options(args: argparse.Namespace, kind: str | None) -> OpenOptions:
@@ -747,7 +751,7 @@ def mount_command(argv: Sequence[str]) -> int:
     return mount_filesystem(args, config.mountpoint, readonly)
 
 
-def _persist_flags(args: argparse.Namespace) -> Callable[[], None] | None:
+def _persist_flags(args: argparse.Namespace) -> Callable[[ServedVolume], None] | None:
     """``--persistent`` (LUKS): what the daemon does once mounted, as cryptsetup's open
     does once activated: the header's flags become those given here.  A failure is
     reported and the mount stays (cryptsetup's exit code is 0 then too).  Plain
@@ -757,14 +761,12 @@ def _persist_flags(args: argparse.Namespace) -> Callable[[], None] | None:
     flags = _requested_flags(args)
     header = args.header or args.container
 
-    def persist() -> None:
-        from .formats import manage
+    def persist(volume: ServedVolume) -> None:
+        from .lifecycle import persist_flags
 
-        try:
-            manage.set_persistent_flags(header, flags)
-        except (CryptfuseError, OSError) as exc:
-            log.error("%s", exc)
-            log.error("Device activated but cannot make flags persistent.")
+        if isinstance(volume, Volume):
+            for line in persist_flags(volume, header, flags):
+                log.error("%s", line)
 
     return persist
 
@@ -809,6 +811,9 @@ def refresh_command(argv: Sequence[str]) -> int:
     )
     for name in PERF_FLAGS:
         p.add_argument(f"--perf-{name}", action="store_true", help="kept by --persistent")
+    p.add_argument("--header", metavar="FILE", help="LUKS: this header (default: the mount's)")
+    p.add_argument("--type", "-M", help="ignored: the mount's type counts (as in cryptsetup)")
+    p.add_argument("--batch-mode", "-q", action="store_true", help="accepted; nothing is asked")
     p.add_argument("--verbose", "-v", action="store_true", help="name the keyslot")
     p.add_argument("--debug", action="store_true", help="tracebacks on errors")
     p.add_argument("--help", action="help", help="show this help and exit")
@@ -829,7 +834,7 @@ def refresh_command(argv: Sequence[str]) -> int:
         setattr(again, name, getattr(args, name))
     for name in ("token_id", "token_type", "token_only", "hash"):
         setattr(again, name, getattr(args, name))
-    again.header = state.get("header")
+    again.header = args.header or state.get("header")
     request: dict[str, object] = {"op": "refresh", "discards": args.allow_discards}
     if kind == "PLAIN":  # (cryptsetup compares the key it derives with the mapping's)
         bits = int(state["keysize"])
@@ -842,7 +847,10 @@ def refresh_command(argv: Sequence[str]) -> int:
         request["key_digest"] = hashlib.sha256(key).hexdigest()
     else:
         with unlock_progress(again.container, sys.stderr.isatty()):
-            _test_passphrase(again, kind.lower(), None, unbound=False)
+            unlocked = _unlock_again(again, kind.lower(), False)
+        # (None: a reencryption started meanwhile, which the daemon refuses)
+        request["key_digest"] = hashlib.sha256(unlocked or b"").hexdigest()
+        del unlocked
         if args.persistent:
             request["persist"] = _requested_flags(args)
     answer = ask(entry, request)
@@ -914,6 +922,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 #: ``reencrypt``, ``config``, ...) are ours already.
 CRYPTSETUP_ACTIONS: dict[str, tuple[str | None, str | None]] = {
     "open": (None, None),
+    "create": (None, "plain"),
     "luksOpen": (None, "luks"),
     "plainOpen": (None, "plain"),
     "tcryptOpen": (None, "tcrypt"),
@@ -942,15 +951,69 @@ CRYPTSETUP_ACTIONS: dict[str, tuple[str | None, str | None]] = {
 }
 
 
+#: cryptsetup 2.6.1's options that take a value (``cryptsetup_arg_list.h``) and ours:
+#: before the command name (``cryptsetup -d KEY -v luksOpen ...``) the word after one
+#: is its value, not the command
+VALUED_OPTIONS = frozenset(
+    "--active-name --align-payload --block-size --cipher --device-size --hash --header "
+    "--header-backup-file --hotzone-size --integrity --iter-time --json-file "
+    "--key-description --key-file --key-size --key-slot --keyfile-offset --keyfile-size "
+    "--keyslot-cipher --keyslot-key-size --label --luks2-keyslots-size "
+    "--luks2-metadata-size --master-key-file --new-key-slot --new-keyfile "
+    "--new-keyfile-offset --new-keyfile-size --new-token-id --offset --pbkdf "
+    "--pbkdf-force-iterations --pbkdf-memory --pbkdf-parallel --priority "
+    "--progress-frequency --reduce-device-size --resilience --resilience-hash "
+    "--sector-size --size --skip --subsystem --timeout --token-id --token-type --tries "
+    "--type --uuid --veracrypt-pim --volume-key-file -B -I -M -S -T -b -c -d -h -i -l -o "
+    "-p -s -t --log-file --name --mount-fs --fs-type --fs-options".split()
+)
+
+
+def _positionals(argv: Sequence[str]) -> list[int]:
+    """The indexes of *argv*'s words that are neither options nor their values."""
+    found: list[int] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return found + list(range(i + 1, len(argv)))
+        if word.startswith("-") and word != "-":
+            i += 2 if word in VALUED_OPTIONS else 1
+            continue
+        found.append(i)
+        i += 1
+    return found
+
+
 def cryptsetup_action(argv: list[str]) -> list[str]:
-    """*argv* with a leading cryptsetup action name (``luksDump C``, ``open C M``)
-    replaced by our command; the type it implies comes first, so that a ``--type``
-    given after it wins."""
-    if not argv or argv[0] not in CRYPTSETUP_ACTIONS:
+    """*argv* with its command name first (options may come before it, as cryptsetup
+    takes them), a cryptsetup action name (``luksDump C``, ``open C M``) replaced by
+    our command, and the ``--type`` that name implies added last: cryptsetup ignores a
+    ``--type`` given with such a name."""
+    words = _positionals(argv)
+    if not words:
         return argv
-    command, kind = CRYPTSETUP_ACTIONS[argv[0]]
+    first = words[0]
+    name = argv[first]
+    if name in ("loopaesOpen", "loopaesClose"):
+        raise UnsupportedError(
+            "loop-AES containers are not supported (cryptfuse opens LUKS1, LUKS2, plain, "
+            "TCRYPT, BITLK and FVAULT2)."
+        )
+    if name in SUBCOMMANDS:
+        return [name, *argv[:first], *argv[first + 1 :]]
+    if name not in CRYPTSETUP_ACTIONS:
+        return argv  # the mount command: CONTAINER MOUNTPOINT
+    command, kind = CRYPTSETUP_ACTIONS[name]
+    rest = [*argv[:first], *argv[first + 1 :]]
+    if name == "create":  # (``create NAME DEVICE``: cryptsetup swaps them too)
+        where = [i - (i > first) for i in words[1:3]]
+        if len(where) == 2:
+            rest[where[0]], rest[where[1]] = rest[where[1]], rest[where[0]]
+    cut = rest.index("--") if "--" in rest else len(rest)
     implied = ["--type", kind] if kind is not None else []
-    return ([command] if command is not None else []) + implied + argv[1:]
+    head = [command] if command is not None else []
+    return head + rest[:cut] + implied + rest[cut:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -958,7 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Never raises, except ``SystemExit(0)`` from ``--help`` and ``--version``.
     """
-    argv = cryptsetup_action(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     # numpy (the Python engine, e.g. a keyslot's decryption) never calls BLAS here, but
     # OpenBLAS starts a thread per CPU at import that spins for a while: 0.12 CPU s of a
@@ -971,6 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # before any passphrase is read: no core dump, no same-user ptrace (hygiene.py)
         protect_process()
+        argv = cryptsetup_action(argv)
         if argv and argv[0] in SUBCOMMANDS:
             return SUBCOMMANDS[argv[0]](argv[1:])
         return mount_command(argv)

@@ -10,6 +10,7 @@ passphrase, only what ``cryptsetup status`` prints and counters.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 from collections.abc import Callable
@@ -17,12 +18,12 @@ from typing import Any
 
 from .channel import Channel
 from .control import ControlServer, Served, find_mount
-from .errors import CryptfuseError, InsufficientMemoryError, UsageError
+from .errors import BusyError, CryptfuseError, InsufficientMemoryError, UsageError
 from .formats import manage
 from .fs import FILE_INODE, VolumeFS
 from .volume import SegmentedVolume, Volume
 
-__all__ = ["lock_memory", "start_control"]
+__all__ = ["lock_memory", "persist_flags", "start_control"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,38 @@ def _mount_device(mountpoint: str) -> str | None:
     if entry is None or not entry.is_cryptfuse:
         return None
     return entry.device
+
+
+def persist_flags(volume: Volume, header: str, flags: list[str]) -> list[str]:
+    """``--persistent`` in the daemon: the LUKS2 header's flags replaced by *flags*
+    (:func:`~cryptfuse.formats.manage.set_persistent_flags`) while the container's
+    lock is held exclusively (a read-only mount holds it shared: taken exclusively
+    without waiting, then shared again).  Returns what to report: nothing, or
+    cryptsetup's two lines when nothing could be kept."""
+    try:
+        if volume.readonly:
+            try:
+                fcntl.flock(volume.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _shared_again(volume.fd)  # (a conversion drops the old lock first)
+                raise BusyError(f"{header} is in use by another process.") from None
+        try:
+            manage.set_persistent_flags(header, flags)
+        finally:
+            if volume.readonly:
+                _shared_again(volume.fd)
+    except (CryptfuseError, OSError) as exc:
+        return [str(exc), "Device activated but cannot make flags persistent."]
+    return []
+
+
+def _shared_again(fd: int) -> None:
+    """The read-only mount's shared lock back (flock(2): converting a lock is not
+    atomic, so another process may have taken it exclusively meanwhile: then said)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("the container's lock was taken by another process: it may change")
 
 
 def start_control(
@@ -133,29 +166,36 @@ def start_control(
         return {"size": new_size // 512, "old_size": old // 512, "file": status({})["file"]}
 
     def refresh(request: dict[str, Any]) -> dict[str, Any]:
-        """``cryptfuse refresh`` (cryptsetup's): discards on or off as the command says
-        (it has checked the passphrase; for plain it sends the SHA-256 of the key it
-        derived, compared here as cryptsetup compares keys), and with ``persist`` the
-        LUKS2 header's flags, written as at a ``--persistent`` mount."""
-        busy = f"{mountpoint} is in reencryption: refresh it once that is done"
+        """``cryptfuse refresh`` (cryptsetup's): the key the command unlocked (or, plain,
+        derived) must be this volume's (its SHA-256 compared, as cryptsetup compares the
+        keys: "Mismatching parameters"); then discards on or off, and with ``persist``
+        the LUKS2 header's flags replaced, as at a ``--persistent`` mount."""
         luks2 = info.get("type") == "LUKS2"
+        busy = f"{mountpoint} is busy with an online reencryption or another refresh"
         with holder[0].exclusive(busy):
             volume = ops.volume
-            if isinstance(volume, SegmentedVolume) or not isinstance(volume, Volume):
+            if (
+                isinstance(volume, SegmentedVolume)
+                or not isinstance(volume, Volume)
+                or volume.fast_partners
+            ):
                 raise UsageError(
-                    f"{mountpoint} is served through a LUKS2 reencryption's segments: "
+                    f"{mountpoint} is served through a LUKS2 reencryption's keys: "
                     "remount it before a refresh"
                 )
             digest = request.get("key_digest")
-            if digest is not None:
-                cipher = getattr(volume, "cipher", None)
-                try:
-                    expected = bytes.fromhex(digest)
-                except (TypeError, ValueError):
-                    raise UsageError(f"invalid key digest {digest!r}") from None
-                if cipher is None or not cipher.key_digest_matches(expected):
-                    raise CryptfuseError(f"Mismatching parameters on device {mountpoint}.")
+            try:
+                expected = bytes.fromhex(digest) if isinstance(digest, str) else b""
+            except ValueError:
+                expected = b""
+            cipher = getattr(volume, "cipher", None)
+            if not expected or cipher is None or not cipher.key_digest_matches(expected):
+                raise CryptfuseError(f"Mismatching parameters on device {mountpoint}.")
             persist = request.get("persist")
+            if persist is not None and (
+                not isinstance(persist, list) or not all(isinstance(f, str) for f in persist)
+            ):
+                raise UsageError(f"invalid flags {persist!r}")
             path = header or container or ""
             # as at a mount: the header's flags count, unless they are being replaced
             kept = manage.persistent_flags(path) if persist is None and luks2 else ()
@@ -163,16 +203,7 @@ def start_control(
                 volume.enable_discards()
             else:
                 volume.disable_discards()
-            messages: list[str] = []
-            if persist is not None:
-                try:
-                    if not isinstance(persist, list) or not all(
-                        isinstance(f, str) for f in persist
-                    ):
-                        raise UsageError(f"invalid flags {persist!r}")
-                    manage.set_persistent_flags(path, persist)
-                except (CryptfuseError, OSError) as exc:
-                    messages = [str(exc), "Device activated but cannot make flags persistent."]
+            messages = [] if persist is None else persist_flags(volume, path, persist)
             log.info("refreshed %s: discards %s", mountpoint, "on" if volume.discards else "off")
             return {"flags": status({})["flags"], "messages": messages}
 

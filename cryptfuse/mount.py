@@ -90,9 +90,10 @@ class MountConfig:
     info: dict[str, Any] = field(default_factory=dict)
     #: --lock-memory: mlockall in the daemon (cryptfuse.lifecycle.lock_memory)
     lock_memory: bool = False
-    #: runs in the daemon once the kernel mount exists, before the mount is reported
-    #: ready (``--persistent``: the header's flags; it reports its own failures)
-    after_mount: Callable[[], None] | None = None
+    #: runs in the daemon once the kernel mount exists, before the control socket (no
+    #: online reencryption yet) and before the mount is reported ready
+    #: (``--persistent``: the header's flags; it reports its own failures)
+    after_mount: Callable[[ServedVolume], None] | None = None
 
 
 def fsname_for(container: str) -> str:
@@ -277,6 +278,8 @@ def serve(
         # libfuse's, and a worker must never read a number that was closed and reused.
         channel = Channel(os.dup(session_fd), ops, workers=config.fs.threads)
         stack.callback(_finish_channel, channel, config.mountpoint)
+        if config.after_mount is not None:
+            config.after_mount(volume)
         control = start_control(
             ops,
             channel,
@@ -292,8 +295,6 @@ def serve(
             # runs before the container closes: a reencryption stops at a hot-zone boundary
             stack.callback(control.close)
         log.info("mounted %s on %s", volume.description or "volume", config.mountpoint)
-        if config.after_mount is not None:
-            config.after_mount()
         if on_mounted is not None:
             on_mounted()
         trio.run(_main_loop, config, pending, channel)

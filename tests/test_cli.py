@@ -301,12 +301,22 @@ def test_cryptsetup_action_names(run: Callable[..., Result], tmp_path: Path, mnt
     cheap = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
     subprocess.run(["cryptsetup", "luksFormat", "-q", *cheap, c, key], check=True)
     assert run("luksDump", c).stdout == run("dump", c).stdout != ""
+    assert run("-v", "--debug", "luksDump", c).stdout == run("dump", c).stdout  # options first
     assert run("luksUUID", c).stdout == run("uuid", c).stdout != ""
     assert run("isLuks", c).code == 0 and run("isLuks", tmp_path / "key").code == 1
     opened = run("luksOpen", "--test-passphrase", "-v", "-d", key, c)
     assert (opened.code, opened.stderr) == (0, "cryptfuse: Key slot 0 unlocked.\n")
     assert run("open", "--test-passphrase", "-d", new, c).code == 2
     assert_one_line_error(run("plainOpen", "--test-passphrase", "-d", key, c), 1, "LUKS, TCRYPT")
+    # the name's type wins over --type, as in cryptsetup
+    assert run("luksOpen", "--type", "plain", "--test-passphrase", "-d", key, c).code == 0
+    assert_one_line_error(
+        run("-d", key, "luksOpen", "--test-passphrase", tmp_path / "key"), 1, "no LUKS header"
+    )
+    assert_one_line_error(run("loopaesOpen", c, mnt), 1, "loop-AES")
+    assert cli.cryptsetup_action(["-d", "k", "create", "m", "c", "-h", "sha256"]) == [
+        "-d", "k", "c", "m", "-h", "sha256", "--type", "plain",
+    ]  # fmt: skip
     assert run("luksAddKey", *cheap, "-d", key, c, new).code == 0
     assert run("luksOpen", "--test-passphrase", "-d", new, c).code == 0
     closed = run("luksClose", mnt)

@@ -24,6 +24,9 @@ import pytest
 from test_e2e_mount import PASSPHRASE, Cryptfuse, Stack, daemon_pids, losetup, mount_fs, need, sh
 from test_luks2 import build
 
+from cryptfuse.cli_lifecycle import ask, entry_of
+from cryptfuse.errors import CryptfuseError
+
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
 MiB = 1 << 20
@@ -335,6 +338,22 @@ def test_refresh_like_cryptsetup(cf: Cryptfuse, stack: Stack, tmp_path: Path) ->
     assert status(cf, mnt)["flags"] == ["read-only"] and status(cf, mnt)["mode"] == "readonly"
     cf.unmount(mnt, pids)
     assert json_flags(container) == []
+
+    # the key must be the mount's: another container at the same path (same passphrase)
+    # is refused, as cryptsetup refuses a key the mapping does not have; so is a request
+    # on the socket that proves no key
+    pids = cf.mount(container, mountpoint=mnt)
+    other = tmp_path / "other.img"
+    luks2(other, 12 * MiB)
+    os.replace(other, container)
+    replaced = refresh("--allow-discards", "--persistent")
+    assert replaced.returncode == 1
+    assert replaced.stderr.decode() == f"cryptfuse: Mismatching parameters on device {mnt}.\n"
+    assert json_flags(container) is None
+    with pytest.raises(CryptfuseError, match="Mismatching parameters"):
+        ask(entry_of(str(mnt)), {"op": "refresh", "discards": True})
+    assert status(cf, mnt)["flags"] == []
+    cf.unmount(mnt, pids)
 
     plain = tmp_path / "p.img"
     plain.write_bytes(bytes(8 * MiB))

@@ -311,11 +311,11 @@ def test_persistent_flags_refused_as_cryptsetup_refuses(
         capture_output=True,
     )
     before = digest(img)
-    with pytest.raises(
-        CryptfuseError,
-        match=r"^Operation incompatible with device marked for LUKS2 reencryption\. Aborting\.",
-    ):
+    with pytest.raises(CryptfuseError) as caught:
         manage.set_persistent_flags(str(img), ["allow-discards"])
+    assert str(caught.value) == (
+        "Operation incompatible with device marked for LUKS2 reencryption. Aborting."
+    )
     assert digest(img) == before
 
 

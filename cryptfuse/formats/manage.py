@@ -744,6 +744,27 @@ def test_passphrase(
     or None for a volume key file and for a container in reencryption (whose keys
     of both digests must open, and its metadata digest verify, as cryptsetup checks).
     Raises :class:`WrongPassphraseError` when none opens."""
+    return unlock_again(
+        path,
+        passphrase,
+        key_slot,
+        header=header,
+        volume_key_file=volume_key_file,
+        any_segment=any_segment,
+    )[0]
+
+
+def unlock_again(
+    path: str,
+    passphrase: bytes,
+    key_slot: int | None = None,
+    *,
+    header: str | None = None,
+    volume_key_file: str | None = None,
+    any_segment: bool = False,
+) -> tuple[int | None, bytes | None]:
+    """:func:`test_passphrase`'s check, returning the keyslot and the volume key (None
+    for a container in reencryption, which has two): ``cryptfuse refresh``."""
     with _locked(path, header, write=False) as h:
         kind = detect_type(h.header_path)  # (a primary header lost: the secondary copy)
         if kind is None:
@@ -754,8 +775,7 @@ def test_passphrase(
             else read_luks2_header(h.header_fd, h.header_path)
         )
         if volume_key_file is not None:
-            volume_key_from_file(hdr, volume_key_file)
-            return None
+            return None, volume_key_from_file(hdr, volume_key_file)
         if isinstance(hdr, LUKS2Header) and any(
             r in REENCRYPT_REQUIREMENTS for r in hdr.metadata.config.requirements
         ):
@@ -763,10 +783,10 @@ def test_passphrase(
 
             state = Reencryption.from_json(copy.deepcopy(hdr.json))
             unlock(hdr, h.header_fd, state, passphrase, key_slot)
-            return None
+            return None, None
         if isinstance(hdr, LUKS2Header):
-            return hdr.unlock(h.header_fd, passphrase, key_slot, any_segment=any_segment)[0]
-        return _unlock(h, hdr, passphrase, key_slot)[0]
+            return hdr.unlock(h.header_fd, passphrase, key_slot, any_segment=any_segment)
+        return _unlock(h, hdr, passphrase, key_slot)
 
 
 def _area_len(key_bytes: int) -> int:
@@ -940,14 +960,30 @@ def set_persistent_flags(path: str, flags: Iterable[str]) -> None:
     """``cryptsetup open --persistent``: ``config.flags`` becomes *flags* (those of
     :data:`PERSISTENT_FLAGS`, in its order; none gives an empty array), one commit.
 
-    For the daemon that has just mounted the container and holds its lock: *path*
-    (the header) is opened without locking.  Refused as cryptsetup refuses it: LUKS1,
-    a header with requirements (a reencryption in progress)."""
+    For the daemon of a mounted container, which holds the container's lock
+    exclusively meanwhile: *path* (the header) is opened without locking, and the
+    commit makes only its own ranges durable (an fsync would write back what the mount
+    wrote too).  Refused as cryptsetup refuses it (``_onlyLUKS2``,
+    ``LUKS2_unmet_requirements``), with its messages: LUKS1, requirements."""
     fd = open_device(path, False, lock=False)
     try:
         if _luks_type(fd, path) != "luks2":
             raise FormatError("This operation is supported only for LUKS2 device.")
-        writer = Luks2Writer.from_header(fd, read_luks2_header(fd, path))
+        header = read_luks2_header(fd, path)
+        reqs = header.metadata.config.requirements
+        online = [r for r in reqs if r == "online-reencrypt" or r.startswith("online-reencrypt-v")]
+        if set(reqs) - set(online) - {"offline-reencrypt"}:
+            raise UnsupportedError("Unmet LUKS2 requirements detected.")
+        if "offline-reencrypt" in reqs:
+            raise UnsupportedError(
+                "Operation incompatible with device marked for legacy reencryption. Aborting."
+            )
+        if online:
+            raise UnsupportedError(
+                "Operation incompatible with device marked for LUKS2 reencryption. Aborting."
+            )
+        writer = Luks2Writer.from_header(fd, header)
+        writer.sync_ranges = True
         wanted = set(flags)
         writer.obj["config"]["flags"] = [f for f in PERSISTENT_FLAGS if f in wanted]
         writer.commit()
