@@ -722,6 +722,12 @@ def test_bitlk_and_tcrypt_mounted_through_fuse(images: Path, tmp_path: Path) -> 
             assert f.read(512)[39:43] == bytes.fromhex("BEBAFECA")
             f.seek(4096)
             f.write(b"written through the hidden volume")
+        for m, kind in ((mnt1, "BITLK"), (mnt2, "TCRYPT")):  # (cryptsetup's refusal)
+            r = run_cli("refresh", str(m), "--allow-discards")
+            assert r.returncode == 1
+            assert (
+                r.stderr == f"cryptfuse: Refresh is not supported for device type {kind}\n".encode()
+            )
     finally:
         for m in (mnt1, mnt2):
             subprocess.run(["fusermount3", "-u", str(m)], check=False, capture_output=True)
