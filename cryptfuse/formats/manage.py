@@ -727,33 +727,6 @@ def _volume_key(
     return _unlock(h, hdr, passphrase, key_slot)[1]
 
 
-def test_passphrase(
-    path: str,
-    passphrase: bytes,
-    key_slot: int | None = None,
-    *,
-    header: str | None = None,
-    volume_key_file: str | None = None,
-    any_segment: bool = False,
-) -> int | None:
-    """``cryptsetup open --test-passphrase`` of a LUKS container: check that
-    *passphrase* opens a keyslot bound to the data segment (*key_slot* only, if
-    given; with *any_segment*, cryptsetup's ``--key-slot``/``--unbound`` there, an
-    unbound one too), or that *volume_key_file* holds the volume key, reading and
-    writing nothing else (no lock: a mounted container can be tested).  Returns the keyslot,
-    or None for a volume key file and for a container in reencryption (whose keys
-    of both digests must open, and its metadata digest verify, as cryptsetup checks).
-    Raises :class:`WrongPassphraseError` when none opens."""
-    return unlock_again(
-        path,
-        passphrase,
-        key_slot,
-        header=header,
-        volume_key_file=volume_key_file,
-        any_segment=any_segment,
-    )[0]
-
-
 def unlock_again(
     path: str,
     passphrase: bytes,
@@ -763,8 +736,15 @@ def unlock_again(
     volume_key_file: str | None = None,
     any_segment: bool = False,
 ) -> tuple[int | None, bytes | None]:
-    """:func:`test_passphrase`'s check, returning the keyslot and the volume key (None
-    for a container in reencryption, which has two): ``cryptfuse refresh``."""
+    """``cryptsetup open --test-passphrase`` of a LUKS container (and ``cryptfuse
+    refresh``'s check): *passphrase* must open a keyslot bound to the data segment
+    (*key_slot* only, if given; with *any_segment*, cryptsetup's ``--key-slot``/
+    ``--unbound`` there, an unbound one too), or *volume_key_file* hold the volume key,
+    reading and writing nothing else (no lock: a mounted container can be tested).
+    Returns the keyslot (None for a volume key file) and the volume key (None for a
+    container in reencryption, whose keys of both digests must open and whose metadata
+    digest must verify, as cryptsetup checks).  Raises :class:`WrongPassphraseError`
+    when none opens."""
     with _locked(path, header, write=False) as h:
         kind = detect_type(h.header_path)  # (a primary header lost: the secondary copy)
         if kind is None:
