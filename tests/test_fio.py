@@ -38,7 +38,9 @@ VOLUME = 160 * MiB
 #: job name -> options; each job's processes write [offset, offset + numjobs * size)
 JOBS: dict[str, dict[str, object]] = {
     "seq-direct-1m": {"rw": "write", "bs": "1m", "direct": 1, "numjobs": 2, "size": "16m"},
-    "seq-buffered-4000": {"rw": "write", "bs": 4000, "direct": 0, "numjobs": 2, "size": "4m"},
+    # (a size that is a multiple of bs: fio writes a whole last block past the size,
+    # 4 MiB with 4000-byte blocks ending 1696 bytes into the next job's stretch)
+    "seq-buffered-4000": {"rw": "write", "bs": 4000, "direct": 0, "numjobs": 2, "size": 4000000},
     "rand-direct-4k": {"rw": "randwrite", "bs": "4k", "direct": 1, "numjobs": 4, "size": "4m"},
     "rand-direct-512": {"rw": "randwrite", "bs": 512, "direct": 1, "numjobs": 2, "size": "1m"},
     "rand-buffered-4k": {"rw": "randwrite", "bs": "4k", "direct": 0, "numjobs": 2, "size": "4m"},
@@ -79,9 +81,9 @@ def placed_jobs(jobs: dict[str, dict[str, object]]) -> dict[str, dict[str, objec
     out = {}
     offset = 0
     for name, options in jobs.items():
-        size = _size(options["size"])
-        out[name] = {**options, "offset": offset, "offset_increment": size}
-        offset += int(str(options["numjobs"])) * size
+        stretch = -(-_size(options["size"]) // MiB) * MiB
+        out[name] = {**options, "offset": offset, "offset_increment": stretch}
+        offset += int(str(options["numjobs"])) * stretch
     assert offset <= VOLUME
     return out
 
